@@ -1,0 +1,33 @@
+# make test  - create .venv if missing (CPU torch 2.13.0), install .[test], run the test suite
+# make demo  - same set-up, then the main job (the tiny offline FOCUS example)
+# make bench - the benchmarks (memory/time ratios measured side by side)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export AXOLOTL_DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+
+.PHONY: test demo bench install
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test]' torch==2.13.0 $(QUIET_PIP)
+	$(PY) -c "import torch, axolotl_focus; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -rs
+
+demo: $(VENV)/.installed
+	$(PY) examples/tiny/build.py --out examples/tiny/build
+	axolotl train examples/tiny/focus.yml
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/distill_loss.py

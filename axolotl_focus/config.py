@@ -1,0 +1,107 @@
+"""Config schema: every YAML key the plugin reads, its paper default, and its validation.
+
+Axolotl merges :class:`FocusArgs` into its own pydantic schema (keys no model declares are
+dropped silently), and :class:`FocusTrainingArgsMixin` into ``AxolotlTrainingArguments`` so the
+values reach :class:`axolotl_focus.trainer.FocusTrainer` as ``self.args.focus_*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from .losses import DISTILL_MODES
+
+# Config attribute written into pruned checkpoints (pruning issue): the unpruned source model.
+SOURCE_MODEL_KEY = "focus_source_model"
+
+# Axolotl features that replace the causal-LM loss; FOCUS computes CE itself in its fused pass.
+_CONFLICTING_LOSS_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy")
+
+
+def source_model_of(model_path: str | None) -> str | None:
+    """The unpruned source model recorded in a local checkpoint's config.json, if any."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return config.get(SOURCE_MODEL_KEY) or (config.get("pruning") or {}).get("source_model")
+
+
+class FocusArgs(BaseModel):
+    """YAML keys of the plugin (``focus_*``). Defaults are the paper's (section 5, appendix G)."""
+
+    focus_distill: Literal["focus", "kd", "none"] = Field(
+        default="focus",
+        description="Distillation term added to CE: 'focus' (paper), 'kd' (T^2 KL baseline) or 'none'.",
+    )
+    focus_teacher_model: str | None = Field(
+        default=None,
+        description="Hub id or local path of the unpruned teacher. Defaults to the source model "
+        "recorded in a pruned checkpoint's config (focus_source_model).",
+    )
+    focus_teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Teacher weights dtype; 'auto' = the training dtype."
+    )
+    focus_alpha: float = Field(default=0.05, ge=0, description="alpha_1: weight of the distillation term.")
+    focus_ce_alpha: float = Field(default=1.0, ge=0, description="Weight of the CE term.")
+    focus_temperature: float = Field(default=2.0, gt=0, description="tau (FOCUS) / T (KD).")
+    focus_beta: float = Field(default=15.0, ge=0, description="beta: exponent of q in w = q^beta + (1-q)^gamma.")
+    focus_gamma: float = Field(
+        default=1.0,
+        ge=0,
+        description="gamma: exponent of (1-q). Not stated in the paper; 1.0 keeps tail tokens at "
+        "weight ~1 while damping the mid-probability head.",
+    )
+    focus_chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the fused loss.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_focus(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        mode = data.get("focus_distill") or "focus"
+        if mode not in DISTILL_MODES:
+            raise ValueError(f"focus_distill: must be one of {list(DISTILL_MODES)}, got {mode!r}")
+        if mode != "none" and not data.get("focus_teacher_model"):
+            inferred = source_model_of(data.get("base_model"))
+            if inferred is None:
+                raise ValueError(
+                    f"focus_distill: {mode} needs a teacher, and none could be inferred from "
+                    f"base_model ({data.get('base_model')!r} records no {SOURCE_MODEL_KEY}). "
+                    "Add `focus_teacher_model: <hub id or path of the unpruned model>` to the "
+                    "config, or set `focus_distill: none` to train with CE only."
+                )
+            data["focus_teacher_model"] = inferred
+        for key in _CONFLICTING_LOSS_KEYS:
+            if data.get(key):
+                raise ValueError(
+                    f"{key}: true replaces the model's loss, but axolotl_focus.FocusPlugin computes "
+                    "CE and distillation in its own fused chunked pass. Remove the key."
+                )
+        return data
+
+
+@dataclass
+class FocusTrainingArgsMixin:
+    """The ``focus_*`` values as they reach the trainer through ``TrainingArguments``."""
+
+    focus_distill: str = "focus"
+    focus_teacher_model: str | None = None
+    focus_teacher_dtype: str = "auto"
+    focus_alpha: float = 0.05
+    focus_ce_alpha: float = 1.0
+    focus_temperature: float = 2.0
+    focus_beta: float = 15.0
+    focus_gamma: float = 1.0
+    focus_chunk_size: int = 1024
+
+
+TRAINING_ARG_KEYS = tuple(FocusTrainingArgsMixin.__dataclass_fields__)

@@ -1,0 +1,144 @@
+"""Micro LLaMA models and a tokenizer built offline from the embedded WikiText-2 slice.
+
+Used by the tiny example, the demo and the tests: everything here runs on a laptop CPU in
+seconds, with no model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def corpus_text(split: str = "valid") -> str:
+    """The embedded WikiText-2 slice ('valid' or 'test'), CC BY-SA 3.0 (see data/wikitext-2)."""
+    return resources.files("axolotl_focus").joinpath(f"data/wikitext-2/{split}.txt").read_text("utf-8")
+
+
+def corpus_documents(split: str = "valid", min_chars: int = 200) -> list[str]:
+    """Paragraphs of the slice (headings dropped), whitespace-normalized."""
+    docs = []
+    for line in corpus_text(split).split("\n"):
+        line = line.strip()
+        if len(line) >= min_chars and not re.match(r"^=.*=$", line):
+            docs.append(line)
+    return docs
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (LLaMA-style specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos_id = tok.token_to_id(SPECIAL_TOKENS["bos_token"])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL_TOKENS['bos_token']} $A", special_tokens=[(SPECIAL_TOKENS["bos_token"], bos_id)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def llama_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                 intermediate: int = 176, max_positions: int = 512):
+    """A LLaMA config of the given (tiny) size; GQA when ``kv_heads < heads``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int = 16, seq_len: int = 64,
+             lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Plain next-token pretraining on random windows of ``texts``; returns the loss curve."""
+    ids = torch.tensor(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"])
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+        x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def drop_layers(model, keep: list[int]):
+    """A copy of ``model`` with only the decoder layers in ``keep`` (re-indexed), as a vanilla config."""
+    import copy
+
+    student = copy.deepcopy(model)
+    student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
+    for new_idx, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0) -> dict:
+    """Build the tiny example: tokenizer, a pretrained GQA teacher, a layer-dropped student that
+    records the teacher as its source model, and a small JSONL training set. Returns the paths."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    docs = corpus_documents("valid")
+    tokenizer = build_tokenizer(docs)
+    teacher = LlamaForCausalLM(llama_config(tokenizer))
+    losses = pretrain(teacher, tokenizer, docs, steps=steps, seed=seed)
+    LOG.info("teacher pretraining loss %.3f -> %.3f", losses[0], losses[-1])
+    student = drop_layers(teacher, keep=[0, teacher.config.num_hidden_layers - 1])
+
+    paths = {"teacher": out / "teacher", "student": out / "student", "train": out / "train.jsonl"}
+    teacher.save_pretrained(paths["teacher"])
+    tokenizer.save_pretrained(paths["teacher"])
+    student.config.focus_source_model = str(paths["teacher"].resolve())
+    student.save_pretrained(paths["student"])
+    tokenizer.save_pretrained(paths["student"])
+    with open(paths["train"], "w", encoding="utf-8") as handle:
+        for doc in docs[:400]:
+            handle.write(json.dumps({"text": doc}) + "\n")
+    return {k: str(v) for k, v in paths.items()} | {"teacher_loss": losses}

@@ -1,0 +1,120 @@
+"""The in-process teacher: loading, vocabulary checks, and placement (device, DeepSpeed ZeRO)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_VOCAB_SAMPLE = ("the", " the", "The", "\n", " of", ".", ",", " and", "0", " 1", "ing", " a")
+
+
+def resolve_dtype(name: str, bf16: bool, fp16: bool) -> torch.dtype:
+    """``focus_teacher_dtype``: an explicit dtype, or 'auto' = the training dtype."""
+    if name != "auto":
+        return _DTYPES[name]
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Load the teacher once: eval mode, no grads, never seen by the optimizer or PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    LOG.info("axolotl_focus: loading teacher %s (%s)", path, dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
+def check_vocab_compat(student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> None:
+    """Raise a clear error unless teacher and student share one vocabulary.
+
+    Compares the lm_head sizes, the tokenizer lengths, and the ids of a sample of common tokens.
+    """
+    problems = []
+    if student_vocab != teacher_vocab:
+        problems.append(f"lm_head rows: student {student_vocab}, teacher {teacher_vocab}")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if len(student_tokenizer) != len(teacher_tokenizer):
+            problems.append(
+                f"tokenizer length: student {len(student_tokenizer)}, teacher {len(teacher_tokenizer)}"
+            )
+        for text in _VOCAB_SAMPLE:
+            ids_s = student_tokenizer.encode(text, add_special_tokens=False)
+            ids_t = teacher_tokenizer.encode(text, add_special_tokens=False)
+            if ids_s != ids_t:
+                problems.append(f"token ids of {text!r}: student {ids_s}, teacher {ids_t}")
+                break
+    if problems:
+        raise ValueError(
+            "focus_teacher_model: the teacher does not share the student's vocabulary ("
+            + "; ".join(problems)
+            + "). Distillation compares distributions token by token, so use the unpruned model "
+            "the student was pruned from (same tokenizer), or set `focus_distill: none`."
+        )
+
+
+def teacher_placement(deepspeed_config: dict | None) -> str:
+    """How the teacher is placed: 'zero3' (sharded inference engine), 'deepspeed' (replicated,
+    stage-0 inference engine) or 'device' (plain module on the local device; DDP, single process)."""
+    if not deepspeed_config:
+        return "device"
+    stage = (deepspeed_config.get("zero_optimization") or {}).get("stage", 0)
+    return "zero3" if stage == 3 else "deepspeed"
+
+
+def teacher_deepspeed_config(deepspeed_config: dict, hidden_size: int | None) -> dict:
+    """An inference-only DeepSpeed config for the teacher derived from the training one.
+
+    ZeRO-3 keeps the teacher sharded across ranks (gathered layer by layer in forward); for stages
+    0-2 sharding brings nothing to a frozen model, so it is replicated with stage 0.
+    """
+    config = copy.deepcopy(deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    if teacher_placement(deepspeed_config) == "zero3":
+        if hidden_size:
+            zero["reduce_bucket_size"] = hidden_size * hidden_size
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    else:
+        config["zero_optimization"] = {"stage": 0}
+    # the teacher never steps: batch-size keys must only be self-consistent
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key) == "auto":
+            config.pop(key)
+    return config
+
+
+def place_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Move/wrap the teacher for the accelerator's setup (see :func:`teacher_placement`)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    ds_config = plugin.deepspeed_config if plugin is not None else None
+    placement = teacher_placement(ds_config)
+    LOG.info("axolotl_focus: teacher placement = %s", placement)
+    if placement == "device":
+        return teacher.to(accelerator.device)
+    import deepspeed  # GPU-only path: needs the `deepspeed` extra and NCCL
+
+    hidden = getattr(teacher.config, "hidden_size", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(ds_config, hidden))
+    engine.eval()
+    return engine
+
+
+def gathered(*params: torch.nn.Parameter):
+    """Context in which ZeRO-3-partitioned parameters hold their full value (no-op otherwise)."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)

@@ -1,0 +1,150 @@
+"""FocusTrainer: axolotl's trainer with ``L = a_ce * CE + alpha_1 * (FOCUS | KD)`` from a teacher.
+
+The student runs through the (possibly DDP/DeepSpeed/PEFT-wrapped) model as usual, but asks for
+hidden states and only the last position's logits; CE and the distillation term are then computed
+together by :func:`axolotl_focus.losses.fused_ce_distill` from the final hidden states and the
+lm_head weights, chunk by chunk, over the valid (label != -100) positions only.
+
+Normalization: the loss of a micro-batch is ``sum over its valid tokens / num_items_in_batch``,
+where the HF Trainer counts ``num_items_in_batch`` over all micro-batches of the optimizer step
+and (with ``average_tokens_across_devices``) over all data-parallel ranks, and multiplies by the
+number of processes because DDP averages gradients. The resulting gradient is exactly that of the
+per-token mean over the global batch, whatever the accumulation steps and world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from .config import FocusTrainingArgsMixin
+from .losses import IGNORE_INDEX, DistillSpec, fused_ce_distill
+from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
+
+LOG = logging.getLogger(__name__)
+
+
+def shifted_labels(inputs: dict) -> torch.Tensor:
+    """Next-token targets aligned with the positions that predict them (CE's shift)."""
+    if inputs.get("shift_labels") is not None:
+        return inputs["shift_labels"]
+    return F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+class FocusTrainer(AxolotlTrainer):
+    """Trainer for the FOCUS / KD / CE objectives of the paper (section 4.1)."""
+
+    _FOCUS_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+    def __init__(
+        self,
+        *args,
+        teacher_model: torch.nn.Module | None = None,
+        focus_args: FocusTrainingArgsMixin | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.focus_args = focus_args or FocusTrainingArgsMixin(
+            **{
+                f.name: getattr(self.args, f.name, f.default)
+                for f in dataclasses.fields(FocusTrainingArgsMixin)
+            }
+        )
+        fa = self.focus_args
+        self.distill_spec = DistillSpec(fa.focus_distill, fa.focus_temperature, fa.focus_beta, fa.focus_gamma)
+        # We normalize by num_items_in_batch ourselves: make the HF Trainer count it.
+        self.model_accepts_loss_kwargs = True
+        self.teacher = None
+        if self.distill_spec.mode != "none":
+            self.teacher = self._prepare_teacher(teacher_model)
+
+    # -- teacher ------------------------------------------------------------------------------
+    def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module:
+        fa = self.focus_args
+        teacher_tokenizer = None
+        if teacher is None:
+            if not fa.focus_teacher_model:
+                raise ValueError(
+                    "focus_teacher_model: not set; FOCUS/KD need the unpruned teacher "
+                    "(or set focus_distill: none)"
+                )
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(fa.focus_teacher_model)
+            dtype = resolve_dtype(fa.focus_teacher_dtype, self.args.bf16, self.args.fp16)
+            teacher = load_teacher(fa.focus_teacher_model, dtype)
+        check_vocab_compat(
+            self.processing_class if teacher_tokenizer is not None else None,
+            teacher_tokenizer,
+            _unwrap(self.model).get_output_embeddings().weight.shape[0],
+            teacher.get_output_embeddings().weight.shape[0],
+        )
+        return place_teacher(teacher, self.accelerator)
+
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        decoder = _unwrap(self.teacher).get_decoder()
+        with torch.no_grad():
+            out = decoder(**{k: inputs[k] for k in self._FOCUS_INPUT_KEYS if k in inputs}, use_cache=False)
+        return out.last_hidden_state
+
+    # -- loss ---------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = shifted_labels(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        valid = targets != IGNORE_INDEX
+        local_tokens = int(valid.sum())
+
+        scale = 1.0 / max(local_tokens, 1)
+        if num_items_in_batch is not None:
+            scale = 1.0 / max(float(num_items_in_batch), 1.0)
+            if self.args.average_tokens_across_devices:
+                scale *= self.accelerator.num_processes
+
+        student_head = _unwrap(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
+        if hasattr(student_head, "ds_id") and student_head.requires_grad:
+            raise ValueError(
+                "axolotl_focus: a trainable lm_head under DeepSpeed ZeRO-3 is not supported by the "
+                "fused loss; train with LoRA (lm_head frozen) or use ZeRO-1/2."
+            )
+        teacher_hidden = teacher_head = None
+        if self.teacher is not None:
+            teacher_hidden = self._teacher_hidden(inputs)[valid]
+            teacher_head = _unwrap(self.teacher).get_output_embeddings().weight
+        with gathered(student_head, teacher_head):
+            loss, ce_sum, distill_sum = fused_ce_distill(
+                outputs.hidden_states[-1][valid],
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                targets[valid],
+                self.distill_spec,
+                ce_scale=self.focus_args.focus_ce_alpha * scale,
+                distill_scale=self.focus_args.focus_alpha * scale,
+                chunk_size=self.focus_args.focus_chunk_size,
+            )
+        self._log_terms(ce_sum, distill_sum, local_tokens, model.training)
+        if return_outputs:
+            return loss, {"loss": loss, "logits": outputs.logits}
+        return loss
+
+    def _log_terms(self, ce_sum, distill_sum, tokens: int, training: bool) -> None:
+        """Per-token means of each term over the micro-batch of every rank."""
+        stats = torch.stack([ce_sum.detach(), distill_sum.detach(), ce_sum.new_tensor(float(tokens))])
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
+        ce, distill, count = (float(x) for x in stats.cpu())
+        count = max(count, 1.0)
+        prefix = "loss/" if training else "eval_loss/"
+        metrics = {prefix + "ce": ce / count}
+        if self.distill_spec.mode != "none":
+            metrics[prefix + self.distill_spec.mode] = distill / count
+        self.store_metrics(metrics, train_eval="train" if training else "eval")
