@@ -1,0 +1,84 @@
+"""One optimizer step of FocusTrainer on a fixed 4-row batch; run in-process or under torchrun.
+
+    torchrun --nproc_per_node 2 tests/focus_step.py TINY_DIR OUT.pt --per-device 2 --accum 1
+
+Writes the updated parameters and the logged losses to OUT.pt (rank 0).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def rows(tokenizer, n=4):
+    """Rows of different lengths and prompt masks, so token counts differ across micro-batches."""
+    from axolotl_focus.micro import corpus_documents
+
+    docs = corpus_documents("valid")
+    out = []
+    for i in range(n):
+        ids = tokenizer(docs[i], add_special_tokens=True)["input_ids"][: 12 + 9 * i]
+        labels = list(ids)
+        labels[: 2 + i] = [-100] * (2 + i)  # a "prompt" of varying length
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
+    from axolotl.core.training_args import AxolotlTrainingArguments
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from axolotl_focus.config import FocusTrainingArgsMixin
+    from axolotl_focus.trainer import FocusTrainer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
+    teacher.requires_grad_(False).eval()
+    args = AxolotlTrainingArguments(
+        output_dir=os.path.join(os.path.dirname(out_path), "trainer_out"),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = FocusTrainer(
+        model=student,
+        args=args,
+        train_dataset=Dataset.from_list(rows(tokenizer)),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        processing_class=tokenizer,
+        teacher_model=teacher,
+        focus_args=FocusTrainingArgsMixin(focus_distill=distill, focus_chunk_size=7),
+    )
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        params = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+        torch.save({"params": params, "logs": logs}, out_path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tiny_dir")
+    parser.add_argument("out")
+    parser.add_argument("--per-device", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--distill", default="focus")
+    a = parser.parse_args()
+    sys.exit(run(a.tiny_dir, a.out, a.per_device, a.accum, a.distill))
