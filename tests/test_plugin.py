@@ -1,0 +1,85 @@
+"""The plugin through axolotl's own config loading: schema, defaults, teacher inference, errors."""
+
+import os
+
+import pytest
+import yaml
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny", "focus.yml")
+
+
+def tiny_config(tiny_pair, tmp_path, **overrides):
+    """The shipped example config, pointed at the test's tiny models."""
+    with open(EXAMPLE, encoding="utf-8") as handle:
+        cfg = yaml.safe_load(handle)
+    build = os.path.dirname(tiny_pair["student"])
+    text = yaml.safe_dump(cfg).replace("examples/tiny/build", build)
+    cfg = yaml.safe_load(text)
+    cfg["output_dir"] = str(tmp_path / "out")
+    cfg.update(overrides)
+    for key, value in list(cfg.items()):
+        if value is None:
+            del cfg[key]
+    return cfg
+
+
+def load(cfg, tmp_path):
+    from axolotl.cli.config import load_cfg
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_cfg(str(path))
+
+
+def test_two_lines_suffice_and_paper_defaults(tiny_pair, tmp_path, plugin_manager):
+    cfg = load(tiny_config(tiny_pair, tmp_path), tmp_path)
+    assert cfg.plugins == ["axolotl_focus.FocusPlugin"]
+    assert cfg.focus_distill == "focus"
+    assert (cfg.focus_alpha, cfg.focus_temperature, cfg.focus_beta, cfg.focus_gamma) == (0.05, 2.0, 15.0, 1.0)
+    # inferred from the student checkpoint's recorded source model
+    assert os.path.samefile(cfg.focus_teacher_model, tiny_pair["teacher"])
+
+    plugin = plugin_manager.plugins["axolotl_focus.FocusPlugin"]
+    from axolotl_focus.trainer import FocusTrainer
+
+    assert plugin.get_trainer_cls(cfg) is FocusTrainer
+    args = plugin.get_training_args(cfg)
+    assert args["focus_alpha"] == 0.05 and args["focus_distill"] == "focus"
+    assert os.path.samefile(args["focus_teacher_model"], tiny_pair["teacher"])
+
+
+def test_explicit_keys_override(tiny_pair, tmp_path, plugin_manager):
+    cfg = load(tiny_config(tiny_pair, tmp_path, focus_distill="kd", focus_temperature=1.5,
+                           focus_teacher_model=tiny_pair["teacher"]), tmp_path)
+    assert cfg.focus_distill == "kd" and cfg.focus_temperature == 1.5
+
+
+def test_missing_teacher_names_the_key(tiny_pair, tmp_path, plugin_manager):
+    cfg = tiny_config(tiny_pair, tmp_path, base_model=tiny_pair["teacher"], tokenizer_config=tiny_pair["teacher"])
+    with pytest.raises(ValueError, match="focus_teacher_model"):
+        load(cfg, tmp_path)
+
+
+def test_ce_only_needs_no_teacher(tiny_pair, tmp_path, plugin_manager):
+    cfg = tiny_config(tiny_pair, tmp_path, base_model=tiny_pair["teacher"], tokenizer_config=tiny_pair["teacher"],
+                      focus_distill="none")
+    assert load(cfg, tmp_path).focus_distill == "none"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"focus_distill": "jsd"}, "focus_distill"),
+    ({"focus_alpha": -1}, "focus_alpha"),
+    ({"focus_temperature": 0}, "focus_temperature"),
+    ({"liger_fused_linear_cross_entropy": True}, "liger_fused_linear_cross_entropy"),
+])
+def test_bad_values_are_rejected_with_the_key(tiny_pair, tmp_path, plugin_manager, overrides, match):
+    with pytest.raises(Exception, match=match):
+        load(tiny_config(tiny_pair, tmp_path, **overrides), tmp_path)
+
+
+def test_preference_training_keeps_axolotl_trainer(plugin_manager):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_focus.plugin import FocusPlugin
+
+    assert FocusPlugin().get_trainer_cls(DictDefault({"rl": "dpo"})) is None
