@@ -83,3 +83,13 @@ def test_preference_training_keeps_axolotl_trainer(plugin_manager):
     from axolotl_focus.plugin import FocusPlugin
 
     assert FocusPlugin().get_trainer_cls(DictDefault({"rl": "dpo"})) is None
+
+
+def test_cli_validate(tiny_pair, tmp_path, plugin_manager, capsys):
+    from axolotl_focus.cli import main
+
+    path = tmp_path / "ok.yml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_pair, tmp_path)))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "focus_beta: 15.0" in out
