@@ -69,7 +69,6 @@ class FocusTrainer(AxolotlTrainer):
     # -- teacher ------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module:
         fa = self.focus_args
-        teacher_tokenizer = None
         if teacher is None:
             if not fa.focus_teacher_model:
                 raise ValueError(
@@ -78,14 +77,13 @@ class FocusTrainer(AxolotlTrainer):
                 )
             from transformers import AutoTokenizer
 
-            teacher_tokenizer = AutoTokenizer.from_pretrained(fa.focus_teacher_model)
+            # tokenizers first: a mismatch must not wait for the teacher's weights to load
+            check_vocab_compat(self.processing_class, AutoTokenizer.from_pretrained(fa.focus_teacher_model))
             dtype = resolve_dtype(fa.focus_teacher_dtype, self.args.bf16, self.args.fp16)
             teacher = load_teacher(fa.focus_teacher_model, dtype)
         check_vocab_compat(
-            self.processing_class if teacher_tokenizer is not None else None,
-            teacher_tokenizer,
-            _unwrap(self.model).get_output_embeddings().weight.shape[0],
-            teacher.get_output_embeddings().weight.shape[0],
+            student_vocab=_unwrap(self.model).get_output_embeddings().weight.shape[0],
+            teacher_vocab=teacher.get_output_embeddings().weight.shape[0],
         )
         return place_teacher(teacher, self.accelerator)
 

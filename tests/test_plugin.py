@@ -93,3 +93,22 @@ def test_cli_validate(tiny_pair, tmp_path, plugin_manager, capsys):
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "focus_beta: 15.0" in out
+
+
+def test_pre_model_load_checks_vocab_before_weights(tiny_pair, tmp_path):
+    """A teacher with another tokenizer is refused in pre_model_load, before any model loads."""
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    from axolotl_focus.plugin import FocusPlugin
+
+    other = tmp_path / "other-teacher"
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    tok.add_tokens(["<extra_token_a>", "<extra_token_b>"])
+    tok.save_pretrained(other)
+    (other / "config.json").write_text(open(os.path.join(tiny_pair["teacher"], "config.json")).read())
+    cfg = DictDefault(base_model=tiny_pair["student"], focus_distill="focus", focus_teacher_model=str(other))
+    with pytest.raises(ValueError, match="tokenizer length: student 1024, teacher 1026"):
+        FocusPlugin().pre_model_load(cfg)
+    FocusPlugin().pre_model_load(DictDefault(base_model=tiny_pair["student"], focus_distill="focus",
+                                             focus_teacher_model=tiny_pair["teacher"]))

@@ -1,9 +1,12 @@
 """Teacher placement (DeepSpeed branches, unit-tested on CPU) and the vocabulary check."""
 
+import os
+
 import pytest
 import torch
 
 from axolotl_focus.teacher import (
+    check_teacher_before_loading,
     check_vocab_compat,
     place_teacher,
     resolve_dtype,
@@ -70,8 +73,16 @@ def test_vocab_check(tiny_pair):
 
     same = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
     check_vocab_compat(same, AutoTokenizer.from_pretrained(tiny_pair["student"]), len(same), len(same))
+    check_teacher_before_loading(tiny_pair["student"], None, tiny_pair["teacher"])
     with pytest.raises(ValueError, match="lm_head rows: student 1024, teacher 1000"):
-        check_vocab_compat(None, None, 1024, 1000)
+        check_vocab_compat(student_vocab=1024, teacher_vocab=1000)
     other = build_tokenizer(corpus_documents("test")[:200], vocab_size=len(same))
     with pytest.raises(ValueError, match="focus_teacher_model: the teacher does not share"):
         check_vocab_compat(same, other, len(same), len(other))
+    other.save_pretrained(tiny_pair["teacher"] + "-othertok")
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_pair["teacher"], name), tiny_pair["teacher"] + "-othertok")
+    with pytest.raises(ValueError, match="token ids of"):
+        check_teacher_before_loading(tiny_pair["student"], None, tiny_pair["teacher"] + "-othertok")
