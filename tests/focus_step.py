@@ -26,7 +26,8 @@ def rows(tokenizer, n=4):
     return out
 
 
-def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
+def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False):
+    """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping."""
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -39,9 +40,14 @@ def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
     student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
     teacher.requires_grad_(False).eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     args = AxolotlTrainingArguments(
-        output_dir=os.path.join(os.path.dirname(out_path), "trainer_out"),
+        output_dir=os.path.join(out_dir, "trainer_out"),
         per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=accum,
         max_steps=1,
         learning_rate=lr,
@@ -57,15 +63,22 @@ def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = FocusTrainer(
+    data = Dataset.from_list(rows(tokenizer))
+    return FocusTrainer(
         model=student,
         args=args,
-        train_dataset=Dataset.from_list(rows(tokenizer)),
+        train_dataset=data,
+        eval_dataset=data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        eval_data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
         processing_class=tokenizer,
         teacher_model=teacher,
         focus_args=FocusTrainingArgsMixin(focus_distill=distill, focus_chunk_size=7),
     )
+
+
+def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
+    trainer = make_trainer(tiny_dir, os.path.dirname(out_path), per_device, accum, distill, lr)
     trainer.train()
     if trainer.accelerator.is_main_process:
         logs = [h for h in trainer.state.log_history if "loss" in h]

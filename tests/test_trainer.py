@@ -17,12 +17,13 @@ import focus_step  # noqa: E402
 LR = 0.5
 
 
-def expected_params(tiny_dir, distill="focus", alpha=0.05):
+def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None):
     """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
-    student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
+    if student is None:
+        student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
     batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(focus_step.rows(tokenizer))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -35,7 +36,7 @@ def expected_params(tiny_dir, distill="focus", alpha=0.05):
     n_tokens = (labels != -100).sum()
     loss = (ce + alpha * d) / n_tokens
     loss.backward()
-    params = {k: (p - LR * p.grad).detach() for k, p in student.named_parameters()}
+    params = {k: (p - LR * p.grad).detach() for k, p in student.named_parameters() if p.requires_grad}
     return params, loss.item()
 
 
@@ -73,3 +74,39 @@ def test_two_process_ddp_matches_single_process(tiny_pair, tmp_path):
     result = torch.load(out)
     assert_params_equal(result["params"], want)
     assert result["logs"][0]["loss"] == pytest.approx(want_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("distill", ["kd", "none"])
+def test_kd_and_ce_only_steps(tiny_pair, tmp_path, distill):
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    want, want_loss = expected_params(tiny_dir, distill=distill)
+    out = tmp_path / "step.pt"
+    focus_step.run(tiny_dir, str(out), 2, 2, distill=distill, lr=LR)
+    result = torch.load(out)
+    assert_params_equal(result["params"], want)
+    assert ("loss/kd" in result["logs"][0]) == (distill == "kd")
+    assert "loss/focus" not in result["logs"][0]
+
+
+def test_evaluate_reports_reference_loss_and_terms(tiny_pair, tmp_path):
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    _, want_loss = expected_params(tiny_dir)
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=4)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert metrics["eval_loss/ce"] > 0 and metrics["eval_loss/focus"] > 0
+
+
+def test_lora_student_step_matches_reference(tiny_pair, tmp_path):
+    """PEFT-wrapped student: only adapters train, lm_head stays frozen, the step is exact."""
+    import copy
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2, accum=2, lora=True)
+    reference_student = copy.deepcopy(trainer.model)
+    want, _ = expected_params(tiny_dir, student=reference_student)
+    assert all("lora_" in k for k in want)
+    trainer.train()
+    got = {k: p.detach() for k, p in trainer.model.named_parameters() if p.requires_grad}
+    assert_params_equal(got, want)
+    assert trainer.teacher.get_output_embeddings().weight.grad is None

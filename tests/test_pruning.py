@@ -1,0 +1,554 @@
+"""Pruning preprocessor core: LLM-Pruner block-wise width pruning and Shortened-LLaMA depth pruning.
+
+Tiny fp32 LlamaConfig models (hidden 64, 8 layers) built locally; nothing is downloaded.
+"""
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+from axolotl_focus import pruning as P
+from axolotl_focus.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register_auto_classes
+
+ATOL = 1e-5
+WORDS = [f"w{i}" for i in range(120)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls: one thread is much faster than two contended ones.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) for _ in range(30)]
+
+
+def tiny_config(layout: str = "mha", layers: int = 8) -> LlamaConfig:
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, initializer_range=0.1)
+    if layout == "mha":  # LLaMA-2 layout
+        return LlamaConfig(**common, num_attention_heads=4)
+    # LLaMA-3.x layout: GQA with 4 q heads per kv head, tied embeddings like Llama-3.2
+    return LlamaConfig(**common, num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
+
+def tiny_model(layout: str = "mha", layers: int = 8, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(layout, layers)).eval()
+
+
+def inputs(seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 123, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids=None):
+    return model(input_ids=inputs() if ids is None else ids).logits
+
+
+@torch.no_grad()
+def zero_pruned_units(model: LlamaForCausalLM, kept: dict) -> LlamaForCausalLM:
+    """The unpruned model with the pruned q heads (o_proj input columns) and MLP channels
+    (down_proj input columns) set to zero: by construction it must compute what the sliced model does."""
+    head_dim = model.config.head_dim
+    for i, k in kept.items():
+        layer = model.model.layers[int(i)]
+        for h in set(range(model.config.num_attention_heads)) - set(k["heads"]):
+            layer.self_attn.o_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0
+        dropped = sorted(set(range(model.config.intermediate_size)) - set(k["channels"]))
+        layer.mlp.down_proj.weight[:, dropped] = 0
+    return model
+
+
+def greedy(model, ids, use_cache):
+    return model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+WIDTH_CASES = {
+    # name: (layout, PruneConfig kwargs, expected shape of pruned attention layers, of pruned MLP layers)
+    "mha-default-ranges": ("mha", dict(), (2, 2), 64),
+    "gqa-group": ("gqa", dict(gqa_mode="group", attn_layers=(1, 7), mlp_layers=(2, 6)), (4, 1), 64),
+    "gqa-q-within-group": ("gqa", dict(gqa_mode="q_within_group", attn_layers=(1, 7), mlp_layers=(2, 6)), (4, 2), 64),
+}
+
+
+def prune_case(name, tokenizer, texts, **extra):
+    layout, kwargs, _, _ = WIDTH_CASES[name]
+    model = tiny_model(layout)
+    original = copy.deepcopy(model)
+    cfg = P.PruneConfig(ratio=0.5, calib_samples=4, calib_seq_len=16, **{**kwargs, **extra})
+    return original, P.prune_width(model, tokenizer, texts, cfg, source_model="tiny/source")
+
+
+# ----------------------------------------------------------------------------------------------
+# closed form
+# ----------------------------------------------------------------------------------------------
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+LLAMA3_8B = dict(LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8)
+
+
+@pytest.mark.parametrize(
+    "arch,ratio,layers,expected",
+    [
+        (LLAMA2_7B, 0.25, (4, 30), 0.195),
+        (LLAMA2_7B, 0.35, (4, 30), 0.272),
+        (LLAMA2_7B, 0.45, (4, 30), 0.348),
+        (LLAMA2_7B, 0.25, (0, 32), 0.240),
+        (LLAMA3_8B, 0.25, (4, 30), 0.177),
+        (LLAMA3_8B, 0.35, (4, 30), 0.234),
+        (LLAMA3_8B, 0.45, (4, 30), 0.308),
+        (LLAMA3_8B, 0.25, (0, 32), 0.217),
+    ],
+)
+def test_closed_form_reproduces_llm_pruner_reductions(arch, ratio, layers, expected):
+    config = LlamaConfig(**arch)
+    plan = P.plan_width(config, P.PruneConfig(ratio=ratio, attn_layers=layers, mlp_layers=layers))
+    assert round(plan.reduction, 3) == expected
+    assert plan.params_before == (6_738_415_616 if arch is LLAMA2_7B else 8_030_261_248)
+    if ratio == 0.25 and layers == (4, 30):
+        assert round(plan.params_after / 1e9, 3) == (5.423 if arch is LLAMA2_7B else 6.613)
+        shape = plan.layer_shapes[4]
+        # MHA: 8 of 32 heads; GQA: 2 of 8 KV groups (8 q heads); MLP: 25% of the channels
+        assert shape["num_attention_heads"] == 24 and shape["num_key_value_heads"] == (24 if arch is LLAMA2_7B else 6)
+        assert shape["intermediate_size"] == (8256 if arch is LLAMA2_7B else 10752)
+        assert plan.layer_shapes[3] == plan.layer_shapes[30] == {
+            "num_attention_heads": 32,
+            "num_key_value_heads": arch.get("num_key_value_heads", 32),
+            "intermediate_size": arch["intermediate_size"],
+        }
+
+
+def test_gqa_granularity_is_floored():
+    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(ratio=0.35))
+    assert plan.layer_shapes[4]["num_key_value_heads"] == 6  # 0.35 still removes only 2 of 8 groups
+    assert plan.layer_shapes[4]["num_attention_heads"] == 24
+
+
+def test_target_param_reduction_solves_the_ratio():
+    plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(target_param_reduction=0.20))
+    assert abs(plan.reduction - 0.20) < 1e-3 and 0.25 < plan.ratio < 0.27
+    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(target_param_reduction=0.20, gqa_mode="q_within_group"))
+    assert abs(plan.reduction - 0.20) < 1e-3
+
+
+def test_target_param_reduction_on_a_model(tokenizer, texts):
+    model = tiny_model("mha")
+    cfg = P.PruneConfig(target_param_reduction=0.2, attn_layers=(0, 8), mlp_layers=(0, 8), calib_samples=2, calib_seq_len=8)
+    config = model.config
+    report = P.prune_width(model, tokenizer, texts, cfg)
+    # tiny model: coarse steps (1 of 4 heads); the solver picks the step closest to the target
+    reachable = [P.count_params(config, P.layer_shapes_for_ratio(config, cfg, r / 1000)) for r in range(1, 750)]
+    best = min(abs(1 - n / report.params_before - 0.2) for n in reachable)
+    assert abs(report.achieved_reduction - 0.2) == pytest.approx(best) and best < 0.04
+    assert report.metadata["ratio"] == report.ratio and report.metadata["target_param_reduction"] == 0.2
+    assert report.params_after == sum(p.numel() for p in report.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# width pruning: correctness by construction, KV cache, checkpoints
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
+    layout, kwargs, (q_heads, kv_heads), channels = WIDTH_CASES[case]
+    original, report = prune_case(case, tokenizer, texts)
+    model = report.model
+    assert isinstance(model, PrunedLlamaForCausalLM) and model.config.model_type == "pruned_llama"
+
+    # shapes: narrowed only inside the ranges, hidden size untouched
+    (a0, a1), (m0, m1) = P.PruneConfig(**kwargs).layer_ranges(8)
+    head_dim, full = original.config.head_dim, original.config
+    for i, layer in enumerate(model.model.layers):
+        q, kv = (q_heads, kv_heads) if a0 <= i < a1 else (full.num_attention_heads, full.num_key_value_heads)
+        ff = channels if m0 <= i < m1 else full.intermediate_size
+        assert report.layer_shapes[i] == {"num_attention_heads": q, "num_key_value_heads": kv, "intermediate_size": ff}
+        attn = layer.self_attn
+        assert attn.q_proj.weight.shape == (q * head_dim, 64) and attn.o_proj.weight.shape == (64, q * head_dim)
+        assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (kv * head_dim, 64)
+        assert layer.mlp.up_proj.weight.shape == (ff, 64) and layer.mlp.down_proj.weight.shape == (64, ff)
+    if case == "gqa-group":  # contiguous groups: kv head g owns q heads 4g..4g+3
+        for k in report.kept.values():
+            if len(k["kv_heads"]) == 1:
+                assert k["heads"] == [4 * k["kv_heads"][0] + j for j in range(4)]
+
+    # closed-form parameter count == real count; the unpruned count of the source
+    actual = sum(p.numel() for p in model.parameters())
+    assert actual == report.params_after == P.count_params(model.config, model.config.layer_shapes)
+    assert report.params_before == sum(p.numel() for p in original.parameters())
+    assert report.metadata["achieved_param_reduction"] == pytest.approx(1 - actual / report.params_before)
+
+    # the pruned units are the lowest-scoring ones
+    cfg = P.PruneConfig(ratio=0.5, calib_samples=4, calib_seq_len=16, **kwargs)
+    imp = P.compute_importance(copy.deepcopy(original), tokenizer, texts, cfg)
+    for i, scores in imp.attn.items():
+        k = report.kept[i]
+        units = k["heads"] if layout == "mha" or cfg.gqa_mode == "q_within_group" else k["kv_heads"]
+        dropped = [u for u in range(len(scores)) if u not in units]
+        if cfg.gqa_mode == "q_within_group" and layout == "gqa":  # compared inside each group
+            for g in range(2):
+                keep_g = [u for u in units if u // 4 == g]
+                drop_g = [u for u in dropped if u // 4 == g]
+                assert scores[keep_g].min() >= scores[drop_g].max()
+        else:
+            assert scores[units].min() >= scores[dropped].max()
+    for i, scores in imp.mlp.items():
+        kept_ch = report.kept[i]["channels"]
+        assert scores[kept_ch].min() >= scores[[c for c in range(128) if c not in kept_ch]].max()
+
+    # correctness by construction
+    expected = logits(zero_pruned_units(original, report.kept))
+    assert (logits(model) - expected).abs().max() < ATOL
+
+    # generation with the per-layer-width KV cache
+    ids = inputs()[:1]
+    assert torch.equal(greedy(model, ids, True), greedy(model, ids, False))
+
+    # checkpoint round trip
+    path = tmp_path / "ckpt"
+    P.save_pruned(model, tokenizer, path)
+    files = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "modeling_pruned_llama.py", "tokenizer.json"} <= files
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "pruned_llama"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pruned_llama.PrunedLlamaForCausalLM"
+    assert config["focus_source_model"] == config["pruning"]["source_model"] == "tiny/source"
+    assert config["layer_shapes"] == report.layer_shapes
+    assert config["head_dim"] == head_dim and config["hidden_size"] == 64
+    meta = config["pruning"]
+    assert meta["method"] == "width" and meta["ratio"] == 0.5 and meta["importance"] == "param_first"
+    assert meta["attn_layers"] == [a0, a1] and meta["mlp_layers"] == [m0, m1]
+    assert meta["kept"] == {str(i): k for i, k in report.kept.items()}
+    assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seq_len"] == 16
+    loaded = P.load_pruned(path)
+    assert type(loaded) is PrunedLlamaForCausalLM
+    assert (logits(loaded) - expected).abs().max() < ATOL
+    assert torch.equal(greedy(loaded, ids, True), greedy(model, ids, False))
+
+
+def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
+    """A process that never imports axolotl_focus loads every variant through auto_map."""
+    for case in WIDTH_CASES:
+        original, report = prune_case(case, tokenizer, texts)
+        P.save_pruned(report.model, tokenizer, tmp_path / case)
+        torch.save({"ids": inputs(), "logits": logits(zero_pruned_units(original, report.kept))}, tmp_path / f"{case}.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        for case in {list(WIDTH_CASES)!r}:
+            ref = torch.load(f"{tmp_path}/{{case}}.pt")
+            model = AutoModelForCausalLM.from_pretrained(f"{tmp_path}/{{case}}", trust_remote_code=True).eval()
+            assert type(model).__name__ == "PrunedLlamaForCausalLM", type(model)
+            with torch.no_grad():
+                diff = (model(input_ids=ref["ids"]).logits - ref["logits"]).abs().max().item()
+            assert diff < {ATOL}, (case, diff)
+            ids = ref["ids"][:1]
+            a = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+            b = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+            assert torch.equal(a, b), case
+        assert not [m for m in sys.modules if m == "axolotl_focus" or m.startswith("axolotl_focus.")]
+        print("FRESH-OK")
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "FRESH-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_uniform_saves_a_vanilla_llama_checkpoint(tokenizer, texts, tmp_path):
+    model = tiny_model("gqa")
+    original = copy.deepcopy(model)
+    cfg = P.PruneConfig(ratio=0.5, uniform=True, calib_samples=2, calib_seq_len=8)
+    report = P.prune_width(model, tokenizer, texts, cfg)
+    assert type(report.model) is LlamaForCausalLM
+    c = report.model.config
+    assert (c.model_type, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.head_dim) == (
+        "llama", 4, 1, 64, 8)
+    assert sorted(report.kept) == list(range(8))  # every layer
+    expected = logits(zero_pruned_units(original, report.kept))
+    assert (logits(report.model) - expected).abs().max() < ATOL
+    P.save_pruned(report.model, tokenizer, tmp_path / "u")
+    assert "modeling_pruned_llama.py" not in os.listdir(tmp_path / "u")
+    saved = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert saved["model_type"] == "llama" and "auto_map" not in saved and saved["pruning"]["uniform"] is True
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "u")
+    assert (logits(loaded) - expected).abs().max() < ATOL
+    assert loaded.config.focus_source_model == report.metadata["source_model"]
+
+
+def test_uniform_head_counts_divide_hidden_size():
+    # LlamaConfig (transformers 5.x) rejects hidden_size % num_attention_heads != 0 even with head_dim set,
+    # which is why uniform pruning rounds the kept head count to a divisor.
+    with pytest.raises(Exception, match="multiple"):
+        LlamaConfig(hidden_size=64, num_attention_heads=3, head_dim=16)
+    config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=8, num_attention_heads=6)
+    for ratio in (0.2, 0.3, 0.4, 0.6, 0.8):
+        shapes = P.plan_width(config, P.PruneConfig(ratio=ratio, uniform=True)).layer_shapes
+        assert len({tuple(s.values()) for s in shapes}) == 1
+        assert 96 % shapes[0]["num_attention_heads"] == 0
+    assert P.plan_width(config, P.PruneConfig(ratio=0.4, uniform=True)).layer_shapes[0]["num_attention_heads"] == 4
+    # LLaMA-2-7B at 0.25: 24 heads are not expressible (4096 % 24); nearest divisor, ties keep more -> 32
+    plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(ratio=0.25, uniform=True))
+    assert plan.layer_shapes[0] == {"num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8256}
+
+
+# ----------------------------------------------------------------------------------------------
+# importance
+# ----------------------------------------------------------------------------------------------
+def reference_scores(model, ids, importance, layers):
+    """Per-unit scores computed from fully materialised gradients (LLM-Pruner's way)."""
+    cfg = model.config
+    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def grads(batch):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def weight(i, proj):
+        return dict(model.named_parameters())[f"model.layers.{i}.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}.weight"]
+
+    def reduce(s, proj):  # units: heads of q/k/v rows and o columns; channels of gate/up rows and down columns
+        if proj == "o_proj":
+            per = s.sum(0).abs() if importance == "vectorize" else s.abs().sum(0)
+            return per.view(nq, hd).sum(1)
+        if proj == "down_proj":
+            return s.sum(0).abs() if importance == "vectorize" else s.abs().sum(0)
+        per = s.sum(1).abs() if importance == "vectorize" else s.abs().sum(1)
+        return per.view(-1, hd).sum(1) if proj in ("q_proj", "k_proj", "v_proj") else per
+
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    keys = [(i, p) for i in layers for p in projs]
+    with torch.no_grad():
+        if importance in ("l1", "l2"):
+            return {k: reduce(weight(*k).abs() ** (1 if importance == "l1" else 2), k[1]) for k in keys}
+    out = {}
+    if importance in ("param_first", "vectorize", "param_mix"):
+        g = grads(ids)
+        out = {k: reduce(weight(*k).detach() * g[f"model.layers.{k[0]}.{'self_attn' if k[1][0] in 'qkvo' else 'mlp'}.{k[1]}.weight"], k[1]) for k in keys}
+    if importance in ("param_second", "param_mix"):
+        acc = {k: 0 for k in keys}
+        for row in ids.split(1):
+            g = grads(row)
+            for k in keys:
+                acc[k] = acc[k] + g[f"model.layers.{k[0]}.{'self_attn' if k[1][0] in 'qkvo' else 'mlp'}.{k[1]}.weight"] ** 2 / len(ids)
+        second = {k: reduce(weight(*k).detach() ** 2 * acc[k], k[1]) for k in keys}
+        out = {k: out[k] - 0.5 * second[k] for k in keys} if out else second
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("importance", ["param_first", "vectorize", "param_second", "param_mix", "l1", "l2"])
+def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, texts, monkeypatch):
+    model = tiny_model("gqa")
+    cfg = P.PruneConfig(importance=importance, attn_layers=(2, 4), mlp_layers=(3, 5), calib_samples=3, calib_seq_len=8)
+    ids, _ = P.build_calibration(tokenizer, texts, 3, 8, 0)
+
+    live = []  # how many parameters hold a gradient whenever a score is computed
+    real = P._unit_scores
+    monkeypatch.setattr(P, "_unit_scores", lambda *a, **k: live.append(sum(p.grad is not None for p in model.parameters())) or real(*a, **k))
+    imp = P.compute_importance(model, None, ids, cfg)
+    assert set(imp.attn) == {2, 3} and set(imp.mlp) == {3, 4}
+    if importance not in ("l1", "l2"):
+        assert max(live) == 1  # each gradient is reduced and freed before the next one exists
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # grads freed, flags restored
+
+    expected = reference_scores(model, ids, importance, [2, 3, 4])
+    for key, value in imp.raw.items():
+        assert torch.allclose(value, expected[key].float(), rtol=1e-4, atol=1e-9), key
+    # holding all gradients (LLM-Pruner's way, used by the memory benchmark) gives the same scores
+    live.clear()
+    held = P.compute_importance(model, None, ids, cfg, hold_grads=True)
+    for key, value in held.raw.items():
+        assert torch.allclose(value, imp.raw[key], rtol=1e-5, atol=1e-9)
+    if importance not in ("l1", "l2"):
+        assert max(live) > 1
+
+
+def test_gqa_group_scores_aggregate_contiguous_heads():
+    model = tiny_model("gqa")
+    ids = inputs()
+    imp = P.compute_importance(model, None, ids, P.PruneConfig(attn_layers=(0, 2), mlp_layers=(0, 1)))
+    for i in (0, 1):
+        per_q = imp.raw[(i, "q_proj")] + imp.raw[(i, "o_proj")]
+        for g in range(2):
+            expected = per_q[4 * g : 4 * g + 4].sum() + imp.raw[(i, "k_proj")][g] + imp.raw[(i, "v_proj")][g]
+            assert torch.allclose(imp.attn[i][g], expected)
+        # LLM-Pruner's strided fold ({g, g+2, g+4, g+6}) is a different quantity
+        strided = per_q.view(4, 2).sum(0) + imp.raw[(i, "k_proj")] + imp.raw[(i, "v_proj")]
+        assert not torch.allclose(strided, imp.attn[i])
+    q_imp = P.compute_importance(model, None, ids, P.PruneConfig(gqa_mode="q_within_group", attn_layers=(0, 1), mlp_layers=(0, 1)))
+    assert q_imp.attn[0].shape == (8,)
+
+
+def test_random_importance_is_seeded(tokenizer, texts):
+    def kept(seed):
+        cfg = P.PruneConfig(importance="random", seed=seed, ratio=0.5, attn_layers=(0, 8), mlp_layers=(0, 8))
+        return P.prune_width(tiny_model("mha"), tokenizer, texts, cfg).kept
+
+    assert kept(0) == kept(0) and kept(0) != kept(1)
+    report = P.prune_width(tiny_model("mha"), None, None, P.PruneConfig(importance="l2", attn_layers=(0, 1), mlp_layers=(0, 1)))
+    assert report.metadata["calibration"] is None  # magnitude importance needs no calibration data
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+# ----------------------------------------------------------------------------------------------
+def test_calibration_windows_are_seeded_and_recorded(tokenizer, texts):
+    long_texts = [" ".join(WORDS[(i + j) % 120] for j in range(100)) for i in range(12)]
+    ids, info = P.build_calibration(tokenizer, long_texts)  # defaults: 10 samples x 64 tokens
+    assert ids.shape == (10, 64) and ids.dtype == torch.long
+    again, _ = P.build_calibration(tokenizer, long_texts)
+    other, _ = P.build_calibration(tokenizer, long_texts, seed=1)
+    assert torch.equal(ids, again) and not torch.equal(ids, other)
+    assert info["samples"] == 10 and info["seq_len"] == 64 and info["num_texts"] == 12 and info["from_concatenation"] == 0
+    for (text_idx, start), row in zip(info["windows"], ids):
+        assert row.tolist() == tokenizer(long_texts[text_idx])["input_ids"][start : start + 64]
+
+    short = P.build_calibration(tokenizer, texts, 4, 100)[1]  # no text has 100 words: windows of the joined texts
+    assert short["from_concatenation"] == 4
+    with pytest.raises(ValueError, match="calib_seq_len=10000"):
+        P.build_calibration(tokenizer, texts[:2], 2, 10000)
+
+
+# ----------------------------------------------------------------------------------------------
+# depth pruning
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def logits_without_blocks(model, removed, ids=None):
+    handles = [model.model.layers[i].register_forward_hook(lambda mod, args, out: args[0]) for i in removed]
+    try:
+        return logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("score", ["taylor", "ppl"])
+def test_depth_pruning(score, tokenizer, texts, tmp_path):
+    model = tiny_model("mha")
+    original = copy.deepcopy(model)
+    cfg = P.PruneConfig(method="depth", depth_score=score, num_blocks=2, protected_first=1, protected_last=1,
+                        calib_samples=3, calib_seq_len=16)
+    report = P.prune_depth(model, tokenizer, texts, cfg, source_model="tiny/source")
+    scores = report.block_scores
+    assert sorted(scores) == [1, 2, 3, 4, 5, 6]  # protected blocks 0 and 7 are never candidates
+    assert report.removed_blocks == sorted(sorted(scores, key=scores.get)[:2])
+
+    # the scores themselves, against an independent reference
+    ids, _ = P.build_calibration(tokenizer, texts, 3, 16, 0)
+    ref = copy.deepcopy(original)
+    if score == "taylor":
+        ref(input_ids=ids, labels=ids).loss.backward()
+        for i in scores:
+            layer = ref.model.layers[i]
+            mats = [getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            mats += [getattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")]
+            assert scores[i] == pytest.approx(sum(float((m.weight * m.weight.grad).sum().abs().detach()) for m in mats), rel=1e-4)
+    else:
+        for i in scores:
+            handle = ref.model.layers[i].register_forward_hook(lambda mod, args, out: args[0])
+            with torch.no_grad():
+                assert scores[i] == pytest.approx(torch.exp(ref(input_ids=ids, labels=ids).loss).item(), rel=1e-5)
+            handle.remove()
+
+    pruned = report.model
+    assert pruned is model and type(pruned) is LlamaForCausalLM and pruned.config.num_hidden_layers == 6
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(6))
+    expected = logits_without_blocks(original, report.removed_blocks)
+    assert (logits(pruned) - expected).abs().max() < ATOL
+    assert report.params_after == sum(p.numel() for p in pruned.parameters()) == P.count_params(pruned.config)
+    ids = inputs()[:1]
+    assert torch.equal(greedy(pruned, ids, True), greedy(pruned, ids, False))
+
+    P.save_pruned(pruned, tokenizer, tmp_path / "d")
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert saved["model_type"] == "llama" and saved["num_hidden_layers"] == 6
+    assert saved["pruning"]["removed_blocks"] == report.removed_blocks and saved["focus_source_model"] == "tiny/source"
+    assert saved["pruning"]["depth_score"] == score and saved["pruning"]["calibration"]["seq_len"] == 16
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "d")
+    assert (logits(loaded) - expected).abs().max() < ATOL
+
+
+def test_depth_default_protection_and_fraction(tokenizer, texts):
+    cfg = P.PruneConfig(method="depth", block_fraction=0.25, calib_samples=2, calib_seq_len=8)
+    report = P.prune_depth(tiny_model("gqa"), tokenizer, texts, cfg)
+    assert report.removed_blocks == [4, 5]  # 8 layers: blocks 0-3 and the last two are protected
+    assert report.model.config.num_hidden_layers == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,layers,match",
+    [
+        (dict(ratio=0), 8, r"ratio=0\b"),
+        (dict(ratio=1.5), 8, r"ratio=1.5"),
+        (dict(ratio=-0.2), 8, r"ratio=-0.2"),
+        (dict(attn_layers=(4, 12)), 8, r"attn_layers=\[4, 12\].*8 layers"),
+        (dict(mlp_layers=(5, 5)), 8, r"mlp_layers=\[5, 5\]"),
+        (dict(attn_layers=(0, 2)), 4, r"mlp_layers: the default range"),
+        (dict(ratio=0.99), 8, r"ratio=0.99: removes every"),
+        (dict(target_param_reduction=0.95), 8, r"target_param_reduction=0.95: not reachable"),
+        (dict(importance="taylor"), 8, r"importance='taylor'"),
+        (dict(gqa_mode="strided"), 8, r"gqa_mode='strided'"),
+        (dict(calib_samples=0), 8, r"calib_samples=0"),
+        (dict(method="depth"), 8, r"num_blocks=None, block_fraction=None"),
+        (dict(method="depth", num_blocks=3), 8, r"num_blocks=3: removes 3 blocks, but only 2"),
+        (dict(method="depth", block_fraction=0.1), 8, r"block_fraction=0.1: removes no block"),
+        (dict(method="depth", num_blocks=1, depth_score="loss"), 8, r"depth_score='loss'"),
+    ],
+)
+def test_bad_options_raise_before_any_work(kwargs, layers, match):
+    model = tiny_model("mha", layers=layers)
+    with pytest.raises(ValueError, match=match):
+        P.PruneConfig(**kwargs).validate(model.config)
+    fn = P.prune_depth if kwargs.get("method") == "depth" else P.prune_width
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):  # no tokenizer/texts needed to fail: validation runs first
+        fn(model, None, None, P.PruneConfig(**kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_unsupported_architecture():
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                           num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='mistral'"):
+        P.PruneConfig().validate(config)
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='mistral'"):
+        P.prune_width(MistralForCausalLM(config), None, None, P.PruneConfig())
+
+
+def test_pruned_config_and_registration():
+    register_auto_classes()
+    register_auto_classes()  # idempotent
+    assert AutoConfig.for_model("pruned_llama").__class__ is PrunedLlamaConfig
+    shape = {"num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 8}
+    with pytest.raises(ValueError, match="layer_shapes has 1 entries"):
+        PrunedLlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, layer_shapes=[shape])
+    with pytest.raises(ValueError, match="heads % kv_heads"):
+        PrunedLlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                          layer_shapes=[dict(shape, num_key_value_heads=3)])
