@@ -48,7 +48,9 @@ def texts():
 
 
 def tiny_config(layout: str = "mha", layers: int = 8) -> LlamaConfig:
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, initializer_range=0.1)
+    common = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, initializer_range=0.1
+    )
     if layout == "mha":  # LLaMA-2 layout
         return LlamaConfig(**common, num_attention_heads=4)
     # LLaMA-3.x layout: GQA with 4 q heads per kv head, tied embeddings like Llama-3.2
@@ -106,7 +108,9 @@ def prune_case(name, tokenizer, texts, **extra):
 # ----------------------------------------------------------------------------------------------
 # closed form
 # ----------------------------------------------------------------------------------------------
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+LLAMA2_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
 LLAMA3_8B = dict(LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8)
 
 
@@ -150,13 +154,16 @@ def test_gqa_granularity_is_floored():
 def test_target_param_reduction_solves_the_ratio():
     plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(target_param_reduction=0.20))
     assert abs(plan.reduction - 0.20) < 1e-3 and 0.25 < plan.ratio < 0.27
-    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(target_param_reduction=0.20, gqa_mode="q_within_group"))
+    cfg = P.PruneConfig(target_param_reduction=0.20, gqa_mode="q_within_group")
+    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), cfg)
     assert abs(plan.reduction - 0.20) < 1e-3
 
 
 def test_target_param_reduction_on_a_model(tokenizer, texts):
     model = tiny_model("mha")
-    cfg = P.PruneConfig(target_param_reduction=0.2, attn_layers=(0, 8), mlp_layers=(0, 8), calib_samples=2, calib_seq_len=8)
+    cfg = P.PruneConfig(
+        target_param_reduction=0.2, attn_layers=(0, 8), mlp_layers=(0, 8), calib_samples=2, calib_seq_len=8
+    )
     config = model.config
     report = P.prune_width(model, tokenizer, texts, cfg)
     # tiny model: coarse steps (1 of 4 heads); the solver picks the step closest to the target
@@ -183,7 +190,7 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
     for i, layer in enumerate(model.model.layers):
         q, kv = (q_heads, kv_heads) if a0 <= i < a1 else (full.num_attention_heads, full.num_key_value_heads)
         ff = channels if m0 <= i < m1 else full.intermediate_size
-        assert report.layer_shapes[i] == {"num_attention_heads": q, "num_key_value_heads": kv, "intermediate_size": ff}
+        assert report.layer_shapes[i] == dict(num_attention_heads=q, num_key_value_heads=kv, intermediate_size=ff)
         attn = layer.self_attn
         assert attn.q_proj.weight.shape == (q * head_dim, 64) and attn.o_proj.weight.shape == (64, q * head_dim)
         assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (kv * head_dim, 64)
@@ -252,7 +259,8 @@ def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
     for case in WIDTH_CASES:
         original, report = prune_case(case, tokenizer, texts)
         P.save_pruned(report.model, tokenizer, tmp_path / case)
-        torch.save({"ids": inputs(), "logits": logits(zero_pruned_units(original, report.kept))}, tmp_path / f"{case}.pt")
+        expected = logits(zero_pruned_units(original, report.kept))
+        torch.save({"ids": inputs(), "logits": expected}, tmp_path / f"{case}.pt")
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -327,8 +335,11 @@ def reference_scores(model, ids, importance, layers):
         model(input_ids=batch, labels=batch).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    def name(i, proj):
+        return f"model.layers.{i}.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}.weight"
+
     def weight(i, proj):
-        return dict(model.named_parameters())[f"model.layers.{i}.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}.weight"]
+        return dict(model.named_parameters())[name(i, proj)]
 
     def reduce(s, proj):  # units: heads of q/k/v rows and o columns; channels of gate/up rows and down columns
         if proj == "o_proj":
@@ -347,13 +358,13 @@ def reference_scores(model, ids, importance, layers):
     out = {}
     if importance in ("param_first", "vectorize", "param_mix"):
         g = grads(ids)
-        out = {k: reduce(weight(*k).detach() * g[f"model.layers.{k[0]}.{'self_attn' if k[1][0] in 'qkvo' else 'mlp'}.{k[1]}.weight"], k[1]) for k in keys}
+        out = {k: reduce(weight(*k).detach() * g[name(*k)], k[1]) for k in keys}
     if importance in ("param_second", "param_mix"):
         acc = {k: 0 for k in keys}
         for row in ids.split(1):
             g = grads(row)
             for k in keys:
-                acc[k] = acc[k] + g[f"model.layers.{k[0]}.{'self_attn' if k[1][0] in 'qkvo' else 'mlp'}.{k[1]}.weight"] ** 2 / len(ids)
+                acc[k] = acc[k] + g[name(*k)] ** 2 / len(ids)
         second = {k: reduce(weight(*k).detach() ** 2 * acc[k], k[1]) for k in keys}
         out = {k: out[k] - 0.5 * second[k] for k in keys} if out else second
     model.zero_grad(set_to_none=True)
@@ -363,12 +374,18 @@ def reference_scores(model, ids, importance, layers):
 @pytest.mark.parametrize("importance", ["param_first", "vectorize", "param_second", "param_mix", "l1", "l2"])
 def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, texts, monkeypatch):
     model = tiny_model("gqa")
-    cfg = P.PruneConfig(importance=importance, attn_layers=(2, 4), mlp_layers=(3, 5), calib_samples=3, calib_seq_len=8)
+    cfg = P.PruneConfig(
+        importance=importance, attn_layers=(2, 4), mlp_layers=(3, 5), calib_samples=3, calib_seq_len=8
+    )
     ids, _ = P.build_calibration(tokenizer, texts, 3, 8, 0)
 
     live = []  # how many parameters hold a gradient whenever a score is computed
     real = P._unit_scores
-    monkeypatch.setattr(P, "_unit_scores", lambda *a, **k: live.append(sum(p.grad is not None for p in model.parameters())) or real(*a, **k))
+    def counting(*args, **kwargs):
+        live.append(sum(p.grad is not None for p in model.parameters()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "_unit_scores", counting)
     imp = P.compute_importance(model, None, ids, cfg)
     assert set(imp.attn) == {2, 3} and set(imp.mlp) == {3, 4}
     if importance not in ("l1", "l2"):
@@ -399,7 +416,8 @@ def test_gqa_group_scores_aggregate_contiguous_heads():
         # LLM-Pruner's strided fold ({g, g+2, g+4, g+6}) is a different quantity
         strided = per_q.view(4, 2).sum(0) + imp.raw[(i, "k_proj")] + imp.raw[(i, "v_proj")]
         assert not torch.allclose(strided, imp.attn[i])
-    q_imp = P.compute_importance(model, None, ids, P.PruneConfig(gqa_mode="q_within_group", attn_layers=(0, 1), mlp_layers=(0, 1)))
+    cfg = P.PruneConfig(gqa_mode="q_within_group", attn_layers=(0, 1), mlp_layers=(0, 1))
+    q_imp = P.compute_importance(model, None, ids, cfg)
     assert q_imp.attn[0].shape == (8,)
 
 
@@ -409,7 +427,8 @@ def test_random_importance_is_seeded(tokenizer, texts):
         return P.prune_width(tiny_model("mha"), tokenizer, texts, cfg).kept
 
     assert kept(0) == kept(0) and kept(0) != kept(1)
-    report = P.prune_width(tiny_model("mha"), None, None, P.PruneConfig(importance="l2", attn_layers=(0, 1), mlp_layers=(0, 1)))
+    cfg = P.PruneConfig(importance="l2", attn_layers=(0, 1), mlp_layers=(0, 1))
+    report = P.prune_width(tiny_model("mha"), None, None, cfg)
     assert report.metadata["calibration"] is None  # magnitude importance needs no calibration data
 
 
@@ -423,7 +442,7 @@ def test_calibration_windows_are_seeded_and_recorded(tokenizer, texts):
     again, _ = P.build_calibration(tokenizer, long_texts)
     other, _ = P.build_calibration(tokenizer, long_texts, seed=1)
     assert torch.equal(ids, again) and not torch.equal(ids, other)
-    assert info["samples"] == 10 and info["seq_len"] == 64 and info["num_texts"] == 12 and info["from_concatenation"] == 0
+    assert (info["samples"], info["seq_len"], info["num_texts"], info["from_concatenation"]) == (10, 64, 12, 0)
     for (text_idx, start), row in zip(info["windows"], ids):
         assert row.tolist() == tokenizer(long_texts[text_idx])["input_ids"][start : start + 64]
 
@@ -466,7 +485,8 @@ def test_depth_pruning(score, tokenizer, texts, tmp_path):
             layer = ref.model.layers[i]
             mats = [getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
             mats += [getattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")]
-            assert scores[i] == pytest.approx(sum(float((m.weight * m.weight.grad).sum().abs().detach()) for m in mats), rel=1e-4)
+            taylor_plus = sum(float((m.weight * m.weight.grad).sum().abs().detach()) for m in mats)
+            assert scores[i] == pytest.approx(taylor_plus, rel=1e-4)
     else:
         for i in scores:
             handle = ref.model.layers[i].register_forward_hook(lambda mod, args, out: args[0])
@@ -486,7 +506,8 @@ def test_depth_pruning(score, tokenizer, texts, tmp_path):
     P.save_pruned(pruned, tokenizer, tmp_path / "d")
     saved = json.loads((tmp_path / "d" / "config.json").read_text())
     assert saved["model_type"] == "llama" and saved["num_hidden_layers"] == 6
-    assert saved["pruning"]["removed_blocks"] == report.removed_blocks and saved["focus_source_model"] == "tiny/source"
+    assert saved["pruning"]["removed_blocks"] == report.removed_blocks
+    assert saved["focus_source_model"] == saved["pruning"]["source_model"] == "tiny/source"
     assert saved["pruning"]["depth_score"] == score and saved["pruning"]["calibration"]["seq_len"] == 16
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "d")
     assert (logits(loaded) - expected).abs().max() < ATOL
