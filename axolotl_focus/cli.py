@@ -2,6 +2,8 @@
 
     axolotl-focus validate CONFIG.yml    check an axolotl config with the plugin loaded
     axolotl-focus tiny [--out DIR]       build the tiny offline example models and data
+    axolotl-focus prune CONFIG.yml       run only the `focus_prune:` step of a config (cached)
+    axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
 """
 
 from __future__ import annotations
@@ -43,6 +45,44 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    import json
+
+    import yaml
+    from pydantic import ValidationError
+
+    from .config import FocusPruneArgs
+    from .preprocess import REPORT_FILE, ensure_pruned, run_prune
+
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            cfg = yaml.safe_load(handle) or {}
+        if not cfg.get("focus_prune") or not cfg.get("base_model"):
+            print(f"{args.config}: needs `base_model` and a `focus_prune:` block", file=sys.stderr)
+            return 2
+        source, block = cfg["base_model"], cfg["focus_prune"]
+    else:
+        if not (args.model and args.output):
+            print("axolotl-focus prune: give a CONFIG.yml, or --model and --output", file=sys.stderr)
+            return 2
+        source = args.model
+        block = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
+    try:
+        spec = FocusPruneArgs.model_validate(block)
+    except ValidationError as exc:
+        print(f"focus_prune: {exc}", file=sys.stderr)
+        return 2
+    if args.config:
+        path = ensure_pruned(source, spec)
+        report = json.loads((path / REPORT_FILE).read_text())
+    else:
+        path, report = args.output, run_prune(source, spec, args.output)
+    print(f"pruned checkpoint: {path}")
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} "
+          f"(achieved reduction {report['achieved_reduction']:.2%})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-focus", description="FOCUS / RePAIR for pruned LLMs")
     parser.add_argument("--version", action="version", version=f"axolotl-focus {__version__}")
@@ -54,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="examples/tiny/build")
     p.add_argument("--steps", type=int, default=200, help="teacher pretraining steps")
     p.set_defaults(func=cmd_tiny)
+    p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)")
+    p.add_argument("config", nargs="?", help="axolotl config with base_model and focus_prune:")
+    p.add_argument("--model", help="hub id or path of the model to prune (without a config)")
+    p.add_argument("--output", help="output folder (without a config)")
+    p.add_argument("--method", choices=["width", "depth"])
+    p.add_argument("--ratio", type=float)
+    p.add_argument("--target-param-reduction", dest="target_param_reduction", type=float)
+    p.add_argument("--importance")
+    p.add_argument("--attn-layers", dest="attn_layers", type=int, nargs=2, metavar=("START", "END"))
+    p.add_argument("--mlp-layers", dest="mlp_layers", type=int, nargs=2, metavar=("START", "END"))
+    p.add_argument("--gqa-mode", dest="gqa_mode")
+    p.add_argument("--uniform", action="store_true", default=None)
+    p.add_argument("--num-blocks", dest="num_blocks", type=int)
+    p.add_argument("--block-fraction", dest="block_fraction", type=float)
+    p.add_argument("--depth-score", dest="depth_score")
+    p.add_argument("--calibration", help="hub dataset id or local .txt/.jsonl (default: embedded corpus)")
+    p.add_argument("--calib-samples", dest="calib_samples", type=int)
+    p.add_argument("--calib-seq-len", dest="calib_seq_len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

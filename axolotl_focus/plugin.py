@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+
 from axolotl.integrations.base import BasePlugin
 
 from .config import TRAINING_ARG_KEYS
 
 
+def _show_package_logs() -> None:
+    """axolotl configures only its own loggers: show ours (pruning summary, teacher placement)."""
+    logger = logging.getLogger("axolotl_focus")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+_show_package_logs()
+
+
 class FocusPlugin(BasePlugin):
     """Enable with ``plugins: [axolotl_focus.FocusPlugin]`` in an axolotl config."""
+
+    def register(self, cfg: dict) -> None:
+        # `focus_prune:` prunes base_model (or reuses the cache) before axolotl loads anything
+        from .preprocess import apply_to_config
+
+        apply_to_config(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_focus.config.FocusArgs"

@@ -1,0 +1,117 @@
+"""`focus_prune:` / `axolotl-focus prune`: validation first, atomic cached checkpoints, config rewrite."""
+
+import json
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from axolotl_focus.config import FocusPruneArgs
+from axolotl_focus.preprocess import REPORT_FILE, apply_to_config, cache_path, ensure_pruned, run_prune
+
+TINY_RANGES = {"attn_layers": [1, 3], "mlp_layers": [1, 3]}
+
+
+def spec(tmp_path, **kw):
+    return FocusPruneArgs(**{"ratio": 0.5, "cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | TINY_RANGES | kw)
+
+
+def test_cli_prune_without_config(tiny_pair, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_focus.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", tiny_pair["teacher"], "--ratio", "0.5", "--output", str(out),
+                 "--attn-layers", "1", "3", "--mlp-layers", "1", "3", "--calib-samples", "4"]) == 0
+    assert "achieved reduction" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "pruned_llama"
+    assert config["focus_source_model"] == tiny_pair["teacher"]
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["params_after"] < report["params_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    assert [s["num_attention_heads"] for s in config["layer_shapes"]] == [4, 2, 2, 4]
+    # never overwrite what is there
+    with pytest.raises(FileExistsError):
+        run_prune(tiny_pair["teacher"], spec(tmp_path), out)
+    assert (out / "model.safetensors").is_file()
+
+
+def test_cache_is_reused_and_keyed_by_settings(tiny_pair, tmp_path, monkeypatch):
+    first = ensure_pruned(tiny_pair["teacher"], spec(tmp_path))
+    assert (first / REPORT_FILE).is_file()
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+    def boom(*a, **k):
+        raise AssertionError("pruned again")
+
+    monkeypatch.setattr("axolotl_focus.preprocess.run_prune", boom)
+    assert ensure_pruned(tiny_pair["teacher"], spec(tmp_path)) == first
+    assert cache_path(tiny_pair["teacher"], spec(tmp_path, ratio=0.25)) != first
+    assert cache_path(tiny_pair["teacher"], spec(tmp_path, seed=1)) != first
+
+
+def test_other_ranks_wait_for_rank_zero(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TimeoutError, match="rank 0 did not finish"):
+        ensure_pruned(tiny_pair["teacher"], spec(tmp_path, wait_timeout=0.01))
+    monkeypatch.setenv("RANK", "0")
+    path = ensure_pruned(tiny_pair["teacher"], spec(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert ensure_pruned(tiny_pair["teacher"], spec(tmp_path)) == path
+
+
+def test_apply_to_config_rewrites_base_model_and_teacher(tiny_pair, tmp_path):
+    cfg = {"base_model": tiny_pair["teacher"], "tokenizer_config": tiny_pair["teacher"],
+           "focus_prune": spec(tmp_path).model_dump()}
+    apply_to_config(cfg)
+    assert cfg["focus_teacher_model"] == tiny_pair["teacher"] == cfg["focus_pruned_from"]
+    assert cfg["base_model"] == cfg["tokenizer_config"] == str(cache_path(tiny_pair["teacher"], spec(tmp_path)))
+    before = dict(cfg)
+    apply_to_config(cfg)  # idempotent
+    assert cfg == before
+
+
+@pytest.mark.parametrize("block,match", [
+    ({"ratio": 1.5}, "ratio"),
+    ({"ratio": 0}, "ratio"),
+    ({"method": "channels"}, "method"),
+    ({"ratoi": 0.2}, "ratoi"),
+])
+def test_bad_prune_options_are_rejected_by_the_schema(block, match):
+    with pytest.raises(ValidationError, match=match):
+        FocusPruneArgs.model_validate(block)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"attn_layers": [0, 99]}, "attn_layers"),
+    ({"ratio": 0.99, "attn_layers": [0, 4], "mlp_layers": [0, 4]}, "removes every"),
+])
+def test_bad_ranges_fail_before_weights_load(tiny_pair, tmp_path, monkeypatch, kw, match):
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before validation")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=match):
+        run_prune(tiny_pair["teacher"], spec(tmp_path, **kw), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import MistralConfig
+
+    MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        run_prune(str(tmp_path / "mistral"), FocusPruneArgs(), tmp_path / "out")
+
+
+def test_calibration_jsonl_errors_name_file_and_line(tiny_pair, tmp_path):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"calib.jsonl:2"):
+        run_prune(tiny_pair["teacher"], spec(tmp_path, calibration=str(bad)), tmp_path / "x")
+    with pytest.raises(ValueError, match="does not exist"):
+        run_prune(tiny_pair["teacher"], spec(tmp_path, calibration=str(tmp_path / "missing.txt")), tmp_path / "x")
