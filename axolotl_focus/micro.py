@@ -89,7 +89,10 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
-    for _ in range(steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="pretraining micro teacher", unit="step", mininterval=2)
+    for _ in bar:
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
@@ -99,6 +102,7 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
 
@@ -117,28 +121,43 @@ def drop_layers(model, keep: list[int]):
     return student
 
 
-def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0) -> dict:
-    """Build the tiny example: tokenizer, a pretrained GQA teacher, a layer-dropped student that
-    records the teacher as its source model, and a small JSONL training set. Returns the paths."""
+def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0, vocab_size: int = 1024,
+                        **size) -> tuple[str, list[float]]:
+    """Train and save a micro LLaMA teacher (and its tokenizer) on the embedded corpus.
+
+    ``size`` goes to :func:`llama_config` (default: 4 layers, hidden 64, GQA 4/2 heads).
+    Returns the checkpoint path and the pretraining loss curve.
+    """
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     docs = corpus_documents("valid")
-    tokenizer = build_tokenizer(docs)
-    teacher = LlamaForCausalLM(llama_config(tokenizer))
+    tokenizer = build_tokenizer(docs, vocab_size=vocab_size)
+    teacher = LlamaForCausalLM(llama_config(tokenizer, **size))
     losses = pretrain(teacher, tokenizer, docs, steps=steps, seed=seed)
     LOG.info("teacher pretraining loss %.3f -> %.3f", losses[0], losses[-1])
-    student = drop_layers(teacher, keep=[0, teacher.config.num_hidden_layers - 1])
+    teacher.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out), losses
 
+
+def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0) -> dict:
+    """Build the tiny example: tokenizer, a pretrained GQA teacher, a layer-dropped student that
+    records the teacher as its source model, and a small JSONL training set. Returns the paths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"teacher": out / "teacher", "student": out / "student", "train": out / "train.jsonl"}
-    teacher.save_pretrained(paths["teacher"])
-    tokenizer.save_pretrained(paths["teacher"])
+    _, losses = build_micro_teacher(paths["teacher"], steps=steps, seed=seed)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    student = drop_layers(teacher, keep=[0, teacher.config.num_hidden_layers - 1])
     student.config.focus_source_model = str(paths["teacher"].resolve())
     student.save_pretrained(paths["student"])
     tokenizer.save_pretrained(paths["student"])
     with open(paths["train"], "w", encoding="utf-8") as handle:
-        for doc in docs[:400]:
+        for doc in corpus_documents("valid")[:400]:
             handle.write(json.dumps({"text": doc}) + "\n")
     return {k: str(v) for k, v in paths.items()} | {"teacher_loss": losses}
