@@ -97,6 +97,15 @@ class FocusArgs(BaseModel):
         "weight ~1 while damping the mid-probability head.",
     )
     focus_chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the fused loss.")
+    focus_repair_alpha: float = Field(default=1.0, ge=0, description="alpha_2: weight of the RePAIR margin loss.")
+    focus_repair_margin: float = Field(
+        default=1.0,
+        ge=0,
+        description="m in max(0, m + l+ - l-), in nats per token. Not stated in the paper; 1.0 asks the "
+        "student to find the looping continuation at least 1 nat/token less likely than the teacher's.",
+    )
+    focus_repair_skip_bad_rows: bool = Field(default=False, description="Skip (and count) bad pair rows "
+                                             "instead of stopping with the file and line.")
     focus_prune: FocusPruneArgs | None = Field(default=None, description="Prune base_model before training.")
     focus_pruned_from: str | None = Field(default=None, description="Set by the plugin: the unpruned source.")
 
@@ -118,6 +127,13 @@ class FocusArgs(BaseModel):
                     "config, or set `focus_distill: none` to train with CE only."
                 )
             data["focus_teacher_model"] = inferred
+        if data.get("sample_packing") and any(
+            isinstance(d, dict) and d.get("type") == "axolotl_focus.repair" for d in data.get("datasets") or []
+        ):
+            raise ValueError(
+                "sample_packing: RePAIR pair datasets (type: axolotl_focus.repair) need one pair per row; "
+                "set `sample_packing: false`"
+            )
         for key in _CONFLICTING_LOSS_KEYS:
             if data.get(key):
                 raise ValueError(
@@ -140,6 +156,8 @@ class FocusTrainingArgsMixin:
     focus_beta: float = 15.0
     focus_gamma: float = 1.0
     focus_chunk_size: int = 1024
+    focus_repair_alpha: float = 1.0
+    focus_repair_margin: float = 1.0
 
 
 TRAINING_ARG_KEYS = tuple(FocusTrainingArgsMixin.__dataclass_fields__)

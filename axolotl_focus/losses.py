@@ -229,3 +229,69 @@ def fused_ce_distill(
         float(ce_scale), float(distill_scale), int(chunk_size),
     )
     return total, ce, distill
+
+
+# --------------------------------------------------------------------------------------------
+# RePAIR (paper, section 4.2.2): margin between mean token NLLs of chosen and rejected
+# --------------------------------------------------------------------------------------------
+
+
+class _ChunkedTokenNLL(torch.autograd.Function):
+    """Per-token NLL ``lse(z) - z[target]`` from hidden states and lm_head weights, in chunks.
+
+    Forward keeps only the ``[N]`` result; backward recomputes each chunk's logits, so memory
+    stays ``O(chunk x vocab)`` whatever the number of tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            z = (hidden[start : start + chunk_size] @ weight.T).float()
+            rows = torch.arange(z.shape[0], device=z.device)
+            out[start : start + chunk_size] = torch.logsumexp(z, -1) - z[rows, target[start : start + chunk_size]]
+        ctx.save_for_backward(hidden, weight, target)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, target = ctx.saved_tensors
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[start : start + ctx.chunk_size]
+            z = (h @ weight.T).float()
+            rows = torch.arange(z.shape[0], device=z.device)
+            g = z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()  # softmax
+            g[rows, target[start : start + ctx.chunk_size]] -= 1.0
+            g.mul_(grad_out[start : start + ctx.chunk_size].unsqueeze(-1))
+            if grad_h is not None:
+                grad_h[start : start + ctx.chunk_size] = g.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h.float())
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
+
+
+def chunked_token_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                      chunk_size: int = 1024) -> torch.Tensor:
+    """``-log p(target)`` per row of ``hidden`` ([N, H]) under ``softmax(hidden @ head.T)``."""
+    return _ChunkedTokenNLL.apply(hidden, head, targets, int(chunk_size))
+
+
+def repair_margin_loss(token_nll: torch.Tensor, row_of_token: torch.Tensor, chosen_rows: torch.Tensor,
+                       rejected_rows: torch.Tensor, num_rows: int, margin: float) -> tuple[torch.Tensor, dict]:
+    """Eq. 1: ``mean over pairs of max(0, m + l+ - l-)``, l = mean token NLL of a continuation.
+
+    ``token_nll`` [N] with ``row_of_token`` [N] (its row in the batch); pair i compares rows
+    ``chosen_rows[i]`` and ``rejected_rows[i]``. Returns the loss and detached statistics.
+    """
+    sums = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add(0, row_of_token, token_nll)
+    counts = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add(
+        0, row_of_token, torch.ones_like(token_nll))
+    mean_nll = sums / counts.clamp(min=1)
+    l_pos, l_neg = mean_nll[chosen_rows], mean_nll[rejected_rows]
+    hinge = torch.clamp(margin + l_pos - l_neg, min=0)
+    stats = {"nll_chosen": l_pos.detach().mean(), "nll_rejected": l_neg.detach().mean(),
+             "active": (hinge.detach() > 0).float().mean()}
+    return hinge.mean(), stats

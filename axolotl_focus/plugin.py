@@ -48,6 +48,11 @@ class FocusPlugin(BasePlugin):
 
             check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)
 
+    def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
+        from .repair import RepairCollator, uses_repair
+
+        return (RepairCollator, {}) if uses_repair(cfg) and not cfg.rl else None
+
     def get_trainer_cls(self, cfg):
         if cfg.rl:  # preference training (DPO etc.) keeps axolotl's own trainers
             return None

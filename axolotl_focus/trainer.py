@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from .config import FocusTrainingArgsMixin
-from .losses import IGNORE_INDEX, DistillSpec, fused_ce_distill
+from .losses import IGNORE_INDEX, DistillSpec, chunked_token_nll, fused_ce_distill, repair_margin_loss
 from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
 
 LOG = logging.getLogger(__name__)
@@ -87,17 +87,19 @@ class FocusTrainer(AxolotlTrainer):
         )
         return place_teacher(teacher, self.accelerator)
 
-    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+    def _teacher_hidden(self, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
         decoder = _unwrap(self.teacher).get_decoder()
         with torch.no_grad():
-            out = decoder(**{k: inputs[k] for k in self._FOCUS_INPUT_KEYS if k in inputs}, use_cache=False)
+            out = decoder(**{k: inputs[k][rows] for k in self._FOCUS_INPUT_KEYS if k in inputs}, use_cache=False)
         return out.last_hidden_state
 
     # -- loss ---------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = shifted_labels(inputs)
+        repair = {k: inputs.pop(k) for k in ("repair_labels", "repair_chosen", "repair_rejected") if k in inputs}
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = outputs.hidden_states[-1]
         valid = targets != IGNORE_INDEX
         local_tokens = int(valid.sum())
 
@@ -114,12 +116,14 @@ class FocusTrainer(AxolotlTrainer):
                 "fused loss; train with LoRA (lm_head frozen) or use ZeRO-1/2."
             )
         teacher_hidden = teacher_head = None
-        if self.teacher is not None:
-            teacher_hidden = self._teacher_hidden(inputs)[valid]
+        sft_rows = valid.any(-1)
+        if self.teacher is not None and local_tokens:
+            teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
             teacher_head = _unwrap(self.teacher).get_output_embeddings().weight
+        metrics = {}
         with gathered(student_head, teacher_head):
             loss, ce_sum, distill_sum = fused_ce_distill(
-                outputs.hidden_states[-1][valid],
+                hidden[valid],
                 student_head,
                 teacher_hidden,
                 teacher_head,
@@ -129,13 +133,29 @@ class FocusTrainer(AxolotlTrainer):
                 distill_scale=self.focus_args.focus_alpha * scale,
                 chunk_size=self.focus_args.focus_chunk_size,
             )
-        self._log_terms(ce_sum, distill_sum, local_tokens, model.training)
+            if repair and repair["repair_chosen"].numel():
+                repair_loss, stats = self._repair_loss(hidden, student_head, repair)
+                # per-micro-batch mean over pairs; HF divides by accumulation steps only when it
+                # does not get num_items_in_batch, so do it here in that case
+                steps = self.args.gradient_accumulation_steps if (model.training and num_items_in_batch is not None) else 1
+                loss = loss + self.focus_args.focus_repair_alpha * repair_loss / steps
+                metrics = {"repair": repair_loss.detach(), **stats}
+        self._log_terms(ce_sum, distill_sum, local_tokens, model.training, metrics)
         if return_outputs:
             return loss, {"loss": loss, "logits": outputs.logits}
         return loss
 
-    def _log_terms(self, ce_sum, distill_sum, tokens: int, training: bool) -> None:
-        """Per-token means of each term over the micro-batch of every rank."""
+    def _repair_loss(self, hidden, head, repair: dict):
+        """RePAIR margin loss (eq. 1) over the pair rows the collator added to the batch."""
+        labels = F.pad(repair["repair_labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+        where = labels != IGNORE_INDEX
+        token_nll = chunked_token_nll(hidden[where], head, labels[where], self.focus_args.focus_chunk_size)
+        rows = where.nonzero()[:, 0]
+        return repair_margin_loss(token_nll, rows, repair["repair_chosen"], repair["repair_rejected"],
+                                  hidden.shape[0], self.focus_args.focus_repair_margin)
+
+    def _log_terms(self, ce_sum, distill_sum, tokens: int, training: bool, repair: dict | None = None) -> None:
+        """Per-token means of each term over the micro-batch of every rank (RePAIR: this rank's)."""
         stats = torch.stack([ce_sum.detach(), distill_sum.detach(), ce_sum.new_tensor(float(tokens))])
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
@@ -145,4 +165,6 @@ class FocusTrainer(AxolotlTrainer):
         metrics = {prefix + "ce": ce / count}
         if self.distill_spec.mode != "none":
             metrics[prefix + self.distill_spec.mode] = distill / count
+        for key, value in (repair or {}).items():
+            metrics[(prefix + key) if key == "repair" else f"{prefix}repair_{key}"] = float(value)
         self.store_metrics(metrics, train_eval="train" if training else "eval")

@@ -1,0 +1,152 @@
+"""RePAIR: the margin loss, the chunked token NLL, the pair dataset type and collator, and the
+trainer's combined loss on a mixed SFT + pair batch against a dense reference."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from axolotl_focus.losses import DistillSpec, chunked_token_nll, reference_ce_distill, repair_margin_loss
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def test_chunked_token_nll_matches_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 8, generator=g, requires_grad=True)
+    w = torch.randn(40, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (23,), generator=g)
+    upstream = torch.rand(23, generator=g)
+    (chunked_token_nll(h, w, y, chunk_size=5) * upstream).sum().backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    nll = F.cross_entropy(h @ w.T, y, reduction="none")
+    (nll * upstream).sum().backward()
+    torch.testing.assert_close(chunked_token_nll(h, w, y, 7), nll.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_margin_loss_by_hand():
+    # rows 0/1 = pair A (chosen mean 1.0, rejected mean 3.0), rows 2/3 = pair B (2.0 vs 1.5)
+    nll = torch.tensor([1.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0], requires_grad=True)
+    row = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    loss, stats = repair_margin_loss(nll, row, torch.tensor([0, 2]), torch.tensor([1, 3]), 4, margin=1.0)
+    # A: max(0, 1 + 1.0 - 3.0) = 0 ; B: max(0, 1 + 2.0 - 1.5) = 1.5 ; mean = 0.75
+    assert loss.item() == pytest.approx(0.75)
+    assert stats["active"].item() == pytest.approx(0.5)
+    loss.backward()
+    # only pair B is active: d/dnll = 0.5 * (+1/1 for chosen row 2, -1/2 for each rejected token of row 3)
+    assert nll.grad.tolist() == pytest.approx([0, 0, 0, 0, 0.5, -0.25, -0.25])
+
+
+@pytest.fixture
+def tokenizer(tiny_pair):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_pair["student"])
+
+
+def pair_rows():
+    return [
+        {"prompt": "The cemetery is", "chosen": " a quiet place near the river .",
+         "rejected": " designed to be a peaceful place . The cemetery is designed to be", "source_id": "a"},
+        {"prompt": "In 1990 the band", "chosen": " released its second album", "rejected": " the band the band the band"},
+    ]
+
+
+def test_strategy_and_collator_mix_sft_and_pairs(tokenizer):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_focus.repair import RepairCollator, load
+
+    strategy = load(tokenizer, DictDefault(sequence_len=64), {"path": "in-memory"})
+    encoded = [strategy.tokenize_prompt(r) for r in pair_rows()]
+    row0 = pair_rows()[0]
+    p = tokenizer(row0["prompt"])["input_ids"]
+    c = tokenizer(row0["chosen"], add_special_tokens=False)["input_ids"]
+    r = tokenizer(row0["rejected"], add_special_tokens=False)["input_ids"]
+    assert encoded[0]["input_ids"] == p + c + r
+    assert encoded[0]["attention_mask"] == [1] * len(p) + [2] * len(c) + [3] * len(r)
+
+    sft = {"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, 6, 7, 8]}
+    batch = RepairCollator(tokenizer, padding=True)([encoded[0], sft, encoded[1]])
+    assert batch["input_ids"].shape[0] == 5  # 1 SFT row + 2 rows per pair
+    assert batch["repair_chosen"].tolist() == [1, 3] and batch["repair_rejected"].tolist() == [2, 4]
+    assert batch["labels"][0].tolist()[:4] == [-100, 6, 7, 8]
+    assert (batch["labels"][1:] == -100).all()  # pair rows add nothing to CE / token counts
+    assert batch["input_ids"][1, : len(p + c)].tolist() == p + c
+    assert batch["input_ids"][2, : len(p + r)].tolist() == p + r
+    assert batch["repair_labels"][2, : len(p + r)].tolist() == [-100] * len(p) + r
+    assert batch["attention_mask"].max() == 1
+
+
+def test_long_prompt_and_truncation(tokenizer):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_focus.repair import load
+
+    strategy = load(tokenizer, DictDefault(sequence_len=12), None)
+    with pytest.raises(ValueError, match="leaves no room"):
+        strategy.tokenize_prompt({"prompt": "word " * 40, "chosen": "a", "rejected": "b"})
+    out = strategy.tokenize_prompt({"prompt": "Hi", "chosen": " one two three four five six seven",
+                                    "rejected": " eight nine ten eleven twelve thirteen"})
+    assert len(out["input_ids"]) <= 12 and out["attention_mask"].count(2) == out["attention_mask"].count(3)
+
+
+def test_bad_rows_name_file_and_line(tokenizer, tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_focus.repair import load
+
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(pair_rows()[0]), "", json.dumps({"prompt": "x", "chosen": "y"}),
+             json.dumps({"prompt": "x", "chosen": "  ", "rejected": "z"})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: RePAIR pair row: missing field 'rejected'"):
+        load(tokenizer, DictDefault(sequence_len=64), {"path": str(path)})
+    strategy = load(tokenizer, DictDefault(sequence_len=64, focus_repair_skip_bad_rows=True), {"path": str(path)})
+    assert strategy.filter_rows({"prompt": "x", "chosen": "y"}) is False
+    assert strategy.filter_rows(pair_rows()[0]) is True
+
+
+def test_trainer_loss_on_mixed_batch_matches_dense_reference(tiny_pair, tmp_path, tokenizer):
+    """CE + alpha_1 FOCUS over the SFT row + alpha_2 * margin loss over the pairs, values and grads."""
+    import focus_step
+
+    from axolotl_focus.repair import RepairCollator, load
+    from axolotl.utils.dict import DictDefault
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=3)
+    trainer.focus_args.focus_repair_margin = 5.0  # keep both pairs active
+    model = trainer.model
+    strategy = load(tokenizer, DictDefault(sequence_len=64), None)
+    sft = focus_step.rows(tokenizer, 1)[0]
+    batch = RepairCollator(tokenizer, padding=True)([strategy.tokenize_prompt(r) for r in pair_rows()] + [sft])
+
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = trainer.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    ce, d = reference_ce_distill(logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, logits.shape[-1]),
+                                 labels.reshape(-1), DistillSpec())
+    n = (labels != -100).sum()
+    rl = batch["repair_labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), rl.clamp(min=0), reduction="none") * (rl != -100)
+    mean = nll.sum(1) / (rl != -100).sum(1).clamp(min=1)
+    hinge = (5.0 + mean[batch["repair_chosen"]] - mean[batch["repair_rejected"]]).clamp(min=0).mean()
+    want = (ce + 0.05 * d) / n + 1.0 * hinge
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    want.backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
