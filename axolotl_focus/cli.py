@@ -4,11 +4,13 @@
     axolotl-focus tiny [--out DIR]       build the tiny offline example models and data
     axolotl-focus prune CONFIG.yml       run only the `focus_prune:` step of a config (cached)
     axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
+    axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -46,8 +48,6 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    import json
-
     import yaml
     from pydantic import ValidationError
 
@@ -83,6 +83,40 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    import dataclasses
+    import logging
+
+    from .mining import MiningConfig, run_mining
+
+    logging.basicConfig(level=logging.INFO)
+    fields = {f.name for f in dataclasses.fields(MiningConfig)}
+    cfg = MiningConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    try:
+        cfg.validate(models=True)
+    except ValueError as exc:
+        print(f"axolotl-focus pairs: {exc}", file=sys.stderr)
+        return 2
+    summary = run_mining(cfg)
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One --option per dataclass field (None default = not given; booleans as --x / --no-x)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind.startswith("bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {f.default}")
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-focus", description="FOCUS / RePAIR for pruned LLMs")
     parser.add_argument("--version", action="version", version=f"axolotl-focus {__version__}")
@@ -115,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
     p.set_defaults(func=cmd_prune)
+    from .mining import MiningConfig
+
+    p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
+    _add_dataclass_options(p, MiningConfig)
+    p.set_defaults(func=cmd_pairs)
     return parser
 
 

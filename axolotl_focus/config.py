@@ -106,6 +106,11 @@ class FocusArgs(BaseModel):
     )
     focus_repair_skip_bad_rows: bool = Field(default=False, description="Skip (and count) bad pair rows "
                                              "instead of stopping with the file and line.")
+    focus_dpo_reference: Literal["teacher", "student"] = Field(
+        default="teacher",
+        description="rl: dpo on RePAIR pairs: reference model = the unpruned teacher (paper, section 6) "
+        "or axolotl's default (the initial student).",
+    )
     focus_prune: FocusPruneArgs | None = Field(default=None, description="Prune base_model before training.")
     focus_pruned_from: str | None = Field(default=None, description="Set by the plugin: the unpruned source.")
 
@@ -115,6 +120,8 @@ class FocusArgs(BaseModel):
         if not isinstance(data, dict):
             return data
         mode = data.get("focus_distill") or "focus"
+        if data.get("rl") and data.get("focus_dpo_reference", "teacher") == "student":
+            mode = "none"  # preference training with the student as reference needs no teacher
         if mode not in DISTILL_MODES:
             raise ValueError(f"focus_distill: must be one of {list(DISTILL_MODES)}, got {mode!r}")
         if mode != "none" and not data.get("focus_teacher_model"):

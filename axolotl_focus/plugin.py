@@ -53,6 +53,13 @@ class FocusPlugin(BasePlugin):
 
         return (RepairCollator, {}) if uses_repair(cfg) and not cfg.rl else None
 
+    def post_trainer_create(self, cfg, trainer) -> None:
+        # DPO on the RePAIR pairs: the paper's reference model is the unpruned teacher
+        if cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher":
+            from .teacher import use_teacher_as_reference
+
+            use_teacher_as_reference(trainer, cfg)
+
     def get_trainer_cls(self, cfg):
         if cfg.rl:  # preference training (DPO etc.) keeps axolotl's own trainers
             return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ MIN_CONTINUATION = 1
 
 def row_problem(row, sequence_len: int | None = None, prompt_len: int | None = None) -> str | None:
     """Why a pair row is unusable, or None."""
-    if not isinstance(row, dict):
+    if not isinstance(row, Mapping):
         return "not a JSON object"
     for field in FIELDS:
         if field not in row:
@@ -87,8 +88,17 @@ class RepairPairStrategy(PromptTokenizingStrategy):
         self.skip_bad_rows = skip_bad_rows
         self.skipped = 0
 
-    def tokenize_prompt(self, row):
+    def _ids(self, row):
+        """The exact token ids the miner recorded (``prompt_tokens`` etc.) when present - no
+        re-tokenization at the prompt/continuation boundary - else the tokenized strings."""
+        if all(isinstance(row.get(f"{k}_tokens"), list) for k in FIELDS):
+            return row["prompt_tokens"], row["chosen_tokens"], row["rejected_tokens"]
         prompt = self.tokenizer(row.get("prompt") or "", add_special_tokens=True)["input_ids"]
+        return (prompt, *(self.tokenizer(row.get(k) or "", add_special_tokens=False)["input_ids"]
+                          for k in ("chosen", "rejected")))
+
+    def tokenize_prompt(self, row):
+        prompt, chosen, rejected = self._ids(row)
         problem = row_problem(row, self.sequence_len, len(prompt))
         if problem:
             if not self.skip_bad_rows:
@@ -96,8 +106,8 @@ class RepairPairStrategy(PromptTokenizingStrategy):
             self.skipped += 1
             return {"input_ids": [], "attention_mask": [], "labels": []}
         room = (self.sequence_len - len(prompt)) // 2
-        chosen = self.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"][:room]
-        rejected = self.tokenizer(row["rejected"], add_special_tokens=False)["input_ids"][:room]
+        chosen, rejected = list(chosen[:room]), list(rejected[:room])
+        prompt = list(prompt)
         return {
             "input_ids": prompt + chosen + rejected,
             "attention_mask": [PROMPT] * len(prompt) + [CHOSEN] * len(chosen) + [REJECTED] * len(rejected),

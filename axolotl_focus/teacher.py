@@ -135,3 +135,20 @@ def gathered(*params: torch.nn.Parameter):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def use_teacher_as_reference(trainer, cfg) -> None:
+    """Make a TRL DPO trainer score the reference log-probs with the unpruned teacher."""
+    from transformers import AutoTokenizer
+
+    if getattr(trainer.args, "precompute_ref_log_probs", False):
+        raise ValueError(
+            "focus_dpo_reference: teacher cannot be combined with precompute_ref_log_probs (the reference "
+            "log-probs would come from the student); drop precompute_ref_log_probs or set "
+            "focus_dpo_reference: student"
+        )
+    check_vocab_compat(trainer.processing_class, AutoTokenizer.from_pretrained(cfg.focus_teacher_model))
+    dtype = resolve_dtype(cfg.focus_teacher_dtype or "auto", bool(cfg.bf16), bool(cfg.fp16))
+    teacher = load_teacher(cfg.focus_teacher_model, dtype)
+    trainer.ref_model = place_teacher(teacher, trainer.accelerator)
+    LOG.info("axolotl_focus: DPO reference model = teacher %s", cfg.focus_teacher_model)

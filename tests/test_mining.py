@@ -38,37 +38,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def micro(one_thread, tmp_path_factory):
-    """Tokenizer (vocab 384), a teacher pretrained on corpus text, and a student pretrained on one
-    sentence repeated (it loops on any prompt under top-p sampling). Saved to disk as well: the
-    student records the teacher as its focus_source_model."""
-    from transformers import LlamaForCausalLM
-
-    from axolotl_focus.micro import build_tokenizer, corpus_documents, llama_config, pretrain
-
-    root = tmp_path_factory.mktemp("mining")
-    docs = corpus_documents("valid")[:300]
-    tokenizer = build_tokenizer(docs, vocab_size=384)
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(llama_config(tokenizer, layers=2))
-    pretrain(teacher, tokenizer, docs, steps=80, batch=8, seed=0)
-    sentence = "It was one of the first in the state ."  # 16 tokens
-    student = LlamaForCausalLM(llama_config(tokenizer, layers=2))
-    pretrain(student, tokenizer, [" ".join([sentence] * 6)], steps=80, batch=8, seed=1)
-
-    paths = {"teacher_path": str(root / "teacher"), "student_path": str(root / "student")}
-    teacher.save_pretrained(paths["teacher_path"])
-    tokenizer.save_pretrained(paths["teacher_path"])
-    student.config.focus_source_model = paths["teacher_path"]
-    student.save_pretrained(paths["student_path"])
-    tokenizer.save_pretrained(paths["student_path"])
-    prompts_file = root / "prompts.jsonl"
-    with open(prompts_file, "w", encoding="utf-8") as handle:
-        for i, doc in enumerate(docs[200:224]):
-            handle.write(json.dumps({"id": f"doc-{i}", "text": doc}) + "\n")
-    prompts = load_prompts(str(prompts_file), id_field="id")
-    return dict(tokenizer=tokenizer, teacher=teacher, student=student, prompts=prompts,
-                prompts_file=str(prompts_file), **paths)
+def micro(one_thread, looping_micro):
+    return looping_micro
 
 
 def _cfg(tmp_path, **kw) -> MiningConfig:
