@@ -105,6 +105,65 @@ def reference_ce_distill(
 # --------------------------------------------------------------------------------------------
 
 
+# Elements per row block of the elementwise part: ~1 MiB fp32 per buffer on CPU, so that the
+# ~20 elementwise passes run in cache instead of streaming [chunk, V] buffers through memory; on
+# accelerators large blocks keep kernels big enough to hide launch overhead.
+_BLOCK_ELEMENTS_CPU = 1 << 18
+_BLOCK_ELEMENTS_ACCEL = 1 << 22
+
+
+# On CPU the vectorized exp is 10-30x slower when its result is subnormal or underflows (inputs
+# below ~-87.3), which is most of the vocabulary for peaked distributions and nearly all of
+# q^(beta+1). Exponents are therefore clamped at _EXP_FLOOR and results below _EXP_FLUSH (~2e-38,
+# the bottom of the normal fp32 range) set to 0: a change of < 2e-38 per element, far below any
+# fp32 rounding of the sums it enters.
+_EXP_FLOOR = -87.0
+_EXP_FLUSH = 2e-38
+
+
+def _exp_(x: torch.Tensor, flush: bool) -> torch.Tensor:
+    """In-place exp; with ``flush``, results below ``_EXP_FLUSH`` are exactly 0 (see above)."""
+    if not flush:
+        return x.exp_()
+    x.clamp_(min=_EXP_FLOOR).exp_()
+    return torch.nn.functional.threshold_(x, _EXP_FLUSH, 0.0)
+
+
+def _exp_into(out: torch.Tensor, x: torch.Tensor, flush: bool) -> torch.Tensor:
+    """``out = exp(x)``, ``x`` unchanged; with ``flush`` as :func:`_exp_`."""
+    if not flush:
+        return torch.exp(x, out=out)
+    torch.clamp(x, min=_EXP_FLOOR, out=out).exp_()
+    return torch.nn.functional.threshold_(out, _EXP_FLUSH, 0.0)
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """In-place ``log_softmax`` over the last dim (the fused kernel, no ``[c, V]`` temporaries).
+
+    The CPU kernel's fp32 row sum is biased (log-probabilities about 2e-6 too high at V = 32k);
+    callers renormalize with the exact (cascade) sum of the probabilities, see
+    :func:`_renormalize_`.
+    """
+    if x.device.type == "cpu":  # verified alias-safe there; elsewhere stay on the public API
+        return torch._log_softmax(x, -1, False, out=x)
+    return x.copy_(torch.log_softmax(x, -1))
+
+
+def _renormalize_(log_probs: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
+    """Make ``probs`` sum to 1 per row and shift ``log_probs`` accordingly; returns ``log(sum)``."""
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    log_total = total.log_()
+    if log_probs is not None:
+        log_probs.sub_(log_total)
+    return log_total
+
+
+def _block_rows(vocab: int, device: torch.device) -> int:
+    elements = _BLOCK_ELEMENTS_CPU if device.type == "cpu" else _BLOCK_ELEMENTS_ACCEL
+    return max(1, elements // max(1, vocab))
+
+
 def _chunk_loss_and_grad(
     zs: torch.Tensor,
     zt: torch.Tensor | None,
@@ -112,74 +171,139 @@ def _chunk_loss_and_grad(
     spec: DistillSpec,
     ce_scale: float,
     distill_scale: float,
+    block_rows: int | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss sums of one chunk and the gradient of ``ce_scale*CE + distill_scale*D`` w.r.t. ``zs``.
 
-    ``zs`` (fp32, [c, V]) is overwritten with the gradient; ``zt`` is consumed. Works in place so
-    that at most five ``[c, V]`` buffers are alive at once.
+    ``zs`` (fp32, [c, V]) is overwritten with the gradient; ``zt`` (fp32, [c, V]) is consumed.
+    The rows are processed in blocks of ``block_rows`` (default: ~1 MiB per buffer on CPU) with
+    four ``[block_rows, V]`` fp32 scratch buffers (``scratch``, ``[4, >= block_rows, V]``, reused
+    across calls by the caller), so that only ``zs`` and ``zt`` are chunk-sized and, on CPU, the
+    elementwise passes run in cache.
+
+    Per row: ``CE = -log_softmax(zs)[target]``; ``log q = log_softmax(zt / tau)``,
+    ``log p = log_softmax(zs / tau)``, ``wq = w q`` (``= q`` for KD), ``D = tau^2 sum wq (log q - log p)``;
+    gradient ``ce_scale (softmax(zs) - onehot) + distill_scale * tau (Z p - wq)``, ``Z = sum wq``.
     """
-    rows = torch.arange(zs.shape[0], device=zs.device)
-    lse = torch.logsumexp(zs, dim=-1)
-    ce_sum = (lse - zs[rows, target]).sum()
+    c, vocab = zs.shape
+    if block_rows is None:
+        block_rows = _block_rows(vocab, zs.device)
+    block_rows = max(1, min(block_rows, c))
+    distill = zt is not None
+    if distill and (scratch is None or scratch.shape[0] < 4 or scratch.shape[1] < block_rows
+                    or scratch.shape[2] != vocab):
+        scratch = zs.new_empty((4, block_rows, vocab))
+    flush = zs.device.type == "cpu"
+    tau = spec.temperature
+    s = tau * distill_scale
+    ce_sum = zs.new_zeros(())
     distill_sum = zs.new_zeros(())
-    grad_distill = None
-    if zt is not None:
-        tau = spec.temperature
-        log_q = zt.div_(tau)
-        log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))
-        log_q.clamp_(min=-1e30)  # -inf teacher logits: q = 0 contributes 0, never NaN
-        log_p = zs / tau
-        log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
+    for i in range(0, c, block_rows):
+        j = min(i + block_rows, c)
+        r = j - i
+        x = zs[i:j]
+        t = target[i:j]
+        if distill:
+            log_p, p, wq, q = (buf[:r] for buf in scratch)
+            _log_softmax_(torch.div(x, tau, out=log_p))
+            _renormalize_(log_p, _exp_into(p, log_p, flush))
+        # CE and its gradient ce_scale * (softmax(zs) - onehot)
+        _log_softmax_(x)
+        picked = x.gather(1, t.unsqueeze(1))
+        grad = _exp_(x, flush)
+        ce_sum += (_renormalize_(None, grad) - picked).sum()
+        if ce_scale != 1.0:
+            grad.mul_(ce_scale)
+        grad[torch.arange(r, device=x.device), t] -= ce_scale
+        if not distill:
+            continue
+        log_q = _log_softmax_(zt[i:j].div_(tau))
+        # -inf teacher logits: q = 0 contributes 0, never NaN (with flush, every log q below the
+        # floor has q = 0 exactly, so its log ratio is multiplied by 0 as well)
+        log_q.clamp_(min=_EXP_FLOOR if flush else -1e30)
+        _renormalize_(log_q, _exp_into(q, log_q, flush))
         if spec.mode == "focus":
-            weighted_q = log_q.mul(spec.beta + 1.0).exp_()  # q^(beta+1)
+            _exp_(torch.mul(log_q, spec.beta + 1.0, out=wq), flush)  # q^(beta+1)
             if spec.gamma == 0.0:
-                weighted_q.add_(log_q.exp())
+                wq.add_(q)
+            elif spec.gamma == 1.0:  # (1-q) q
+                wq.add_(q).addcmul_(q, q, value=-1.0)
             else:  # (1-q)^gamma * q = exp(gamma*log1p(-q) + log q)
-                weighted_q.add_(log_q.exp().neg_().log1p_().mul_(spec.gamma).add_(log_q).exp_())
-            z_norm = weighted_q.sum(-1)
+                wq.add_(_exp_(q.neg_().log1p_().mul_(spec.gamma).add_(log_q), flush))
+            z_norm = wq.sum(-1, keepdim=True)
         else:
-            weighted_q = log_q.exp()
+            wq = q
             z_norm = None
         log_ratio = log_q.sub_(log_p)  # log q - log p
-        distill_sum = tau**2 * torch.linalg.vecdot(weighted_q, log_ratio).sum()
-        del log_ratio
+        distill_sum += torch.linalg.vecdot(wq, log_ratio).sum()
         # d/dz_s of tau^2 * sum w q log(q/p) = tau * (Z p - w q)
-        grad_distill = log_p.exp_()
         if z_norm is not None:
-            grad_distill.mul_(z_norm.unsqueeze(-1))
-        grad_distill.sub_(weighted_q).mul_(tau * distill_scale)
-        del weighted_q
-    # d/dz_s of CE = softmax(z_s) - onehot(target)
-    grad = zs.sub_(lse.unsqueeze(-1)).exp_().mul_(ce_scale)
-    grad[rows, target] -= ce_scale
-    if grad_distill is not None:
-        grad.add_(grad_distill)
-    return ce_sum, distill_sum, grad
+            grad.addcmul_(p, z_norm, value=s)
+        else:
+            grad.add_(p, alpha=s)
+        grad.sub_(wq, alpha=s)
+    return ce_sum, distill_sum * tau**2, zs
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor, low: torch.Tensor | None):
+    """``out[:] = float(hidden @ head.T)`` without a fresh ``[c, V]`` allocation when possible."""
+    if hidden.dtype == torch.float32 and head.dtype == torch.float32:
+        torch.mm(hidden, head.T, out=out)
+    elif low is not None and hidden.dtype == head.dtype == low.dtype:
+        out.copy_(torch.mm(hidden, head.T, out=low[: out.shape[0]]))
+    else:
+        out.copy_(hidden @ head.T)
 
 
 class _FusedCEDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, target, spec, ce_scale, distill_scale, chunk_size):
-        grad_h = torch.zeros_like(h_s) if h_s.requires_grad else None
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if w_s.requires_grad else None
-        ce_total = h_s.new_zeros((), dtype=torch.float32)
-        distill_total = h_s.new_zeros((), dtype=torch.float32)
-        for start in range(0, h_s.shape[0], chunk_size):
-            end = min(start + chunk_size, h_s.shape[0])
+        n, vocab = h_s.shape[0], w_s.shape[0]
+        dev = h_s.device
+        grad_h = torch.zeros(h_s.shape, dtype=h_s.dtype, device=dev) if h_s.requires_grad else None
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if w_s.requires_grad else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=dev)
+        distill_total = torch.zeros((), dtype=torch.float32, device=dev)
+        # Buffers reused by every chunk: fp32 student logits (then gradient), teacher logits,
+        # a low-precision staging buffer for non-fp32 heads, and the per-block scratch.
+        c = max(1, min(chunk_size, n))
+        zs_buf = torch.empty((c, vocab), dtype=torch.float32, device=dev)
+        zt_buf = torch.empty((c, vocab), dtype=torch.float32, device=dev) if h_t is not None else None
+        low_dtype = w_s.dtype if w_s.dtype != torch.float32 else None
+        if low_dtype is None and h_t is not None and w_t.dtype != torch.float32:
+            low_dtype = w_t.dtype
+        low = torch.empty((c, vocab), dtype=low_dtype, device=dev) if low_dtype is not None else None
+        block_rows = min(_block_rows(vocab, dev), c)
+        scratch = torch.empty((4, block_rows, vocab), dtype=torch.float32, device=dev) if h_t is not None else None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            m = end - start
             hs_c = h_s[start:end]
-            zs = (hs_c @ w_s.T).float()
-            zt = (h_t[start:end] @ w_t.T).float() if h_t is not None else None
+            zs = zs_buf[:m]
+            _logits_into(zs, hs_c, w_s, low)
+            zt = None
+            if h_t is not None:
+                zt = zt_buf[:m]
+                _logits_into(zt, h_t[start:end], w_t, low)
             ce_c, distill_c, grad = _chunk_loss_and_grad(
-                zs, zt, target[start:end], spec, ce_scale, distill_scale
+                zs, zt, target[start:end], spec, ce_scale, distill_scale, block_rows, scratch
             )
-            del zt
             ce_total += ce_c
             distill_total += distill_c
             if grad_h is not None:
-                grad_h[start:end] = grad.to(w_s.dtype) @ w_s
+                if h_s.dtype == w_s.dtype == torch.float32 and grad_h.is_contiguous():
+                    torch.mm(grad, w_s, out=grad_h[start:end])
+                elif low is not None and h_s.dtype == w_s.dtype == low.dtype and grad_h.is_contiguous():
+                    g_low = low[:m]
+                    g_low.copy_(grad)
+                    torch.mm(g_low, w_s, out=grad_h[start:end])
+                else:
+                    grad_h[start:end] = grad.to(w_s.dtype) @ w_s
             if grad_w is not None:
                 grad_w.addmm_(grad.T, hs_c.float())
-            del grad
+            del grad, zs, zt
+        del zs_buf, zt_buf, low, scratch
         ctx.save_for_backward(grad_h, grad_w)
         ctx.head_dtype = w_s.dtype
         total = ce_scale * ce_total + distill_scale * distill_total
