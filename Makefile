@@ -1,4 +1,4 @@
-# make test  - create .venv if missing (CPU torch 2.13.0), install .[test], run the test suite
+# make test  - create .venv if missing (CPU torch 2.13.0), install .[test,eval], run the test suite
 # make demo  - same set-up, then the main job (the tiny offline FOCUS example)
 # make bench - the benchmarks (memory/time ratios measured side by side)
 SHELL := /bin/bash
@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
-	$(PY) -m pip install -q -e '.[test]' torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test,eval]' torch==2.13.0 $(QUIET_PIP)
 	$(PY) -c "import torch, axolotl_focus; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 

@@ -5,6 +5,7 @@
     axolotl-focus prune CONFIG.yml       run only the `focus_prune:` step of a config (cached)
     axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
     axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
+    axolotl-focus eval NAME=PATH [NAME=PATH ...]  the paper's metrics, tables and plots
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import run_eval_cli
+
+    return run_eval_cli(args)
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     """One --option per dataclass field (None default = not given; booleans as --x / --no-x)."""
     import dataclasses
@@ -154,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
     _add_dataclass_options(p, MiningConfig)
     p.set_defaults(func=cmd_pairs)
+    from .evaluation import add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
