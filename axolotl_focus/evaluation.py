@@ -80,6 +80,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -140,7 +141,7 @@ class EvalConfig:
     prefix_tokens: int = 50
     max_new_tokens: int = 100  # paper Table 3: 100 (Table 1: 200)
     # instruction-based generation
-    instructions: str | None = None  # local JSONL (Self-Instruct style) or hub dataset id
+    instructions: str | None = None  # local JSONL (Self-Instruct style) or hub id; None: embedded 252
     instructions_config: str | None = None
     instructions_split: str = "train"
     num_instructions: int = 1000
@@ -305,6 +306,11 @@ def open_ended_items(tokenizer, documents: Sequence[Prompt], prefix_tokens: int 
         items.append({"id": doc.source_id, "prompt": text, "prompt_tokens": prompt_ids, "reference_tokens": ref,
                       "reference": _continuation_text(tokenizer, ids[:prefix_tokens], ref)})
     return items
+
+
+def embedded_instructions() -> str:
+    """Path of the embedded 252 Self-Instruct user-oriented instructions (Apache-2.0, see its README)."""
+    return str(resources.files("axolotl_focus").joinpath("data/self-instruct/user_oriented_instructions.jsonl"))
 
 
 def _rows_of(source: str, config: str | None, split: str) -> list[tuple[Any, dict]]:
@@ -883,12 +889,8 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
                 res["notes"].append(f"open_ended: {len(items)} documents have >= {cfg.prefix_tokens} + "
                                     f"{cfg.max_new_tokens} tokens (asked for {cfg.num_documents})")
         else:
-            if not cfg.instructions:
-                res["unavailable"]["instruction"] = ("instruction task: pass --instructions FILE.jsonl (e.g. "
-                                                     "Self-Instruct user_oriented_instructions.jsonl) or a hub dataset id")
-                continue
-            rows = load_instructions(cfg.instructions, config=cfg.instructions_config, split=cfg.instructions_split,
-                                     limit=cfg.num_instructions)
+            rows = load_instructions(cfg.instructions or embedded_instructions(), config=cfg.instructions_config,
+                                     split=cfg.instructions_split, limit=cfg.num_instructions)
             items, budget = _instruction_items(tokenizer, rows, cfg.chat_template), cfg.instruction_max_new_tokens
         if not items:
             res["unavailable"][task] = f"{task}: no prompts (open-ended needs documents of >= prefix + new tokens)"
@@ -1239,7 +1241,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g = parser.add_argument_group("instruction-based generation")
-    g.add_argument("--instructions", help="Self-Instruct style JSONL or hub dataset id (task skipped without it)")
+    g.add_argument("--instructions", help="Self-Instruct style JSONL or hub dataset id "
+                   "(default: the embedded 252 user-oriented Self-Instruct instructions)")
     g.add_argument("--instructions-config")
     g.add_argument("--instructions-split", default=d.instructions_split)
     g.add_argument("--num-instructions", type=int, default=d.num_instructions)

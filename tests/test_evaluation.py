@@ -460,3 +460,10 @@ def test_validate_names_the_field():
         EvalConfig(tasks=("chat",), top_p=0.0).validate()
     with pytest.raises(ValueError, match=r"regenerate: contradicts"):
         EvalConfig(metrics_only=True, regenerate=True).validate()
+
+
+def test_embedded_self_instruct_is_the_offline_default():
+    from axolotl_focus.evaluation import embedded_instructions
+
+    rows = load_instructions(embedded_instructions())
+    assert len(rows) == 252 and all(r["text"] and r["reference"] for r in rows)
