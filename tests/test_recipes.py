@@ -1,0 +1,153 @@
+"""Every recipe under recipes/ validates with axolotl (plugin loaded) and trains a couple of steps.
+
+The hub model and datasets cannot be reached here, so each recipe runs as its "CPU variant"
+(:func:`cpu_variant`): the same config except
+
+* ``base_model``: a tiny local LLaMA of the same architecture (8 layers so that LLM-Pruner's default
+  range [4, L-2) is not empty; GQA 4 query / 2 KV heads for LLaMA-3.1, MHA for LLaMA-2), random
+  weights: the recipe's own ``focus_prune`` block prunes it;
+* hub datasets: ``yahma/alpaca-cleaned`` -> a local Alpaca-format file built from the embedded
+  Self-Instruct instructions; the mined pairs file -> a local pairs file of the same schema;
+* stripped because this CPU cannot run them: ``deepspeed`` (needs GPUs and the deepspeed package),
+  ``bf16`` / ``tf32`` (CPU training is fp32);
+* shortened for time: ``num_epochs`` -> ``max_steps: 2`` (4 for DITTO rows, so that both kinds of
+  update occur), ``gradient_accumulation_steps`` -> 1, ``save_strategy: "no"``, ``logging_steps: 1``;
+  output, prepared-data and pruning-cache folders -> the test's temporary folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/p*/*.yml") if p.name != "prune.yml")
+STRIPPED = ("deepspeed",)
+CPU_OFF = ("bf16", "tf32")
+
+
+def test_generated_recipes_are_up_to_date():
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(RECIPES) == 14 + 14 + 14 + 5 + 5  # 3 models at 25%, LLaMA-3.1-8B at 35% and 45%
+
+
+def test_deepspeed_files_are_valid_json_with_the_stages():
+    for stage in (2, 3):
+        config = json.loads((ROOT / "recipes" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_micro_batch_size_per_gpu"] == "auto"
+
+
+@pytest.fixture(scope="module")
+def recipe_env(tmp_path_factory):
+    """Tiny GQA and MHA LLaMAs (random weights), a local Alpaca file, a local pairs file."""
+    from transformers import LlamaForCausalLM
+
+    from axolotl_focus.evaluation import embedded_instructions, load_instructions
+    from axolotl_focus.micro import build_tokenizer, corpus_documents, llama_config
+
+    root = tmp_path_factory.mktemp("recipes")
+    docs = corpus_documents("valid")
+    tokenizer = build_tokenizer(docs[:200], vocab_size=512)
+    models = {}
+    for name, kv_heads in (("gqa", 2), ("mha", 4)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config(tokenizer, layers=8, kv_heads=kv_heads))
+        models[name] = str(root / name)
+        model.save_pretrained(models[name])
+        tokenizer.save_pretrained(models[name])
+    alpaca = root / "alpaca.jsonl"
+    with open(alpaca, "w", encoding="utf-8") as handle:
+        for row in load_instructions(embedded_instructions(), limit=64):
+            instruction, _, inp = row["text"].partition("\n\n")
+            handle.write(json.dumps({"instruction": instruction, "input": inp, "output": row["reference"]}) + "\n")
+    pairs = root / "pairs.jsonl"
+    with open(pairs, "w", encoding="utf-8") as handle:
+        for i, doc in enumerate(docs[300:364]):
+            words = doc.split()
+            loop = " ".join(words[30:36])
+            handle.write(json.dumps({"prompt": " ".join(words[:30]), "chosen": " " + " ".join(words[30:70]),
+                                     "rejected": " " + " ".join([loop] * 6), "source_id": i}) + "\n")
+    return {"root": root, "models": models, "alpaca": str(alpaca), "pairs": str(pairs)}
+
+
+def cpu_variant(recipe: Path, env: dict, work: Path) -> Path:
+    """Write the recipe's CPU variant (see the module docstring) and return its path."""
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["base_model"] = env["models"]["mha" if "llama-2" in recipe.parts[-3] else "gqa"]
+    for ds in cfg["datasets"]:
+        if ds["path"] == "yahma/alpaca-cleaned":
+            ds.update(path=env["alpaca"], ds_type="json")
+        elif ds["path"].startswith("pairs/"):
+            ds["path"] = env["pairs"]
+    for key in STRIPPED + CPU_OFF:
+        cfg.pop(key, None)
+    cfg.update(bf16=False, fp16=False, tf32=False, save_strategy="no", logging_steps=1,
+               gradient_accumulation_steps=1, max_steps=4 if "ditto" in recipe.stem else 2)
+    cfg.pop("num_epochs")
+    cfg["focus_prune"]["cache_dir"] = str(env["root"] / "prune-cache")
+    name = "-".join(recipe.parts[-3:]).removesuffix(".yml")
+    cfg["output_dir"] = str(work / "out" / name)
+    cfg["dataset_prepared_path"] = str(work / "prepared" / cfg["dataset_prepared_path"].rsplit("/", 1)[-1])
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def expected_terms(recipe: Path) -> set[str]:
+    row = recipe.stem
+    if row == "dpo":
+        return set()
+    distill, _, extra = row.partition("-")
+    terms = {"loss/ce"} | ({"loss/kd"} if distill == "kd" else {"loss/focus"} if distill == "focus" else set())
+    terms |= {"ul": {"loss/ul"}, "sg": {"loss/scalegrad"}, "tailr": {"loss/tailr"}}.get(extra, set())
+    return terms
+
+
+def test_every_recipe_validates_with_axolotl(recipe_env, tmp_path, plugin_manager):
+    from axolotl.cli.config import load_cfg
+
+    for recipe in RECIPES:
+        plugin_manager.plugins.clear()
+        cfg = load_cfg(str(cpu_variant(recipe, recipe_env, tmp_path)))
+        assert "axolotl_focus.FocusPlugin" in plugin_manager.plugins, recipe
+        source = recipe_env["models"]["mha" if "llama-2" in str(recipe) else "gqa"]
+        assert cfg.focus_pruned_from == source, recipe  # the recipe's focus_prune ran (cached)
+        if cfg.rl:
+            assert cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher"
+        else:
+            assert cfg.focus_teacher_model == source, recipe  # teacher = the unpruned base_model
+
+
+@pytest.mark.slow
+def test_every_recipe_trains_a_few_steps(recipe_env, tmp_path):
+    configs = [cpu_variant(r, recipe_env, tmp_path) for r in RECIPES]
+    out = tmp_path / "runs.jsonl"
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "recipe_runner.py"), str(out), *map(str, configs)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {Path(r["config"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(runs) == len(RECIPES)
+    for recipe, config in zip(RECIPES, configs):
+        run = runs[config.name]
+        assert "error" not in run, f"{recipe}:\n{run.get('error')}"
+        steps = [log for log in run["log_history"] if "loss" in log]
+        assert len(steps) == (4 if "ditto" in recipe.stem else 2), recipe
+        assert all(torch.isfinite(torch.tensor(log["loss"])) for log in steps), recipe
+        logged = set().union(*steps)
+        assert expected_terms(recipe) <= logged, (recipe, sorted(logged))
+        if recipe.stem.endswith("repair"):
+            assert "loss/repair" in logged, recipe
+        if recipe.stem.endswith("ditto"):  # both DITTO-only and normal updates happened
+            assert any("loss/ditto" in log for log in steps) and any("loss/ce" in log for log in steps), recipe
+        if recipe.stem == "dpo":
+            assert "rewards/chosen" in logged, (recipe, sorted(logged))
