@@ -28,9 +28,10 @@ class FocusPlugin(BasePlugin):
 
     def register(self, cfg: dict) -> None:
         # `focus_prune:` prunes base_model (or reuses the cache) before axolotl loads anything
-        from .preprocess import apply_to_config
+        from .preprocess import apply_to_config, disable_attention_lora_kernels
 
         apply_to_config(cfg)
+        disable_attention_lora_kernels(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_focus.config.FocusArgs"

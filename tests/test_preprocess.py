@@ -115,3 +115,23 @@ def test_calibration_jsonl_errors_name_file_and_line(tiny_pair, tmp_path):
         run_prune(tiny_pair["teacher"], spec(tmp_path, calibration=str(bad)), tmp_path / "x")
     with pytest.raises(ValueError, match="does not exist"):
         run_prune(tiny_pair["teacher"], spec(tmp_path, calibration=str(tmp_path / "missing.txt")), tmp_path / "x")
+
+
+def test_attention_lora_kernels_are_turned_off_for_pruned_llama(tmp_path):
+    import json
+
+    import pytest
+
+    from axolotl_focus.preprocess import disable_attention_lora_kernels
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pruned_llama"}))
+    cfg = {"base_model": str(tmp_path), "adapter": "lora"}
+    disable_attention_lora_kernels(cfg)
+    assert cfg["lora_qkv_kernel"] is False and cfg["lora_o_kernel"] is False
+    assert "lora_mlp_kernel" not in cfg  # axolotl's MLP kernel does not depend on the model type
+    with pytest.raises(ValueError, match="lora_qkv_kernel"):
+        disable_attention_lora_kernels({"base_model": str(tmp_path), "adapter": "lora", "lora_qkv_kernel": True})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    vanilla = {"base_model": str(tmp_path), "adapter": "lora"}
+    disable_attention_lora_kernels(vanilla)
+    assert "lora_qkv_kernel" not in vanilla
