@@ -169,6 +169,7 @@ class EvalConfig:
     zero_shot_tasks: tuple[str, ...] = ZERO_SHOT_TASKS
     zero_shot_batch_size: str = "auto"
     zero_shot_limit: float | None = None
+    zero_shot_include: str | None = None  # folder of extra lm-eval task YAMLs (local datasets)
     # distribution study
     teacher: str | None = None  # default: the first model's recorded focus_source_model
     distribution_samples: int = 200
@@ -599,15 +600,21 @@ def bertscore_f1(cands: list[str], refs: list[str], cfg: EvalConfig | None = Non
 
 
 def zero_shot(path: str, tasks: Sequence[str] = ZERO_SHOT_TASKS, *, device: str = "cpu", batch_size="auto",
-              dtype: str = "auto", limit: float | None = None, trust_remote_code: bool = False) -> dict:
-    """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=path)``, 0-shot; accuracies x100."""
+              dtype: str = "auto", limit: float | None = None, trust_remote_code: bool = False,
+              include_path: str | None = None) -> dict:
+    """``lm_eval.simple_evaluate`` with ``HFLM(pretrained=path)``, 0-shot; accuracies x100.
+
+    ``include_path``: a folder of extra lm-eval task YAMLs (e.g. local copies of the tasks whose
+    datasets are files on disk, for offline machines)."""
     _require("lm_eval", "lm-eval", "zero-shot accuracy")
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
 
         lm = HFLM(pretrained=path, device=device, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code)
         raw = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False,
+                              task_manager=TaskManager(include_path=include_path),
                               random_seed=0, numpy_random_seed=1234, torch_random_seed=1234)
     except Exception as err:  # noqa: BLE001 - offline task data, unknown task names, ...
         raise MetricUnavailable(
@@ -963,11 +970,13 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
 
     if "zero_shot" in metrics:
         lazy.release()
-        meta = {"path": path, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit}
+        meta = {"path": path, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit,
+                "include": cfg.zero_shot_include}
         try:
             res["zero_shot"] = _cached(mdir / "zero_shot.json", meta, lambda: zero_shot(
                 path, cfg.zero_shot_tasks, device=str(_device(cfg)), batch_size=cfg.zero_shot_batch_size,
-                dtype=cfg.dtype, limit=cfg.zero_shot_limit, trust_remote_code=cfg.trust_remote_code), cfg, "zero-shot")
+                dtype=cfg.dtype, limit=cfg.zero_shot_limit, trust_remote_code=cfg.trust_remote_code,
+                include_path=cfg.zero_shot_include), cfg, "zero-shot")
         except MetricUnavailable as err:
             _unavailable(res, "zero_shot", err)
     lazy.release()
@@ -1268,6 +1277,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-shot-tasks", nargs="+", default=list(d.zero_shot_tasks))
     g.add_argument("--zero-shot-batch-size", default=d.zero_shot_batch_size)
     g.add_argument("--zero-shot-limit", type=float)
+    g.add_argument("--zero-shot-include", help="folder of extra lm-eval task YAMLs (e.g. offline copies)")
     g = parser.add_argument_group("distribution study and plots")
     g.add_argument("--teacher", help="unpruned teacher (default: the first model's recorded focus_source_model)")
     g.add_argument("--distribution-samples", type=int, default=d.distribution_samples)

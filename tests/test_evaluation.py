@@ -467,3 +467,29 @@ def test_embedded_self_instruct_is_the_offline_default():
 
     rows = load_instructions(embedded_instructions())
     assert len(rows) == 252 and all(r["text"] and r["reference"] for r in rows)
+
+
+@pytest.mark.skipif(not HAS["lm_eval"], reason="lm-eval not installed")
+def test_zero_shot_runs_lm_eval_on_a_pruned_checkpoint_offline(micro, tmp_path):
+    """The real harness (HFLM + simple_evaluate) on a width-pruned checkpoint, with a local
+    multiple-choice task in lm-eval's YAML format (the hub tasks cannot be fetched here)."""
+    from axolotl_focus.config import FocusPruneArgs
+    from axolotl_focus.preprocess import run_prune
+
+    pruned = tmp_path / "pruned"
+    run_prune(micro["teacher_path"], FocusPruneArgs(ratio=0.5, attn_layers=[0, 2], mlp_layers=[0, 2],
+                                                     calib_samples=2, device="cpu"), pruned)
+    rows = [{"goal": f"The {w} is", "sol1": " a river .", "sol2": " the the the", "label": 0}
+            for w in ("church", "state", "road", "album", "song", "city")]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local_mc.yaml").write_text(
+        "task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"{{goal}}\"\ndoc_to_target: label\n"
+        "doc_to_choice: \"{{[sol1, sol2]}}\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        "metadata:\n  version: 1.0\n")
+    out = ev.zero_shot(str(pruned), ["local_mc"], batch_size=2, dtype="float32", include_path=str(tasks))
+    acc = out["tasks"]["local_mc"]["acc"]
+    assert 0.0 <= acc <= 1.0 and out["tasks"]["local_mc"]["value"] == pytest.approx(100 * acc)
