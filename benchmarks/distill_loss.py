@@ -103,24 +103,8 @@ def load_losses():
 # --------------------------------------------------------------------------------------------
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
+from peak_rss import reset_peak as _reset_hwm  # noqa: E402
+from peak_rss import status_kb as _status_kb  # noqa: E402
 
 
 def make_inputs(tokens: int, hidden: int, vocab: int, seed: int = 0):

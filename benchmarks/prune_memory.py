@@ -20,24 +20,8 @@ import subprocess
 import sys
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
+from peak_rss import reset_peak as _reset_peak  # noqa: E402
+from peak_rss import status_kb as _status_kb  # noqa: E402
 
 
 def worker(args) -> None:
