@@ -21,10 +21,17 @@ Gradient with respect to the student logits (paper, appendix A, scaled by the te
 Both functions return *sums* over valid tokens; the trainer divides by the number of valid tokens
 of the whole optimizer step (``num_items_in_batch``) so that gradient accumulation and data
 parallelism normalize exactly.
+
+The paper's baseline objectives (``focus_aux_losses``) ride on the same fused pass
+(:func:`fused_ce_distill_aux`, see "Baseline terms" below): token-level unlikelihood, ScaleGrad and
+TaiLr need, besides the gold token, only the probabilities of the tokens already seen in the same
+sequence, a small padded ``[chunk, K]`` id set built per chunk from :class:`SeenTokens`. DITTO
+needs only gold-token probabilities (:func:`chunked_token_nll`, :func:`ditto_loss`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +65,86 @@ class LossSums:
     ce: torch.Tensor
     distill: torch.Tensor
     tokens: int
+
+
+AUX_TERMS = ("ul", "scalegrad", "tailr")  # order of the aux sums returned by the fused pass
+# 1 - p(c) of an unlikelihood candidate is clamped at this floor (Welleck et al.'s value), in the
+# value and in the gradient factor p/(1-p), with the gradient passed through; see :func:`_aux_block`.
+UL_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """Baseline terms computed inside the fused pass; ``None`` switches a term off.
+
+    * ``unlikelihood``: alpha, ADDS ``alpha * sum_{c in C_t} -log(1 - p(c))`` (Welleck et al., 2019);
+      C_t = distinct earlier targets of the same sequence, minus y_t.
+    * ``scalegrad``: gamma, REPLACES the NLL by ``-log p~(y_t)``, ``p~ = gamma * p`` on tokens not
+      seen earlier in the sequence, renormalized (Lin et al., 2021).
+    * ``tailr``: ``(gamma, min_weight)``, REPLACES the NLL by ``w * NLL``,
+      ``w = sg(clamp(p / (gamma + (1 - gamma) p), min_weight, 1))`` (Ji et al., 2023).
+    """
+
+    unlikelihood: float | None = None
+    scalegrad: float | None = None
+    tailr: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.scalegrad is not None and self.tailr is not None:
+            raise ValueError("focus_aux_losses: scalegrad and tailr both replace the NLL term; choose one")
+        if self.scalegrad is not None and not 0 < self.scalegrad <= 1:
+            raise ValueError(f"focus_aux_losses.scalegrad.gamma must be in (0, 1], got {self.scalegrad}")
+        if self.tailr is not None and not (0 < self.tailr[0] <= 1 and 0 <= self.tailr[1] <= 1):
+            raise ValueError(f"focus_aux_losses.tailr: gamma in (0, 1] and min_weight in [0, 1], got {self.tailr}")
+        if self.unlikelihood is not None and self.unlikelihood < 0:
+            raise ValueError(f"focus_aux_losses.unlikelihood.alpha must be >= 0, got {self.unlikelihood}")
+
+    @property
+    def needs_seen(self) -> bool:
+        return self.unlikelihood is not None or self.scalegrad is not None
+
+
+@dataclass
+class SeenTokens:
+    """Per sequence, its distinct target ids in order of first occurrence, padded ``[S, K]``.
+
+    ``ids[s, k]`` is the k-th distinct target of sequence s and ``first[s, k]`` the index (in the
+    flat token list) where it first occurs (``N`` on padding). Token n of sequence ``seq[n]`` has
+    seen exactly the slots with ``first < n``, a prefix of the row. Memory ``O(S x K)``, K <= the
+    longest sequence: no ``[N, N]`` or ``[N, V]`` mask ever exists.
+    """
+
+    ids: torch.Tensor
+    first: torch.Tensor
+    seq: torch.Tensor
+
+    def chunk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [c, k], seen [c, k])`` for tokens ``start:end``, k trimmed to the chunk's need."""
+        seq = self.seq[start:end]
+        first = self.first[seq]
+        seen = first < torch.arange(start, end, device=first.device).unsqueeze(1)
+        k = max(1, int(seen.sum(1).max()))  # seen slots form a prefix of each row
+        return self.ids[seq, :k], seen[:, :k].contiguous()
+
+
+def seen_tokens(targets: torch.Tensor, sequence: torch.Tensor) -> SeenTokens:
+    """:class:`SeenTokens` of flat valid targets ``[N]`` whose sequence ids ``[N]`` are contiguous
+    (each sequence's tokens adjacent and in order, as ``hidden[labels != -100]`` gives them)."""
+    n, dev = targets.numel(), targets.device
+    seq = torch.unique_consecutive(sequence, return_inverse=True)[1]
+    span = int(targets.max()) + 1 if n else 1
+    uniq, inverse = torch.unique(seq * span + targets, return_inverse=True)
+    first = torch.full((uniq.numel(),), n, dtype=torch.long, device=dev).scatter_reduce_(
+        0, inverse, torch.arange(n, device=dev), "amin")
+    useq = uniq // span
+    order = torch.argsort(useq * (n + 1) + first)  # by sequence, then by first occurrence
+    useq, first, tok = useq[order], first[order], (uniq % span)[order]
+    counts = torch.bincount(useq, minlength=int(seq.max()) + 1 if n else 1)
+    slot = torch.arange(useq.numel(), device=dev) - (counts.cumsum(0) - counts)[useq]
+    shape = (counts.numel(), max(1, int(counts.max())))
+    ids = torch.zeros(shape, dtype=torch.long, device=dev).index_put_((useq, slot), tok)
+    firsts = torch.full(shape, n, dtype=torch.long, device=dev).index_put_((useq, slot), first)
+    return SeenTokens(ids, firsts, seq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +185,52 @@ def reference_ce_distill(
     if spec.mode == "none" or teacher_logits is None:
         return ce, zs.new_zeros(())
     return ce, reference_distill_per_token(zs, teacher_logits[valid], spec).sum()
+
+
+def reference_seen_mask(labels: torch.Tensor, sequence: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Dense ``[N, V]`` mask of the targets seen earlier in the same sequence (labels -100 skipped)."""
+    seen = torch.zeros(labels.numel(), vocab, dtype=torch.bool)
+    earlier: dict[int, set[int]] = {}
+    for n, (label, seq) in enumerate(zip(labels.tolist(), sequence.tolist())):
+        if label == IGNORE_INDEX:
+            continue
+        history = earlier.setdefault(seq, set())
+        seen[n, list(history)] = True
+        history.add(label)
+    return seen.to(labels.device)
+
+
+def reference_aux_terms(logits: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
+                        aux: AuxSpec) -> dict[str, torch.Tensor]:
+    """Dense sums of the configured baseline terms over tokens whose label is not -100.
+
+    ``logits`` ``[N, V]`` aligned with ``labels`` ``[N]``; ``sequence`` ``[N]`` says which sequence
+    each position belongs to. Straight from the papers' definitions, with autograd:
+    UL ``-sum_c log(1 - p_c)`` (1 - p_c clamped at UL_EPS, the clamp passing the gradient through),
+    ScaleGrad as the NLL of the rescaled, renormalized distribution, TaiLr ``sg(w) * NLL``.
+    """
+    valid = labels != IGNORE_INDEX
+    seen = reference_seen_mask(labels, sequence, logits.shape[-1])[valid]
+    target = labels[valid]
+    log_p = torch.log_softmax(logits[valid].float(), -1)
+    p = log_p.exp()
+    nll = -log_p.gather(1, target[:, None]).squeeze(1)
+    out = {}
+    if aux.unlikelihood is not None:
+        candidate = seen.clone()
+        candidate[torch.arange(target.numel()), target] = False
+        one_minus = -torch.expm1(log_p)  # 1 - p, exact also where p ~ 1
+        one_minus = one_minus + (one_minus.clamp(min=UL_EPS) - one_minus).detach()
+        out["ul"] = -(one_minus.log() * candidate).sum()
+    if aux.scalegrad is not None:
+        rescaled = p * torch.where(seen, 1.0, aux.scalegrad)
+        rescaled = rescaled / rescaled.sum(-1, keepdim=True)
+        out["scalegrad"] = -rescaled.gather(1, target[:, None]).log().sum()
+    if aux.tailr is not None:
+        gamma, min_weight = aux.tailr
+        p_gold = (-nll).exp().detach()
+        out["tailr"] = ((p_gold / (gamma + (1 - gamma) * p_gold)).clamp(min_weight, 1) * nll).sum()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +297,71 @@ def _block_rows(vocab: int, device: torch.device) -> int:
     return max(1, elements // max(1, vocab))
 
 
+@dataclass
+class _AuxChunk:
+    """The baseline terms' state for one chunk: spec, UL weight, seen ids/mask, running sums."""
+
+    spec: AuxSpec
+    ul_scale: float
+    ids: torch.Tensor | None  # [c, k] distinct earlier targets of each token's sequence
+    seen: torch.Tensor | None  # [c, k] which of them precede the token
+    sums: torch.Tensor  # [3]: ul, scalegrad, tailr (order of AUX_TERMS)
+
+
+def _aux_block(p: torch.Tensor, t: torch.Tensor, nll: torch.Tensor, aux: _AuxChunk, i: int, j: int,
+               ce_scale: float, log_p_ids: torch.Tensor | None) -> None:
+    """Turn the probabilities ``p`` ([r, V], rows i:j of the chunk) into the gradient of the
+    CE-like term(s) in place, and add the terms' sums into ``aux.sums``.
+
+    Plain CE gives ``ce_scale (p - onehot_y)``. TaiLr scales it per row by the detached weight w
+    (``b = ce_scale * w``). With ``g = gamma`` and ``S = sum_{v seen} p_v``, ScaleGrad's
+    ``-log p + log(g + (1 - g) S) - [y unseen] log g`` adds ``c p_j (1[j seen] - S)``,
+    ``c = ce_scale (1 - g) / (g + (1 - g) S)``. Unlikelihood adds, per candidate c,
+    ``ul_scale a_c (onehot_c - p)`` with ``a_c = p_c / max(1 - p_c, UL_EPS)``. The clamp bounds the
+    value (at ``-log UL_EPS``, never inf when ``1 - p_c`` rounds to 0) and the factor ``a_c``; for
+    ``1 - p_c >= UL_EPS`` the gradient is exact, beyond it the push on the candidate,
+    ``a_c (1 - p_c)``, shrinks gradually to ``p_c (1 - p_c) / UL_EPS`` instead of vanishing at once
+    as under an autograd clamp. ``1 - p_c`` is ``-expm1(log p_c)`` from the log-probabilities
+    ``log_p_ids`` at the ids (no rounding of ``p_c`` to 1). Everything together is one
+    row scale of ``p``, the one-hot subtraction and one ``scatter_add`` over the ``[r, k]`` ids.
+    """
+    spec, r = aux.spec, p.shape[0]
+    base = nll.new_full((r, 1), ce_scale)
+    extra = None
+    if spec.tailr is not None:
+        gamma, min_weight = spec.tailr
+        p_gold = torch.exp(-nll)
+        weight = (p_gold / (gamma + (1 - gamma) * p_gold)).clamp_(min_weight, 1.0)
+        aux.sums[2] += (weight * nll).sum()
+        base = base * weight
+    scale = base
+    if aux.ids is not None:
+        ids, seen = aux.ids[i:j], aux.seen[i:j]
+        p_ids = p.gather(1, ids)
+        extra = torch.zeros_like(p_ids)
+        if spec.scalegrad is not None:
+            gamma = spec.scalegrad
+            p_seen = p_ids * seen
+            s = p_seen.sum(1, keepdim=True)
+            denom = gamma + (1 - gamma) * s
+            gold_seen = ((ids == t.unsqueeze(1)) & seen).any(1, keepdim=True)
+            aux.sums[1] += (nll + denom.log() - (~gold_seen) * math.log(gamma)).sum()
+            coef = ce_scale * (1 - gamma) / denom
+            scale = scale - coef * s
+            extra += coef * p_seen
+        if spec.unlikelihood is not None:
+            candidate = seen & (ids != t.unsqueeze(1))
+            one_minus = torch.expm1(log_p_ids).neg_().clamp_(min=UL_EPS)
+            aux.sums[0] -= (one_minus.log() * candidate).sum()
+            a = (p_ids * candidate).div_(one_minus).mul_(aux.ul_scale)
+            scale = scale - a.sum(1, keepdim=True)
+            extra += a
+    p.mul_(scale)
+    p[torch.arange(r, device=p.device), t] -= base.squeeze(1)
+    if extra is not None:
+        p.scatter_add_(1, ids, extra)
+
+
 def _chunk_loss_and_grad(
     zs: torch.Tensor,
     zt: torch.Tensor | None,
@@ -173,6 +371,7 @@ def _chunk_loss_and_grad(
     distill_scale: float,
     block_rows: int | None = None,
     scratch: torch.Tensor | None = None,
+    aux: _AuxChunk | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss sums of one chunk and the gradient of ``ce_scale*CE + distill_scale*D`` w.r.t. ``zs``.
 
@@ -185,6 +384,8 @@ def _chunk_loss_and_grad(
     Per row: ``CE = -log_softmax(zs)[target]``; ``log q = log_softmax(zt / tau)``,
     ``log p = log_softmax(zs / tau)``, ``wq = w q`` (``= q`` for KD), ``D = tau^2 sum wq (log q - log p)``;
     gradient ``ce_scale (softmax(zs) - onehot) + distill_scale * tau (Z p - wq)``, ``Z = sum wq``.
+    With ``aux``, the baseline terms change the CE part of the gradient (:func:`_aux_block`) and
+    add their sums into ``aux.sums``.
     """
     c, vocab = zs.shape
     if block_rows is None:
@@ -211,11 +412,20 @@ def _chunk_loss_and_grad(
         # CE and its gradient ce_scale * (softmax(zs) - onehot)
         _log_softmax_(x)
         picked = x.gather(1, t.unsqueeze(1))
+        # unlikelihood needs 1 - p_c = -expm1(log p_c), exact where p_c ~ 1 (1 - p is not)
+        log_p_ids = x.gather(1, aux.ids[i:j]) if aux is not None and aux.spec.unlikelihood is not None else None
         grad = _exp_(x, flush)
-        ce_sum += (_renormalize_(None, grad) - picked).sum()
-        if ce_scale != 1.0:
-            grad.mul_(ce_scale)
-        grad[torch.arange(r, device=x.device), t] -= ce_scale
+        log_total = _renormalize_(None, grad)
+        nll = log_total - picked
+        ce_sum += nll.sum()
+        if aux is not None:
+            if log_p_ids is not None:
+                log_p_ids.sub_(log_total)
+            _aux_block(grad, t, nll, aux, i, j, ce_scale, log_p_ids)
+        else:
+            if ce_scale != 1.0:
+                grad.mul_(ce_scale)
+            grad[torch.arange(r, device=x.device), t] -= ce_scale
         if not distill:
             continue
         log_q = _log_softmax_(zt[i:j].div_(tau))
@@ -258,13 +468,15 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor, lo
 
 class _FusedCEDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, target, spec, ce_scale, distill_scale, chunk_size):
+    def forward(ctx, h_s, w_s, h_t, w_t, target, spec, ce_scale, distill_scale, chunk_size,
+                aux=None, seen=None, ul_scale=0.0):
         n, vocab = h_s.shape[0], w_s.shape[0]
         dev = h_s.device
         grad_h = torch.zeros(h_s.shape, dtype=h_s.dtype, device=dev) if h_s.requires_grad else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if w_s.requires_grad else None
         ce_total = torch.zeros((), dtype=torch.float32, device=dev)
         distill_total = torch.zeros((), dtype=torch.float32, device=dev)
+        aux_sums = torch.zeros(len(AUX_TERMS), dtype=torch.float32, device=dev)
         # Buffers reused by every chunk: fp32 student logits (then gradient), teacher logits,
         # a low-precision staging buffer for non-fp32 heads, and the per-block scratch.
         c = max(1, min(chunk_size, n))
@@ -286,8 +498,12 @@ class _FusedCEDistill(torch.autograd.Function):
             if h_t is not None:
                 zt = zt_buf[:m]
                 _logits_into(zt, h_t[start:end], w_t, low)
+            chunk_aux = None
+            if aux is not None:
+                ids, seen_c = seen.chunk(start, end) if aux.needs_seen else (None, None)
+                chunk_aux = _AuxChunk(aux, ul_scale, ids, seen_c, aux_sums)
             ce_c, distill_c, grad = _chunk_loss_and_grad(
-                zs, zt, target[start:end], spec, ce_scale, distill_scale, block_rows, scratch
+                zs, zt, target[start:end], spec, ce_scale, distill_scale, block_rows, scratch, chunk_aux
             )
             ce_total += ce_c
             distill_total += distill_c
@@ -306,18 +522,23 @@ class _FusedCEDistill(torch.autograd.Function):
         del zs_buf, zt_buf, low, scratch
         ctx.save_for_backward(grad_h, grad_w)
         ctx.head_dtype = w_s.dtype
-        total = ce_scale * ce_total + distill_scale * distill_total
-        ctx.mark_non_differentiable(ce_total, distill_total)
-        return total, ce_total, distill_total
+        nll_like = ce_total
+        if aux is not None and aux.scalegrad is not None:
+            nll_like = aux_sums[1]
+        elif aux is not None and aux.tailr is not None:
+            nll_like = aux_sums[2]
+        total = ce_scale * nll_like + distill_scale * distill_total + ul_scale * aux_sums[0]
+        ctx.mark_non_differentiable(ce_total, distill_total, aux_sums)
+        return total, ce_total, distill_total, aux_sums
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_distill):
+    def backward(ctx, grad_total, _grad_ce, _grad_distill, _grad_aux):
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.head_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_ce_distill(
@@ -341,6 +562,40 @@ def fused_ce_distill(
     Returns ``(total, ce_sum, distill_sum)``; only ``total`` is differentiable, the sums are
     detached fp32 scalars for logging.
     """
+    total, sums = fused_ce_distill_aux(student_hidden, student_head, teacher_hidden, teacher_head, targets,
+                                       spec, ce_scale, distill_scale, chunk_size)
+    return total, sums["ce"], sums["distill"]
+
+
+def fused_ce_distill_aux(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: DistillSpec,
+    ce_scale: float = 1.0,
+    distill_scale: float = 1.0,
+    chunk_size: int = 1024,
+    aux: AuxSpec | None = None,
+    sequence: torch.Tensor | None = None,
+    aux_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fused_ce_distill` with the baseline terms of ``aux`` in the same pass.
+
+    The NLL term (weight ``ce_scale``) is CE, or ScaleGrad / TaiLr when configured; unlikelihood
+    adds ``aux.unlikelihood * aux_scale * UL_sum`` (``aux_scale``: the per-token normalization,
+    i.e. ``ce_scale`` without the CE weight). ``sequence`` ``[N]`` (contiguous ids, default: one
+    sequence) delimits the "earlier targets" of UL and ScaleGrad. Returns the differentiable total
+    and detached sums: ``ce`` (plain NLL, always), ``distill``, and ``ul`` / ``scalegrad`` /
+    ``tailr`` for the configured terms. With ``aux=None`` this is exactly :func:`fused_ce_distill`.
+    """
+    seen = None
+    if aux is not None and aux.needs_seen:
+        if sequence is None:
+            sequence = torch.zeros_like(targets)
+        seen = seen_tokens(targets, sequence)
+    ul_scale = float(aux.unlikelihood or 0.0) * aux_scale if aux is not None else 0.0
     if teacher_hidden is None or spec.mode == "none":
         teacher_hidden = teacher_head = None
     elif teacher_head.shape[0] != student_head.shape[0]:
@@ -348,11 +603,15 @@ def fused_ce_distill(
             f"teacher vocabulary ({teacher_head.shape[0]}) differs from the student's "
             f"({student_head.shape[0]}): distillation needs one shared vocabulary"
         )
-    total, ce, distill = _FusedCEDistill.apply(
+    total, ce, distill, aux_sums = _FusedCEDistill.apply(
         student_hidden, student_head, teacher_hidden, teacher_head, targets, spec,
-        float(ce_scale), float(distill_scale), int(chunk_size),
+        float(ce_scale), float(distill_scale), int(chunk_size), aux, seen, ul_scale,
     )
-    return total, ce, distill
+    sums = {"ce": ce, "distill": distill}
+    if aux is not None:
+        on = (aux.unlikelihood is not None, aux.scalegrad is not None, aux.tailr is not None)
+        sums.update({name: aux_sums[k] for k, name in enumerate(AUX_TERMS) if on[k]})
+    return total, sums
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,3 +678,53 @@ def repair_margin_loss(token_nll: torch.Tensor, row_of_token: torch.Tensor, chos
     stats = {"nll_chosen": l_pos.detach().mean(), "nll_rejected": l_neg.detach().mean(),
              "active": (hinge.detach() > 0).float().mean()}
     return hinge.mean(), stats
+
+
+# --------------------------------------------------------------------------------------------
+# DITTO (Xu et al., 2022): self-reinforcement penalty on pseudo-repetition rows
+# --------------------------------------------------------------------------------------------
+
+DITTO_FLOOR = 1e-20
+
+
+def ditto_previous_index(rows: torch.Tensor, unit_len: torch.Tensor) -> torch.Tensor:
+    """For flat targets ``[N]`` of pseudo-repetition rows (``rows``: row of each target, contiguous;
+    the targets of row b are its copies of a unit of ``unit_len[b]`` tokens back to back), the flat
+    index of the same token one copy earlier, or -1 in the first copy.
+
+    Every token of copy 2 on is compared, the first one included (DITTO's reference code starts one
+    token late and never penalizes the first token of the second copy).
+    """
+    n = rows.numel()
+    index = torch.arange(n, device=rows.device)
+    counts = torch.bincount(rows, minlength=unit_len.numel())
+    within = index - (counts.cumsum(0) - counts)[rows]
+    length = unit_len.to(rows.device)[rows]
+    return torch.where(within >= length, index - length, -1)
+
+
+def ditto_loss(token_nll: torch.Tensor, previous: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    """``(sum, count)`` of ``-log(clamp(1 - |p_t - lam * sg(p_prev)|, min=1e-20))`` over tokens with
+    ``previous >= 0``; ``p = exp(-token_nll)`` (gold-token probabilities)."""
+    where = previous >= 0
+    p = torch.exp(-token_nll)
+    gap = (p[where] - lam * p[previous[where]].detach()).abs()
+    return -torch.log(torch.clamp(1 - gap, min=DITTO_FLOOR)).sum(), int(where.sum())
+
+
+def reference_ditto(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int], prefix_len: list[int],
+                    unit_len: list[int], lam: float) -> tuple[torch.Tensor, int]:
+    """Dense DITTO over padded pseudo rows, position by position: ``logits`` ``[B, T, V]`` of
+    ``input_ids`` ``[B, T]``; row b is ``lengths[b]`` tokens, a prefix of ``prefix_len[b]`` and then
+    copies of a ``unit_len[b]``-token unit. Token i (from the second copy on) is predicted at
+    position i - 1 and compared with token i - L, predicted at i - L - 1."""
+    probs = torch.softmax(logits.float(), -1)
+    total, count = logits.new_zeros((), dtype=torch.float32), 0
+    for b in range(input_ids.shape[0]):
+        unit = unit_len[b]
+        for i in range(prefix_len[b] + unit, lengths[b]):
+            now = probs[b, i - 1, input_ids[b, i]]
+            before = probs[b, i - 1 - unit, input_ids[b, i - unit]].detach()
+            total = total - torch.log(torch.clamp(1 - (now - lam * before).abs(), min=DITTO_FLOOR))
+            count += 1
+    return total, count
