@@ -71,6 +71,76 @@ class FocusPruneArgs(BaseModel):
     wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning")
 
 
+class _Term(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class UnlikelihoodArgs(_Term):
+    """Token-level unlikelihood (Welleck et al., 2019): CE + alpha * sum_c -log(1 - p(c))."""
+
+    alpha: float = Field(default=0.5, ge=0, description="weight of the UL term (the paper: 0.5)")
+
+
+class ScaleGradArgs(_Term):
+    """ScaleGrad (Lin et al., 2021): replaces CE; novel tokens' probabilities scaled by gamma."""
+
+    gamma: float = Field(default=0.5, gt=0, le=1, description="0.5 in the paper; 1.0 is plain CE")
+
+
+class TaiLrArgs(_Term):
+    """TaiLr (Ji et al., 2023): replaces CE by w * NLL, w = p / (gamma + (1 - gamma) p), detached."""
+
+    gamma: float = Field(default=0.1, gt=0, le=1, description="their settings: 0.1 down to 1e-7")
+    min_weight: float = Field(default=0.2, ge=0, le=1, description="lower clamp of w; their settings 0.2-0.3")
+
+
+class DittoArgs(_Term):
+    """DITTO (Xu et al., 2022): DITTO-only updates on pseudo-repetition rows, with a probability."""
+
+    lambda_: float = Field(default=0.5, ge=0, le=1, alias="lambda",
+                           description="penalty target lambda * p(previous copy); the paper: 0.5")
+    probability: float = Field(default=0.5, ge=0, le=1, description="share of optimizer steps that are DITTO-only")
+
+
+class FocusAuxLosses(BaseModel):
+    """`focus_aux_losses:` the paper's baselines as extra loss terms. A mapping term -> settings
+    (`unlikelihood: {alpha: 0.5}`; `{}` or `true` means the defaults, `false` or null leaves the
+    term off) or a list of term names, each with its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unlikelihood: UnlikelihoodArgs | None = None
+    scalegrad: ScaleGradArgs | None = None
+    tailr: TaiLrArgs | None = None
+    ditto: DittoArgs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_and_defaults(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            unknown = [name for name in data if name not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"focus_aux_losses: unknown term(s) {unknown}; known: {list(cls.model_fields)}")
+            data = {name: {} for name in data}
+        if isinstance(data, dict):
+            data = {k: ({} if v is True else v) for k, v in data.items() if v is not None and v is not False}
+            if data.get("scalegrad") is not None and data.get("tailr") is not None:
+                raise ValueError("focus_aux_losses: scalegrad and tailr both replace the CE/NLL term; "
+                                 "configure only one of them")
+        return data
+
+    def aux_spec(self):
+        """The :class:`axolotl_focus.losses.AuxSpec` of the fused pass (None: no term there)."""
+        from .losses import AuxSpec
+
+        spec = AuxSpec(
+            unlikelihood=self.unlikelihood.alpha if self.unlikelihood else None,
+            scalegrad=self.scalegrad.gamma if self.scalegrad else None,
+            tailr=(self.tailr.gamma, self.tailr.min_weight) if self.tailr else None,
+        )
+        return spec if spec != AuxSpec() else None
+
+
 class FocusArgs(BaseModel):
     """YAML keys of the plugin (``focus_*``). Defaults are the paper's (section 5, appendix G)."""
 
@@ -110,6 +180,10 @@ class FocusArgs(BaseModel):
         default="teacher",
         description="rl: dpo on RePAIR pairs: reference model = the unpruned teacher (paper, section 6) "
         "or axolotl's default (the initial student).",
+    )
+    focus_aux_losses: FocusAuxLosses | None = Field(
+        default=None,
+        description="Baselines as extra loss terms: unlikelihood, scalegrad, tailr, ditto (see FocusAuxLosses).",
     )
     focus_prune: FocusPruneArgs | None = Field(default=None, description="Prune base_model before training.")
     focus_pruned_from: str | None = Field(default=None, description="Set by the plugin: the unpruned source.")
@@ -165,6 +239,10 @@ class FocusTrainingArgsMixin:
     focus_chunk_size: int = 1024
     focus_repair_alpha: float = 1.0
     focus_repair_margin: float = 1.0
+    # `focus_aux_losses` as a plain JSON-able dict; FocusTrainer validates it with FocusAuxLosses
+    focus_aux_losses: dict | None = None
+    # filled by the plugin from axolotl's `sequence_len`: length of DITTO's pseudo-repetition rows
+    focus_ditto_max_length: int | None = None
 
 
 TRAINING_ARG_KEYS = tuple(FocusTrainingArgsMixin.__dataclass_fields__)

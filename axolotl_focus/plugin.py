@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from axolotl.integrations.base import BasePlugin
@@ -40,7 +41,12 @@ class FocusPlugin(BasePlugin):
         return "axolotl_focus.config.FocusTrainingArgsMixin"
 
     def get_training_args(self, cfg) -> dict:
-        return {key: cfg[key] for key in TRAINING_ARG_KEYS if cfg.get(key) is not None}
+        args = {key: cfg[key] for key in TRAINING_ARG_KEYS if cfg.get(key) is not None}
+        if args.get("focus_aux_losses") is not None:  # plain dict (not axolotl's DictDefault)
+            args["focus_aux_losses"] = json.loads(json.dumps(args["focus_aux_losses"]))
+        if cfg.get("sequence_len") and "focus_ditto_max_length" not in args:
+            args["focus_ditto_max_length"] = int(cfg.sequence_len)
+        return args
 
     def pre_model_load(self, cfg) -> None:
         # fail on a teacher/student vocabulary mismatch before any weights are loaded

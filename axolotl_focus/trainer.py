@@ -9,7 +9,19 @@ Normalization: the loss of a micro-batch is ``sum over its valid tokens / num_it
 where the HF Trainer counts ``num_items_in_batch`` over all micro-batches of the optimizer step
 and (with ``average_tokens_across_devices``) over all data-parallel ranks, and multiplies by the
 number of processes because DDP averages gradients. The resulting gradient is exactly that of the
-per-token mean over the global batch, whatever the accumulation steps and world size.
+per-token mean over the global batch, whatever the accumulation steps and world size. The baseline
+terms of ``focus_aux_losses`` (unlikelihood, ScaleGrad, TaiLr) are token sums in the same fused
+pass and normalize the same way.
+
+DITTO (``focus_aux_losses: {ditto: ...}``) maps onto axolotl's batches as follows: each optimizer
+step (``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` rows on every rank) is,
+with the configured probability, a DITTO-only step (:func:`axolotl_focus.ditto.is_ditto_step`,
+seeded by ``(seed, global_step)``: all micro-batches and ranks agree). In a DITTO step every
+micro-batch is replaced by the pseudo-repetition rows built from its own SFT sequences
+(:func:`axolotl_focus.ditto.pseudo_rows`; RePAIR pair rows are left out) and its loss is the DITTO
+loss only (no CE, distillation or RePAIR), the mean over that micro-batch's DITTO tokens divided by
+the accumulation steps: each micro-batch weighs the same, and DDP averages the ranks' gradients.
+A micro-batch without any SFT sequence trains normally. Evaluation never uses DITTO.
 """
 
 from __future__ import annotations
@@ -21,8 +33,17 @@ import torch
 import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from .config import FocusTrainingArgsMixin
-from .losses import IGNORE_INDEX, DistillSpec, chunked_token_nll, fused_ce_distill, repair_margin_loss
+from .config import FocusAuxLosses, FocusTrainingArgsMixin
+from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
+from .losses import (
+    IGNORE_INDEX,
+    DistillSpec,
+    chunked_token_nll,
+    ditto_loss,
+    ditto_previous_index,
+    fused_ce_distill_aux,
+    repair_margin_loss,
+)
 from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
 
 LOG = logging.getLogger(__name__)
@@ -33,6 +54,19 @@ def shifted_labels(inputs: dict) -> torch.Tensor:
     if inputs.get("shift_labels") is not None:
         return inputs["shift_labels"]
     return F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def sequence_ids(inputs: dict, shape: torch.Size) -> torch.Tensor:
+    """An id per position, distinct per sequence: one per row, and packed rows split where
+    ``position_ids`` restart at 0 (the "earlier targets" of unlikelihood / ScaleGrad stay inside
+    one sequence)."""
+    positions = inputs.get("position_ids")
+    if positions is None or positions.shape != shape:
+        starts = torch.zeros(shape, dtype=torch.long)
+    else:
+        starts = (positions == 0).long().cpu()
+    starts[:, 0] = 1
+    return starts.flatten().cumsum(0).view(shape)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -60,6 +94,10 @@ class FocusTrainer(AxolotlTrainer):
         )
         fa = self.focus_args
         self.distill_spec = DistillSpec(fa.focus_distill, fa.focus_temperature, fa.focus_beta, fa.focus_gamma)
+        aux = FocusAuxLosses.model_validate(fa.focus_aux_losses or {})
+        self.aux_spec = aux.aux_spec()
+        self.ditto = aux.ditto
+        self._sentence_ends = None
         # We normalize by num_items_in_batch ourselves: make the HF Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.teacher = None
@@ -95,6 +133,9 @@ class FocusTrainer(AxolotlTrainer):
 
     # -- loss ---------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.ditto is not None and model.training and is_ditto_step(
+                self.args.seed, self.state.global_step, self.ditto.probability):
+            return self._ditto_step(model, inputs, return_outputs, num_items_in_batch)
         targets = shifted_labels(inputs)
         repair = {k: inputs.pop(k) for k in ("repair_labels", "repair_chosen", "repair_rejected") if k in inputs}
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
@@ -109,20 +150,18 @@ class FocusTrainer(AxolotlTrainer):
             if self.args.average_tokens_across_devices:
                 scale *= self.accelerator.num_processes
 
-        student_head = _unwrap(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
-        if hasattr(student_head, "ds_id") and student_head.requires_grad:
-            raise ValueError(
-                "axolotl_focus: a trainable lm_head under DeepSpeed ZeRO-3 is not supported by the "
-                "fused loss; train with LoRA (lm_head frozen) or use ZeRO-1/2."
-            )
+        student_head = self._student_head(model)
         teacher_hidden = teacher_head = None
         sft_rows = valid.any(-1)
         if self.teacher is not None and local_tokens:
             teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
             teacher_head = _unwrap(self.teacher).get_output_embeddings().weight
+        sequence = None
+        if self.aux_spec is not None and self.aux_spec.needs_seen:
+            sequence = sequence_ids(inputs, valid.shape)[valid.cpu()].to(valid.device)
         metrics = {}
         with gathered(student_head, teacher_head):
-            loss, ce_sum, distill_sum = fused_ce_distill(
+            loss, sums = fused_ce_distill_aux(
                 hidden[valid],
                 student_head,
                 teacher_hidden,
@@ -132,15 +171,69 @@ class FocusTrainer(AxolotlTrainer):
                 ce_scale=self.focus_args.focus_ce_alpha * scale,
                 distill_scale=self.focus_args.focus_alpha * scale,
                 chunk_size=self.focus_args.focus_chunk_size,
+                aux=self.aux_spec,
+                sequence=sequence,
+                aux_scale=scale,
             )
             if repair and repair["repair_chosen"].numel():
                 repair_loss, stats = self._repair_loss(hidden, student_head, repair)
-                # per-micro-batch mean over pairs; HF divides by accumulation steps only when it
-                # does not get num_items_in_batch, so do it here in that case
-                steps = self.args.gradient_accumulation_steps if (model.training and num_items_in_batch is not None) else 1
-                loss = loss + self.focus_args.focus_repair_alpha * repair_loss / steps
+                loss = loss + self.focus_args.focus_repair_alpha * repair_loss / self._mean_divisor(
+                    model, num_items_in_batch)
                 metrics = {"repair": repair_loss.detach(), **stats}
-        self._log_terms(ce_sum, distill_sum, local_tokens, model.training, metrics)
+        distill = sums.pop("distill")
+        if self.distill_spec.mode != "none":
+            sums[self.distill_spec.mode] = distill
+        self._log_terms(sums, local_tokens, model.training, metrics)
+        if return_outputs:
+            return loss, {"loss": loss, "logits": outputs.logits}
+        return loss
+
+    def _mean_divisor(self, model, num_items_in_batch) -> int:
+        """For per-micro-batch means (RePAIR, DITTO): HF divides the loss by the accumulation
+        steps only when it does not get num_items_in_batch, so do it here in that case."""
+        return self.args.gradient_accumulation_steps if (model.training and num_items_in_batch is not None) else 1
+
+    def _student_head(self, model) -> torch.Tensor:
+        head = _unwrap(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
+        if hasattr(head, "ds_id") and head.requires_grad:
+            raise ValueError(
+                "axolotl_focus: a trainable lm_head under DeepSpeed ZeRO-3 is not supported by the "
+                "fused loss; train with LoRA (lm_head frozen) or use ZeRO-1/2."
+            )
+        return head
+
+    def _pseudo_rows(self, inputs: dict) -> dict | None:
+        """DITTO's pseudo-repetition rows from the micro-batch's SFT sequences (RePAIR rows skipped)."""
+        tokenizer = self.processing_class
+        if self._sentence_ends is None:
+            self._sentence_ends = sentence_end_ids(tokenizer)
+        sft = {k: v for k, v in inputs.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        max_length = self.focus_args.focus_ditto_max_length or inputs["input_ids"].shape[1]
+        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return pseudo_rows(sft, self._sentence_ends, max_length, pad_id, stop_ids)
+
+    def _ditto_step(self, model, inputs: dict, return_outputs: bool, num_items_in_batch):
+        """DITTO-only loss of a micro-batch: mean over its DITTO tokens / accumulation steps.
+
+        A micro-batch without SFT sequences still runs forward and backward (a zero loss), so
+        that data-parallel ranks stay in step."""
+        pseudo = self._pseudo_rows(inputs) or {
+            "input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
+            "labels": torch.full_like(inputs["input_ids"], IGNORE_INDEX),
+            "unit_len": inputs["input_ids"].new_zeros(inputs["input_ids"].shape[0])}
+        outputs = model(input_ids=pseudo["input_ids"], attention_mask=pseudo["attention_mask"],
+                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        targets = shifted_labels({"labels": pseudo["labels"]})
+        valid = targets != IGNORE_INDEX
+        student_head = self._student_head(model)
+        with gathered(student_head):
+            token_nll = chunked_token_nll(outputs.hidden_states[-1][valid], student_head, targets[valid],
+                                          self.focus_args.focus_chunk_size)
+        previous = ditto_previous_index(valid.nonzero()[:, 0], pseudo["unit_len"])
+        total, count = ditto_loss(token_nll, previous, self.ditto.lambda_)
+        loss = total / max(count, 1) / self._mean_divisor(model, num_items_in_batch)
+        self._log_terms({"ditto": total.detach()}, count, model.training, skip_empty=True)
         if return_outputs:
             return loss, {"loss": loss, "logits": outputs.logits}
         return loss
@@ -154,17 +247,21 @@ class FocusTrainer(AxolotlTrainer):
         return repair_margin_loss(token_nll, rows, repair["repair_chosen"], repair["repair_rejected"],
                                   hidden.shape[0], self.focus_args.focus_repair_margin)
 
-    def _log_terms(self, ce_sum, distill_sum, tokens: int, training: bool, repair: dict | None = None) -> None:
-        """Per-token means of each term over the micro-batch of every rank (RePAIR: this rank's)."""
-        stats = torch.stack([ce_sum.detach(), distill_sum.detach(), ce_sum.new_tensor(float(tokens))])
+    def _log_terms(self, sums: dict, tokens: int, training: bool, repair: dict | None = None,
+                   skip_empty: bool = False) -> None:
+        """Per-token means of each term (``loss/<name>``) over the micro-batch of every rank
+        (RePAIR: this rank's); nothing with ``skip_empty`` when no rank had a token."""
+        names = list(sums)
+        values = [sums[k].detach().float().reshape(()) for k in names]
+        stats = torch.stack(values + [values[0].new_tensor(float(tokens))])
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
-        ce, distill, count = (float(x) for x in stats.cpu())
+        *totals, count = (float(x) for x in stats.cpu())
+        if skip_empty and not count:
+            return
         count = max(count, 1.0)
         prefix = "loss/" if training else "eval_loss/"
-        metrics = {prefix + "ce": ce / count}
-        if self.distill_spec.mode != "none":
-            metrics[prefix + self.distill_spec.mode] = distill / count
+        metrics = {prefix + name: value / count for name, value in zip(names, totals)}
         for key, value in (repair or {}).items():
             metrics[(prefix + key) if key == "repair" else f"{prefix}repair_{key}"] = float(value)
         self.store_metrics(metrics, train_eval="train" if training else "eval")

@@ -26,8 +26,10 @@ def rows(tokenizer, n=4):
     return out
 
 
-def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False):
-    """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping."""
+def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False, max_steps=1,
+                 **focus_kwargs):
+    """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping.
+    ``focus_kwargs``: further FocusTrainingArgsMixin fields (e.g. focus_aux_losses)."""
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -49,7 +51,7 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=accum,
-        max_steps=1,
+        max_steps=max_steps,
         learning_rate=lr,
         lr_scheduler_type="constant",
         optim="sgd",
@@ -73,7 +75,7 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
         eval_data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
         processing_class=tokenizer,
         teacher_model=teacher,
-        focus_args=FocusTrainingArgsMixin(focus_distill=distill, focus_chunk_size=7),
+        focus_args=FocusTrainingArgsMixin(focus_distill=distill, focus_chunk_size=7, **focus_kwargs),
     )
 
 

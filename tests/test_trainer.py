@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from axolotl_focus.losses import DistillSpec, reference_ce_distill
+from axolotl_focus.losses import DistillSpec, reference_aux_terms, reference_ce_distill
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
@@ -17,8 +17,9 @@ import focus_step  # noqa: E402
 LR = 0.5
 
 
-def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None):
-    """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows."""
+def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None):
+    """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows
+    (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
@@ -33,6 +34,10 @@ def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None):
     labels = batch["labels"][:, 1:]
     ce, d = reference_ce_distill(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
                                  labels.reshape(-1), DistillSpec(mode=distill))
+    if aux is not None:
+        rows = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
+        terms = reference_aux_terms(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), rows, aux)
+        ce = terms.get("scalegrad", terms.get("tailr", ce)) + (aux.unlikelihood or 0.0) * terms.get("ul", 0.0)
     n_tokens = (labels != -100).sum()
     loss = (ce + alpha * d) / n_tokens
     loss.backward()
