@@ -201,16 +201,19 @@ def reference_seen_mask(labels: torch.Tensor, sequence: torch.Tensor, vocab: int
 
 
 def reference_aux_terms(logits: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
-                        aux: AuxSpec) -> dict[str, torch.Tensor]:
+                        aux: AuxSpec, seen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Dense sums of the configured baseline terms over tokens whose label is not -100.
 
     ``logits`` ``[N, V]`` aligned with ``labels`` ``[N]``; ``sequence`` ``[N]`` says which sequence
     each position belongs to. Straight from the papers' definitions, with autograd:
     UL ``-sum_c log(1 - p_c)`` (1 - p_c clamped at UL_EPS, the clamp passing the gradient through),
     ScaleGrad as the NLL of the rescaled, renormalized distribution, TaiLr ``sg(w) * NLL``.
+    ``seen``: a precomputed :func:`reference_seen_mask` (``[N, V]``), e.g. a vectorized one.
     """
     valid = labels != IGNORE_INDEX
-    seen = reference_seen_mask(labels, sequence, logits.shape[-1])[valid]
+    if seen is None:
+        seen = reference_seen_mask(labels, sequence, logits.shape[-1])
+    seen = seen[valid]
     target = labels[valid]
     log_p = torch.log_softmax(logits[valid].float(), -1)
     p = log_p.exp()

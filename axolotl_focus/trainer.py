@@ -21,7 +21,8 @@ micro-batch is replaced by the pseudo-repetition rows built from its own SFT seq
 (:func:`axolotl_focus.ditto.pseudo_rows`; RePAIR pair rows are left out) and its loss is the DITTO
 loss only (no CE, distillation or RePAIR), the mean over that micro-batch's DITTO tokens divided by
 the accumulation steps: each micro-batch weighs the same, and DDP averages the ranks' gradients.
-A micro-batch without any SFT sequence trains normally. Evaluation never uses DITTO.
+A micro-batch without any SFT sequence has a zero loss in a DITTO step (it still runs forward and
+backward, so that the ranks stay in step). Evaluation never uses DITTO.
 """
 
 from __future__ import annotations
