@@ -19,41 +19,13 @@ from pathlib import Path
 import torch
 
 
-def prefixes(tokenizer, count: int, prefix_tokens: int) -> list[list[int]]:
-    from axolotl_focus.micro import corpus_documents
-
-    out = []
-    for doc in corpus_documents("test"):
-        ids = tokenizer(doc)["input_ids"]
-        if len(ids) >= prefix_tokens + 10:
-            out.append(ids[:prefix_tokens])
-        if len(out) == count:
-            break
-    return out
-
-
-def continuations(path: str, prompts, new_tokens: int, do_sample: bool, seed: int, batch: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from axolotl_focus.mining import generate_batch
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    out = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        rows = generate_batch(model, tokenizer, chunk, [new_tokens] * len(chunk), seed=seed + start,
-                              do_sample=do_sample, top_p=0.9)
-        out.extend(rows.tokens)
-    return out
-
-
 def main() -> None:
+    from transformers import AutoTokenizer
+
     from axolotl_focus.config import FocusPruneArgs
-    from axolotl_focus.degeneration import crep, rep_ns
     from axolotl_focus.micro import build_micro_teacher
     from axolotl_focus.preprocess import run_prune
-    from transformers import AutoTokenizer
+    from axolotl_focus.table1 import markdown_table, measure, prefixes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="examples/table1/build")
@@ -90,20 +62,14 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     prompts = prefixes(tokenizer, args.prompts, args.prefix_tokens)
-    results = {}
-    for name, path in models.items():
-        for decoding, sample in (("greedy", False), ("top-p 0.9", True)):
-            texts = continuations(path, prompts, args.new_tokens, sample, args.seed, batch=32)
-            reps = rep_ns(texts, (2, 3, 4))
-            results[(name, decoding)] = {"crep": crep(texts), **{f"rep-{n}": v for n, v in reps.items()}}
+    rows = measure(models, prompts, args.new_tokens, seed=args.seed, batch=32, progress=True)
 
     print(f"\n{len(prompts)} prefixes of {args.prefix_tokens} tokens, {args.new_tokens} new tokens, seed {args.seed}\n")
-    print("| model | decoding | CREP (%) | rep-2 | rep-3 | rep-4 |")
-    print("|---|---|---|---|---|---|")
-    for (name, decoding), r in results.items():
-        print(f"| {name} | {decoding} | {r['crep']:.1f} | {r['rep-2']:.1f} | {r['rep-3']:.1f} | {r['rep-4']:.1f} |")
+    print(markdown_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{k[0]} / {k[1]}": v for k, v in results.items()}, indent=2))
+        Path(args.json).write_text(json.dumps({f"{r['model']} / {r['decoding']}": {k: v for k, v in r.items()
+                                                                                   if k not in ("model", "decoding")}
+                                               for r in rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""The paper's Table 1 measurement: repetition of unpruned and pruned models, greedy and top-p.
+
+Held-out documents (the embedded WikiText-2 test slice) are cut to ``prefix_tokens``-token
+prefixes (BOS included, as the tokenizer encodes them); every model continues each prefix for
+``new_tokens`` tokens with greedy decoding and with pure top-p sampling (``top_k = 0``,
+temperature 1), batched through :func:`~axolotl_focus.mining.generate_batch` (torch seed of batch
+``b``: ``seed + b * batch``). Per model and decoding: CREP (% of continuations with coverage >=
+0.3, r = 4..16) and rep-n (per continuation ``1 - unique/total`` n-grams, averaged, x100) on the
+generated token ids.
+
+Used by ``examples/table1_repetition.py`` and the demo (``axolotl-focus demo``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+DECODINGS = (("greedy", False), ("top-p 0.9", True))
+REP_NS = (2, 3, 4)
+
+
+def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test") -> list[list[int]]:
+    """The first ``prefix_tokens`` ids of the first ``count`` documents of the embedded slice
+    that have at least ``prefix_tokens + 10`` tokens."""
+    from .micro import corpus_documents
+
+    out = []
+    for doc in corpus_documents(split):
+        ids = tokenizer(doc)["input_ids"]
+        if len(ids) >= prefix_tokens + 10:
+            out.append(ids[:prefix_tokens])
+        if len(out) == count:
+            break
+    return out
+
+
+def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens: int, *, do_sample: bool,
+                  seed: int = 0, batch: int = 32, top_p: float = 0.9) -> list[list[int]]:
+    """Generated ids (EOS excluded) for every prompt, in order."""
+    from .mining import generate_batch
+
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        rows = generate_batch(model, tokenizer, chunk, [new_tokens] * len(chunk), seed=seed + start,
+                              do_sample=do_sample, top_p=top_p)
+        out.extend(rows.tokens)
+    return out
+
+
+def repetition_row(texts: Sequence[Sequence[int]], ns: Sequence[int] = REP_NS) -> dict[str, float]:
+    """``crep`` and ``rep-n`` for ``ns`` of a list of generated token-id lists."""
+    from .degeneration import crep, rep_ns
+
+    return {"crep": crep(texts), **{f"rep-{n}": v for n, v in rep_ns(texts, ns).items()}}
+
+
+def measure(models: dict[str, str], prompts: Sequence[Sequence[int]], new_tokens: int, *, seed: int = 0,
+            batch: int = 32, progress: bool = False) -> list[dict]:
+    """Rows ``{"model", "decoding", "crep", "rep-2", "rep-3", "rep-4"}`` for every model
+    (``{name: checkpoint path}``, pruned checkpoints included) under both decodings."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
+
+    rows = []
+    bar = tqdm(total=len(models) * len(DECODINGS), desc="Table 1 generations", unit="run", disable=not progress)
+    for name, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.inference_mode():
+            for decoding, sample in DECODINGS:
+                texts = continuations(model, tokenizer, prompts, new_tokens, do_sample=sample, seed=seed, batch=batch)
+                rows.append({"model": name, "decoding": decoding, **repetition_row(texts)})
+                bar.update()
+        del model
+    bar.close()
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a Markdown table (CREP in %, rep-n x100)."""
+    lines = ["| model | decoding | CREP (%) | rep-2 | rep-3 | rep-4 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['decoding']} | {r['crep']:.1f} | {r['rep-2']:.1f} | {r['rep-3']:.1f} "
+                     f"| {r['rep-4']:.1f} |")
+    return "\n".join(lines) + "\n"
