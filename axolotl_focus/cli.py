@@ -6,6 +6,7 @@
     axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
     axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
     axolotl-focus eval NAME=PATH [NAME=PATH ...]  the paper's metrics, tables and plots
+    axolotl-focus demo [--out DIR] [--quick] [--force]  the whole pipeline offline on a micro model
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def cmd_eval(args) -> int:
     return run_eval_cli(args)
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo_cli
+
+    return run_demo_cli(args)
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     """One --option per dataclass field (None default = not given; booleans as --x / --no-x)."""
     import dataclasses
@@ -166,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="offline end-to-end pipeline on a micro model: teacher, pruning, Table 1, "
+                       "pairs, axolotl fine-tuning (CE/KD/FOCUS/RePAIR/DPO), evaluation, report")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,1034 @@
+"""`axolotl-focus demo`: the whole FOCUS / RePAIR pipeline, offline, on a micro LLaMA.
+
+    axolotl-focus demo [--out demo_out] [--quick] [--force [STAGE ...]]
+
+Stages (each cached in its own folder of ``--out``):
+
+1. ``teacher`` - a micro GQA LLaMA and its byte-level BPE tokenizer, pretrained on the embedded
+   WikiText-2 valid slice (:func:`axolotl_focus.micro.build_micro_teacher`).
+2. ``prune`` - 25% width pruning with the LLM-Pruner method (first-order Taylor importance, whole
+   KV groups) and depth pruning (whole blocks), through :func:`axolotl_focus.preprocess.run_prune`;
+   both checkpoints record the teacher as their source model.
+3. ``table1`` - the paper's Table 1: CREP and rep-n of the unpruned and pruned models, greedy and
+   top-p 0.9 (:mod:`axolotl_focus.table1`).
+4. ``pairs`` - RePAIR pair mining: the width-pruned student continues prefixes of the training
+   text, the teacher regenerates from each loop's onset (:func:`axolotl_focus.mining.run_mining`).
+5. ``train`` - fine-tuning of the width-pruned student through the real ``axolotl train`` CLI (one
+   subprocess per run, generated YAML configs next to their logs): CE (``focus_distill: none``),
+   KD, FOCUS, FOCUS + RePAIR (the SFT data plus the pairs as ``type: axolotl_focus.repair``),
+   CE + RePAIR (full mode) and DPO on the same pairs (``rl: dpo``, reference = the teacher).
+   The teacher is never named in the configs: the plugin infers it from the pruned checkpoint.
+6. ``eval`` - :func:`axolotl_focus.evaluation.evaluate_models` on every model (PPL, CREP, rep-n,
+   EAD, MAUVE with the micro teacher as the featurizer), plus the Table-1 measurement of the
+   CE-fine-tuned student.
+
+Then ``demo_report.md`` and ``plots/`` are written from the stage outputs (every number in the
+report is read from them; nothing is hard-coded).
+
+Caching: a stage's folder holds ``started.json`` (its key) while it runs and ``done.json`` (key,
+a fresh id, summary, numbers, wall time) once its outputs are complete; ``done.json`` is written
+last and atomically. A stage's key hashes its settings, the output folder and the ids of the
+stages it reads, so a stage that is redone invalidates everything downstream. A rerun reuses
+every stage whose ``done.json`` matches; an interrupted stage restarts (the ``train`` stage keeps
+its finished runs, each with its own ``<run>.done.json``). ``--force`` redoes every stage,
+``--force train eval`` only those (and what depends on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+LOG = logging.getLogger(__name__)
+
+STAGES = ("teacher", "prune", "table1", "pairs", "train", "eval")
+STAGE_TITLES = {
+    "teacher": "micro LLaMA teacher",
+    "prune": "width + depth pruning",
+    "table1": "Table 1: repetition before/after pruning",
+    "pairs": "RePAIR pair mining",
+    "train": "fine-tuning through `axolotl train`",
+    "eval": "evaluation",
+}
+# the stages whose outputs a stage reads (their ids enter its key)
+DEPENDS = {"teacher": (), "prune": ("teacher",), "table1": ("prune",), "pairs": ("prune",), "train": ("pairs",),
+           "eval": ("train", "table1")}
+
+# run name -> (label in the report, method description)
+RUNS = {
+    "ce": ("CE", "cross-entropy only (focus_distill: none)"),
+    "kd": ("KD", "CE + KD (focus_distill: kd)"),
+    "focus": ("FOCUS", "CE + FOCUS (focus_distill: focus)"),
+    "focus-repair": ("FOCUS + RePAIR", "CE + FOCUS + RePAIR margin on the mined pairs"),
+    "ce-repair": ("CE + RePAIR", "CE + RePAIR margin on the mined pairs (no distillation)"),
+    "dpo": ("DPO", "rl: dpo on the mined pairs, reference = the teacher"),
+}
+REPORT = "demo_report.md"
+# stages that keep the finished parts of an interrupted attempt with the same key (train: its
+# finished runs; eval: the evaluation module's own per-model caches)
+RESUMABLE = ("train", "eval")
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message says which and where its log is."""
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and budgets of a demo run (``demo_settings(quick)`` gives the two presets)."""
+
+    quick: bool = False
+    seed: int = 0
+    # 1. teacher
+    teacher_layers: int = 8
+    teacher_hidden: int = 128
+    teacher_heads: int = 8
+    teacher_kv_heads: int = 4
+    teacher_intermediate: int = 352
+    teacher_steps: int = 500
+    vocab_size: int = 1024
+    # 2. pruning
+    width_reduction: float = 0.25
+    depth_blocks: int = 2
+    calib_samples: int = 10
+    # 3. Table 1
+    table1_prompts: int = 64
+    table1_prefix_tokens: int = 50
+    table1_new_tokens: int = 200
+    # 4. pair mining
+    mining_prompts: int = 600
+    mining_prefix_tokens: int = 32
+    mining_new_tokens: int = 128
+    mining_temperature: float = 0.5  # at temperature 1 the micro student (almost) never loops
+    target_pairs: int = 128
+    # 5. fine-tuning
+    sft_chunk_tokens: int = 192
+    sft_max_rows: int | None = None  # None: the whole slice
+    sequence_len: int = 320  # prompt + chosen + rejected of a pair row must fit
+    micro_batch_size: int = 8
+    train_steps: int = 80
+    dpo_steps: int = 24
+    learning_rate: float = 1e-3
+    dpo_learning_rate: float = 1e-4
+    runs: tuple[str, ...] = ("ce", "kd", "focus", "focus-repair", "ce-repair", "dpo")
+    # 6. evaluation
+    eval_documents: int = 96
+    eval_prefix_tokens: int = 50
+    eval_new_tokens: int = 100
+    ppl_max_tokens: int = 16384
+    mauve_seeds: tuple[int, ...] = (1, 2, 3)
+    # a second top-p condition at a lower temperature, where micro models loop part of the time
+    # (at temperature 1 they hardly ever loop, under greedy decoding always); 0 = skip it
+    eval_low_temperature: float = 0.5
+
+    def stage_settings(self, stage: str) -> dict:
+        """The settings a stage's outputs depend on."""
+        prefix = {"teacher": ("teacher_", "vocab_size"), "prune": ("width_", "depth_", "calib_"),
+                  "table1": ("table1_",), "pairs": ("mining_", "target_pairs"),
+                  "train": ("sft_", "sequence_len", "micro_batch_size", "train_", "dpo_", "learning_rate", "runs"),
+                  "eval": ("eval_", "ppl_", "mauve_")}[stage]
+        return {k: v for k, v in asdict(self).items() if k.startswith(prefix)} | {"seed": self.seed}
+
+
+def demo_settings(quick: bool = False, seed: int = 0) -> DemoSettings:
+    """The full preset (~15 min on a 2-core CPU) or the quick one (~3 min): same stages, a smaller
+    teacher and fewer steps, documents and pairs."""
+    if not quick:
+        return DemoSettings(seed=seed)
+    return DemoSettings(
+        quick=True, seed=seed, teacher_layers=6, teacher_hidden=64, teacher_heads=4, teacher_kv_heads=2,
+        teacher_intermediate=176, teacher_steps=150, depth_blocks=2, calib_samples=4, table1_prompts=16,
+        table1_new_tokens=100, mining_prompts=128, mining_new_tokens=96, mining_temperature=0.3, target_pairs=32,
+        sft_max_rows=256, sequence_len=256, train_steps=8, dpo_steps=4, runs=("ce", "kd", "focus", "focus-repair", "dpo"),
+        eval_documents=32, ppl_max_tokens=4096, mauve_seeds=(1,), eval_low_temperature=0.3,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+# --------------------------------------------------------------------------------------------
+# axolotl train configs
+# --------------------------------------------------------------------------------------------
+
+
+def train_configs(s: DemoSettings, student: str, sft: str, pairs: str, work: str | os.PathLike) -> dict[str, dict]:
+    """The axolotl config of every run in ``s.runs`` (ordinary axolotl keys plus the plugin's).
+
+    ``student``: the width-pruned checkpoint (records the teacher); ``sft``: completion JSONL;
+    ``pairs``: the mined RePAIR pairs; ``work``: the train stage folder (outputs, prepared data).
+    """
+    work = Path(work)
+    sft_ds = {"path": str(sft), "ds_type": "json", "type": "completion"}
+    repair_ds = {"path": str(pairs), "ds_type": "json", "type": "axolotl_focus.repair"}
+    common = {
+        "base_model": str(student),
+        "plugins": ["axolotl_focus.FocusPlugin"],
+        "sequence_len": s.sequence_len,
+        "sample_packing": False,
+        "micro_batch_size": s.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": s.train_steps,
+        "learning_rate": s.learning_rate,
+        "lr_scheduler": "cosine",
+        "warmup_steps": max(1, s.train_steps // 20),
+        "optimizer": "adamw_torch",
+        "weight_decay": 0.0,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "val_set_size": 0,
+        "seed": s.seed,
+        "dataset_num_proc": 1,  # worker processes cost more than they save on these few rows
+        # one folder for all runs: axolotl names each prepared dataset by a hash of its settings,
+        # so the runs on the same data tokenize and save it once
+        "dataset_prepared_path": str(work / "prepared"),
+    }
+    methods = {
+        "ce": {"focus_distill": "none", "datasets": [sft_ds]},
+        "kd": {"focus_distill": "kd", "datasets": [sft_ds]},
+        "focus": {"focus_distill": "focus", "datasets": [sft_ds]},
+        "focus-repair": {"focus_distill": "focus", "datasets": [sft_ds, repair_ds]},
+        "ce-repair": {"focus_distill": "none", "datasets": [sft_ds, repair_ds]},
+        "dpo": {"rl": "dpo", "rl_beta": 0.1, "focus_dpo_reference": "teacher",
+                "datasets": [{"path": str(pairs), "ds_type": "json", "split": "train"}],
+                "max_steps": s.dpo_steps, "learning_rate": s.dpo_learning_rate,
+                "warmup_steps": max(1, s.dpo_steps // 20)},
+    }
+    unknown = [r for r in s.runs if r not in methods]
+    if unknown:
+        raise ValueError(f"runs: unknown {unknown}; known {list(methods)}")
+    out = {}
+    for run in s.runs:
+        cfg = {**common, **methods[run]}
+        cfg["output_dir"] = str(work / run)
+        out[run] = cfg
+    return out
+
+
+def logged_dicts(text: str) -> list[dict[str, float]]:
+    """The per-step dicts the HF Trainer prints (``{'loss': ...}``), values as floats."""
+    out = []
+    for match in re.finditer(r"\{'loss': [^{}]*\}", text):
+        try:
+            raw = ast.literal_eval(match.group(0))
+        except (ValueError, SyntaxError):
+            continue
+        row = {}
+        for key, value in raw.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+        out.append(row)
+    return out
+
+
+def _axolotl_env(threads: int) -> dict[str, str]:
+    bindir = os.path.dirname(sys.executable)
+    return dict(
+        os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+        PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+    )
+
+
+def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, progress: bool) -> list[dict]:
+    """``axolotl train CONFIG --launcher python`` in a subprocess (log to ``log``); a progress bar
+    follows the logged steps. Returns the logged dicts; raises :class:`DemoError` on failure."""
+    from tqdm.auto import tqdm
+
+    env = _axolotl_env(threads)
+    exe = shutil.which("axolotl", path=env["PATH"])
+    if exe is None:
+        raise DemoError("the `axolotl` command is not installed in this environment (pip install axolotl)")
+    cmd = [exe, "train", str(config), "--launcher", "python"]
+    rows: list[dict] = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, cwd=str(config.parent), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            handle.write(line)
+            for row in logged_dicts(line):
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+        code = proc.wait()
+    bar.close()
+    if code != 0:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
+        raise DemoError(f"axolotl train {config} failed (exit {code}); log: {log}\n{tail}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def auto_threads() -> int:
+    """Torch threads: the cores not already busy (1-minute load average), at least 1. On a shared
+    machine several processes spinning on the same cores slow each other down many times over."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, cores - int(load + 0.5)))
+
+
+class Demo:
+    """Runs the stages into ``out`` (see the module docstring)."""
+
+    def __init__(self, out: str | os.PathLike, settings: DemoSettings, *, force: bool | tuple[str, ...] = False,
+                 progress: bool = True, threads: int | None = None, echo: Callable[[str], None] | None = None):
+        self.out = Path(out).absolute()
+        self.s = settings
+        if force is True:
+            self.force = set(STAGES)
+        else:
+            self.force = set(force or ())
+        unknown = self.force - set(STAGES)
+        if unknown:
+            raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+        self.progress = progress
+        self.threads = threads or auto_threads()
+        self.echo = echo or (lambda msg: print(msg, flush=True))
+        self.status: dict[str, str] = {}
+
+    # paths -----------------------------------------------------------------------------------
+    def dir(self, stage: str) -> Path:
+        return self.out / f"{STAGES.index(stage) + 1}_{stage}"
+
+    @property
+    def teacher(self) -> str:
+        return str(self.dir("teacher") / "model")
+
+    def pruned(self, kind: str) -> str:
+        return str(self.dir("prune") / kind)
+
+    @property
+    def pairs_file(self) -> str:
+        return str(self.dir("pairs") / "pairs.jsonl")
+
+    def run_dir(self, run: str) -> str:
+        return str(self.dir("train") / run)
+
+    # caching ---------------------------------------------------------------------------------
+    def marker(self, stage: str) -> dict | None:
+        return read_json(self.dir(stage) / "done.json")
+
+    def key(self, stage: str) -> str:
+        deps = {d: (self.marker(d) or {}).get("id") for d in DEPENDS[stage]}
+        return _digest({"stage": stage, "settings": self.s.stage_settings(stage), "out": str(self.out), "deps": deps})
+
+    def run(self) -> Path:
+        """Run (or reuse) every stage, then write the report. Returns the report's path."""
+        import torch
+
+        torch.set_num_threads(self.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        self.echo(f"axolotl-focus demo ({'quick' if self.s.quick else 'full'}) -> {self.out}  "
+                  f"[{os.cpu_count()} CPU cores, torch threads {self.threads}]")
+        for i, stage in enumerate(STAGES, 1):
+            self._stage(i, stage)
+        path = self.write_report(time.perf_counter() - start)
+        reused = sum(v == "reused" for v in self.status.values())
+        self.echo(f"report: {path}  ({_fmt_time(time.perf_counter() - start)}; {reused} of {len(STAGES)} stages reused)")
+        return path
+
+    def _stage(self, i: int, stage: str) -> None:
+        folder, key = self.dir(stage), self.key(stage)
+        head = f"[{i}/{len(STAGES)}] {stage}"
+        done = self.marker(stage)
+        if done and done.get("key") == key and stage not in self.force:
+            self.status[stage] = "reused"
+            self.echo(f"{head}: reused ({done['summary']})")
+            return
+        started = read_json(folder / "started.json")
+        if stage in self.force or not started or started.get("key") != key or stage not in RESUMABLE:
+            shutil.rmtree(folder, ignore_errors=True)  # stale or partial outputs of other settings
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "done.json").unlink(missing_ok=True)
+        write_json(folder / "started.json", {"key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.echo(f"{head}: {STAGE_TITLES[stage]} ...")
+        t0 = time.perf_counter()
+        data, summary = getattr(self, f"_run_{stage}")(folder)
+        elapsed = time.perf_counter() - t0
+        write_json(folder / "done.json", {"key": key, "id": uuid.uuid4().hex, "stage": stage, "summary": summary,
+                                          "data": data, "elapsed_s": round(elapsed, 1), "threads": self.threads,
+                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.status[stage] = "ran"
+        self.echo(f"{head}: done in {_fmt_time(elapsed)} - {summary}")
+
+    # 1. teacher ------------------------------------------------------------------------------
+    def _run_teacher(self, folder: Path):
+        from .micro import build_micro_teacher
+
+        s = self.s
+        model_dir = folder / "model"
+        _, losses = build_micro_teacher(
+            model_dir, steps=s.teacher_steps, seed=s.seed, vocab_size=s.vocab_size, layers=s.teacher_layers,
+            hidden=s.teacher_hidden, heads=s.teacher_heads, kv_heads=s.teacher_kv_heads,
+            intermediate=s.teacher_intermediate)
+        write_json(folder / "pretrain_loss.json", losses)
+        params = _param_count(model_dir)
+        k = max(1, min(10, len(losses) // 10))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        data = {"path": str(model_dir), "params": params, "loss_first": first, "loss_last": last,
+                "steps": s.teacher_steps}
+        summary = (f"{params / 1e6:.2f} M params ({s.teacher_layers} layers, hidden {s.teacher_hidden}, GQA "
+                   f"{s.teacher_heads}/{s.teacher_kv_heads} heads), loss {first:.2f} -> {last:.2f} in "
+                   f"{s.teacher_steps} steps")
+        return data, summary
+
+    # 2. pruning ------------------------------------------------------------------------------
+    def _run_prune(self, folder: Path):
+        from .config import FocusPruneArgs
+        from .preprocess import run_prune
+
+        s, layers = self.s, self.s.teacher_layers
+        specs = {
+            "width": FocusPruneArgs(target_param_reduction=s.width_reduction, attn_layers=[1, layers - 1],
+                                    mlp_layers=[1, layers - 1], calib_samples=s.calib_samples, seed=s.seed,
+                                    device="cpu"),
+            "depth": FocusPruneArgs(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
+                                    calib_samples=s.calib_samples, seed=s.seed, device="cpu"),
+        }
+        data, parts = {}, []
+        for kind, spec in specs.items():
+            report = run_prune(self.teacher, spec, folder / kind)
+            data[kind] = {"path": str(folder / kind), "params_before": report["params_before"],
+                          "params_after": report["params_after"], "reduction": report["achieved_reduction"],
+                          "removed_blocks": report.get("removed_blocks"), "layer_shapes": report.get("layer_shapes"),
+                          "spec": spec.model_dump(exclude={"cache_dir", "wait_timeout"})}
+            extra = f", blocks {report['removed_blocks']} removed" if report.get("removed_blocks") else \
+                f", layers 1-{layers - 2}"
+            parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} fewer{extra})")
+        return data, "; ".join(parts)
+
+    # 3. Table 1 ------------------------------------------------------------------------------
+    def _table1_prompts(self):
+        from transformers import AutoTokenizer
+
+        from .table1 import prefixes
+
+        tokenizer = AutoTokenizer.from_pretrained(self.teacher)
+        return prefixes(tokenizer, self.s.table1_prompts, self.s.table1_prefix_tokens)
+
+    def _run_table1(self, folder: Path):
+        from .table1 import measure
+
+        s = self.s
+        prompts = self._table1_prompts()
+        models = {"unpruned": self.teacher, "width pruned": self.pruned("width"), "depth pruned": self.pruned("depth")}
+        rows = measure(models, prompts, s.table1_new_tokens, seed=s.seed, batch=32, progress=self.progress)
+        data = {"prompts": len(prompts), "prefix_tokens": s.table1_prefix_tokens, "new_tokens": s.table1_new_tokens,
+                "rows": rows}
+        write_json(folder / "table1.json", data)
+        crep = {(r["model"], r["decoding"]): r["crep"] for r in rows}
+        summary = "CREP % greedy / top-p: " + ", ".join(
+            f"{m} {crep[(m, 'greedy')]:.0f} / {crep[(m, 'top-p 0.9')]:.0f}" for m in models)
+        return data, summary
+
+    # 4. pairs --------------------------------------------------------------------------------
+    def _run_pairs(self, folder: Path):
+        from .micro import corpus_documents
+        from .mining import MiningConfig, run_mining
+
+        s = self.s
+        prompts = folder / "prompts.jsonl"
+        with open(prompts, "w", encoding="utf-8") as handle:
+            for i, doc in enumerate(corpus_documents("valid")[: s.mining_prompts]):
+                handle.write(json.dumps({"id": f"wikitext2-valid-{i}", "text": doc}) + "\n")
+        cfg = MiningConfig(prompts=str(prompts), output=self.pairs_file, student=self.pruned("width"), id_field="id",
+                           prefix_tokens=s.mining_prefix_tokens, max_new_tokens=s.mining_new_tokens,
+                           temperature=s.mining_temperature, top_p=0.9, seed=s.seed, target_pairs=s.target_pairs,
+                           batch_size=32, device="cpu", progress=self.progress)
+        summary = run_mining(cfg)
+        if summary.pairs_total == 0:
+            raise DemoError(f"pair mining kept no pairs ({summary.prompts_tried} prompts tried, "
+                            f"{summary.degenerate} degenerate); see {self.pairs_file}.summary.json")
+        data = summary.to_dict() | {"teacher": cfg.teacher_path(), "student": cfg.student,
+                                    "settings": {k: getattr(cfg, k) for k in (
+                                        "prefix_tokens", "max_new_tokens", "top_p", "temperature", "threshold",
+                                        "target_pairs", "positive_attempts", "seed")}}
+        text = (f"{summary.pairs_total} pairs from {summary.prompts_tried} prompts "
+                f"({summary.degenerate_share:.0%} of the student's samples degenerate, "
+                f"{summary.pairs_dropped_no_positive + summary.negatives_dropped} dropped)")
+        return data, text
+
+    # 5. fine-tuning --------------------------------------------------------------------------
+    def _write_sft(self, path: Path) -> int:
+        """The SFT data: the training text (WikiText-2 valid slice) in chunks of at most
+        ``sft_chunk_tokens`` tokens (axolotl drops rows longer than ``sequence_len``)."""
+        from transformers import AutoTokenizer
+
+        from .micro import corpus_documents
+
+        tokenizer = AutoTokenizer.from_pretrained(self.teacher)
+        n = 0
+        with open(path, "w", encoding="utf-8") as handle:
+            for doc in corpus_documents("valid"):
+                ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+                for start in range(0, len(ids), self.s.sft_chunk_tokens):
+                    text = tokenizer.decode(ids[start : start + self.s.sft_chunk_tokens]).strip()
+                    if text and (self.s.sft_max_rows is None or n < self.s.sft_max_rows):
+                        handle.write(json.dumps({"text": text}) + "\n")
+                        n += 1
+        return n
+
+    def _run_train(self, folder: Path):
+        import yaml
+
+        s = self.s
+        sft = folder / "sft.jsonl"
+        rows = self._write_sft(sft)
+        configs = train_configs(s, self.pruned("width"), str(sft), self.pairs_file, folder)
+        data: dict[str, Any] = {"sft_rows": rows, "runs": {}}
+        for k, (run, cfg) in enumerate(configs.items(), 1):
+            config = folder / f"{run}.yml"
+            header = (f"# axolotl-focus demo: {RUNS[run][1]}\n# generated by axolotl_focus/demo.py; run with: "
+                      f"axolotl train {config.name}\n")
+            config.write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            done_file, run_key = folder / f"{run}.done.json", _digest(cfg)
+            done = read_json(done_file)
+            if done and done.get("key") == run_key:
+                data["runs"][run] = done
+                self.echo(f"    {run}: reused ({len(done['logs'])} steps, final loss {done['final_loss']:.3f})")
+                continue
+            shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+            t0 = time.perf_counter()
+            logs = axolotl_train(config, folder / f"{run}.log", cfg["max_steps"], f"    axolotl train {run}",
+                                 self.threads, self.progress)
+            elapsed = time.perf_counter() - t0
+            if not logs:
+                raise DemoError(f"axolotl train {config}: no training steps were logged; see {folder / (run + '.log')}")
+            tail = logs[-max(1, len(logs) // 10):]
+            record = {"key": run_key, "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
+                      "final_loss": sum(r["loss"] for r in tail) / len(tail), "elapsed_s": round(elapsed, 1)}
+            write_json(done_file, record)
+            data["runs"][run] = record
+            self.echo(f"    {run} ({k}/{len(configs)}): {len(logs)} steps in {_fmt_time(elapsed)}, "
+                      f"final loss {record['final_loss']:.3f}")
+        timing = [r["elapsed_s"] for r in data["runs"].values()]
+        summary = (f"{len(configs)} runs ({', '.join(configs)}), {s.train_steps} steps each (DPO {s.dpo_steps}), "
+                   f"{sum(timing):.0f} s in axolotl subprocesses")
+        return data, summary
+
+    # 6. evaluation ---------------------------------------------------------------------------
+    def eval_models(self) -> dict[str, str]:
+        models = {"teacher (unpruned)": self.teacher, "width pruned": self.pruned("width"),
+                  "depth pruned": self.pruned("depth")}
+        for run in self.s.runs:
+            models[RUNS[run][0]] = self.run_dir(run)
+        return models
+
+    def eval_config(self, folder: Path):
+        from .evaluation import EvalConfig
+
+        s = self.s
+        return EvalConfig(
+            output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"),
+            decodings=("top_p", "greedy"), seeds=(s.seed,), batch_size=32, num_documents=s.eval_documents,
+            data_seed=s.seed, prefix_tokens=s.eval_prefix_tokens, max_new_tokens=s.eval_new_tokens,
+            ppl_window=256, ppl_stride=128, ppl_max_tokens=s.ppl_max_tokens, mauve_featurizer=self.teacher,
+            mauve_seeds=tuple(s.mauve_seeds), mauve_max_text_length=256, device="cpu", progress=self.progress,
+        )
+
+    def low_eval_config(self, folder: Path):
+        """Top-p 0.9 at ``eval_low_temperature`` (repetition and MAUVE only), or None."""
+        from dataclasses import replace
+
+        t = self.s.eval_low_temperature
+        if not t:
+            return None
+        return replace(self.eval_config(folder), output_dir=str(folder / f"temperature{t:g}"),
+                       metrics=("repetition", "mauve"), decodings=("top_p",), temperature=t, plots=False)
+
+    def _run_eval(self, folder: Path):
+        from .evaluation import evaluate_models
+        from .table1 import measure
+
+        s = self.s
+        results = evaluate_models(self.eval_models(), self.eval_config(folder))
+        low = self.low_eval_config(folder)
+        low_results = evaluate_models(self.eval_models(), low) if low else []
+        # Table 1's condition in the paper: the pruned model after fine-tuning (here: the CE run)
+        extra = []
+        if "ce" in s.runs:
+            extra = measure({"width pruned + CE fine-tuning": self.run_dir("ce")}, self._table1_prompts(),
+                            s.table1_new_tokens, seed=s.seed, batch=32, progress=self.progress)
+        write_json(folder / "table1_finetuned.json", {"rows": extra})
+        methods = [RUNS[r][0] for r in s.runs]
+        parts = []
+        for label, res in (("T=1", results), (f"T={s.eval_low_temperature:g}", low_results)):
+            if res:
+                flat = {r["model"]: _flat(r, _decoding_key(res)) for r in res}
+                parts.append(f"top-p {label} CREP % " + ", ".join(
+                    f"{m} {flat[m].get('crep', float('nan')):.1f}" for m in methods if m in flat))
+        unavailable = sorted({k for r in results + low_results for k in r.get("unavailable", {})})
+        summary = f"{len(results)} models, {results[0]['open_ended']['prompts']} documents; " + "; ".join(parts)
+        if unavailable:
+            summary += f"; unavailable: {', '.join(unavailable)}"
+        return {"models": self.eval_models(), "unavailable": unavailable}, summary
+
+    # report ----------------------------------------------------------------------------------
+    def write_report(self, total_s: float | None = None) -> Path:
+        text = render_report(self, total_s)
+        path = self.out / REPORT
+        tmp = path.with_name(f".{REPORT}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def _param_count(path: str | os.PathLike) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as handle:
+        for name in handle.keys():
+            total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _decoding_key(results: list[dict]) -> str:
+    decs = [d for r in results for d in r.get("open_ended", {}).get("decodings", {}) if d != "greedy"]
+    return decs[0] if decs else "greedy"
+
+
+def _flat(res: dict, decoding: str) -> dict:
+    out = dict(res.get("open_ended", {}).get("decodings", {}).get(decoding, {}).get("mean", {}))
+    if "perplexity" in res:
+        out["ppl"] = res["perplexity"]["ppl"]
+    return out
+
+
+def _cell(value, dec: int) -> str:
+    return f"{value:.{dec}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _table(rows: list[tuple[str, dict]], cols: list[tuple[str, str, int]]) -> str:
+    lines = ["| Method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, vals in rows:
+        lines.append(f"| {label} | " + " | ".join(_cell(vals.get(key), dec) for _, key, dec in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plugin_defaults() -> str:
+    from .config import FocusTrainingArgsMixin as d
+
+    return (f"alpha {d.focus_alpha:g}, tau {d.focus_temperature:g}, beta {d.focus_beta:g}, gamma {d.focus_gamma:g}, "
+            f"RePAIR alpha_2 {d.focus_repair_alpha:g}, margin {d.focus_repair_margin:g}")
+
+
+def _params_text(demo: Demo) -> str:
+    params = ((demo.marker("teacher") or {}).get("data") or {}).get("params")
+    return f"{params / 1e6:.2f} M parameters" if params else "well under 10 M parameters"
+
+
+def _load_results(demo: Demo) -> tuple[list[dict], list[dict]]:
+    """The evaluation's per-model results (main and low-temperature) of a finished eval stage."""
+    done = demo.marker("eval")
+    if not done:
+        return [], []
+    from .evaluation import _model_dir
+
+    out = []
+    for cfg in (demo.eval_config(demo.dir("eval")), demo.low_eval_config(demo.dir("eval"))):
+        rows = []
+        if cfg is not None:
+            for name in done["data"]["models"]:
+                r = read_json(_model_dir(cfg, name) / "results.json")
+                if r:
+                    rows.append(r)
+        out.append(rows)
+    return out[0], out[1]
+
+
+# (claim, model A, model B, metrics where A should be lower than B)
+_CLAIMS = [
+    ("FOCUS repeats less than KD", "FOCUS", "KD", ("crep", "rep-3")),
+    ("RePAIR reduces repetition (FOCUS + RePAIR vs FOCUS)", "FOCUS + RePAIR", "FOCUS", ("crep", "rep-3")),
+    ("RePAIR reduces repetition (CE + RePAIR vs CE)", "CE + RePAIR", "CE", ("crep", "rep-3")),
+    ("DPO reduces repetition vs CE", "DPO", "CE", ("rep-3",)),
+    ("RePAIR repeats less than DPO", "CE + RePAIR", "DPO", ("rep-3",)),
+    ("RePAIR repeats less than DPO (with FOCUS)", "FOCUS + RePAIR", "DPO", ("rep-3",)),
+]
+
+
+_METRIC_NAMES = {"crep": "CREP", "mauve": "MAUVE", "ppl": "PPL", "ead": "EAD-1"}
+
+
+def _verdict(a: float, b: float, dec: int = 2) -> str:
+    if round(a, dec) == round(b, dec):
+        return "tie"
+    return "holds" if a < b else "does not hold"
+
+
+def _paper_checks(conds: dict[str, dict[str, dict]], t1: dict | None) -> list[str]:
+    """Table rows ``| claim | metric | condition | measured | verdict |`` from the measured numbers."""
+    rows = []
+    if t1:
+        crep = {(r["model"], r["decoding"]): r["crep"] for r in t1["rows"]}
+        for pruned in ("width pruned", "depth pruned", "width pruned + CE fine-tuning"):
+            for dec in ("top-p 0.9", "greedy"):
+                a, b = crep.get((pruned, dec)), crep.get(("unpruned", dec))
+                if a is not None and b is not None:
+                    verdict = "tie" if round(a, 1) == round(b, 1) else "holds" if a > b else "does not hold"
+                    rows.append(f"| pruning increases repetition (Table 1) | CREP | {pruned}, {dec} | "
+                                f"{a:.1f} vs unpruned {b:.1f} | {verdict} |")
+    for claim, a_name, b_name, metrics in _CLAIMS:
+        for cond, flat in conds.items():
+            a, b = flat.get(a_name), flat.get(b_name)
+            if not a or not b:
+                continue
+            for metric in metrics:
+                va, vb = a.get(metric), b.get(metric)
+                if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+                    rows.append(f"| {claim} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {a_name} {va:.2f} vs {b_name} {vb:.2f} | "
+                                f"{_verdict(va, vb)} |")
+    return rows
+
+
+def render_report(demo: Demo, total_s: float | None = None) -> str:
+    """``demo_report.md`` from the stage outputs in ``demo.out`` (and the plots under ``plots/``)."""
+    s, out = demo.s, demo.out
+    marks = {st: demo.marker(st) or {} for st in STAGES}
+    missing = [st for st in STAGES if not marks[st]]
+    lines = [f"# axolotl-focus demo report ({'quick' if s.quick else 'full'} mode)", ""]
+    lines += [
+        "Generated by `axolotl-focus demo"
+        + (" --quick" if s.quick else "") + f"` into `{out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {demo.threads}). Every number below is "
+        "read from this run's stage outputs (nothing is hard-coded). **This is a micro model** "
+        f"({_params_text(demo)}, minutes of CPU pretraining) with small samples and one seed: "
+        "the paper's pattern (LLaMA-3.1-8B / LLaMA-2-13B) may not reproduce at this scale, and small differences "
+        "between rows are within noise.", ""]
+    if missing:
+        lines += [f"Stages not finished yet: {', '.join(missing)} (their sections are left out).", ""]
+
+    # setup -----------------------------------------------------------------------------------
+    t, p, mi, tr = marks["teacher"].get("data", {}), marks["prune"].get("data", {}), \
+        marks["pairs"].get("data", {}), marks["train"].get("data", {})
+    lines += ["## Setup", ""]
+    if t:
+        lines.append(
+            f"- **Teacher**: LLaMA, {s.teacher_layers} layers, hidden {s.teacher_hidden}, {s.teacher_heads} query / "
+            f"{s.teacher_kv_heads} KV heads (GQA), MLP {s.teacher_intermediate}, byte-level BPE vocabulary "
+            f"{s.vocab_size}; {t['params']:,} parameters; pretrained {t['steps']} steps (batch 16 x 64 tokens, "
+            f"AdamW 3e-3 cosine) on the embedded WikiText-2 valid slice (CC BY-SA 3.0); loss "
+            f"{t['loss_first']:.2f} -> {t['loss_last']:.2f} (mean of the first / last 10 steps).")
+    if p:
+        w, d = p["width"], p["depth"]
+        lines.append(
+            f"- **Pruning** (calibration: {s.calib_samples} windows of 64 tokens of the same slice): width = "
+            f"LLM-Pruner block-wise, first-order Taylor importance, whole KV groups, layers 1-{s.teacher_layers - 2}, "
+            f"target {s.width_reduction:.0%} of all parameters: {w['params_before']:,} -> {w['params_after']:,} "
+            f"({w['reduction']:.1%} fewer); depth = {s.depth_blocks} of {s.teacher_layers} blocks removed "
+            f"(Taylor+ block score; removed {d.get('removed_blocks')}): {d['params_after']:,} ({d['reduction']:.1%} "
+            "fewer). Both checkpoints record the teacher as `focus_source_model`.")
+    if mi:
+        st = mi["settings"]
+        lines.append(
+            f"- **RePAIR pairs**: the width-pruned student continued {st['prefix_tokens']}-token prefixes of the "
+            f"training slice (top-p {st['top_p']}, temperature {st['temperature']}, at most {st['max_new_tokens']} "
+            f"tokens, loop early stop); {mi['prompts_tried']} prompts tried, {mi['degenerate']} degenerate "
+            f"(coverage >= {st['threshold']}, {100 * mi['degenerate_share']:.1f}%), the teacher regenerated from each "
+            f"loop onset (up to {st['positive_attempts']} samples): **{mi['pairs_total']} pairs** kept "
+            f"(target {st['target_pairs']}), {mi['positives_rejected_looping']} teacher samples rejected for looping, "
+            f"{mi['pairs_dropped_no_positive'] + mi['negatives_dropped']} pairs dropped.")
+    if tr:
+        lines.append(
+            f"- **Fine-tuning**: `axolotl train <run>.yml --launcher python` in a subprocess per run (configs and "
+            f"logs in `{demo.dir('train').name}/`), all from the width-pruned checkpoint, full fine-tuning, "
+            f"{s.train_steps} steps of {s.micro_batch_size} rows (DPO: {s.dpo_steps} steps), sequence length "
+            f"{s.sequence_len}, AdamW lr {s.learning_rate:g} cosine (DPO {s.dpo_learning_rate:g}, beta 0.1), seed "
+            f"{s.seed}; SFT data = the training slice in {tr['sft_rows']} chunks of <= {s.sft_chunk_tokens} tokens. "
+            f"FOCUS/KD use the plugin's defaults (the paper's: {_plugin_defaults()}); RePAIR pair rows are mixed "
+            "into the SFT data. The teacher is never named in the configs: the plugin infers it from the "
+            "checkpoint's `focus_source_model`.")
+    if marks["eval"]:
+        lines.append(
+            f"- **Evaluation** (`axolotl_focus.evaluation`): {s.eval_documents} documents of the embedded WikiText-2 "
+            f"test slice (held out), {s.eval_prefix_tokens}-token prefix, {s.eval_new_tokens} new tokens, top-p 0.9 "
+            f"(top_k 0, seed {s.seed}) and greedy; PPL = sliding window 256 / stride 128 over the first "
+            f"{s.ppl_max_tokens:,} tokens of the test slice; MAUVE (mauve-text) with the micro teacher as the "
+            f"featurizer (final hidden state of the last token), p = human continuations, mean over compute_mauve "
+            f"seeds {list(s.mauve_seeds)}. CREP = % of continuations with coverage >= 0.3 (r 4..16); rep-n = "
+            f"100 x mean(1 - unique/total n-grams); EAD-1 corpus level, V = {s.vocab_size:,}."
+            + (f" Also top-p 0.9 at temperature {s.eval_low_temperature:g} (same prompts and seed; not one of the "
+               "paper's settings)." if s.eval_low_temperature else ""))
+    lines.append(f"- **Seeds**: {s.seed} everywhere (teacher init and data, calibration, generation, training).")
+    lines.append("")
+
+    # Table 1 ----------------------------------------------------------------------------------
+    t1 = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
+    if t1:
+        from .table1 import markdown_table
+
+        rows = list(t1["rows"])
+        ft = read_json(demo.dir("eval") / "table1_finetuned.json") if marks["eval"] else None
+        rows += (ft or {}).get("rows", [])
+        lines += ["## Table 1 (micro): repetition before and after pruning", "",
+                  f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; "
+                  "CREP (%) and rep-n (x100) on the generated tokens.", "", markdown_table(rows)]
+        lines.append("The paper's Table 1 pruned rows are fine-tuned (on Alpaca); here the pruned rows are measured "
+                     "right after pruning; the 'width pruned + CE fine-tuning' rows (when present) are the "
+                     "width-pruned student after the CE run of stage 5, the paper's condition.")
+        crep = {(r["model"], r["decoding"]): r["crep"] for r in rows}
+        said = []
+        for dec in ("top-p 0.9", "greedy"):
+            base = crep.get(("unpruned", dec))
+            for m in ("width pruned", "depth pruned", "width pruned + CE fine-tuning"):
+                if (m, dec) in crep and base is not None:
+                    said.append(f"{m} {crep[(m, dec)]:.1f}")
+            if base is not None:
+                lines.append(f"Measured CREP ({dec}): unpruned {base:.1f} vs " + ", ".join(said) + ".")
+            said = []
+        lines.append("")
+
+    # Tables 3 and 5 ---------------------------------------------------------------------------
+    results, low_results = _load_results(demo)
+    if results:
+        top = _decoding_key(results)
+        low_t = s.eval_low_temperature
+        conds = {"T=1": {r["model"]: _flat(r, top) for r in results},
+                 "greedy": {r["model"]: _flat(r, "greedy") for r in results}}
+        if low_results:
+            conds[f"T={low_t:g}"] = {r["model"]: _flat(r, _decoding_key(low_results)) | {
+                "ppl": conds["T=1"].get(r["model"], {}).get("ppl")} for r in low_results}
+        cond_titles = {"T=1": "top-p 0.9, temperature 1 (the paper's decoding)", "greedy": "greedy decoding",
+                       f"T={low_t:g}": f"top-p 0.9, temperature {low_t:g} (not in the paper: the regime where the "
+                       "micro models loop part of the time)"}
+        human = results[0].get("open_ended", {}).get("reference", {})
+        rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
+        cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
+            [("EAD-1 ↑", "ead", 3)]
+        t3 = [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair") if r in s.runs]
+        refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
+        n_docs = results[0]["open_ended"]["prompts"]
+        lines += ["## Table 3 (micro): open-ended generation", "",
+                  f"{n_docs} held-out documents (one CREP step = {100 / n_docs:.1f} points). Methods (all fine-tuned "
+                  "from the width-pruned checkpoint) first; then, for reference, the teacher, the pruned models "
+                  "before fine-tuning and the human continuations. PPL does not depend on the decoding.", ""]
+        for cond, flat in conds.items():
+            rows = [(m, flat[m]) for m in t3 + refs if m in flat]
+            if cond == "T=1":
+                rows.append(("human continuation", human))
+            lines += [f"**{cond_titles[cond]}**", "", _table(rows, cols3)]
+
+        t5 = [RUNS[r][0] for r in ("ce", "ce-repair", "dpo", "focus-repair") if r in s.runs]
+        cols5 = [("PPL ↓", "ppl", 2)] + rep_cols + [("CREP ↓", "crep", 2), ("MAUVE ↑", "mauve", 3)]
+        lines += ["## Table 5 (micro): CE vs RePAIR vs DPO on the same pairs", "",
+                  "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
+                  "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
+                  "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " Quick mode skips the CE + RePAIR run."),
+                  ""]
+        for cond, flat in conds.items():
+            lines += [f"**{cond_titles[cond]}**", "", _table([(m, flat[m]) for m in t5 if m in flat], cols5)]
+
+        notes = []
+        teacher_ppl = conds["T=1"].get("teacher (unpruned)", {}).get("ppl")
+        below = [m for m in t3 + t5 if isinstance(teacher_ppl, float)
+                 and (conds["T=1"].get(m, {}).get("ppl") or math.inf) < teacher_ppl]
+        if below:
+            notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): the micro "
+                         "teacher is not trained to convergence and the fine-tuning data is its own pretraining text, "
+                         "so fine-tuning also continues its pretraining. The paper's teacher is a finished model.")
+        if low_results and math.isclose(low_t, s.mining_temperature):
+            notes.append(f"The pairs were mined at temperature {s.mining_temperature:g}, the temperature of the "
+                         "low-temperature condition: RePAIR and DPO were trained on this very regime.")
+        if notes:
+            lines += ["Notes on these numbers:", ""] + [f"- {n}" for n in notes] + [""]
+
+        t1_all = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
+        if t1_all:
+            ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
+            t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
+        checks = _paper_checks(conds, t1_all)
+        if checks:
+            lines += ["## Does the paper's pattern show up here?", "",
+                      "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
+                      "has the paper's sign; \"tie\" = equal at the table's precision). With one seed and "
+                      f"{n_docs} documents, small differences are noise.", "",
+                      "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
+            lines += checks + [""]
+        unavailable = {f"{r['model']}: {k}": v for r in results + low_results for k, v in r.get("unavailable", {}).items()}
+        if unavailable:
+            lines += ["Metrics that could not run:", ""] + [f"- {k}: {v}" for k, v in unavailable.items()] + [""]
+
+    # training --------------------------------------------------------------------------------
+    if tr:
+        lines += ["## Fine-tuning runs", "", "| run | method | steps | final loss (mean of the last 10%) | time |",
+                  "|---|---|---|---|---|"]
+        for run, rec in tr["runs"].items():
+            lines.append(f"| {run} | {RUNS[run][1]} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
+                         f"{rec['elapsed_s']:.0f} s |")
+        lines.append("")
+
+    # plots -----------------------------------------------------------------------------------
+    plots = make_demo_plots(demo, results, t1, tr)
+    if plots:
+        lines += ["## Plots", ""] + [f"- `{p}`" + (f": {d}" if d else "") for p, d in plots] + [""]
+        lines += [f"![{Path(p).stem}]({p})" for p, _ in plots if p.endswith(".png")] + [""]
+
+    # timing ----------------------------------------------------------------------------------
+    lines += ["## Wall time", "", "| stage | this invocation | wall time when it ran | torch threads |",
+              "|---|---|---|---|"]
+    for st in STAGES:
+        m = marks[st]
+        lines.append(f"| {st} | {demo.status.get(st, 'not run')} | {_fmt_time(m['elapsed_s']) if m else '-'} | "
+                     f"{m.get('threads', '-') if m else '-'} |")
+    if total_s is not None:
+        lines += ["", f"This invocation: {_fmt_time(total_s)}."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def make_demo_plots(demo: Demo, results: list[dict], t1: dict | None, tr: dict | None) -> list[tuple[str, str]]:
+    """``plots/table1.png``, ``plots/training_loss.png`` and the evaluation's plots (copied); returns
+    ``(relative path, description)`` pairs of the plots that exist."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    folder = demo.out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    if t1:
+        rows = list(t1["rows"]) + (read_json(demo.dir("eval") / "table1_finetuned.json") or {}).get("rows", [])
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key in zip(axes, ("crep", "rep-2")):
+            for k, dec in enumerate(("greedy", "top-p 0.9")):
+                vals = [next((r[key] for r in rows if r["model"] == m and r["decoding"] == dec), float("nan"))
+                        for m in models]
+                ax.bar([i + 0.4 * k for i in range(len(models))], vals, 0.4, label=dec)
+            ax.set_xticks([i + 0.2 for i in range(len(models))], models, rotation=20, fontsize=8)
+            ax.set_title(f"{'CREP (%)' if key == 'crep' else 'rep-2'}, {t1['new_tokens']} new tokens")
+            ax.legend()
+        fig.suptitle("Table 1 (micro): repetition before / after pruning")
+        fig.tight_layout()
+        fig.savefig(folder / "table1.png", dpi=110)
+        plt.close(fig)
+        made.append(("plots/table1.png", "Table 1: CREP and rep-2 per model and decoding"))
+    if tr:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for run, rec in tr["runs"].items():
+            ax.plot([r["loss"] for r in rec["logs"]], label=RUNS[run][0])
+        ax.set_xlabel("step")
+        ax.set_ylabel("logged training loss")
+        ax.set_title("axolotl train runs (each run's own objective; not comparable across methods)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "training_loss.png", dpi=110)
+        plt.close(fig)
+        made.append(("plots/training_loss.png", "logged loss per step of every fine-tuning run"))
+    eval_plots = demo.dir("eval") / "plots"
+    for name, desc in (("repetition.png", "CREP and rep-n per model (evaluation, top-p)"),
+                       ("focus_reweighting.png", "FOCUS's reweighted target q~ against q (toy Zipf)")):
+        if results and (eval_plots / name).is_file():
+            shutil.copyfile(eval_plots / name, folder / name)
+            made.append((f"plots/{name}", desc))
+    return made
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="the ~3-minute preset (same stages, smaller)")
+    parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
+                        help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the cores not busy by the 1-minute load average)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run_demo_cli(args: argparse.Namespace) -> int:
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # weight loading / saving bars
+    except ImportError:
+        pass
+    force: bool | tuple[str, ...] = False if args.force is None else (tuple(args.force) or True)
+    demo = Demo(args.out, demo_settings(args.quick, args.seed), force=force, progress=args.progress,
+                threads=args.threads)
+    try:
+        demo.run()
+    except DemoError as err:
+        print(f"axolotl-focus demo: {err}", file=sys.stderr)
+        return 1
+    return 0
