@@ -1,5 +1,6 @@
 # make test  - create .venv if missing (CPU torch 2.13.0), install .[test,eval], run the test suite
-# make demo  - same set-up, then the main job (the tiny offline FOCUS example)
+# make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
+#              pipeline on a micro model, ~15 min on 2 CPU cores; DEMO_ARGS=--quick for the ~3 min version)
 # make bench - the benchmarks (memory/time ratios measured side by side)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -26,8 +27,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs
 
 demo: $(VENV)/.installed
-	$(PY) examples/tiny/build.py --out examples/tiny/build
-	axolotl train examples/tiny/focus.yml
+	axolotl-focus demo --out demo_out $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/distill_loss.py
