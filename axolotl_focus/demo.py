@@ -122,7 +122,7 @@ class DemoSettings:
     mining_temperature: float = 0.5  # at temperature 1 the micro student (almost) never loops
     target_pairs: int = 128
     # 5. fine-tuning
-    sft_chunk_tokens: int = 192
+    sft_chunk_tokens: int = 128
     sft_max_rows: int | None = None  # None: the whole slice
     sequence_len: int = 320  # prompt + chosen + rejected of a pair row must fit
     micro_batch_size: int = 8
@@ -317,14 +317,16 @@ def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, 
 
 
 def auto_threads() -> int:
-    """Torch threads: the cores not already busy (1-minute load average), at least 1. On a shared
-    machine several processes spinning on the same cores slow each other down many times over."""
+    """Torch threads: the cores not busy by the 1-minute load average, leaving one core free, at
+    least 1. On a shared machine, OpenMP threads spinning on the same cores as another process slow
+    both down many times over (measured here: 2 threads on 2 shared cores ran a micro model's
+    training steps 7-13x slower than 1 thread), and another job may start after the demo did."""
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = 0.0
-    return max(1, min(cores, cores - int(load + 0.5)))
+    return max(1, min(cores - 1, cores - int(load + 0.5)))
 
 
 class Demo:
@@ -1006,7 +1008,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the cores not busy by the 1-minute load average)")
+                        help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
