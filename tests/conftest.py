@@ -21,6 +21,15 @@ def tiny_pair(tmp_path_factory):
     return build_tiny_pair(tmp_path_factory.mktemp("tiny"), steps=TINY_TEACHER_STEPS)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def plugin_manager():
     """axolotl's PluginManager is a process-wide singleton: start and end each test empty."""

@@ -40,13 +40,7 @@ EXTRA = "axolotl-focus[eval]"
 OPEN_NEW, INSTR_NEW = 40, 20  # new tokens: open-ended (2+ copies of the student's 16-token loop), instruction
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

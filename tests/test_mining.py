@@ -28,13 +28,7 @@ META_FIELDS = ("source_id", "onset", "coverage_rejected", "coverage_chosen", "st
                "prompt_tokens", "rejected_tokens", "chosen_tokens")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
