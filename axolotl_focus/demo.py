@@ -132,7 +132,7 @@ class DemoSettings:
     dpo_learning_rate: float = 1e-4
     runs: tuple[str, ...] = ("ce", "kd", "focus", "focus-repair", "ce-repair", "dpo")
     # 6. evaluation
-    eval_documents: int = 96
+    eval_documents: int = 64
     eval_prefix_tokens: int = 50
     eval_new_tokens: int = 100
     ppl_max_tokens: int = 16384
