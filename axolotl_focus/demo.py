@@ -19,8 +19,9 @@ Stages (each cached in its own folder of ``--out``):
    CE + RePAIR (full mode) and DPO on the same pairs (``rl: dpo``, reference = the teacher).
    The teacher is never named in the configs: the plugin infers it from the pruned checkpoint.
 6. ``eval`` - :func:`axolotl_focus.evaluation.evaluate_models` on every model (PPL, CREP, rep-n,
-   EAD, MAUVE with the micro teacher as the featurizer), plus the Table-1 measurement of the
-   CE-fine-tuned student.
+   EAD, MAUVE with the micro teacher as the featurizer) under top-p 0.9 (temperature 1, the
+   paper's), greedy decoding and top-p 0.9 at a low temperature (where micro models loop part of
+   the time), plus the Table-1 measurement of the CE-fine-tuned student.
 
 Then ``demo_report.md`` and ``plots/`` are written from the stage outputs (every number in the
 report is read from them; nothing is hard-coded).
@@ -29,9 +30,10 @@ Caching: a stage's folder holds ``started.json`` (its key) while it runs and ``d
 a fresh id, summary, numbers, wall time) once its outputs are complete; ``done.json`` is written
 last and atomically. A stage's key hashes its settings, the output folder and the ids of the
 stages it reads, so a stage that is redone invalidates everything downstream. A rerun reuses
-every stage whose ``done.json`` matches; an interrupted stage restarts (the ``train`` stage keeps
-its finished runs, each with its own ``<run>.done.json``). ``--force`` redoes every stage,
-``--force train eval`` only those (and what depends on them).
+every stage whose ``done.json`` matches; an interrupted stage restarts (``train`` keeps its
+finished runs, each with its own ``<run>.done.json``, and ``eval`` the evaluation module's
+per-model caches). ``--force`` redoes every stage, ``--force train eval`` only those (and what
+depends on them).
 """
 
 from __future__ import annotations
@@ -159,8 +161,8 @@ def demo_settings(quick: bool = False, seed: int = 0) -> DemoSettings:
         quick=True, seed=seed, teacher_layers=6, teacher_hidden=64, teacher_heads=4, teacher_kv_heads=2,
         teacher_intermediate=176, teacher_steps=150, depth_blocks=2, calib_samples=4, table1_prompts=16,
         table1_new_tokens=100, mining_prompts=128, mining_new_tokens=96, mining_temperature=0.3, target_pairs=32,
-        sft_max_rows=256, sequence_len=256, train_steps=8, dpo_steps=4, runs=("ce", "kd", "focus", "focus-repair", "dpo"),
-        eval_documents=32, ppl_max_tokens=4096, mauve_seeds=(1,), eval_low_temperature=0.3,
+        sft_max_rows=192, sequence_len=256, train_steps=8, dpo_steps=4, runs=("ce", "kd", "focus", "focus-repair", "dpo"),
+        eval_documents=32, ppl_max_tokens=2048, mauve_seeds=(1,), eval_low_temperature=0.3,
     )
 
 
