@@ -979,8 +979,9 @@ def make_demo_plots(demo: Demo, results: list[dict], t1: dict | None, tr: dict |
         made.append(("plots/table1.png", "Table 1: CREP and rep-2 per model and decoding"))
     if tr:
         fig, ax = plt.subplots(figsize=(8, 4))
-        for run, rec in tr["runs"].items():
-            ax.plot([r["loss"] for r in rec["logs"]], label=RUNS[run][0])
+        styles = ("-", "--", ":", "-.")
+        for k, (run, rec) in enumerate(tr["runs"].items()):  # styles: runs that overlap stay visible
+            ax.plot([r["loss"] for r in rec["logs"]], styles[k % len(styles)], label=RUNS[run][0], alpha=0.85)
         ax.set_xlabel("step")
         ax.set_ylabel("logged training loss")
         ax.set_title("axolotl train runs (each run's own objective; not comparable across methods)")
