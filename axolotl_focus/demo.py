@@ -322,7 +322,7 @@ def auto_threads() -> int:
     """Torch threads: the cores not busy by the 1-minute load average, leaving one core free, at
     least 1. On a shared machine, OpenMP threads spinning on the same cores as another process slow
     both down many times over (measured here: 2 threads on 2 shared cores ran a micro model's
-    training steps 7-13x slower than 1 thread), and another job may start after the demo did."""
+    pretraining steps 13x and evaluation 4x slower than 1 thread), and another job may start after the demo did."""
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
