@@ -1,7 +1,8 @@
 # make test  - create .venv if missing (CPU torch 2.13.0), install .[test,eval], run the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
-#              pipeline on a micro model, ~15 min on 2 CPU cores; DEMO_ARGS=--quick for the ~3 min version)
-# make bench - the benchmarks (memory/time ratios measured side by side)
+#              pipeline on a micro model, ~11-15 min on 2 CPU cores; DEMO_ARGS=--quick for the ~3 min version)
+# make bench - all benchmarks (memory/time ratios measured side by side; BENCH_ARGS=--quick for the
+#              loss benchmarks' smoke size)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
@@ -30,4 +31,8 @@ demo: $(VENV)/.installed
 	axolotl-focus demo --out demo_out $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/distill_loss.py
+	$(PY) benchmarks/distill_loss.py $(BENCH_ARGS)
+	$(PY) benchmarks/aux_losses.py $(BENCH_ARGS)
+	$(PY) benchmarks/prune_memory.py
+	$(PY) benchmarks/degeneration_speed.py
+	$(PY) benchmarks/metric_speed.py
