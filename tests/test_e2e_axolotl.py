@@ -23,17 +23,24 @@ def logged_dicts(text):
     return out
 
 
+def axolotl_train(cfg: dict, tmp_path, name: str) -> str:
+    """Write ``cfg`` as ``<name>.yml`` and run the real ``axolotl train`` on it in a subprocess
+    (telemetry off, offline); returns stdout + stderr after asserting success."""
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run([shutil.which("axolotl", path=env["PATH"]), "train", str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
 @pytest.mark.slow
 def test_axolotl_train_logs_terms_and_focus_falls(tiny_pair, tmp_path):
     cfg = tiny_config(tiny_pair, tmp_path, dataset_prepared_path=str(tmp_path / "prepared"))
-    path = tmp_path / "focus.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PATH=bindir + os.pathsep + os.environ["PATH"])
-    axolotl = shutil.which("axolotl", path=env["PATH"])
-    proc = subprocess.run([axolotl, "train", str(path)], env=env, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
+    output = axolotl_train(cfg, tmp_path, "focus")
     assert "Plugin loaded successfully: axolotl_focus.FocusPlugin" in output
     logs = logged_dicts(output)
     assert len(logs) == cfg["max_steps"]
@@ -60,14 +67,7 @@ def test_axolotl_train_prunes_then_lora_distills(tiny_pair, tmp_path):
         adapter="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True,
         lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
     )
-    path = tmp_path / "prune-lora.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run([shutil.which("axolotl", path=env["PATH"]), "train", str(path)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
+    output = axolotl_train(cfg, tmp_path, "prune-lora")
     assert "focus_prune: pruning" in output
     cached = [p for p in (tmp_path / "cache").iterdir()]
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()

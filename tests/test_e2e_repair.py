@@ -3,33 +3,18 @@ one DPO run from the same file, both through the real `axolotl train` CLI."""
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_e2e_axolotl import logged_dicts  # noqa: E402
+from test_e2e_axolotl import axolotl_train, logged_dicts  # noqa: E402
 
 BASE = {
     "sequence_len": 128, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
     "optimizer": "adamw_torch", "bf16": False, "fp16": False, "tf32": False, "logging_steps": 1,
     "save_strategy": "no", "val_set_size": 0, "seed": 0,
 }
-
-
-def axolotl_train(cfg: dict, tmp_path, name: str) -> str:
-    path = tmp_path / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run([shutil.which("axolotl", path=env["PATH"]), "train", str(path)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return output
 
 
 @pytest.mark.slow

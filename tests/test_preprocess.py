@@ -1,7 +1,6 @@
 """`focus_prune:` / `axolotl-focus prune`: validation first, atomic cached checkpoints, config rewrite."""
 
 import json
-import os
 
 import pytest
 from pydantic import ValidationError

@@ -328,7 +328,7 @@ def test_uniform_head_counts_divide_hidden_size():
 def reference_scores(model, ids, importance, layers):
     """Per-unit scores computed from fully materialised gradients (LLM-Pruner's way)."""
     cfg = model.config
-    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd, nq = cfg.head_dim, cfg.num_attention_heads
 
     def grads(batch):
         model.zero_grad(set_to_none=True)
