@@ -391,6 +391,16 @@ class Importance:
     calibration: dict | None
 
 
+def _salience(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Element-wise first-order Taylor salience w * dL/dw of one weight (fp32)."""
+    return w.float() * g.float()
+
+
+def _channel_sums(salience: torch.Tensor, proj: str) -> torch.Tensor:
+    """Signed sum of the salience over each channel's row (column for o/down_proj), in fp64."""
+    return salience.sum(0 if proj in _INPUT_SIDE else 1, dtype=torch.float64)
+
+
 def _unit_scores(salience: torch.Tensor, proj: str, n_units: int, vectorize: bool = False) -> torch.Tensor:
     """Reduce element-wise salience of one weight to per-unit scores: sum of |s| over each unit's
     rows (or columns for o/down_proj) and, for heads, over head_dim. `vectorize`: |row sum| instead."""
@@ -452,14 +462,22 @@ class _Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
 
 
-def _gradient_pass(model, batches, targets, reduce, hold_grads: bool, desc: str) -> dict:
+def _gradient_pass(model, batches, targets, reduce, hold_grads: bool, desc: str, *, mean_loss: bool = False) -> dict:
     """Backward the LM loss of each batch; `reduce(key, weight, grad)` turns one weight's gradient
     into a score that is summed over batches. Default: hooks fire as soon as a weight's gradient is
     accumulated, reduce it, and free it (no full gradient is ever held); decoder layers are
     activation-checkpointed and the LM loss is chunked, so the peak stays near the weights.
     `hold_grads=True` is LLM-Pruner's way (every parameter requires grad and keeps its .grad until
-    the pass ends; plain HF loss): for the memory benchmark and tests."""
+    the pass ends; plain HF loss): for the memory benchmark and tests.
+    `mean_loss`: the batches are micro-batches of one calibration set; each loss is weighted by its
+    share of the predicted tokens, so the gradients summed over them are those of the mean loss
+    over all of them (for scores linear in the gradient). Progress: one tick per batch, or, for a
+    single batch, one tick per weight scored."""
     acc: dict = {}
+    per_weight = len(batches) == 1
+    total_tokens = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
+    bar = tqdm(total=len(targets) if per_weight else len(batches), desc=desc,
+               unit="weight" if per_weight else "batch", disable=None)
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     by_param = {id(w): key for key, (w, _) in targets.items()}
@@ -470,6 +488,8 @@ def _gradient_pass(model, batches, targets, reduce, hold_grads: bool, desc: str)
         with torch.no_grad():
             value = reduce(key, w.detach(), g)
         acc[key] = acc[key] + value if key in acc else value
+        if per_weight:
+            bar.update()
 
     def hook(p):
         add(by_param[id(p)], p, p.grad)
@@ -486,14 +506,20 @@ def _gradient_pass(model, batches, targets, reduce, hold_grads: bool, desc: str)
         if not hold_grads:
             model.model.layers = nn.ModuleList([_Checkpointed(layer) for layer in layers])
         device = next(model.parameters()).device
-        for ids in tqdm(batches, desc=desc, disable=None):
+        for ids in batches:
             with torch.enable_grad():
-                _lm_loss(model, ids.to(device), chunked=not hold_grads).backward()
+                loss = _lm_loss(model, ids.to(device), chunked=not hold_grads)
+                if mean_loss:
+                    loss = loss * (ids.shape[0] * (ids.shape[1] - 1) / total_tokens)
+                loss.backward()
             if hold_grads:
                 for key, (w, _) in targets.items():
                     add(key, w, w.grad)
                 model.zero_grad(set_to_none=True)
+            if not per_weight:
+                bar.update()
     finally:
+        bar.close()
         model.model.layers = layers
         for h in handles:
             h.remove()
@@ -516,18 +542,26 @@ def compute_importance(
     if cfg.importance in GRADIENT_IMPORTANCES:
         ids, calibration = _calibration(tokenizer, texts, cfg, calibration_name)
         raw: dict = {}
-        if cfg.importance in ("param_first", "vectorize", "param_mix"):  # one backward over the whole batch
-            vectorize = cfg.importance == "vectorize"
+        if cfg.importance in ("param_first", "param_mix"):
+            # sum |w * g| per unit is not linear in g: one backward over the whole batch
             raw = _gradient_pass(
                 model, [ids], targets,
-                lambda key, w, g: _unit_scores(w.float() * g.float(), key[1], targets[key][1], vectorize),
+                lambda key, w, g: _unit_scores(_salience(w, g), key[1], targets[key][1]),
                 hold_grads, "importance (batch backward)",
             )
+        if cfg.importance == "vectorize":
+            # |sum w * g| per channel: the signed channel sums add up over samples, |.| at the end
+            sums = _gradient_pass(
+                model, list(ids.split(1)), targets,
+                lambda key, w, g: _channel_sums(_salience(w, g), key[1]),
+                hold_grads, "importance (per-sample backward)", mean_loss=True,
+            )
+            raw = {key: v.abs().view(targets[key][1], -1).sum(1) for key, v in sums.items()}
         if cfg.importance in ("param_second", "param_mix"):  # w * acc_grad * w, acc_grad = mean_i g_i^2
             n = ids.shape[0]
             second = _gradient_pass(
                 model, list(ids.split(1)), targets,
-                lambda key, w, g: _unit_scores((w.float() * g.float()) ** 2 / n, key[1], targets[key][1]),
+                lambda key, w, g: _unit_scores(_salience(w, g) ** 2 / n, key[1], targets[key][1]),
                 hold_grads, "importance (per-sample backward)",
             )
             # param_mix combines per unit (first - 0.5 * second): element-wise would need full buffers
@@ -781,8 +815,10 @@ def block_scores(
             for i in candidates
             for proj in ATTN_PROJ + MLP_PROJ
         }
+        # sum w * g is linear in g: per-sample backward passes of the mean loss add up to the batch's
         sums = _gradient_pass(
-            model, [ids], targets, lambda key, w, g: (w.double() * g.double()).sum(), False, "block scores (Taylor+)"
+            model, list(ids.split(1)), targets, lambda key, w, g: (w.double() * g.double()).sum(), False,
+            "block scores (Taylor+, per-sample backward)", mean_loss=True,
         )
         return {i: float(sum(sums[(i, p)].abs() for p in ATTN_PROJ + MLP_PROJ)) for i in candidates}, calibration
     scores, layers = {}, model.model.layers

@@ -380,12 +380,12 @@ def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, 
     ids, _ = P.build_calibration(tokenizer, texts, 3, 8, 0)
 
     live = []  # how many parameters hold a gradient whenever a score is computed
-    real = P._unit_scores
+    real = P._salience
     def counting(*args, **kwargs):
         live.append(sum(p.grad is not None for p in model.parameters()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_unit_scores", counting)
+    monkeypatch.setattr(P, "_salience", counting)
     imp = P.compute_importance(model, None, ids, cfg)
     assert set(imp.attn) == {2, 3} and set(imp.mlp) == {3, 4}
     if importance not in ("l1", "l2"):
@@ -402,6 +402,58 @@ def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, 
         assert torch.allclose(value, imp.raw[key], rtol=1e-5, atol=1e-9)
     if importance not in ("l1", "l2"):
         assert max(live) > 1
+
+
+class _Bar:
+    """Stands in for tqdm: records each bar's total, unit and ticks."""
+
+    bars: list = []
+
+    def __init__(self, iterable=None, total=None, desc=None, unit="it", disable=None, **kwargs):
+        self.iterable, self.total, self.desc, self.unit, self.n = iterable, total, desc, unit, 0
+        _Bar.bars.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def update(self, n=1):
+        self.n += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("importance,bars", [
+    ("param_first", [("weight", 14)]),  # one backward: a tick per weight scored (2 layers x 7)
+    ("vectorize", [("batch", 3)]),  # linear in the gradient: a tick per calibration sample
+    ("param_mix", [("weight", 14), ("batch", 3)]),
+])
+def test_importance_progress_bars_tick_over_the_calibration(importance, bars, monkeypatch):
+    monkeypatch.setattr(P, "tqdm", _Bar)
+    monkeypatch.setattr(_Bar, "bars", [])
+    cfg = P.PruneConfig(importance=importance, attn_layers=(2, 4), mlp_layers=(2, 4))
+    ids = torch.randint(3, 123, (3, 12), generator=torch.Generator().manual_seed(0))
+    P.compute_importance(tiny_model("gqa"), None, ids, cfg)
+    assert [(b.unit, b.total) for b in _Bar.bars] == bars
+    assert all(b.n == b.total for b in _Bar.bars)
+
+
+def test_depth_taylor_ticks_per_sample_and_matches_one_batch(tokenizer, texts, monkeypatch):
+    monkeypatch.setattr(P, "tqdm", _Bar)
+    monkeypatch.setattr(_Bar, "bars", [])
+    cfg = P.PruneConfig(method="depth", num_blocks=1, protected_first=1, protected_last=1,
+                        calib_samples=3, calib_seq_len=16)
+    model = tiny_model("mha")
+    scores, _ = P.block_scores(model, tokenizer, texts, cfg)
+    assert [(b.unit, b.total, b.n) for b in _Bar.bars] == [("batch", 3, 3)]
+    # the per-sample passes add up to the gradient of the mean loss over the whole batch
+    ids, _ = P.build_calibration(tokenizer, texts, 3, 16, 0)
+    targets = {(i, p): (P._proj(model.model.layers[i], p).weight, 1) for i in scores for p in P.ATTN_PROJ + P.MLP_PROJ}
+    whole = P._gradient_pass(model, [ids], targets, lambda k, w, g: (w.double() * g.double()).sum(), False, "x")
+    for i, value in scores.items():
+        assert value == pytest.approx(float(sum(whole[(i, p)].abs() for p in P.ATTN_PROJ + P.MLP_PROJ)), rel=1e-6)
 
 
 def test_gqa_group_scores_aggregate_contiguous_heads():
