@@ -11,7 +11,10 @@ and (with ``average_tokens_across_devices``) over all data-parallel ranks, and m
 number of processes because DDP averages gradients. The resulting gradient is exactly that of the
 per-token mean over the global batch, whatever the accumulation steps and world size. The baseline
 terms of ``focus_aux_losses`` (unlikelihood, ScaleGrad, TaiLr) are token sums in the same fused
-pass and normalize the same way.
+pass and normalize the same way. The RePAIR margin loss is the mean over all pairs of the
+optimizer step on all ranks (counted in :meth:`FocusTrainer.get_batch_samples`), so micro-batches
+without pairs do not dilute alpha_2. Logged terms (``loss/ce``, ``loss/focus``, ``loss/repair``...)
+are exact per-token (per-pair) means over the logging window.
 
 DITTO (``focus_aux_losses: {ditto: ...}``) maps onto axolotl's batches as follows: each optimizer
 step (``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` rows on every rank) is,
@@ -28,7 +31,9 @@ backward, so that the ranks stay in step). Evaluation never uses DITTO.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +53,7 @@ from .losses import (
 from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
 
 LOG = logging.getLogger(__name__)
+_COUNT = "#count"  # suffix of the stored count that goes with a term's stored sum (see FocusTrainer.log)
 
 
 def shifted_labels(inputs: dict) -> torch.Tensor:
@@ -68,6 +74,20 @@ def sequence_ids(inputs: dict, shape: torch.Size) -> torch.Tensor:
         starts = (positions == 0).long().cpu()
     starts[:, 0] = 1
     return starts.flatten().cumsum(0).view(shape)
+
+
+TRAINING_RECORD = "focus_training.json"
+
+
+def write_training_record(output_dir: str, focus_args) -> str:
+    """``<output_dir>/focus_training.json``: the ``focus_*`` settings of a training run."""
+    record = {f.name: getattr(focus_args, f.name) for f in dataclasses.fields(focus_args)}
+    path = os.path.join(output_dir, TRAINING_RECORD)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(record, fh, indent=2, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -104,6 +124,14 @@ class FocusTrainer(AxolotlTrainer):
         self.teacher = None
         if self.distill_spec.mode != "none":
             self.teacher = self._prepare_teacher(teacher_model)
+
+    # -- saving -------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save as usual, plus ``focus_training.json`` next to the weights: the objective the
+        model was trained with (every ``focus_*`` setting), which evaluation reads (Figure 3a)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            write_training_record(output_dir or self.args.output_dir, self.focus_args)
 
     # -- teacher ------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module:
@@ -152,16 +180,23 @@ class FocusTrainer(AxolotlTrainer):
                 scale *= self.accelerator.num_processes
 
         student_head = self._student_head(model)
-        teacher_hidden = teacher_head = None
+        teacher_hidden = teacher_head = gather_teacher = None
         sft_rows = valid.any(-1)
-        if self.teacher is not None and local_tokens:
-            teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
-            teacher_head = _unwrap(self.teacher).get_output_embeddings().weight
+        if self.teacher is not None:
+            head = _unwrap(self.teacher).get_output_embeddings().weight
+            if local_tokens:
+                teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
+                teacher_head = gather_teacher = head
+            elif hasattr(head, "ds_id"):
+                # ZeRO-3: the teacher's layers and head are gathered collectively, so a rank
+                # without SFT tokens still runs the teacher (one row, output unused) and the gather
+                self._teacher_hidden(inputs, torch.arange(sft_rows.numel(), device=sft_rows.device) == 0)
+                gather_teacher = head
         sequence = None
         if self.aux_spec is not None and self.aux_spec.needs_seen:
             sequence = sequence_ids(inputs, valid.shape)[valid.cpu()].to(valid.device)
         metrics = {}
-        with gathered(student_head, teacher_head):
+        with gathered(student_head, gather_teacher):
             loss, sums = fused_ce_distill_aux(
                 hidden[valid],
                 student_head,
@@ -176,18 +211,39 @@ class FocusTrainer(AxolotlTrainer):
                 sequence=sequence,
                 aux_scale=scale,
             )
-            if repair and repair["repair_chosen"].numel():
+            pairs = int(repair["repair_chosen"].numel()) if repair else 0
+            if pairs:
                 repair_loss, stats = self._repair_loss(hidden, student_head, repair)
-                loss = loss + self.focus_args.focus_repair_alpha * repair_loss / self._mean_divisor(
-                    model, num_items_in_batch)
+                loss = loss + self.focus_args.focus_repair_alpha * repair_loss * self._pair_weight(
+                    model, num_items_in_batch, pairs)
                 metrics = {"repair": repair_loss.detach(), **stats}
         distill = sums.pop("distill")
         if self.distill_spec.mode != "none":
             sums[self.distill_spec.mode] = distill
-        self._log_terms(sums, local_tokens, model.training, metrics)
+        self._log_terms(sums, local_tokens, model.training, {k: v * pairs for k, v in metrics.items()}, pairs)
         if return_outputs:
             return loss, {"loss": loss, "logits": outputs.logits}
         return loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """HF's prefetch of an optimizer step's micro-batches; also counts the RePAIR pairs of the
+        whole step on every rank (``self._pairs_in_step``), for the margin loss's mean."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        pairs = sum(int(b["repair_chosen"].numel()) for b in batch_samples if "repair_chosen" in b)
+        if self.args.world_size > 1:
+            pairs = int(self.accelerator.gather(torch.tensor([pairs], device=device)).sum())
+        self._pairs_in_step = pairs
+        return batch_samples, num_items_in_batch
+
+    def _pair_weight(self, model, num_items_in_batch, pairs: int) -> float:
+        """Weight of this micro-batch's mean hinge so that the optimizer step gets the mean over
+        all pairs of the step on all ranks (eq. 1 over the global batch): ``pairs / pairs_in_step``,
+        times the number of processes since DDP/DeepSpeed average the ranks' gradients. Without a
+        step count (evaluation, a custom loop) the micro-batch mean is used."""
+        total = getattr(self, "_pairs_in_step", None)
+        if model.training and num_items_in_batch is not None and total:
+            return pairs / total * self.accelerator.num_processes
+        return 1.0 / self._mean_divisor(model, num_items_in_batch)
 
     def _mean_divisor(self, model, num_items_in_batch) -> int:
         """For per-micro-batch means (RePAIR, DITTO): HF divides the loss by the accumulation
@@ -248,10 +304,13 @@ class FocusTrainer(AxolotlTrainer):
         return repair_margin_loss(token_nll, rows, repair["repair_chosen"], repair["repair_rejected"],
                                   hidden.shape[0], self.focus_args.focus_repair_margin)
 
-    def _log_terms(self, sums: dict, tokens: int, training: bool, repair: dict | None = None,
-                   skip_empty: bool = False) -> None:
-        """Per-token means of each term (``loss/<name>``) over the micro-batch of every rank
-        (RePAIR: this rank's); nothing with ``skip_empty`` when no rank had a token."""
+    def _log_terms(self, sums: dict, tokens: int, training: bool, pair_sums: dict | None = None,
+                   pairs: int = 0, skip_empty: bool = False) -> None:
+        """Store each term's sum over this micro-batch with its count (``loss/<name>``: valid tokens
+        of every rank; ``loss/repair*``: this rank's pairs); :meth:`log` divides the sums by the
+        counts over the logging window, so the logged values are exact per-token / per-pair means
+        whatever the gradient accumulation. Nothing is stored with ``skip_empty`` when no rank had
+        a token."""
         names = list(sums)
         values = [sums[k].detach().float().reshape(()) for k in names]
         stats = torch.stack(values + [values[0].new_tensor(float(tokens))])
@@ -260,9 +319,23 @@ class FocusTrainer(AxolotlTrainer):
         *totals, count = (float(x) for x in stats.cpu())
         if skip_empty and not count:
             return
-        count = max(count, 1.0)
         prefix = "loss/" if training else "eval_loss/"
-        metrics = {prefix + name: value / count for name, value in zip(names, totals)}
-        for key, value in (repair or {}).items():
-            metrics[(prefix + key) if key == "repair" else f"{prefix}repair_{key}"] = float(value)
+        metrics = {}
+        for name, total in zip(names, totals):
+            metrics[prefix + name] = (total, "sum")
+            metrics[prefix + name + _COUNT] = (count, "sum")
+        for key, value in (pair_sums or {}).items():
+            name = prefix + (key if key == "repair" else f"repair_{key}")
+            metrics[name] = (float(value), "sum")
+            metrics[name + _COUNT] = (float(pairs), "sum")
         self.store_metrics(metrics, train_eval="train" if training else "eval")
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Turn the stored (sum, count) pairs of :meth:`_log_terms` into means, then log."""
+        stored = self._stored_metrics["train" if "loss" in logs else "eval"]
+        for key in [k for k in stored if k.endswith(_COUNT)]:
+            count = sum(stored.pop(key)["values"])
+            base = key[: -len(_COUNT)]
+            if base in stored:
+                stored[base] = {"values": [sum(stored[base]["values"]) / max(count, 1.0)], "reduction": "mean"}
+        return super().log(logs, start_time)

@@ -1,6 +1,7 @@
 """FocusTrainer normalization: gradient accumulation and 2-process DDP give the exact global-mean
 gradient of the reference loss (one SGD step compared parameter by parameter)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_gradient_accumulation_is_exact(tiny_pair, tmp_path, per_device, accum):
     log = result["logs"][0]
     assert log["loss"] == pytest.approx(want_loss, rel=1e-3)
     assert {"loss/ce", "loss/focus"} <= log.keys()
-    assert log["loss/ce"] + 0.05 * log["loss/focus"] == pytest.approx(want_loss, rel=1e-3) or accum > 1
+    assert log["loss/ce"] + 0.05 * log["loss/focus"] == pytest.approx(want_loss, rel=1e-3)
 
 
 @pytest.mark.slow
@@ -115,3 +116,103 @@ def test_lora_student_step_matches_reference(tiny_pair, tmp_path):
     got = {k: p.detach() for k, p in trainer.model.named_parameters() if p.requires_grad}
     assert_params_equal(got, want)
     assert trainer.teacher.get_output_embeddings().weight.grad is None
+
+
+def test_repair_mean_over_the_step_not_diluted_by_pairless_micro_batches(tiny_pair, tmp_path):
+    """Two micro-batches of one optimizer step, pairs only in the first: the accumulated gradient is
+    that of (CE + alpha_1 FOCUS) / all tokens + alpha_2 * mean hinge over all pairs of the step."""
+    import torch.nn.functional as F
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    from axolotl_focus.repair import RepairCollator, load
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=3, accum=2, focus_repair_margin=5.0)
+    model = trainer.model.train()
+    strategy = load(tokenizer, DictDefault(sequence_len=64), None)
+    pairs = [{"prompt": "The river", "chosen": " flows to the sea", "rejected": " the river the river"},
+             {"prompt": "In 1990 the", "chosen": " band released an album", "rejected": " the the the the"}]
+    sft = focus_step.rows(tokenizer, 2)
+    collate = RepairCollator(tokenizer, padding=True)
+    batches = [collate([strategy.tokenize_prompt(p) for p in pairs] + [sft[0]]), collate([sft[1]])]
+    samples, num_items = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    assert trainer._pairs_in_step == 2
+    for batch in samples:
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items).backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+
+    ce_total, hinges, n_tokens = 0.0, [], 0
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with torch.no_grad():
+            t_logits = trainer.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        ce, d = reference_ce_distill(logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, logits.shape[-1]),
+                                     labels.reshape(-1), DistillSpec())
+        ce_total = ce_total + ce + 0.05 * d
+        n_tokens += int((labels != -100).sum())
+        rl = batch["repair_labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), rl.clamp(min=0), reduction="none") * (rl != -100)
+        mean = nll.sum(1) / (rl != -100).sum(1).clamp(min=1)
+        hinges.append((5.0 + mean[batch["repair_chosen"]] - mean[batch["repair_rejected"]]).clamp(min=0))
+    assert int(num_items) == n_tokens
+    want = ce_total / n_tokens + torch.cat(hinges).mean()
+    want.backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_logged_terms_are_exact_means_under_accumulation(tiny_pair, tmp_path):
+    """loss/ce and loss/focus are per-token means over the whole step (not means of the
+    micro-batch means), so loss = loss/ce + alpha_1 * loss/focus holds with accumulation too."""
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    _, want_loss = expected_params(tiny_dir)
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=1, accum=4)
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert log["loss"] == pytest.approx(want_loss, rel=1e-3)
+    assert log["loss/ce"] + 0.05 * log["loss/focus"] == pytest.approx(want_loss, rel=1e-4)
+
+
+def test_saved_model_records_its_objective(tiny_pair, tmp_path):
+    """save_model writes focus_training.json (every focus_* setting) next to the weights."""
+    import json
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=4, focus_beta=7.0, focus_gamma=0.5)
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    record = json.loads((out / "focus_training.json").read_text())
+    assert (out / "model.safetensors").is_file()
+    assert record["focus_distill"] == "focus" and record["focus_alpha"] == 0.05
+    assert record["focus_beta"] == 7.0 and record["focus_gamma"] == 0.5
+
+
+def test_zero3_teacher_runs_on_ranks_without_tokens(tiny_pair, tmp_path, monkeypatch):
+    """Under ZeRO-3 (a partitioned teacher head: ``ds_id``) a micro-batch without SFT tokens
+    still runs the teacher forward and enters the parameter gather, or the other ranks would wait
+    forever in the teacher's collectives; with a plain teacher it skips both."""
+    import axolotl_focus.trainer as trainer_mod
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2)
+    batch = trainer.data_collator(focus_step.rows(trainer.processing_class, 2))
+    batch["labels"][:] = -100  # no SFT token on this rank
+    calls, gathers = [], []
+    real_hidden = trainer._teacher_hidden
+    monkeypatch.setattr(trainer, "_teacher_hidden", lambda inputs, rows: calls.append(int(rows.sum())) or
+                        real_hidden(inputs, rows))
+    monkeypatch.setattr(trainer_mod, "gathered", lambda *params: gathers.append(params) or contextlib.nullcontext())
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert calls == [] and gathers[-1][1] is None
+    head = trainer.teacher.get_output_embeddings().weight
+    head.ds_id = 0
+    try:
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    finally:
+        del head.ds_id
+    assert calls == [1] and gathers[-1][1] is head and float(loss) == 0.0
