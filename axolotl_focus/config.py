@@ -24,12 +24,23 @@ _CONFLICTING_LOSS_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy
 
 
 def source_model_of(model_path: str | None) -> str | None:
-    """The unpruned source model recorded in a local checkpoint's config.json, if any."""
-    if not model_path or not os.path.isdir(model_path):
+    """The unpruned source model recorded in a checkpoint's config.json, if any: a local folder,
+    or a hub id (its config.json through the hub cache; None when it cannot be fetched)."""
+    if not model_path:
         return None
-    config_file = os.path.join(model_path, "config.json")
-    if not os.path.isfile(config_file):
-        return None
+    if os.path.isdir(model_path):
+        config_file = os.path.join(model_path, "config.json")
+        if not os.path.isfile(config_file):
+            return None
+    elif os.path.exists(model_path) or model_path.count("/") > 1:
+        return None  # a file, or a path that is not a hub id
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_file = hf_hub_download(model_path, "config.json")
+        except Exception:  # offline, gated, missing: no recorded source, validation says what to set
+            return None
     with open(config_file, encoding="utf-8") as handle:
         config = json.load(handle)
     return config.get(SOURCE_MODEL_KEY) or (config.get("pruning") or {}).get("source_model")
@@ -62,6 +73,8 @@ class FocusPruneArgs(BaseModel):
                                     "default: the embedded WikiText-2 slice")
     calibration_split: str = "train"
     calibration_field: str = "text"
+    calibration_config: str | None = Field(default=None, description="hub dataset configuration name, "
+                                           "e.g. wikitext-2-raw-v1 for calibration: wikitext")
     calib_samples: int = Field(default=10, ge=1)
     calib_seq_len: int = Field(default=64, ge=2)
     seed: int = 0

@@ -112,3 +112,29 @@ def test_pre_model_load_checks_vocab_before_weights(tiny_pair, tmp_path):
         FocusPlugin().pre_model_load(cfg)
     FocusPlugin().pre_model_load(DictDefault(base_model=tiny_pair["student"], focus_distill="focus",
                                              focus_teacher_model=tiny_pair["teacher"]))
+
+
+def test_source_model_of_local_and_hub_checkpoints(tmp_path, monkeypatch):
+    """The recorded teacher is found in a local folder and, through the hub cache, for a hub id;
+    an unreachable hub id gives None (validation then names focus_teacher_model)."""
+    import json
+
+    import huggingface_hub
+
+    from axolotl_focus.config import source_model_of
+
+    (tmp_path / "config.json").write_text(json.dumps({"focus_source_model": "meta-llama/Llama-3.1-8B"}))
+    assert source_model_of(str(tmp_path)) == "meta-llama/Llama-3.1-8B"
+    fetched = []
+
+    def fake_download(repo_id, filename):
+        fetched.append((repo_id, filename))
+        if repo_id == "org/pruned":
+            return str(tmp_path / "config.json")
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert source_model_of("org/pruned") == "meta-llama/Llama-3.1-8B"
+    assert source_model_of("org/unreachable") is None
+    assert fetched == [("org/pruned", "config.json"), ("org/unreachable", "config.json")]
+    assert source_model_of(str(tmp_path / "missing" / "dir")) is None and len(fetched) == 2
