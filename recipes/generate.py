@@ -4,7 +4,7 @@
     python recipes/generate.py --check    # exit 1 if a committed file differs (CI runs this)
 
 One folder per model and pruning ratio; one axolotl config per row of the paper's Tables 3/4
-(appendix G Table 9 for 35% / 45%), plus the CE-only control, TaiLr rows and DPO on the RePAIR
+(appendix G Table 9 for 35% / 45%), plus the CE-only control, CE + RePAIR (Table 5), TaiLr rows and DPO on the RePAIR
 pairs. Every config prunes ``base_model`` itself through ``focus_prune:`` (cached, rank 0 only),
 so the teacher is the unpruned ``base_model`` without a ``focus_teacher_model`` line.
 """
@@ -53,7 +53,7 @@ DISTILL = {
               "focus_beta": 15.0, "focus_gamma": 1.0},
 }
 # Table 9 (35% / 45%) has the FOCUS block only.
-ROWS_25 = ["ce", "kd", "kd-ul", "kd-sg", "kd-ditto", "kd-repair", "kd-tailr",
+ROWS_25 = ["ce", "ce-repair", "kd", "kd-ul", "kd-sg", "kd-ditto", "kd-repair", "kd-tailr",
            "focus", "focus-ul", "focus-sg", "focus-ditto", "focus-repair", "focus-tailr", "dpo"]
 ROWS_AGGRESSIVE = ["focus", "focus-ul", "focus-sg", "focus-ditto", "focus-repair"]
 
@@ -99,13 +99,13 @@ def row_config(model: str, ratio: float, row: str) -> dict:
     }
     distill, _, extra = row.partition("-")
     datasets = [dict(ALPACA)]
-    if row == "ce":
+    if distill == "ce":
         cfg["focus_distill"] = "none"
-    elif row == "dpo":
+    if row == "dpo":
         cfg.update({"rl": "dpo", "rl_beta": 0.1, "focus_dpo_reference": "teacher"})
         datasets = [{"path": pairs_path(model, tag), "ds_type": "json", "split": "train"}]
     else:
-        cfg.update(DISTILL[distill])
+        cfg.update(DISTILL.get(distill, {}))
         if extra == "repair":
             cfg.update({"focus_repair_alpha": 1.0, "focus_repair_margin": 1.0})
             datasets.append({"path": pairs_path(model, tag), "ds_type": "json", "type": "axolotl_focus.repair"})
@@ -124,6 +124,7 @@ def row_config(model: str, ratio: float, row: str) -> dict:
 def header(model: str, ratio: float, row: str) -> str:
     tag = f"p{round(ratio * 100)}"
     what = {"ce": "CE only (the control: post-pruning fine-tuning as usual)",
+            "ce-repair": "CE + RePAIR, no distillation (the paper's Table 5 'RePAIR' row)",
             "dpo": "DPO on the RePAIR pairs, reference = the unpruned teacher (paper, section 6)"}.get(row)
     if what is None:
         distill, _, extra = row.partition("-")

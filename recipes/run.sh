@@ -50,7 +50,10 @@ done
 
 echo "== 5/5 evaluate -> eval/$MODEL-$TAG"
 case "$MODEL" in
-  *instruct) TASKS=(--tasks instruction --instructions yizhongw/self_instruct --instructions-config self_instruct) ;;
+  # the 252 Self-Instruct user-oriented instructions shipped with the package (references for
+  # BERTScore); INSTRUCTIONS=FILE.jsonl for another prompt set (the hub copy yizhongw/self_instruct
+  # is a loading-script dataset that datasets 4.x does not run)
+  *instruct) TASKS=(--tasks instruction ${INSTRUCTIONS:+--instructions "$INSTRUCTIONS"}) ;;
   *) TASKS=(--tasks open_ended --documents Salesforce/wikitext --documents-config wikitext-103-raw-v1
             --ppl-data Salesforce/wikitext --ppl-config wikitext-103-raw-v1) ;;
 esac

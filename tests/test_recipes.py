@@ -35,7 +35,7 @@ def test_generated_recipes_are_up_to_date():
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert len(RECIPES) == 14 + 14 + 14 + 5 + 5  # 3 models at 25%, LLaMA-3.1-8B at 35% and 45%
+    assert len(RECIPES) == 15 + 15 + 15 + 5 + 5  # 3 models at 25%, LLaMA-3.1-8B at 35% and 45%
 
 
 def test_deepspeed_files_are_valid_json_with_the_stages():
@@ -124,6 +124,34 @@ def test_every_recipe_validates_with_axolotl(recipe_env, tmp_path, plugin_manage
             assert cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher"
         else:
             assert cfg.focus_teacher_model == source, recipe  # teacher = the unpruned base_model
+
+
+def test_prune_recipes_run_and_share_the_training_configs_cache(recipe_env, tmp_path, capsys):
+    """Each prune.yml (base_model swapped for the tiny model of its architecture) runs through
+    `axolotl-focus prune CONFIG`, prunes with the folder's settings, and lands in the same cache
+    entry as the folder's training configs (step 1 of recipes/README.md is reused by step 3)."""
+    from axolotl_focus.cli import main
+    from axolotl_focus.config import FocusPruneArgs
+
+    prune_recipes = sorted((ROOT / "recipes").glob("*/p*/prune.yml"))
+    assert len(prune_recipes) == 5
+    cache = tmp_path / "cache"
+    for recipe in prune_recipes:
+        cfg = yaml.safe_load(recipe.read_text())
+        ratio = FocusPruneArgs(**cfg["focus_prune"]).ratio
+        assert f"p{round(ratio * 100)}" == recipe.parent.name, recipe
+        training = yaml.safe_load((recipe.parent / "focus-repair.yml").read_text())
+        assert training["focus_prune"] == cfg["focus_prune"] and training["base_model"] == cfg["base_model"], recipe
+        cfg["base_model"] = recipe_env["models"]["mha" if "llama-2" in recipe.parts[-3] else "gqa"]
+        cfg["focus_prune"]["cache_dir"] = str(cache)
+        path = tmp_path / ("-".join(recipe.parts[-3:-1]) + "-prune.yml")
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["prune", str(path)]) == 0, recipe
+        pruned = capsys.readouterr().out.split("pruned checkpoint:")[-1].strip().splitlines()[0]
+        config = json.loads((Path(pruned) / "config.json").read_text())
+        assert config["pruning"]["source_model"] == cfg["base_model"], recipe
+        assert config["pruning"]["ratio"] == ratio, recipe
+    assert len(list(cache.iterdir())) == 4  # (GQA or MHA) x ratio: 8B 25/35/45 share GQA with Instruct 25
 
 
 @pytest.mark.slow
