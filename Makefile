@@ -1,4 +1,5 @@
-# make test  - create .venv if missing (CPU torch 2.13.0), install .[test,eval], run the test suite
+# make test  - create .venv if missing (torch 2.13.0 first; TORCH_INDEX_URL=... for another torch index),
+#              install .[test,eval], run the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
 #              pipeline on a micro model, ~11-15 min on 2 CPU cores; DEMO_ARGS=--quick for the ~3 min version)
 # make bench - all benchmarks (memory/time ratios measured side by side; BENCH_ARGS=--quick for the
@@ -19,7 +20,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[test,eval]' torch==2.13.0 $(QUIET_PIP)
 	$(PY) -c "import torch, axolotl_focus; assert torch.__version__.startswith('2.13.0')"
 	touch $@
