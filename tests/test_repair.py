@@ -2,6 +2,7 @@
 trainer's combined loss on a mixed SFT + pair batch against a dense reference."""
 
 import json
+import logging
 import os
 import sys
 
@@ -111,6 +112,77 @@ def test_bad_rows_name_file_and_line(tokenizer, tmp_path):
     strategy = load(tokenizer, DictDefault(sequence_len=64, focus_repair_skip_bad_rows=True), {"path": str(path)})
     assert strategy.filter_rows({"prompt": "x", "chosen": "y"}) is False
     assert strategy.filter_rows(pair_rows()[0]) is True
+
+
+def test_long_prompt_is_caught_before_tokenization_with_file_and_line(tokenizer, tmp_path):
+    """The pre-check measures the prompt as tokenize_prompt does: tokenized text (with BOS), or
+    prompt_tokens when the row has the token-id fields (even if the prompt text is short)."""
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_focus.repair import load
+
+    path = tmp_path / "pairs.jsonl"
+    long_text = dict(pair_rows()[1], prompt="word " * 40)
+    long_ids = dict(pair_rows()[1], prompt="x", prompt_tokens=list(range(5, 20)), chosen_tokens=[7],
+                    rejected_tokens=[8])
+    path.write_text("\n".join(json.dumps(r) for r in (pair_rows()[1], long_text)) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: RePAIR pair row: prompt of \d+ tokens leaves no room"):
+        load(tokenizer, DictDefault(sequence_len=16), {"path": str(path)})
+    path.write_text("\n".join(json.dumps(r) for r in (pair_rows()[1], pair_rows()[1], long_ids)) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: RePAIR pair row: prompt of 15 tokens"):
+        load(tokenizer, DictDefault(sequence_len=16), {"path": str(path)})
+    load(tokenizer, DictDefault(sequence_len=17), {"path": str(path)})  # 15 + 2 continuation tokens fit
+
+
+def test_skipped_rows_are_counted_in_one_warning_and_filtered(tokenizer, tmp_path, caplog):
+    from axolotl.datasets import TokenizedPromptDataset
+    from axolotl.utils.dict import DictDefault
+    from datasets import Dataset
+
+    from axolotl_focus.repair import load
+
+    rows = [pair_rows()[0], {"prompt": "x", "chosen": "y"}, dict(pair_rows()[1], prompt="word " * 40),
+            pair_rows()[1], dict(pair_rows()[1], rejected=" ")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = DictDefault(sequence_len=24, focus_repair_skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus.repair"):
+        strategy = load(tokenizer, cfg, {"path": str(path)})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "axolotl_focus.repair"]
+    assert len(warnings) == 1
+    assert f"skipping 3 bad RePAIR rows of {path} (focus_repair_skip_bad_rows)" in warnings[0]
+    assert f"{path}:2 (missing field 'rejected')" in warnings[0]
+    # the same check drops them in axolotl's dataset wrapper; the kept rows tokenize
+    data = Dataset.from_list([{k: r.get(k) for k in ("prompt", "chosen", "rejected")} for r in rows])
+    out = TokenizedPromptDataset(strategy, data, process_count=1)
+    assert len(out) == 2 and all(max(m) == 3 for m in out["attention_mask"])
+
+    path.write_text(json.dumps(pair_rows()[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: RePAIR pair row: invalid JSON"):
+        load(tokenizer, cfg, {"path": str(path)})  # the JSON loader could not read it: never skipped
+
+
+def test_dataset_inputs_name_path_and_row_index(tokenizer, tmp_path, caplog):
+    """Not a single JSON-lines file (here a saved dataset directory): the pre-check names
+    path[index]; the tokenize-time fallback names the dataset and the row's source_id."""
+    from axolotl.utils.dict import DictDefault
+    from datasets import Dataset
+
+    from axolotl_focus.repair import load
+
+    folder = tmp_path / "pairs_ds"
+    rows = [dict(pair_rows()[0], source_id="a"), dict(pair_rows()[1], source_id="b"),
+            dict(pair_rows()[1], prompt="word " * 40, source_id="c")]
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    with pytest.raises(ValueError, match=rf"{folder}\[2\]: RePAIR pair row: prompt of \d+ tokens"):
+        load(tokenizer, DictDefault(sequence_len=24), {"path": str(folder)})
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus.repair"):
+        load(tokenizer, DictDefault(sequence_len=24, focus_repair_skip_bad_rows=True), {"path": str(folder)})
+    assert any(f"skipping 1 bad RePAIR rows of {folder}" in r.getMessage() for r in caplog.records)
+
+    strategy = load(tokenizer, DictDefault(sequence_len=24), {"path": "org/not-downloaded"})  # no pre-check
+    with pytest.raises(ValueError, match=r"org/not-downloaded \(row with source_id 'c'\): RePAIR pair row: prompt"):
+        strategy.tokenize_prompt(rows[2])
 
 
 def test_trainer_loss_on_mixed_batch_matches_dense_reference(tiny_pair, tmp_path, tokenizer):
