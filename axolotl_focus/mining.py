@@ -59,11 +59,13 @@ Files and resume
 ``output`` gets the kept pairs; ``output + ".state"`` lists the tried prompts that produced no
 pair (``{"source_id", "status"}`` with status ``not_degenerate``, ``no_positive`` or
 ``dropped``); ``output + ".summary.json"`` the last run's :class:`MiningSummary`. Each batch is
-appended with one ``write`` + ``fsync`` per file (pairs first, then state). On start a partial
-last line (a crash mid-write) is truncated, and every source id in the output or the state file
-is skipped, so a rerun never duplicates rows nor retries prompts, and a kill loses at most the
-batch in flight. Pairs already in the file count toward ``target_pairs``; mining stops once it is
-reached (a batch's surplus pairs are not written, and their prompts stay untried). Changing the
+appended with one ``write`` + ``fsync`` per file (pairs first, then state); this is not atomic:
+a kill mid-write can leave a partial last line. On start such a line is dropped (truncated), and
+every source id with a complete line in the output or the state file is skipped, so a rerun never
+duplicates rows nor retries those prompts (the others of the interrupted batch are mined again),
+and a kill loses at most the batch in flight. Pairs already in the file count toward
+``target_pairs``; mining stops once it is reached (a batch's surplus pairs are not written, and
+their prompts stay untried). Changing the
 sampling settings between runs is not detected.
 
 Several processes (``accelerate launch``): the remaining prompts are split with
@@ -506,7 +508,7 @@ def generate_batch(
 
 
 # --------------------------------------------------------------------------------------------
-# Files: atomic appends, repair, resume, shards
+# Files: appends with fsync, tail repair, resume, shards
 # --------------------------------------------------------------------------------------------
 
 
