@@ -12,7 +12,10 @@ Procedure, per prompt
    ``max_new_tokens``; a row ends at EOS, which is not part of ``y_hat``). With ``early_stop`` a
    :class:`~axolotl_focus.degeneration.LoopDetector` per row stops the row as soon as the loop
    is confirmed (which implies ``coverage(y_hat) >= threshold``); the metrics below are computed
-   on what was generated. The prompt is degenerate when ``coverage(y_hat) >= threshold``: the
+   on what was generated. In a batch a stopped row only stops producing tokens: it still takes
+   part (as padding) in every forward pass until all rows of the batch have stopped, so compute
+   is saved only by the decoding steps the whole batch skips (``student_steps_skipped`` in the
+   summary; ``tokens_not_generated`` counts the stopped rows' unused budget). The prompt is degenerate when ``coverage(y_hat) >= threshold``: the
    coverage domain is the generated continuation only (the paper's model output ``y_hat``), never
    the prompt. ``onset`` = index in ``y_hat`` where the second copy of the repeated segment
    starts; the shared prefix is ``prompt + y_hat[:onset]`` (the text before the loop plus one
@@ -251,8 +254,15 @@ class MiningSummary:
     pairs_dropped_no_positive: int = 0  # every teacher attempt was rejected
     negatives_dropped: int = 0  # rejected part not itself degenerate, or blank text
     early_stopped: int = 0  # student rows stopped by the loop detector
-    tokens_saved: int = 0  # sum of max_new_tokens - generated over early-stopped rows
+    # sum of max_new_tokens - generated over early-stopped rows: tokens they did not produce; NOT
+    # compute saved, as a stopped row still rides along (padded) until its whole batch stops
+    tokens_not_generated: int = 0
     student_tokens: int = 0  # tokens the student generated
+    student_batches: int = 0  # batched student generate calls
+    student_steps: int = 0  # decoding steps (batched forward passes) those calls ran
+    # sum over student batches of max_new_tokens - steps run: the steps skipped because every row
+    # of the batch had stopped (loop detector or EOS) early; the compute actually saved
+    student_steps_skipped: int = 0
     teacher_tokens: int = 0  # tokens the teacher generated (all attempts)
     target_reached: bool = False
     elapsed_s: float = 0.0
@@ -421,6 +431,8 @@ class RowStopper(StoppingCriteria):
     :class:`LoopDetector` per row. Returns a per-row bool tensor (rows already finished stay
     finished; ``generate`` pads them). Keeps each row's generated tokens (EOS and padding
     excluded) in :attr:`tokens` and why it ended in :attr:`reason` (``eos``/``loop``/``budget``).
+    :attr:`steps` counts the calls, i.e. the decoding steps ``generate`` ran (one per new token
+    position of the batch, finished rows included as padding).
     """
 
     def __init__(self, budgets: Sequence[int], eos_ids: Iterable[int], detector_kwargs: dict | None = None):
@@ -430,8 +442,10 @@ class RowStopper(StoppingCriteria):
         self.reason: list[str | None] = [None] * len(self.budgets)
         self.detectors = None if detector_kwargs is None else [LoopDetector(**detector_kwargs) for _ in self.budgets]
         self._done = torch.zeros(len(self.budgets), dtype=torch.bool)
+        self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
         for row, token in enumerate(input_ids[:, -1].tolist()):
             if self._done[row]:
                 continue
@@ -671,13 +685,16 @@ def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig, se
                         min_repeats=cfg.detector_min_repeats)
     gen = generate_batch(student, tokenizer, [ids for _, ids in encoded], [cfg.max_new_tokens] * len(batch),
                          seed=seed, top_p=cfg.top_p, temperature=cfg.temperature, detector_kwargs=detector)
+    summary.student_batches += 1
+    summary.student_steps += gen.steps
+    summary.student_steps_skipped += cfg.max_new_tokens - gen.steps
     negatives = []
     for prompt, (text, ids), out, stop in zip(batch, encoded, gen.tokens, gen.reason):
         summary.prompts_tried += 1
         summary.student_tokens += len(out)
         if stop == "loop":
             summary.early_stopped += 1
-            summary.tokens_saved += cfg.max_new_tokens - len(out)
+            summary.tokens_not_generated += cfg.max_new_tokens - len(out)
         res = coverage(out, threshold=cfg.threshold)
         if not res.is_degenerate:
             states.append({"source_id": prompt.source_id, "status": "not_degenerate"})
@@ -831,10 +848,14 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
         _write_summary(output, summary)
         LOG.info(
             "RePAIR mining: %d prompts tried (%d skipped on resume), %.1f%% degenerate, %d pairs kept "
-            "(%d in %s), %d positives rejected for looping, %d pairs dropped, %d tokens saved by early stopping",
+            "(%d in %s), %d positives rejected for looping, %d pairs dropped; student early stopping: "
+            "%d rows stopped, %d budget tokens not generated, %d of %d batched decoding steps skipped "
+            "(a batch runs until all its rows have stopped)",
             summary.prompts_tried, summary.prompts_skipped_resume, 100 * summary.degenerate_share,
             summary.pairs_kept, summary.pairs_total, output, summary.positives_rejected_looping,
-            summary.pairs_dropped_no_positive + summary.negatives_dropped, summary.tokens_saved,
+            summary.pairs_dropped_no_positive + summary.negatives_dropped, summary.early_stopped,
+            summary.tokens_not_generated, summary.student_steps_skipped,
+            summary.student_batches * cfg.max_new_tokens,
         )
     return summary
 

@@ -1,5 +1,5 @@
 """RePAIR pair mining: prompts, batched generation (left padding, early stopping), pair rows,
-atomic/resumable output, validation. Tiny local models only (built once per module)."""
+appended/resumable output, validation. Tiny local models only (built once per module)."""
 
 from __future__ import annotations
 
@@ -178,6 +178,19 @@ def test_left_padding_matches_unpadded(micro):
     assert tok.padding_side == "right"  # the shared tokenizer is left untouched
 
 
+def test_steps_count_the_batch_not_the_rows(micro):
+    """A row stopped early still rides along: the batch runs until its longest row has ended."""
+    tok, prompts = micro["tokenizer"], micro["prompts"][:3]
+    ids = [encode_prompt(tok, p.text, MiningConfig(prefix_tokens=24))[1] for p in prompts]
+    detector = dict(threshold=THRESHOLD, min_tokens=16, min_repeats=3)
+    gen = generate_batch(micro["student"], tok, ids, [80, 80, 80], seed=0, detector_kwargs=detector)
+    assert "loop" in gen.reason
+    ends = [len(t) + (r == "eos") for t, r in zip(gen.tokens, gen.reason)]  # EOS takes a step too
+    assert gen.steps == max(ends) and min(ends) < gen.steps <= 80
+    budgets = generate_batch(micro["teacher"], tok, ids, [5, 12, 8], do_sample=False)
+    assert budgets.steps == max(len(t) + (r == "eos") for t, r in zip(budgets.tokens, budgets.reason)) <= 12
+
+
 # --------------------------------------------------------------------------------------------
 # Mining
 # --------------------------------------------------------------------------------------------
@@ -191,10 +204,18 @@ def test_mine_pairs_rows(micro, tmp_path):
     assert summary.prompts_tried == 8 and summary.degenerate >= 6 and len(rows) >= 5
     assert summary.pairs_kept == summary.pairs_total == len(rows)
     stopped = [r for r in rows if r["student_stop"] == "loop"]
-    assert summary.early_stopped >= len(stopped) > 0 and summary.tokens_saved > 0
-    assert summary.student_tokens + summary.tokens_saved <= 8 * cfg.max_new_tokens
+    assert summary.early_stopped >= len(stopped) > 0 and summary.tokens_not_generated > 0
+    assert summary.student_tokens + summary.tokens_not_generated <= 8 * cfg.max_new_tokens
+    # steps are per batch: rows stopped early still ride along until the batch stops
+    assert summary.student_batches == 2
+    assert summary.student_steps + summary.student_steps_skipped == 2 * cfg.max_new_tokens
+    assert summary.student_steps * cfg.batch_size >= summary.student_tokens
+    # a batch skips a step only once all its rows have ended, so skipped steps x rows <= unused budget
+    assert 0 <= summary.student_steps_skipped * cfg.batch_size <= 8 * cfg.max_new_tokens - summary.student_tokens
     saved_file = json.loads(open(cfg.output + ".summary.json").read())
-    assert saved_file["pairs_kept"] == len(rows) and saved_file["tokens_saved"] == summary.tokens_saved
+    assert saved_file["pairs_kept"] == len(rows)
+    for key in ("tokens_not_generated", "student_steps", "student_steps_skipped"):
+        assert saved_file[key] == getattr(summary, key)
 
     by_id = {p.source_id: p for p in prompts}
     for row in rows:
@@ -265,7 +286,8 @@ def test_non_degenerate_prompts_are_not_retried(micro, tmp_path):
     cfg = _cfg(tmp_path, max_new_tokens=32, early_stop=False)
     first = mine_pairs(micro["teacher"], micro["teacher"], tok, prompts, cfg)
     assert first.prompts_tried == 4 and first.degenerate == 0 and first.pairs_total == 0
-    assert first.degenerate_share == 0.0 and first.tokens_saved == 0
+    assert first.degenerate_share == 0.0 and first.tokens_not_generated == 0 and first.early_stopped == 0
+    assert first.student_steps + first.student_steps_skipped == first.student_batches * 32 == 32
     state = _state(cfg.output)
     assert [s["source_id"] for s in state] == [p.source_id for p in prompts]
     assert {s["status"] for s in state} == {"not_degenerate"}
