@@ -25,8 +25,13 @@ LOG = logging.getLogger(__name__)
 REPORT_FILE = "pruning_report.json"
 _PRUNE_KEYS = tuple(
     k for k in FocusPruneArgs.model_fields if k not in ("calibration", "calibration_split", "calibration_field",
-                                                        "cache_dir", "dtype", "device", "wait_timeout")
+                                                        "calibration_config", "cache_dir", "dtype", "device",
+                                                        "wait_timeout")
 )
+# hub calibration datasets are streamed: seeded shuffle in a buffer of this many rows, then rows are
+# read until enough texts are long enough for the windows (at most _STREAM_MAX_ROWS)
+_STREAM_BUFFER = 10_000
+_STREAM_MAX_ROWS = 100_000
 
 
 def default_cache_dir() -> Path:
@@ -35,7 +40,9 @@ def default_cache_dir() -> Path:
 
 def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
     """Calibration texts and a description: the embedded WikiText-2 slice by default, a local
-    .txt (one paragraph per line) / .jsonl file, or a hub dataset (`datasets.load_dataset`)."""
+    .txt (one paragraph per line) / .jsonl file, or a hub dataset (`datasets.load_dataset` with
+    `calibration_config`, streamed: a seeded shuffle buffer, then non-empty texts are read until
+    `calib_samples` of them have at least `calib_seq_len` words, so at least as many tokens)."""
     from .micro import corpus_documents
 
     source = spec.calibration
@@ -63,8 +70,25 @@ def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
         raise ValueError(f"focus_prune.calibration: file {source} does not exist")
     import datasets  # a hub dataset id
 
-    data = datasets.load_dataset(source, split=spec.calibration_split)
-    return list(data[spec.calibration_field]), f"{source} [{spec.calibration_split}] field {spec.calibration_field}"
+    name = f"{source} ({spec.calibration_config})" if spec.calibration_config else source
+    data = datasets.load_dataset(source, spec.calibration_config, split=spec.calibration_split, streaming=True)
+    data = data.shuffle(seed=spec.seed, buffer_size=_STREAM_BUFFER).take(_STREAM_MAX_ROWS)
+    texts, long_enough = [], 0
+    for row in data:
+        if spec.calibration_field not in row:
+            raise ValueError(f"focus_prune.calibration_field: {name} [{spec.calibration_split}] has no "
+                             f"{spec.calibration_field!r} column (columns: {', '.join(row)})")
+        text = row[spec.calibration_field]
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+            long_enough += len(text.split()) >= spec.calib_seq_len
+            if long_enough >= spec.calib_samples:
+                break
+    if not texts:
+        raise ValueError(f"focus_prune.calibration: {name} [{spec.calibration_split}] field "
+                         f"{spec.calibration_field!r} holds no text")
+    return texts, (f"{name} [{spec.calibration_split}] field {spec.calibration_field}: {len(texts)} texts "
+                   f"streamed (shuffle seed {spec.seed}, buffer {_STREAM_BUFFER})")
 
 
 def prune_config(spec: FocusPruneArgs):
@@ -80,8 +104,10 @@ def prune_config(spec: FocusPruneArgs):
 def cache_path(source: str, spec: FocusPruneArgs) -> Path:
     """Where the checkpoint for (source, settings, calibration) lives."""
     source_id = os.path.abspath(source) if os.path.isdir(source) else source
-    key = json.dumps({"source": source_id, **spec.model_dump(exclude={"cache_dir", "wait_timeout", "device"})},
-                     sort_keys=True)
+    exclude = {"cache_dir", "wait_timeout", "device"}
+    if spec.calibration_config is None:  # keys of checkpoints cached before the option existed stay valid
+        exclude.add("calibration_config")
+    key = json.dumps({"source": source_id, **spec.model_dump(exclude=exclude)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = Path(source_id.rstrip("/")).name or "model"
     tag = f"r{spec.ratio}" if spec.method == "width" else f"b{spec.num_blocks or spec.block_fraction}"
@@ -104,13 +130,14 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike) -> d
 
     from .pruning import prune, report_dict, save_pruned
 
+    if Path(output).exists():  # checked again before the rename
+        raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
     cfg = prune_config(spec).validate(AutoConfig.from_pretrained(source))
     texts, calibration = load_calibration_texts(spec)
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device)
-    report = prune(model, tokenizer, texts, cfg, source_model=source, calibration_name=calibration)
-    LOG.info("%s", report.summary())
+    report = prune(model, tokenizer, texts, cfg, source_model=source, calibration_name=calibration)  # logs the summary
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
