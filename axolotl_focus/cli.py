@@ -49,36 +49,116 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+_PRUNE_NOT_OPTIONS = ("wait_timeout",)  # FocusPruneArgs fields without a command-line option
+
+
+def _show_package_logs():
+    """Show the package's INFO logs (the pruning summary) on stderr, like the plugin's handler does
+    under `axolotl train`; a handler already installed is kept as it is. Returns the undo."""
+    import logging
+
+    logger = logging.getLogger("axolotl_focus")
+    if logger.handlers:
+        return lambda: None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def undo():
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return undo
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per `focus_prune:` key (FocusPruneArgs), typed and described by the schema;
+    None default = not given. Literals become choices, booleans --x / --no-x, layer ranges START END."""
+    import typing
+
+    from .config import FocusPruneArgs
+
+    for name, info in FocusPruneArgs.model_fields.items():
+        if name in _PRUNE_NOT_OPTIONS:
+            continue
+        flag, kind = "--" + name.replace("_", "-"), info.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if args and typing.get_origin(kind) is not typing.Literal and typing.get_origin(kind) is not list:
+            kind = args[0]  # X | None -> X
+        help_text = info.description or ""
+        if "default" not in help_text:  # the schema's descriptions of None defaults say what they mean
+            help_text += ("; " if help_text else "") + f"default {info.default}"
+        options = {"dest": name, "default": None, "help": help_text}
+        if typing.get_origin(kind) is typing.Literal:
+            options.update(choices=list(typing.get_args(kind)))
+        elif kind is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is list:
+            options.update(type=typing.get_args(kind)[0], nargs=2, metavar=("START", "END"))
+        else:
+            options.update(type=kind)
+        parser.add_argument(flag, **options)
+
+
 def cmd_prune(args) -> int:
+    import dataclasses
+    import logging
+
     import yaml
     from pydantic import ValidationError
 
     from .config import FocusPruneArgs
-    from .preprocess import REPORT_FILE, ensure_pruned, run_prune
+    from .preprocess import REPORT_FILE, cache_path, ensure_pruned, run_prune
 
+    given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
     if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            cfg = yaml.safe_load(handle) or {}
+        if args.model or args.output:
+            print("axolotl-focus prune: --model/--output prune without a config; a CONFIG.yml prunes its "
+                  "base_model into the cache", file=sys.stderr)
+            return 2
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                cfg = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            print(f"axolotl-focus prune: {exc}", file=sys.stderr)
+            return 2
         if not cfg.get("focus_prune") or not cfg.get("base_model"):
             print(f"{args.config}: needs `base_model` and a `focus_prune:` block", file=sys.stderr)
             return 2
-        source, block = cfg["base_model"], cfg["focus_prune"]
+        source, block = cfg["base_model"], {**cfg["focus_prune"], **given}  # options override the block
     else:
         if not (args.model and args.output):
             print("axolotl-focus prune: give a CONFIG.yml, or --model and --output", file=sys.stderr)
             return 2
-        source = args.model
-        block = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
+        source, block = args.model, given
     try:
         spec = FocusPruneArgs.model_validate(block)
     except ValidationError as exc:
         print(f"focus_prune: {exc}", file=sys.stderr)
         return 2
-    if args.config:
-        path = ensure_pruned(source, spec)
-        report = json.loads((path / REPORT_FILE).read_text())
-    else:
-        path, report = args.output, run_prune(source, spec, args.output)
+    undo = _show_package_logs()
+    try:
+        if args.config:
+            cached = (cache_path(source, spec) / REPORT_FILE).is_file()
+            path = ensure_pruned(source, spec)
+            report = json.loads((path / REPORT_FILE).read_text())
+            if cached:  # pruned by an earlier run: show what that run logged
+                from .pruning import PruneReport
+
+                fields = {f.name: report[f.name] for f in dataclasses.fields(PruneReport) if f.name in report}
+                summary = PruneReport(**{**fields, "model": None}).summary()
+                logging.getLogger(__name__).info("%s", summary)
+        else:
+            path, report = args.output, run_prune(source, spec, args.output)
+    except (ValueError, FileExistsError) as exc:
+        print(f"axolotl-focus prune: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        undo()
     print(f"pruned checkpoint: {path}")
     print(f"params {report['params_before']:,} -> {report['params_after']:,} "
           f"(achieved reduction {report['achieved_reduction']:.2%})")
@@ -142,26 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="examples/tiny/build")
     p.add_argument("--steps", type=int, default=200, help="teacher pretraining steps")
     p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)")
+    p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)",
+                       description="Options are the `focus_prune:` keys; with a CONFIG.yml they override its block.")
     p.add_argument("config", nargs="?", help="axolotl config with base_model and focus_prune:")
     p.add_argument("--model", help="hub id or path of the model to prune (without a config)")
     p.add_argument("--output", help="output folder (without a config)")
-    p.add_argument("--method", choices=["width", "depth"])
-    p.add_argument("--ratio", type=float)
-    p.add_argument("--target-param-reduction", dest="target_param_reduction", type=float)
-    p.add_argument("--importance")
-    p.add_argument("--attn-layers", dest="attn_layers", type=int, nargs=2, metavar=("START", "END"))
-    p.add_argument("--mlp-layers", dest="mlp_layers", type=int, nargs=2, metavar=("START", "END"))
-    p.add_argument("--gqa-mode", dest="gqa_mode")
-    p.add_argument("--uniform", action="store_true", default=None)
-    p.add_argument("--num-blocks", dest="num_blocks", type=int)
-    p.add_argument("--block-fraction", dest="block_fraction", type=float)
-    p.add_argument("--depth-score", dest="depth_score")
-    p.add_argument("--calibration", help="hub dataset id or local .txt/.jsonl (default: embedded corpus)")
-    p.add_argument("--calib-samples", dest="calib_samples", type=int)
-    p.add_argument("--calib-seq-len", dest="calib_seq_len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    _add_prune_options(p)
     p.set_defaults(func=cmd_prune)
     from .mining import MiningConfig
 

@@ -1,6 +1,7 @@
 """`focus_prune:` / `axolotl-focus prune`: validation first, atomic cached checkpoints, config rewrite."""
 
 import json
+import logging
 
 import pytest
 from pydantic import ValidationError
@@ -15,7 +16,17 @@ def spec(tmp_path, **kw):
     return FocusPruneArgs(**{"ratio": 0.5, "cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | TINY_RANGES | kw)
 
 
-def test_cli_prune_without_config(tiny_pair, tmp_path, capsys):
+@pytest.fixture
+def no_log_handlers(monkeypatch):
+    """The `axolotl_focus` logger as a fresh process has it (the plugin, once imported, adds a handler)."""
+    logger = logging.getLogger("axolotl_focus")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    return logger
+
+
+def test_cli_prune_without_config(tiny_pair, tmp_path, capsys, no_log_handlers):
     from transformers import AutoModelForCausalLM
 
     from axolotl_focus.cli import main
@@ -23,7 +34,14 @@ def test_cli_prune_without_config(tiny_pair, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", tiny_pair["teacher"], "--ratio", "0.5", "--output", str(out),
                  "--attn-layers", "1", "3", "--mlp-layers", "1", "3", "--calib-samples", "4"]) == 0
-    assert "achieved reduction" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "achieved reduction" in captured.out
+    # the pruning summary is logged: nominal ratio, per-layer shapes, achieved reduction
+    assert "nominal per-layer ratio 0.5" in captured.err and "achieved reduction" in captured.err
+    assert "layers 0-0: 4 q heads, 2 kv heads" in captured.err
+    assert "layers 1-2: 2 q heads, 1 kv heads" in captured.err
+    assert captured.err.count("layers 1-2:") == 1  # logged once
+    assert no_log_handlers.handlers == [] and no_log_handlers.propagate  # the logger is left as it was
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "pruned_llama"
     assert config["focus_source_model"] == tiny_pair["teacher"]
@@ -36,6 +54,113 @@ def test_cli_prune_without_config(tiny_pair, tmp_path, capsys):
     with pytest.raises(FileExistsError):
         run_prune(tiny_pair["teacher"], spec(tmp_path), out)
     assert (out / "model.safetensors").is_file()
+
+
+def test_cli_prune_depth_options_and_cached_config(tiny_pair, tmp_path, capsys, no_log_handlers):
+    import yaml
+
+    from axolotl_focus.cli import main
+
+    out = tmp_path / "depth"
+    assert main(["prune", "--model", tiny_pair["teacher"], "--method", "depth", "--num-blocks", "1",
+                 "--protected-first", "1", "--protected-last", "2", "--dtype", "float32",
+                 "--calib-samples", "2", "--output", str(out)]) == 0
+    assert "removed blocks [1]" in capsys.readouterr().err  # only block 1 is not protected
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert (report["metadata"]["protected_first"], report["metadata"]["protected_last"]) == (1, 2)
+
+    config = tmp_path / "cfg.yml"
+    config.write_text(yaml.safe_dump({"base_model": tiny_pair["teacher"], "focus_prune": spec(tmp_path).model_dump()}))
+    assert main(["prune", str(config)]) == 0
+    first = capsys.readouterr()
+    assert main(["prune", str(config)]) == 0  # reused from the cache: the stored summary is shown
+    second = capsys.readouterr()
+    assert second.out == first.out and "layers 1-2: 2 q heads" in first.err and "layers 1-2: 2 q heads" in second.err
+    assert "reusing cached" in second.err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--attn-layers", "0", "99"], "attn_layers=[0, 99]"),
+    (["--ratio", "0.99", "--attn-layers", "0", "4", "--mlp-layers", "0", "4"], "removes every"),
+    ([], "exists already"),
+])
+def test_cli_prune_bad_input_is_one_line(tiny_pair, tmp_path, capsys, argv, match):
+    from axolotl_focus.cli import main
+
+    out = tmp_path / "out"
+    if not argv:
+        out.mkdir()
+    assert main(["prune", "--model", tiny_pair["teacher"], "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("axolotl-focus prune: ") and match in err and "Traceback" not in err
+
+
+def test_cli_prune_options_come_from_the_schema():
+    from axolotl_focus.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--output", "o", "--dtype", "bfloat16",
+                                      "--protected-first", "2", "--protected-last", "1", "--calibration-split",
+                                      "validation", "--calibration-field", "body", "--calibration-config", "c",
+                                      "--attn-layers", "1", "3", "--no-uniform", "--importance", "vectorize"])
+    given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
+    assert FocusPruneArgs.model_validate(given).model_dump(exclude_defaults=True) == {
+        "dtype": "bfloat16", "protected_first": 2, "protected_last": 1, "calibration_split": "validation",
+        "calibration_field": "body", "calibration_config": "c", "attn_layers": [1, 3], "importance": "vectorize",
+    }
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--dtype", "float64"])
+    missing = {k for k in FocusPruneArgs.model_fields if k not in vars(args)}
+    assert missing == {"wait_timeout"}
+
+
+class FakeStream:
+    """A streamed hub split: records shuffle/take and how many rows were read."""
+
+    def __init__(self, rows):
+        self.rows, self.calls, self.read = rows, [], 0
+
+    def shuffle(self, seed, buffer_size):
+        self.calls.append(("shuffle", seed, buffer_size))
+        return self
+
+    def take(self, n):
+        self.calls.append(("take", n))
+        return self
+
+    def __iter__(self):
+        for row in self.rows:
+            self.read += 1
+            yield row
+
+
+def test_hub_calibration_is_streamed_with_its_config(tiny_pair, tmp_path, monkeypatch):
+    from axolotl_focus.micro import corpus_documents
+    from axolotl_focus.preprocess import load_calibration_texts
+
+    docs = [d for d in corpus_documents("valid") if len(d.split()) >= 64]
+    rows = [{"text": ""}, {"text": "short"}] + [{"text": d} for d in docs] * 50
+    stream, seen = FakeStream(rows), []
+
+    def load_dataset(path, name=None, *, split=None, streaming=False, **kwargs):
+        seen.append((path, name, split, streaming))
+        return stream
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+    s = spec(tmp_path, calibration="Salesforce/wikitext", calibration_config="wikitext-2-raw-v1",
+             calibration_split="validation", seed=3)
+    texts, description = load_calibration_texts(s)
+    assert seen == [("Salesforce/wikitext", "wikitext-2-raw-v1", "validation", True)]
+    assert stream.calls[0][:2] == ("shuffle", 3) and stream.calls[1][0] == "take"
+    assert texts == ["short"] + docs[:4] and stream.read == 6  # stops once calib_samples texts are long enough
+    assert "wikitext-2-raw-v1" in description and "[validation]" in description
+
+    report = run_prune(tiny_pair["teacher"], s, tmp_path / "out")
+    assert "wikitext-2-raw-v1" in report["metadata"]["calibration"]["dataset"]
+    assert cache_path(tiny_pair["teacher"], s) != cache_path(tiny_pair["teacher"], spec(
+        tmp_path, calibration="Salesforce/wikitext", calibration_config="wikitext-103-raw-v1",
+        calibration_split="validation", seed=3))
+    with pytest.raises(ValueError, match="no 'body' column"):
+        load_calibration_texts(spec(tmp_path, calibration="Salesforce/wikitext", calibration_field="body"))
 
 
 def test_cache_is_reused_and_keyed_by_settings(tiny_pair, tmp_path, monkeypatch):
