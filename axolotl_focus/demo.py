@@ -282,7 +282,35 @@ def _axolotl_env(threads: int) -> dict[str, str]:
     )
 
 
-def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, progress: bool) -> list[dict]:
+def run_concurrently(items: list, work: Callable, jobs: int, dataset_key: Callable):
+    """Yield ``(item[0], work(*item, slot))`` as each finishes, at most ``jobs`` at a time. Two
+    items with the same ``dataset_key`` never start together until one of them has finished (the
+    first prepares the shared axolotl dataset cache, the next reuses it); otherwise in order."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pending, running, prepared = list(items), {}, set()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            busy = {dataset_key(item) for item, _ in running.values()}
+            for item in list(pending):
+                if len(running) >= jobs:
+                    break
+                key = dataset_key(item)
+                if key in busy and key not in prepared:
+                    continue
+                slot = min(set(range(jobs)) - {slot for _, slot in running.values()})
+                running[pool.submit(work, *item, slot)] = (item, slot)
+                pending.remove(item)
+                busy.add(key)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                item, _ = running.pop(future)
+                prepared.add(dataset_key(item))
+                yield item[0], future.result()
+
+
+def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, progress: bool,
+                  position: int = 0) -> list[dict]:
     """``axolotl train CONFIG --launcher python`` in a subprocess (log to ``log``); a progress bar
     follows the logged steps. Returns the logged dicts; raises :class:`DemoError` on failure."""
     from tqdm.auto import tqdm
@@ -293,7 +321,7 @@ def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, 
         raise DemoError("the `axolotl` command is not installed in this environment (pip install axolotl)")
     cmd = [exe, "train", str(config), "--launcher", "python"]
     rows: list[dict] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False, position=position)
     with open(log, "w", encoding="utf-8") as handle:
         handle.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, env=env, cwd=str(config.parent), stdout=subprocess.PIPE,
@@ -331,11 +359,22 @@ def auto_threads() -> int:
     return max(1, min(cores - 1, cores - int(load + 0.5)))
 
 
+def auto_jobs() -> int:
+    """``axolotl train`` runs at a time: 2 when two cores are free by the 1-minute load average
+    (each run spends most of its time in axolotl's single-threaded start-up), else 1."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return 2 if (os.cpu_count() or 1) - int(load + 0.5) >= 2 else 1
+
+
 class Demo:
     """Runs the stages into ``out`` (see the module docstring)."""
 
     def __init__(self, out: str | os.PathLike, settings: DemoSettings, *, force: bool | tuple[str, ...] = False,
-                 progress: bool = True, threads: int | None = None, echo: Callable[[str], None] | None = None):
+                 progress: bool = True, threads: int | None = None, jobs: int | None = None,
+                 echo: Callable[[str], None] | None = None):
         self.out = Path(out).absolute()
         self.s = settings
         if force is True:
@@ -347,6 +386,7 @@ class Demo:
             raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         self.progress = progress
         self.threads = threads or auto_threads()
+        self.jobs = jobs or auto_jobs()
         self.echo = echo or (lambda msg: print(msg, flush=True))
         self.status: dict[str, str] = {}
 
@@ -425,7 +465,7 @@ class Demo:
         _, losses = build_micro_teacher(
             model_dir, steps=s.teacher_steps, seed=s.seed, vocab_size=s.vocab_size, layers=s.teacher_layers,
             hidden=s.teacher_hidden, heads=s.teacher_heads, kv_heads=s.teacher_kv_heads,
-            intermediate=s.teacher_intermediate)
+            intermediate=s.teacher_intermediate, progress=self.progress)
         write_json(folder / "pretrain_loss.json", losses)
         params = _param_count(model_dir)
         k = max(1, min(10, len(losses) // 10))
@@ -541,34 +581,44 @@ class Demo:
         rows = self._write_sft(sft)
         configs = train_configs(s, self.pruned("width"), str(sft), self.pairs_file, folder)
         data: dict[str, Any] = {"sft_rows": rows, "runs": {}}
-        for k, (run, cfg) in enumerate(configs.items(), 1):
+        pending = []
+        for run, cfg in configs.items():
             config = folder / f"{run}.yml"
             header = (f"# axolotl-focus demo: {RUNS[run][1]}\n# generated by axolotl_focus/demo.py; run with: "
                       f"axolotl train {config.name}\n")
             config.write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-            done_file, run_key = folder / f"{run}.done.json", _digest(cfg)
-            done = read_json(done_file)
-            if done and done.get("key") == run_key:
+            done = read_json(folder / f"{run}.done.json")
+            if done and done.get("key") == _digest(cfg):
                 data["runs"][run] = done
                 self.echo(f"    {run}: reused ({len(done['logs'])} steps, final loss {done['final_loss']:.3f})")
-                continue
+            else:
+                pending.append((run, cfg, config))
+        jobs = min(self.jobs, len(pending)) or 1
+        threads = max(1, self.threads // jobs)
+
+        def train(run: str, cfg: dict, config: Path, slot: int) -> dict:
             shutil.rmtree(cfg["output_dir"], ignore_errors=True)
             t0 = time.perf_counter()
             logs = axolotl_train(config, folder / f"{run}.log", cfg["max_steps"], f"    axolotl train {run}",
-                                 self.threads, self.progress)
-            elapsed = time.perf_counter() - t0
+                                 threads, self.progress, position=slot)
             if not logs:
                 raise DemoError(f"axolotl train {config}: no training steps were logged; see {folder / (run + '.log')}")
             tail = logs[-max(1, len(logs) // 10):]
-            record = {"key": run_key, "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
-                      "final_loss": sum(r["loss"] for r in tail) / len(tail), "elapsed_s": round(elapsed, 1)}
-            write_json(done_file, record)
+            record = {"key": _digest(cfg), "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
+                      "final_loss": sum(r["loss"] for r in tail) / len(tail),
+                      "elapsed_s": round(time.perf_counter() - t0, 1), "concurrent_runs": jobs}
+            write_json(folder / f"{run}.done.json", record)
+            return record
+
+        for run, record in run_concurrently(pending, train, jobs, dataset_key=lambda item: _digest(
+                [item[1]["datasets"], item[1].get("rl")])):
             data["runs"][run] = record
-            self.echo(f"    {run} ({k}/{len(configs)}): {len(logs)} steps in {_fmt_time(elapsed)}, "
-                      f"final loss {record['final_loss']:.3f}")
+            self.echo(f"    {run} ({len(data['runs'])}/{len(configs)}): {len(record['logs'])} steps in "
+                      f"{_fmt_time(record['elapsed_s'])}, final loss {record['final_loss']:.3f}")
+        data["runs"] = {run: data["runs"][run] for run in configs}
         timing = [r["elapsed_s"] for r in data["runs"].values()]
         summary = (f"{len(configs)} runs ({', '.join(configs)}), {s.train_steps} steps each (DPO {s.dpo_steps}), "
-                   f"{sum(timing):.0f} s in axolotl subprocesses")
+                   f"{sum(timing):.0f} s in axolotl subprocesses, {jobs} at a time")
         return data, summary
 
     # 6. evaluation ---------------------------------------------------------------------------
@@ -933,6 +983,10 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"- `{p}`" + (f": {d}" if d else "") for p, d in plots] + [""]
         lines += [f"![{Path(p).stem}]({p})" for p, _ in plots if p.endswith(".png")] + [""]
+    elif not _has_matplotlib():
+        note = "plots skipped: matplotlib is missing (pip install 'axolotl-focus[eval]')"
+        demo.echo(note)
+        lines += ["## Plots", "", note[0].upper() + note[1:] + ".", ""]
 
     # timing ----------------------------------------------------------------------------------
     lines += ["## Wall time", "", "| stage | this invocation | wall time when it ran | torch threads |",
@@ -947,16 +1001,24 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_demo_plots(demo: Demo, results: list[dict], t1: dict | None, tr: dict | None) -> list[tuple[str, str]]:
     """``plots/table1.png``, ``plots/training_loss.png`` and the evaluation's plots (copied); returns
     ``(relative path, description)`` pairs of the plots that exist."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not _has_matplotlib():
         return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     folder = demo.out / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     made = []
@@ -1012,6 +1074,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="axolotl train runs at a time (default: 2 when two cores are free, else 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -1030,7 +1094,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
         pass
     force: bool | tuple[str, ...] = False if args.force is None else (tuple(args.force) or True)
     demo = Demo(args.out, demo_settings(args.quick, args.seed), force=force, progress=args.progress,
-                threads=args.threads)
+                threads=args.threads, jobs=args.jobs)
     try:
         demo.run()
     except DemoError as err:

@@ -81,7 +81,7 @@ def llama_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4
 
 
 def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int = 16, seq_len: int = 64,
-             lr: float = 3e-3, seed: int = 0) -> list[float]:
+             lr: float = 3e-3, seed: int = 0, progress: bool = True) -> list[float]:
     """Plain next-token pretraining on random windows of ``texts``; returns the loss curve."""
     ids = torch.tensor(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"])
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +91,7 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int
     losses = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(steps), desc="pretraining micro teacher", unit="step", mininterval=2)
+    bar = tqdm(range(steps), desc="pretraining micro teacher", unit="step", mininterval=2, disable=not progress)
     for _ in bar:
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -122,7 +122,7 @@ def drop_layers(model, keep: list[int]):
 
 
 def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0, vocab_size: int = 1024,
-                        **size) -> tuple[str, list[float]]:
+                        progress: bool = True, **size) -> tuple[str, list[float]]:
     """Train and save a micro LLaMA teacher (and its tokenizer) on the embedded corpus.
 
     ``size`` goes to :func:`llama_config` (default: 4 layers, hidden 64, GQA 4/2 heads).
@@ -135,7 +135,7 @@ def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: i
     docs = corpus_documents("valid")
     tokenizer = build_tokenizer(docs, vocab_size=vocab_size)
     teacher = LlamaForCausalLM(llama_config(tokenizer, **size))
-    losses = pretrain(teacher, tokenizer, docs, steps=steps, seed=seed)
+    losses = pretrain(teacher, tokenizer, docs, steps=steps, seed=seed, progress=progress)
     LOG.info("teacher pretraining loss %.3f -> %.3f", losses[0], losses[-1])
     teacher.save_pretrained(out)
     tokenizer.save_pretrained(out)

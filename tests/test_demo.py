@@ -326,3 +326,32 @@ def test_quick_demo_end_to_end_then_reused(tmp_path):
     report2 = (out / "demo_report.md").read_text()
     assert [t["rows"] for t in md_tables(report2) if t["section"].startswith("Table")] == \
         [t["rows"] for t in tables if t["section"].startswith("Table")]
+
+
+def test_run_concurrently_keeps_shared_datasets_apart_until_prepared():
+    """At most `jobs` runs at once; a run sharing its dataset with a running one waits until a run
+    with that dataset has finished (it prepared axolotl's dataset cache); results come back whole."""
+    import threading
+
+    from axolotl_focus.demo import run_concurrently
+
+    lock, log, active = threading.Lock(), [], set()
+    items = [("ce", "sft"), ("kd", "sft"), ("focus", "sft"), ("repair", "pairs"), ("dpo", "dpo")]
+
+    def work(name, key, slot):
+        with lock:
+            assert len(active) < 2 and slot not in {s for _, s in active}
+            log.append(("start", name, {n for n, _ in active}))
+            active.add((name, slot))
+        time.sleep(0.05)
+        with lock:
+            active.discard((name, slot))
+        return name.upper()
+
+    done = list(run_concurrently(items, work, 2, dataset_key=lambda item: item[1]))
+    assert sorted(done) == sorted((n, n.upper()) for n, _ in items)
+    started = [(name, others) for _, name, others in log]
+    assert started[0] == ("ce", set()) and started[1] == ("repair", {"ce"})  # kd waits for ce's cache
+    assert max(len(others) for _, others in started) == 1
+    assert dict(started)["kd"] != {"ce"} and "ce" not in dict(started)["focus"]
+    assert [name for name, _ in run_concurrently(items, lambda n, k, s: n, 1, lambda i: i[1])] == [n for n, _ in items]
