@@ -756,15 +756,41 @@ def toy_zipf(vocab: int = 50, top: tuple[float, float] = (0.8, 0.1), exponent: f
     return torch.cat([torch.tensor(top, dtype=torch.float64), tail])
 
 
+TRAINING_RECORD = "focus_training.json"  # written by the trainer into the training output_dir
+
+
 def focus_params_of(name: str, path: str | None = None, mapping: dict | None = None) -> tuple[float, float] | None:
-    """(beta, gamma) of a FOCUS run: ``mapping[name]``, else ``focus_beta``/``focus_gamma`` in the
-    checkpoint's config.json, else ``beta<x>`` / ``gamma<y>`` in the name (``-``, ``_`` or ``=``
-    allowed; a missing gamma means the default 1.0)."""
+    """(beta, gamma) of a FOCUS run, from the first of:
+
+    1. ``mapping[name]`` (``--focus-params``);
+    2. ``<path>/focus_training.json`` (the trainer's record in its ``output_dir``), then
+       ``<path>/../focus_training.json`` (a LoRA-merged model saved under ``<output_dir>/merged``):
+       ``focus_beta`` / ``focus_gamma``; a record whose ``focus_distill`` is not ``focus`` (a KD or
+       CE run) gives None;
+    3. ``focus_beta`` / ``focus_gamma`` in the checkpoint's config.json;
+    4. ``beta<x>`` / ``gamma<y>`` in the name (``-``, ``_`` or ``=`` allowed).
+
+    A missing gamma means the default 1.0."""
     if mapping and name in mapping:
         return tuple(map(float, mapping[name]))
-    conf = _read_json(Path(path) / "config.json") if path and os.path.isdir(path) else None
-    if conf and "focus_beta" in conf:
-        return float(conf["focus_beta"]), float(conf.get("focus_gamma", 1.0))
+    if path and os.path.isdir(path):
+        record = None
+        for folder in (Path(path), Path(path).resolve().parent):  # the first record found is the run's
+            try:
+                record = _read_json(folder / TRAINING_RECORD)
+            except (OSError, ValueError):  # unreadable / not JSON: as if absent
+                record = None
+            if isinstance(record, dict):
+                break
+        if isinstance(record, dict):
+            if record.get("focus_distill", "focus") != "focus":
+                return None
+            if record.get("focus_beta") is not None:
+                gamma = record.get("focus_gamma")
+                return float(record["focus_beta"]), float(1.0 if gamma is None else gamma)
+        conf = _read_json(Path(path) / "config.json")
+        if conf and "focus_beta" in conf:
+            return float(conf["focus_beta"]), float(conf.get("focus_gamma", 1.0))
     num = r"[-_=]?(\d+(?:\.\d+)?|\.\d+)"
     beta = re.search(r"beta" + num, name, re.I)
     if not beta:

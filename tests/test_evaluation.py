@@ -353,6 +353,30 @@ def test_focus_params_of(tmp_path):
     assert focus_params_of("x", str(tmp_path)) == (3.0, 2.0)
 
 
+def test_focus_params_of_reads_the_training_record(tmp_path):
+    """Sources in order: --focus-params, <path>/focus_training.json, <path>/../focus_training.json
+    (a LoRA-merged model under <output_dir>/merged), config.json, the name."""
+    run = tmp_path / "focus-run"
+    merged = run / "merged"
+    merged.mkdir(parents=True)
+    record = {"focus_distill": "focus", "focus_beta": 15, "focus_gamma": 0.5, "focus_alpha": 0.5,
+              "focus_temperature": 1.0}
+    (merged / "config.json").write_text(json.dumps({"focus_beta": 3, "focus_gamma": 2}))
+    assert focus_params_of("beta7", str(merged)) == (3.0, 2.0)  # config.json before the name
+    (run / "focus_training.json").write_text(json.dumps(record))
+    assert focus_params_of("beta7", str(merged)) == (15.0, 0.5)  # the output_dir's record of a merged model
+    assert focus_params_of("beta7", str(run)) == (15.0, 0.5)  # the output_dir itself
+    (merged / "focus_training.json").write_text(json.dumps(record | {"focus_beta": 5, "focus_gamma": None}))
+    assert focus_params_of("beta7", str(merged)) == (5.0, 1.0)  # <path> first; no gamma: 1.0
+    assert focus_params_of("beta7", str(merged), {"beta7": (2, 3)}) == (2.0, 3.0)  # --focus-params first
+    for mode in ("kd", "none"):  # a KD / CE run has no FOCUS parameters, whatever its name says
+        (merged / "focus_training.json").write_text(json.dumps(record | {"focus_distill": mode}))
+        assert focus_params_of("beta7", str(merged)) is None
+    (merged / "focus_training.json").write_text("{not json")  # unreadable: as if absent
+    assert focus_params_of("beta7", str(merged)) == (15.0, 0.5)
+    assert focus_params_of("beta7", str(tmp_path / "missing")) == (7.0, 1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
