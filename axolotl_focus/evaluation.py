@@ -2,17 +2,21 @@
 
 Tasks (paper section 5.1)
 -------------------------
-* ``open_ended``: documents (default: the embedded WikiText-2 test slice, ``corpus_documents
-  ("test")``; or a local text/JSONL file or hub dataset) with at least ``prefix_tokens +
-  max_new_tokens`` model tokens; ``num_documents`` of them drawn with ``data_seed`` (kept in
-  corpus order). Prompt = the first ``prefix_tokens`` (50) tokens, re-encoded with BOS exactly as
-  RePAIR mining does (:func:`~axolotl_focus.mining.encode_prompt`); reference continuation = the
-  next ``max_new_tokens`` (100) document tokens (the "human" row and MAUVE's p).
+* ``open_ended``: documents (default: the rows of the hub dataset ``Salesforce/wikitext``,
+  ``wikitext-103-raw-v1``, ``test`` split, the paper's; with ``HF_HUB_OFFLINE`` /
+  ``HF_DATASETS_OFFLINE`` set or when the hub load fails, the embedded WikiText-2 test slice,
+  ``corpus_documents("test")``, with a log line; ``results.json`` ``data`` says which was used;
+  ``embedded``: that slice, online or not; or a local text/JSONL file or hub dataset) with at least ``prefix_tokens + max_new_tokens``
+  model tokens; ``num_documents`` of them drawn with ``data_seed`` (kept in corpus order).
+  Prompt = the first ``prefix_tokens`` (50) tokens, re-encoded with BOS exactly as RePAIR mining
+  does (:func:`~axolotl_focus.mining.encode_prompt`); reference continuation = the next
+  ``max_new_tokens`` (100) document tokens (the "human" row and MAUVE's p).
 * ``instruction``: Self-Instruct style JSONL (``instruction`` + ``instances[{input, output}]``,
   one prompt per instance; or flat rows with ``instruction``/``prompt``, ``input`` and
   ``output``/``completion``/``response``) or a hub dataset; prompt = instruction + blank line +
   input, rendered with the chat template when the tokenizer has one; reference = the output
-  (BERTScore).
+  (BERTScore). Default: the embedded 252 user-oriented Self-Instruct instructions (the hub
+  copies of Self-Instruct need a loading script, which ``datasets`` 4 no longer runs).
 
 Decodings: top-p (0.9, pure nucleus, ``top_k=0``) under each seed of ``seeds``, and greedy.
 Generation is batched with the KV cache through :func:`~axolotl_focus.mining.generate_batch`
@@ -37,7 +41,8 @@ Metrics
 * CREP (threshold 0.3, r 4..16), rep-n n = 3..6 (per continuation ``1 - unique/total`` on model
   tokens, averaged, x100), EAD-1 with ``V = len(tokenizer)`` (corpus level), degeneration in
   serving: all from :mod:`axolotl_focus.degeneration` on the saved token ids.
-* Perplexity: one token stream (BOS + the test text, no other specials); windows of ``window``
+* Perplexity: one token stream (BOS + the test text, no other specials; default text: the
+  open-ended default dataset's rows joined with blank lines); windows of ``window``
   tokens start every ``stride`` tokens; each window scores only the tokens not scored before
   (with the window's earlier tokens as context); the first token of the stream and, when
   ``stride == window``, the first token of every window are not scored. ``stride == window`` is
@@ -96,7 +101,7 @@ __all__ = [
     "EvalConfig", "MetricUnavailable", "evaluate_models", "evaluate_model", "open_ended_items",
     "load_instructions", "perplexity", "top_p_mask", "distribution_stats", "distribution_study",
     "mauve_score", "bertscore_f1", "zero_shot", "reweighted", "toy_zipf", "markdown_report",
-    "make_plots", "focus_params_of", "add_eval_arguments", "run_eval_cli",
+    "make_plots", "focus_params_of", "add_eval_arguments", "run_eval_cli", "default_wikitext",
 ]
 
 EXTRA = "pip install 'axolotl-focus[eval]'"
@@ -132,7 +137,7 @@ class EvalConfig:
     batch_size: int = 16
     threshold: float = DEFAULT_THRESHOLD  # CREP coverage threshold
     # open-ended generation
-    documents: str | None = None  # None: embedded WikiText-2 test slice
+    documents: str | None = None  # None: WikiText-103 test from the hub (offline: embedded WikiText-2 test)
     documents_config: str | None = None
     documents_split: str = "test"
     text_field: str | None = None
@@ -148,7 +153,7 @@ class EvalConfig:
     instruction_max_new_tokens: int = 256
     chat_template: bool = True
     # perplexity
-    ppl_data: str | None = None  # None: embedded WikiText-2 test text
+    ppl_data: str | None = None  # None: as documents (WikiText-103 test; offline: embedded WikiText-2 test)
     ppl_config: str | None = None
     ppl_split: str = "test"
     ppl_text_field: str = "text"
@@ -275,13 +280,69 @@ def _digest(obj) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _documents(cfg: EvalConfig) -> list[Prompt]:
-    if cfg.documents is None:
-        from .micro import corpus_documents
+DEFAULT_DATASET = ("Salesforce/wikitext", "wikitext-103-raw-v1", "test")  # the paper's open-ended / PPL data
+EMBEDDED = "embedded:wikitext-2/test"
+EMBEDDED_NAMES = ("embedded", EMBEDDED)  # --documents / --ppl-data value choosing the embedded slice
+_TRUE = ("1", "ON", "YES", "TRUE")
 
-        return [Prompt(f"wikitext2-test-{i}", d) for i, d in enumerate(corpus_documents("test"))]
-    return load_prompts(cfg.documents, text_field=cfg.text_field, input_field=None, split=cfg.documents_split,
-                        dataset_config=cfg.documents_config)
+
+def _offline_env() -> str | None:
+    """The name of the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable, if any."""
+    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(v, "").strip().upper() in _TRUE), None)
+
+
+def _load_hub_dataset(name: str, config: str | None, split: str):
+    """``datasets.load_dataset(name, config, split=split)`` (one place, so tests can replace it)."""
+    import datasets
+
+    return datasets.load_dataset(name, config, split=split)
+
+
+def default_wikitext() -> tuple[list[str] | None, dict]:
+    """Rows (``text``) of the default dataset, WikiText-103 test from the hub, and where they came
+    from. ``(None, info)`` when the embedded WikiText-2 test slice must stand in: an offline
+    variable is set (logged), or the hub load fails (a warning naming the dataset and the error).
+    ``info``: ``source`` (``hub:<name>/<config>/<split>`` or ``embedded:wikitext-2/test``),
+    ``dataset``/``config``/``split`` and, after a fallback, ``fallback`` (why)."""
+    name, config, split = DEFAULT_DATASET
+    hub = {"source": f"hub:{name}/{config}/{split}", "dataset": name, "config": config, "split": split}
+    embedded = _embedded()[1]
+    var = _offline_env()
+    if var:
+        LOG.info("%s is set: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
+                 "for the default open-ended documents and perplexity text", var, name, config, split)
+        return None, embedded | {"fallback": f"{var} is set"}
+    try:
+        rows = list(_load_hub_dataset(name, config, split)["text"])
+    except Exception as err:  # noqa: BLE001 - no network, a hub/httpx error, a missing cache, ...
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        LOG.warning("could not load the hub dataset %s (%s, %s split): %s. Falling back to the embedded WikiText-2 "
+                    "test slice (numbers are not comparable to WikiText-103 ones); pass --documents / --ppl-data "
+                    "to choose the data", name, config, split, why)
+        return None, embedded | {"fallback": f"hub load failed ({why})"}
+    return rows, hub
+
+
+def _embedded() -> tuple[None, dict]:
+    return None, {"source": EMBEDDED, "dataset": None, "config": None, "split": "test"}
+
+
+def _documents(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, dict]] = default_wikitext
+               ) -> tuple[list[Prompt], dict]:
+    """The open-ended documents and where they came from (see :func:`default_wikitext`)."""
+    if cfg.documents in EMBEDDED_NAMES:
+        default = _embedded
+    elif cfg.documents is not None:
+        docs = load_prompts(cfg.documents, text_field=cfg.text_field, input_field=None, split=cfg.documents_split,
+                            dataset_config=cfg.documents_config)
+        return docs, {"source": cfg.documents, "config": cfg.documents_config, "split": cfg.documents_split}
+    rows, info = default()
+    if rows is not None:  # as load_prompts does for a hub dataset: id = row index, empty rows skipped
+        return [Prompt(str(i), t) for i, t in enumerate(rows) if t.strip()], info
+    from .micro import corpus_documents
+
+    return [Prompt(f"wikitext2-test-{i}", d) for i, d in enumerate(corpus_documents("test"))], info
 
 
 def open_ended_items(tokenizer, documents: Sequence[Prompt], prefix_tokens: int = 50, max_new_tokens: int = 100,
@@ -432,6 +493,22 @@ def _mean_dicts(dicts: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------
+
+
+def _ppl_source(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, dict]] = default_wikitext
+                ) -> tuple[Callable[[], str], dict]:
+    """The perplexity text's loader and where it comes from (``source``: the cache key and
+    ``perplexity.data`` in the results)."""
+    if cfg.ppl_data in EMBEDDED_NAMES:
+        default = _embedded
+    elif cfg.ppl_data is not None:
+        return lambda: _ppl_text(cfg), {"source": cfg.ppl_data, "config": cfg.ppl_config, "split": cfg.ppl_split}
+    rows, info = default()
+    if rows is not None:  # joined as the explicit --ppl-data hub path does
+        return lambda: "\n\n".join(rows), info
+    from .micro import corpus_text
+
+    return lambda: corpus_text("test"), info
 
 
 def _ppl_text(cfg: EvalConfig) -> str:
@@ -849,6 +926,12 @@ class _Shared:
     bertscorer: Any = None
     teacher: Any = None
     failed: dict = field(default_factory=dict)
+    wikitext: Any = None  # (rows | None, info) of default_wikitext(), resolved once per run
+
+    def default_data(self) -> tuple[list[str] | None, dict]:
+        if self.wikitext is None:
+            self.wikitext = default_wikitext()
+        return self.wikitext
 
     def get(self, attr: str, make: Callable[[], Any]):
         if attr in self.failed:
@@ -898,16 +981,17 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
     res: dict[str, Any] = {
         "model": name, "path": path, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
         "settings": _jsonable({k: v for k, v in asdict(cfg).items() if k not in ("progress", "focus_params")}),
-        "ead_vocab_size": vocab, "unavailable": {}, "notes": [],
+        "ead_vocab_size": vocab, "data": {}, "unavailable": {}, "notes": [],
     }
     metrics = set(cfg.metrics)
 
     if "ppl" in metrics:
-        meta = {"path": path, "data": cfg.ppl_data or "embedded:wikitext-2/test", "config": cfg.ppl_config,
+        text, res["data"]["ppl"] = _ppl_source(cfg, shared.default_data)
+        meta = {"path": path, "data": res["data"]["ppl"]["source"], "config": cfg.ppl_config,
                 "split": cfg.ppl_split, "window": cfg.ppl_window, "stride": cfg.ppl_stride, "max": cfg.ppl_max_tokens}
         try:
             res["perplexity"] = _cached(mdir / "perplexity.json", meta, lambda: perplexity(
-                lazy.model, tokenizer, _ppl_text(cfg), cfg.ppl_window, cfg.ppl_stride, cfg.ppl_max_tokens,
+                lazy.model, tokenizer, text(), cfg.ppl_window, cfg.ppl_stride, cfg.ppl_max_tokens,
                 cfg.progress) | {"data": meta["data"]}, cfg, "perplexity")
         except MetricUnavailable as err:
             _unavailable(res, "ppl", err)
@@ -915,7 +999,8 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
     open_items: list[dict] = []
     for task in cfg.tasks:
         if task == "open_ended":
-            items = open_items = open_ended_items(tokenizer, _documents(cfg), cfg.prefix_tokens, cfg.max_new_tokens,
+            docs, res["data"]["open_ended"] = _documents(cfg, shared.default_data)
+            items = open_items = open_ended_items(tokenizer, docs, cfg.prefix_tokens, cfg.max_new_tokens,
                                                   cfg.num_documents, cfg.data_seed)
             budget = cfg.max_new_tokens
             if len(items) < cfg.num_documents:
@@ -924,6 +1009,8 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
         else:
             rows = load_instructions(cfg.instructions or embedded_instructions(), config=cfg.instructions_config,
                                      split=cfg.instructions_split, limit=cfg.num_instructions)
+            res["data"]["instruction"] = {"source": cfg.instructions or "embedded:self-instruct/user_oriented",
+                                          "config": cfg.instructions_config, "split": cfg.instructions_split}
             items, budget = _instruction_items(tokenizer, rows, cfg.chat_template), cfg.instruction_max_new_tokens
         if not items:
             res["unavailable"][task] = f"{task}: no prompts (open-ended needs documents of >= prefix + new tokens)"
@@ -1134,6 +1221,10 @@ def markdown_report(results: list[dict]) -> str:
         f"Open-ended: {settings['prefix_tokens']}-token prefix, {settings['max_new_tokens']} new tokens, top-p "
         f"{settings['top_p']} (top_k = 0) and greedy. Paper's WikiText-103 human row: 2.62 / 1.10 / 0.52 / 0.24 (n = 3..6).",
     ]
+    docs = first.get("data", {}).get("open_ended")
+    if docs:
+        notes.append(f"Open-ended documents: {docs['source']}" + (f" (fallback: {docs['fallback']})"
+                                                                 if docs.get("fallback") else "") + ".")
     if ppl:
         notes.append(f"PPL: {ppl.get('data')}, window {ppl['window']}, stride {ppl['stride']}, {ppl['scored']} tokens scored.")
     if any("mauve" in _flat(r, "open_ended", d) for r in results for d in r.get("open_ended", {}).get("decodings", {})):
@@ -1267,7 +1358,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=d.batch_size)
     a("--threshold", type=float, default=d.threshold, help="CREP coverage threshold")
     g = parser.add_argument_group("open-ended generation")
-    g.add_argument("--documents", help="local text/JSONL file or hub dataset id (default: embedded WikiText-2 test)")
+    g.add_argument("--documents", help="local text/JSONL file or hub dataset id (default: Salesforce/wikitext "
+                   "wikitext-103-raw-v1 test from the hub; offline: the embedded WikiText-2 test slice; `embedded`: "
+                   "that slice always)")
     g.add_argument("--documents-config")
     g.add_argument("--documents-split", default=d.documents_split)
     g.add_argument("--text-field")
@@ -1284,7 +1377,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--instruction-max-new-tokens", type=int, default=d.instruction_max_new_tokens)
     g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=d.chat_template)
     g = parser.add_argument_group("perplexity")
-    g.add_argument("--ppl-data", help="text/JSONL file or hub dataset id (default: embedded WikiText-2 test)")
+    g.add_argument("--ppl-data", help="text/JSONL file, hub dataset id or `embedded` (default: as --documents)")
     g.add_argument("--ppl-config")
     g.add_argument("--ppl-split", default=d.ppl_split)
     g.add_argument("--ppl-text-field", default=d.ppl_text_field)

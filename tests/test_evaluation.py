@@ -378,6 +378,110 @@ def test_focus_params_of_reads_the_training_record(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Default data: WikiText-103 test from the hub, the embedded WikiText-2 slice offline
+# --------------------------------------------------------------------------------------------
+
+
+def _no_hub(*args, **kwargs):
+    raise AssertionError("the hub must not be asked when offline")
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_default_data_is_the_embedded_slice_offline(monkeypatch, caplog, var):
+    from axolotl_focus.micro import corpus_text
+
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(ev, "_load_hub_dataset", _no_hub)
+    with caplog.at_level("INFO", logger="axolotl_focus.evaluation"):
+        docs, info = ev._documents(EvalConfig())
+    assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test",
+                    "fallback": f"{var} is set"}
+    assert docs[0].source_id == "wikitext2-test-0" and len(docs) > 250
+    assert var in caplog.text and "Salesforce/wikitext" in caplog.text
+    text, ppl = ev._ppl_source(EvalConfig())
+    assert ppl == info and text() == corpus_text("test")
+
+
+def test_offline_source_is_recorded_in_results(evaluated):
+    cfg, _, results = evaluated  # conftest sets HF_HUB_OFFLINE=1; results.json = results (test_results_json_fields)
+    for saved in results:
+        assert saved["data"]["open_ended"]["source"] == "embedded:wikitext-2/test"
+        assert saved["data"]["open_ended"]["fallback"].endswith("is set")
+        assert saved["data"]["ppl"]["source"] == saved["perplexity"]["data"] == "embedded:wikitext-2/test"
+        assert saved["data"]["instruction"]["source"] == cfg.instructions
+    assert "Open-ended documents: embedded:wikitext-2/test (fallback: HF_" in markdown_report(results)
+
+
+def test_default_data_comes_from_the_hub_when_online(micro, featurizers, tmp_path, monkeypatch):
+    """Online (no offline variable): the default documents and PPL text are the rows of
+    Salesforce/wikitext, wikitext-103-raw-v1, test (the loader is replaced: no network here)."""
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    calls = []
+    texts = [" = Title = \n", ""] + [" " + p.text + "\n" for p in micro["prompts"][:4]]
+
+    def fake_hub(name, config, split):
+        calls.append((name, config, split))
+        return {"text": texts}
+
+    monkeypatch.setattr(ev, "_load_hub_dataset", fake_hub)
+    docs, info = ev._documents(EvalConfig())
+    assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "test")]
+    assert info == {"source": "hub:Salesforce/wikitext/wikitext-103-raw-v1/test", "dataset": "Salesforce/wikitext",
+                    "config": "wikitext-103-raw-v1", "split": "test"}
+    assert [d.source_id for d in docs] == ["0", "2", "3", "4", "5"] and docs[1].text == texts[2]  # as load_prompts
+    text, ppl = ev._ppl_source(EvalConfig())
+    assert ppl == info and text() == "\n\n".join(texts)
+    # the whole run: loaded once, recorded in results.json
+    calls.clear()
+    cfg = _cfg(tmp_path / "out", micro, featurizers, tasks=("open_ended",), metrics=("ppl", "repetition"),
+               decodings=("greedy",), num_documents=3, max_new_tokens=8, ppl_max_tokens=100)
+    (res,) = evaluate_models({"student": micro["student_path"]}, cfg)
+    assert len(calls) == 1 and res["open_ended"]["prompts"] == 3
+    assert res["data"]["open_ended"] == res["data"]["ppl"] == info and res["perplexity"]["data"] == info["source"]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "student" / "generations" /
+                                          "open_ended.greedy.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]  # 3 of the 4 documents (data_seed), in corpus order
+    assert len(set(ids)) == 3 and set(ids) <= {"2", "3", "4", "5"} and ids == sorted(ids)
+
+
+def test_default_data_falls_back_when_the_hub_fails(monkeypatch, caplog):
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+
+    def unreachable(name, config, split):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(ev, "_load_hub_dataset", unreachable)
+    with caplog.at_level("WARNING", logger="axolotl_focus.evaluation"):
+        docs, info = ev._documents(EvalConfig())
+    assert info["source"] == "embedded:wikitext-2/test" and docs[0].source_id == "wikitext2-test-0"
+    assert info["fallback"] == "hub load failed (ConnectionError: Name or service not known)"
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert "Salesforce/wikitext" in warning.message and "wikitext-103-raw-v1" in warning.message
+    assert "embedded WikiText-2" in warning.message
+
+
+def test_explicit_sources_are_used_as_given(tmp_path, monkeypatch):
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(ev, "_load_hub_dataset", _no_hub)
+    for name in ("embedded", "embedded:wikitext-2/test"):  # the embedded slice, online too, no fallback note
+        docs, info = ev._documents(EvalConfig(documents=name))
+        assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test"}
+        assert docs[0].source_id == "wikitext2-test-0"
+        assert ev._ppl_source(EvalConfig(ppl_data=name))[1] == info
+    (tmp_path / "docs.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    docs, info = ev._documents(EvalConfig(documents=str(tmp_path / "docs.txt")))
+    assert [d.text for d in docs] == ["first paragraph", "second paragraph"]
+    assert info == {"source": str(tmp_path / "docs.txt"), "config": None, "split": "test"}
+    text, ppl = ev._ppl_source(EvalConfig(ppl_data=str(tmp_path / "docs.txt")))
+    assert ppl["source"] == str(tmp_path / "docs.txt") and text().startswith("first paragraph")
+
+
+# --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
 
