@@ -20,8 +20,12 @@ Tasks (paper section 5.1)
 
 Decodings: top-p (0.9, pure nucleus, ``top_k=0``) under each seed of ``seeds``, and greedy.
 Generation is batched with the KV cache through :func:`~axolotl_focus.mining.generate_batch`
-(torch seed of batch ``b`` under seed ``s``: ``s * 100003 + b``); a row ends at EOS (excluded) or
-at its budget.
+(batch ``b`` = prompts ``b * batch_size ...``, torch seed under seed ``s``: ``s * 100003 + b``);
+a row ends at EOS (excluded) or at its budget. Under ``torchrun`` / ``accelerate launch`` with N
+processes the batches are shared out (``PartialState().split_between_processes``), each rank
+generating on its own device, and gathered back in order on rank 0: batches and seeds depend
+only on the prompt order, so the generations equal a one-process run's on the same kind of
+device. Rank 0 alone loads data, computes the other metrics and writes every file.
 
 Files (``output_dir``)
 ----------------------
@@ -435,19 +439,19 @@ def _decoding_key(decoding: str, top_p: float) -> str:
 
 
 def _generate_items(model, tokenizer, items: list[dict], budget: int, *, do_sample: bool, seed: int, top_p: float,
-                    temperature: float, batch_size: int, desc: str, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
+                    temperature: float, batch_size: int, desc: str, progress: bool,
+                    paths: tuple[str, str] | None = None) -> list[dict]:
+    """Rows of generations for ``items``: batches of ``batch_size`` consecutive items, batch ``b``
+    under torch seed ``seed * 100003 + b``. Under several processes the batches are shared out
+    (:class:`_Ranks`; ``paths`` = the model's and the tokenizer's, for the other ranks to load)."""
+    job = {"prompts": [it["prompt_tokens"] for it in items], "budget": budget, "do_sample": do_sample, "seed": seed,
+           "top_p": top_p, "temperature": temperature, "batch_size": batch_size}
+    gen = _ranks().generate(model, tokenizer, job, paths, desc=desc, progress=progress)
     rows = []
-    for b in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = items[b : b + batch_size]
-        gen = generate_batch(model, tokenizer, [it["prompt_tokens"] for it in batch], [budget] * len(batch),
-                             seed=seed * 100003 + b // batch_size, do_sample=do_sample, top_p=top_p,
-                             temperature=temperature)
-        for it, toks, stop in zip(batch, gen.tokens, gen.reason):
-            rows.append({**{k: it[k] for k in ("id", "prompt", "prompt_tokens")}, "tokens": toks,
-                         "text": _continuation_text(tokenizer, it["prompt_tokens"], toks), "stop": stop or "budget",
-                         **{k: it[k] for k in ("reference", "reference_tokens") if k in it}})
+    for it, (toks, stop) in zip(items, gen, strict=True):
+        rows.append({**{k: it[k] for k in ("id", "prompt", "prompt_tokens")}, "tokens": toks,
+                     "text": _continuation_text(tokenizer, it["prompt_tokens"], toks), "stop": stop or "budget",
+                     **{k: it[k] for k in ("reference", "reference_tokens") if k in it}})
     return rows
 
 
@@ -699,6 +703,8 @@ def zero_shot(path: str, tasks: Sequence[str] = ZERO_SHOT_TASKS, *, device: str 
             "datasets come from the hub: run once online (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset) to cache them"
         ) from None
     out: dict[str, Any] = {"tasks": {}}
+    if raw is None:  # a rank other than lm-eval's rank 0 under several processes
+        return out
     for task in tasks:
         res = raw["results"].get(task, {})
         acc, acc_norm = res.get("acc,none"), res.get("acc_norm,none")
@@ -881,6 +887,151 @@ def focus_params_of(name: str, path: str | None = None, mapping: dict | None = N
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# Several processes: data-parallel generation
+# --------------------------------------------------------------------------------------------
+
+WORKER_TIMEOUT_H = 24  # how long the other ranks may wait for rank 0 (its metrics) between requests
+
+
+class _Ranks:
+    """The processes of a run. One process: everything runs in it. Several (``torchrun`` /
+    ``accelerate launch``, one per device): rank 0 runs the evaluation (data, metrics, files)
+    and the other ranks wait in :meth:`serve` for its requests: generation (a request's batches
+    are shared out with ``PartialState().split_between_processes``, every rank generates its
+    batches on its own ``PartialState().device`` and rank 0 collects them with ``gather_object``),
+    zero-shot (lm-eval's own data parallelism needs every rank), releasing models, stop.
+    Requests and results travel over a gloo group whose timeout is :data:`WORKER_TIMEOUT_H`
+    hours, so the other ranks can wait while rank 0 computes PPL, MAUVE or BERTScore."""
+
+    def __init__(self):
+        from .mining import _partial_state
+
+        self.state = _partial_state()
+        self.size, self.rank = self.state.num_processes, self.state.process_index
+        self.group = None
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        if self.size > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WORKER_TIMEOUT_H))
+
+    # messages (rank 0 -> all, all -> rank 0)
+    def _send(self, kind: str, job: dict | None = None) -> None:
+        import torch.distributed as dist
+
+        if self.size > 1:
+            dist.broadcast_object_list([(kind, job)], src=0, group=self.group)
+
+    def _receive(self) -> tuple[str, dict | None]:
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def _gather(self, obj) -> list | None:
+        import torch.distributed as dist
+
+        out = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    # rank 0's side
+    def generate(self, model, tokenizer, job: dict, paths: tuple[str, str] | None, desc: str = "",
+                 progress: bool = False) -> list[tuple[list[int], str | None]]:
+        """``(tokens, stop reason)`` per prompt of ``job``, in order (on the other ranks: ``[]``)."""
+        if self.size > 1 and self.rank == 0:
+            if paths is None:
+                raise ValueError("several processes: a generation request needs the model and tokenizer paths")
+            self._send("generate", job | {"model": paths[0], "tokenizer": paths[1]})
+        from tqdm.auto import tqdm
+
+        size, prompts = job["batch_size"], job["prompts"]
+        starts = list(range(0, len(prompts), size))
+        done: dict[int, list] = {}
+        # split_between_processes hands a rank past the end a copy of the last batch: skipped below
+        with self.state.split_between_processes(list(range(len(starts)))) as mine:
+            for b in tqdm(mine, desc=desc, unit="batch", disable=not (progress and self.rank == 0)):
+                if b in done:
+                    continue
+                batch = prompts[starts[b] : starts[b] + size]
+                gen = generate_batch(model, tokenizer, batch, [job["budget"]] * len(batch),
+                                     seed=job["seed"] * 100003 + b, do_sample=job["do_sample"], top_p=job["top_p"],
+                                     temperature=job["temperature"])
+                done[b] = list(zip(gen.tokens, gen.reason))
+        if self.size > 1:
+            parts = self._gather(done)
+            if self.rank != 0:
+                return []
+            done = {}
+            for part in parts:
+                for b, rows in part.items():
+                    done.setdefault(b, rows)
+        return [row for b in range(len(starts)) for row in done[b]]
+
+    def zero_shot(self, **kwargs) -> dict:
+        self._send("zero_shot", kwargs)
+        return zero_shot(**kwargs)
+
+    def release(self) -> None:
+        self._send("release")
+
+    def stop(self) -> None:
+        self._send("stop")
+
+    # the other ranks' side
+    def serve(self, cfg: EvalConfig) -> None:
+        """Answer rank 0's requests until it sends ``stop``."""
+        from transformers import AutoTokenizer
+
+        while True:
+            kind, job = self._receive()
+            if kind == "stop":
+                break
+            if kind == "generate":
+                path = job["model"]
+                if path not in self._models:
+                    if len(self._models) >= 2:  # rank 0 holds at most a student and the teacher
+                        self._models.pop(next(iter(self._models)))
+                    self._models[path] = load_model(path, cfg)
+                self._models[path] = self._models.pop(path)  # most recently used last
+                if job["tokenizer"] not in self._tokenizers:
+                    self._tokenizers[job["tokenizer"]] = AutoTokenizer.from_pretrained(
+                        job["tokenizer"], trust_remote_code=cfg.trust_remote_code)
+                self.generate(self._models[path], self._tokenizers[job["tokenizer"]], job, None)
+            elif kind == "zero_shot":
+                self._release_models()
+                try:
+                    zero_shot(**job)
+                except MetricUnavailable:
+                    pass  # rank 0 reports it
+            elif kind == "release":
+                self._release_models()
+        self._release_models()
+
+    def _release_models(self) -> None:
+        if self._models:
+            self._models.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+_RANKS: _Ranks | None = None
+
+
+def _ranks() -> _Ranks:
+    """This process's :class:`_Ranks` (made once: the gloo group must be created by every rank)."""
+    global _RANKS
+    if _RANKS is None:
+        _RANKS = _Ranks()
+    return _RANKS
+
+
 def load_model(path: str, cfg: EvalConfig):
     """``AutoModelForCausalLM.from_pretrained`` (pruned checkpoints included) on the eval device."""
     from transformers import AutoModelForCausalLM
@@ -893,6 +1044,11 @@ def load_model(path: str, cfg: EvalConfig):
 
 
 def _device(cfg: EvalConfig) -> torch.device:
+    """``--device``, else cuda when available, else cpu; under several processes each rank's own
+    ``PartialState().device`` (``--device`` ignored)."""
+    ranks = _ranks()
+    if ranks.size > 1:
+        return ranks.state.device
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -912,6 +1068,7 @@ class _Lazy:
 
     def release(self):
         self._model = None
+        _ranks().release()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -956,7 +1113,7 @@ def _unavailable(res: dict, key: str, err: Exception) -> None:
     res["unavailable"][key] = msg
 
 
-def _teacher_samples(cfg: EvalConfig, shared: _Shared, tokenizer, items: list[dict]) -> list[dict]:
+def _teacher_samples(cfg: EvalConfig, shared: _Shared, tokenizer, items: list[dict], tokenizer_path: str) -> list[dict]:
     items = items[: cfg.distribution_samples]
     seed = cfg.seeds[0] if cfg.seeds else 0
     path = Path(cfg.output_dir) / "_teacher" / "distribution_samples.jsonl"
@@ -966,11 +1123,12 @@ def _teacher_samples(cfg: EvalConfig, shared: _Shared, tokenizer, items: list[di
     return _generations(path, meta, lambda: _generate_items(
         shared.get("teacher", lambda: _Lazy(cfg.teacher, cfg)).model, tokenizer, items, cfg.max_new_tokens,
         do_sample=True, seed=seed, top_p=cfg.top_p, temperature=cfg.temperature, batch_size=cfg.batch_size,
-        desc="teacher samples", progress=cfg.progress), cfg)
+        desc="teacher samples", progress=cfg.progress, paths=(cfg.teacher, tokenizer_path)), cfg)
 
 
 def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None = None) -> dict:
-    """Every configured metric for one model; writes ``<output_dir>/<name>/results.json``."""
+    """Every configured metric for one model; writes ``<output_dir>/<name>/results.json``.
+    Under several processes call :func:`evaluate_models` instead (on every rank)."""
     from transformers import AutoTokenizer
 
     shared = shared or _Shared(cfg)
@@ -981,7 +1139,7 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
     res: dict[str, Any] = {
         "model": name, "path": path, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
         "settings": _jsonable({k: v for k, v in asdict(cfg).items() if k not in ("progress", "focus_params")}),
-        "ead_vocab_size": vocab, "data": {}, "unavailable": {}, "notes": [],
+        "ead_vocab_size": vocab, "processes": _ranks().size, "data": {}, "unavailable": {}, "notes": [],
     }
     metrics = set(cfg.metrics)
 
@@ -1033,7 +1191,7 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
                     rows = _generations(mdir / "generations" / f"{task}.{label}.jsonl", meta, lambda: _generate_items(
                         lazy.model, tokenizer, items, budget, do_sample=seed is not None, seed=seed or 0, top_p=cfg.top_p,
                         temperature=cfg.temperature, batch_size=cfg.batch_size, desc=f"{name} {task} {label}",
-                        progress=cfg.progress), cfg)
+                        progress=cfg.progress, paths=(path, path)), cfg)
                 except MetricUnavailable as err:
                     _unavailable(res, f"{task}.{label}", err)
                     continue
@@ -1067,7 +1225,7 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
                 raise MetricUnavailable("distribution study: pass --teacher PATH (the unpruned model)")
             if os.path.abspath(cfg.teacher) == os.path.abspath(path):
                 raise MetricUnavailable("distribution study: this model is the teacher")
-            samples = _teacher_samples(cfg, shared, tokenizer, open_items)
+            samples = _teacher_samples(cfg, shared, tokenizer, open_items, path)
             meta = {"teacher": cfg.teacher, "student": path, "samples": _digest([s["tokens"] for s in samples]),
                     "top_p": cfg.head_top_p}
 
@@ -1086,8 +1244,8 @@ def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None
         meta = {"path": path, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit,
                 "include": cfg.zero_shot_include}
         try:
-            res["zero_shot"] = _cached(mdir / "zero_shot.json", meta, lambda: zero_shot(
-                path, cfg.zero_shot_tasks, device=str(_device(cfg)), batch_size=cfg.zero_shot_batch_size,
+            res["zero_shot"] = _cached(mdir / "zero_shot.json", meta, lambda: _ranks().zero_shot(
+                path=path, tasks=cfg.zero_shot_tasks, device=str(_device(cfg)), batch_size=cfg.zero_shot_batch_size,
                 dtype=cfg.dtype, limit=cfg.zero_shot_limit, trust_remote_code=cfg.trust_remote_code,
                 include_path=cfg.zero_shot_include), cfg, "zero-shot")
         except MetricUnavailable as err:
@@ -1113,15 +1271,29 @@ def _model_specs(models) -> list[tuple[str, str]]:
 
 def evaluate_models(models: Sequence[str] | dict[str, str], cfg: EvalConfig) -> list[dict]:
     """Evaluate every model (``[path | "NAME=PATH"]`` or ``{name: path}``) and write
-    ``results.json`` per model, ``results.md`` and the plots. Returns the results in order."""
+    ``results.json`` per model, ``results.md`` and the plots. Returns the results in order.
+
+    Under several processes (``torchrun`` / ``accelerate launch``) every rank calls this with the
+    same arguments: rank 0 evaluates and returns the results, the other ranks generate their
+    share of every batch of prompts for it and return ``[]`` (see :class:`_Ranks`)."""
     cfg = replace(cfg).validate()
     specs = _model_specs(models)
+    ranks = _ranks()
+    if ranks.size > 1:
+        if ranks.rank != 0:
+            ranks.serve(cfg)
+            return []
+        if cfg.device:
+            LOG.warning("--device %s ignored: %d processes, each on its own device", cfg.device, ranks.size)
+        LOG.info("%d processes: generation batches are shared out; rank 0 computes the metrics and writes the "
+                 "files", ranks.size)
     if not cfg.teacher and "distribution" in cfg.metrics:
         from .config import source_model_of
 
         cfg.teacher = next((t for t in (source_model_of(p) for _, p in specs) if t), None)
     shared = _Shared(cfg)
     results = [evaluate_model(name, path, cfg, shared) for name, path in specs]
+    ranks.stop()  # the other ranks are done (on an error they are ended by the launcher)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown_report(results), encoding="utf-8")
@@ -1408,7 +1580,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run control")
     g.add_argument("--metrics-only", action="store_true", help="never generate nor load a model: saved files only")
     g.add_argument("--regenerate", action="store_true", help="ignore saved generations and caches")
-    g.add_argument("--device")
+    g.add_argument("--device", help="one process only (several: each rank uses its own device)")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -1434,7 +1606,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Entry point of ``axolotl-focus eval``: evaluate, print the Markdown report; 2 on bad options."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main = _ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args).validate()
         specs = _model_specs(args.models)
@@ -1446,6 +1619,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         print(f"axolotl-focus eval: model directory not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     evaluate_models(dict(specs), cfg)
+    if not main:
+        return 0
     report = Path(cfg.output_dir) / "results.md"
     print(report.read_text(encoding="utf-8"))
     print(f"results: {cfg.output_dir}/<model>/results.json, {report}"

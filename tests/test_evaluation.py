@@ -410,7 +410,7 @@ def test_offline_source_is_recorded_in_results(evaluated):
         assert saved["data"]["open_ended"]["source"] == "embedded:wikitext-2/test"
         assert saved["data"]["open_ended"]["fallback"].endswith("is set")
         assert saved["data"]["ppl"]["source"] == saved["perplexity"]["data"] == "embedded:wikitext-2/test"
-        assert saved["data"]["instruction"]["source"] == cfg.instructions
+        assert saved["data"]["instruction"]["source"] == cfg.instructions and saved["processes"] == 1
     assert "Open-ended documents: embedded:wikitext-2/test (fallback: HF_" in markdown_report(results)
 
 
