@@ -635,6 +635,7 @@ class Demo:
         s = self.s
         return EvalConfig(
             output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"),
+            documents="embedded", ppl_data="embedded",  # offline whatever HF_HUB_OFFLINE says
             decodings=("top_p", "greedy"), seeds=(s.seed,), batch_size=32, num_documents=s.eval_documents,
             data_seed=s.seed, prefix_tokens=s.eval_prefix_tokens, max_new_tokens=s.eval_new_tokens,
             ppl_window=256, ppl_stride=128, ppl_max_tokens=s.ppl_max_tokens, mauve_featurizer=self.teacher,
