@@ -26,6 +26,27 @@ def rows(tokenizer, n=4):
     return out
 
 
+def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
+    """Dense reference of one collated batch (SFT rows + RePAIR pair rows): the summed
+    ``CE + alpha * FOCUS`` over its valid tokens, their count, and each pair's hinge."""
+    import torch.nn.functional as F
+
+    from axolotl_focus.losses import DistillSpec, reference_ce_distill
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    ce, d = reference_ce_distill(logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, logits.shape[-1]),
+                                 labels.reshape(-1), DistillSpec())
+    rl = batch["repair_labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), rl.clamp(min=0), reduction="none") * (rl != -100)
+    mean = nll.sum(1) / (rl != -100).sum(1).clamp(min=1)
+    hinges = (margin + mean[batch["repair_chosen"]] - mean[batch["repair_rejected"]]).clamp(min=0)
+    return ce + alpha * d, int((labels != -100).sum()), hinges
+
+
 def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False, max_steps=1,
                  **focus_kwargs):
     """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axolotl_focus.losses import DistillSpec, chunked_token_nll, reference_ce_distill, repair_margin_loss
+from axolotl_focus.losses import chunked_token_nll, repair_margin_loss
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -205,19 +205,8 @@ def test_trainer_loss_on_mixed_batch_matches_dense_reference(tiny_pair, tmp_path
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    with torch.no_grad():
-        t_logits = trainer.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    ce, d = reference_ce_distill(logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, logits.shape[-1]),
-                                 labels.reshape(-1), DistillSpec())
-    n = (labels != -100).sum()
-    rl = batch["repair_labels"][:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), rl.clamp(min=0), reduction="none") * (rl != -100)
-    mean = nll.sum(1) / (rl != -100).sum(1).clamp(min=1)
-    hinge = (5.0 + mean[batch["repair_chosen"]] - mean[batch["repair_rejected"]]).clamp(min=0).mean()
-    want = (ce + 0.05 * d) / n + 1.0 * hinge
+    total, n, hinges = focus_step.reference_batch_terms(model, trainer.teacher, batch, margin=5.0)
+    want = total / n + 1.0 * hinges.mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     want.backward()
     for k, p in model.named_parameters():

@@ -121,7 +121,6 @@ def test_lora_student_step_matches_reference(tiny_pair, tmp_path):
 def test_repair_mean_over_the_step_not_diluted_by_pairless_micro_batches(tiny_pair, tmp_path):
     """Two micro-batches of one optimizer step, pairs only in the first: the accumulated gradient is
     that of (CE + alpha_1 FOCUS) / all tokens + alpha_2 * mean hinge over all pairs of the step."""
-    import torch.nn.functional as F
     from axolotl.utils.dict import DictDefault
     from transformers import AutoTokenizer
 
@@ -146,19 +145,9 @@ def test_repair_mean_over_the_step_not_diluted_by_pairless_micro_batches(tiny_pa
 
     ce_total, hinges, n_tokens = 0.0, [], 0
     for batch in batches:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        with torch.no_grad():
-            t_logits = trainer.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        ce, d = reference_ce_distill(logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, logits.shape[-1]),
-                                     labels.reshape(-1), DistillSpec())
-        ce_total = ce_total + ce + 0.05 * d
-        n_tokens += int((labels != -100).sum())
-        rl = batch["repair_labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), rl.clamp(min=0), reduction="none") * (rl != -100)
-        mean = nll.sum(1) / (rl != -100).sum(1).clamp(min=1)
-        hinges.append((5.0 + mean[batch["repair_chosen"]] - mean[batch["repair_rejected"]]).clamp(min=0))
+        total, n, pair_hinges = focus_step.reference_batch_terms(model, trainer.teacher, batch, margin=5.0)
+        ce_total, n_tokens = ce_total + total, n_tokens + n
+        hinges.append(pair_hinges)
     assert int(num_items) == n_tokens
     want = ce_total / n_tokens + torch.cat(hinges).mean()
     want.backward()
