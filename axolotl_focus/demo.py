@@ -360,13 +360,12 @@ def auto_threads() -> int:
 
 
 def auto_jobs() -> int:
-    """``axolotl train`` runs at a time: 2 when two cores are free by the 1-minute load average
-    (each run spends most of its time in axolotl's single-threaded start-up), else 1."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return 2 if (os.cpu_count() or 1) - int(load + 0.5) >= 2 else 1
+    """``axolotl train`` runs at a time: 2 on a machine with two cores or more, else 1. Each run
+    spends most of its time in axolotl's single-threaded start-up, and with one torch thread per
+    run (OpenMP threads do not spin when idle: ``OMP_WAIT_POLICY=PASSIVE``) two runs share two
+    cores well even when the machine is busy; the load average is no guide here, since it counts
+    the demo's own previous stage."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 class Demo:
@@ -1076,7 +1075,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="axolotl train runs at a time (default: 2 when two cores are free, else 1)")
+                        help="axolotl train runs at a time (default: 2 with two cores or more, else 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
