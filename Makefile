@@ -1,7 +1,7 @@
 # make test  - create .venv if missing (torch 2.13.0 first; TORCH_INDEX_URL=... for another torch index),
 #              install .[test,eval], run the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
-#              pipeline on a micro model, ~11-15 min on 2 CPU cores; DEMO_ARGS=--quick for the ~3 min version)
+#              pipeline on a micro model, ~7 min on 2 CPU cores; DEMO_ARGS=--quick for the ~2 min version)
 # make bench - all benchmarks (memory/time ratios measured side by side; BENCH_ARGS=--quick for the
 #              loss benchmarks' smoke size)
 SHELL := /bin/bash

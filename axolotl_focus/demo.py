@@ -153,7 +153,7 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool = False, seed: int = 0) -> DemoSettings:
-    """The full preset (~15 min on a 2-core CPU) or the quick one (~3 min): same stages, a smaller
+    """The full preset (~7 min on a 2-core CPU) or the quick one (~2 min): same stages, a smaller
     teacher and fewer steps, documents and pairs."""
     if not quick:
         return DemoSettings(seed=seed)
