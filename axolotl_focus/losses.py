@@ -26,7 +26,9 @@ The paper's baseline objectives (``focus_aux_losses``) ride on the same fused pa
 (:func:`fused_ce_distill_aux`, see "Baseline terms" below): token-level unlikelihood, ScaleGrad and
 TaiLr need, besides the gold token, only the probabilities of the tokens already seen in the same
 sequence, a small padded ``[chunk, K]`` id set built per chunk from :class:`SeenTokens`. DITTO
-needs only gold-token probabilities (:func:`chunked_token_nll`, :func:`ditto_loss`).
+needs only gold-token probabilities, and the gradient of each token's term only its own and its
+previous copy's (stop-gradient, earlier in the row): :func:`fused_ditto_loss` computes loss and
+gradients in one chunked pass (:func:`ditto_loss` is the same formula on given token NLLs).
 """
 
 from __future__ import annotations
@@ -713,6 +715,74 @@ def ditto_loss(token_nll: torch.Tensor, previous: torch.Tensor, lam: float) -> t
     p = torch.exp(-token_nll)
     gap = (p[where] - lam * p[previous[where]].detach()).abs()
     return -torch.log(torch.clamp(1 - gap, min=DITTO_FLOOR)).sum(), int(where.sum())
+
+
+class _FusedDitto(torch.autograd.Function):
+    """:func:`ditto_loss` of :func:`chunked_token_nll` in one pass over the chunks.
+
+    Token t's term depends on its own probability and on its previous copy's, which is
+    stop-gradient and comes earlier in the flat order, so the gradient of every chunk is known as
+    soon as its logits are: forward computes the loss and both gradients (one logits matmul per
+    chunk instead of a forward one plus a recomputation in backward); backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, previous, lam, chunk_size):
+        n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+        nll = torch.empty(n, dtype=torch.float32, device=dev)
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight.requires_grad else None
+        c = max(1, min(chunk_size, n))
+        z_buf = torch.empty((c, vocab), dtype=torch.float32, device=dev)  # logits, then gradient
+        low = torch.empty((c, vocab), dtype=weight.dtype, device=dev) if weight.dtype != torch.float32 else None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h, z = hidden[start:end], z_buf[: end - start]
+            rows = torch.arange(end - start, device=dev)
+            _logits_into(z, h, weight, low)
+            _log_softmax_(z)
+            gold = z[rows, target[start:end]]
+            probs = z.exp_()
+            nll[start:end] = _renormalize_(None, probs)[:, 0] - gold
+            prev = previous[start:end]
+            where = prev >= 0
+            p = torch.exp(-nll[start:end])
+            gap = p - lam * torch.exp(-nll[prev.clamp(min=0)])  # earlier tokens: already computed
+            one_minus = (1 - gap.abs()).clamp_(min=DITTO_FLOOR)
+            total += torch.where(where, -one_minus.log(), 0.0).sum()
+            # d term / d p = sign(gap) / (1 - |gap|) (0 where clamped) and d p / d nll = -p
+            coef = torch.where(where & (one_minus > DITTO_FLOOR), -torch.sign(gap) * p / one_minus, 0.0)
+            g = probs  # d nll / d z = softmax - onehot
+            g[rows, target[start:end]] -= 1.0
+            g.mul_(coef.unsqueeze(-1))
+            if grad_h is not None:
+                grad_h[start:end] = g.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.head_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.head_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def fused_ditto_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, previous: torch.Tensor,
+                     lam: float, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """``(sum, count)`` of :func:`ditto_loss` straight from hidden states ``[N, H]`` and lm_head
+    weights, with memory ``O(chunk x vocab)`` and one logits matmul per chunk (gradients are
+    computed in the forward pass, like the fused CE + distillation loss)."""
+    if previous.numel() != hidden.shape[0]:
+        raise ValueError(f"previous has {previous.numel()} entries for {hidden.shape[0]} tokens")
+    total = _FusedDitto.apply(hidden, head, targets, previous, float(lam), int(chunk_size))
+    return total, int((previous >= 0).sum())
 
 
 def reference_ditto(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int], prefix_len: list[int],

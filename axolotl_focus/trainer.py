@@ -45,9 +45,9 @@ from .losses import (
     IGNORE_INDEX,
     DistillSpec,
     chunked_token_nll,
-    ditto_loss,
     ditto_previous_index,
     fused_ce_distill_aux,
+    fused_ditto_loss,
     repair_margin_loss,
 )
 from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
@@ -284,11 +284,10 @@ class FocusTrainer(AxolotlTrainer):
         targets = shifted_labels({"labels": pseudo["labels"]})
         valid = targets != IGNORE_INDEX
         student_head = self._student_head(model)
-        with gathered(student_head):
-            token_nll = chunked_token_nll(outputs.hidden_states[-1][valid], student_head, targets[valid],
-                                          self.focus_args.focus_chunk_size)
         previous = ditto_previous_index(valid.nonzero()[:, 0], pseudo["unit_len"])
-        total, count = ditto_loss(token_nll, previous, self.ditto.lambda_)
+        with gathered(student_head):
+            total, count = fused_ditto_loss(outputs.hidden_states[-1][valid], student_head, targets[valid],
+                                            previous, self.ditto.lambda_, self.focus_args.focus_chunk_size)
         loss = total / max(count, 1) / self._mean_divisor(model, num_items_in_batch)
         self._log_terms({"ditto": total.detach()}, count, model.training, skip_empty=True)
         if return_outputs:

@@ -7,7 +7,7 @@ hidden states ``[tokens, hidden]`` and lm_head ``[vocab, hidden]``:
   term, no teacher): the cost of plain training, the reference for the overhead of a term.
 * ``fused``: the term as the trainer computes it. UL / ScaleGrad / TaiLr: the same fused pass
   with the term (per-sequence seen-token ids, ``[chunk, K]``). DITTO:
-  :func:`~axolotl_focus.losses.chunked_token_nll` + :func:`~axolotl_focus.losses.ditto_loss`.
+  :func:`~axolotl_focus.losses.fused_ditto_loss` (gradients computed in the forward chunks).
 * ``dense``: the naive implementation: full ``[tokens, vocab]`` logits and autograd.
   UL / ScaleGrad / TaiLr: CE or the term from
   :func:`~axolotl_focus.losses.reference_aux_terms`, with the seen-token mask built the naive
@@ -110,8 +110,7 @@ def worker(args) -> None:
                 aux if impl == "fused" else None, sequence[valid], 1.0 / n)
             value = sums.get(args.term, sums["ce"])
         elif impl == "fused":  # DITTO
-            nll = losses.chunked_token_nll(h[valid], w, labels[valid], args.chunk_size)
-            value, count = losses.ditto_loss(nll, previous, 0.5)
+            value, count = losses.fused_ditto_loss(h[valid], w, labels[valid], previous, 0.5, args.chunk_size)
             total = value / count
         elif args.term == "ditto":
             log_p = torch.log_softmax((h[valid] @ w.T).float(), -1)
