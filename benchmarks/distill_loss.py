@@ -431,6 +431,8 @@ def main() -> None:
                                                                               "grad_dump")},
                        "results": results, "checks": checks,
                        "targets": [{"check": t, "pass": ok} for t, ok in targets], "pass": all_ok}, f, indent=1)
+    if failed or not all(c["ok"] for c in checks):
+        sys.exit(1)  # a wrong result or a crashed worker; unmet speed/memory targets are reported above
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Every benchmark runs at a tiny size in CI, so that none rots between `make bench` runs.
+
+Only what a tiny size can show is checked: the scripts finish, their fused implementations equal
+the plain/dense ones (the checks each script makes itself), and the metrics they time are sane.
+Speed and memory ratios need the full sizes (`make bench`) and are not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def bench(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, f"{script} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.mark.parametrize("script", ["distill_loss.py", "aux_losses.py"])
+def test_fused_loss_benchmarks_check_against_dense(script, tmp_path):
+    path = tmp_path / "out.json"
+    bench(script, "--quick", "--repeats", "1", "--json", str(path))
+    result = json.loads(path.read_text())
+    modes = {(c.get("term") or c.get("mode")) for c in result["checks"]}
+    assert modes == ({"focus", "kd"} if script == "distill_loss.py" else {"ul", "scalegrad", "tailr", "ditto"})
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+    assert not [r for r in result["results"] if "error" in r and not r["error"].startswith("skipped")]
+
+
+def test_prune_memory_benchmark_runs():
+    out = bench("prune_memory.py", "--hidden", "64", "--intermediate", "128", "--layers", "8", "--heads", "4",
+                "--kv-heads", "2", "--vocab", "512", "--samples", "2", "--seq-len", "16", "--threads", "1")
+    peaks = re.findall(r"^\| (?:post-accumulate|all \.grad)[^|]*\| (\d+) \|", out, re.M)
+    assert len(peaks) == 2 and all(int(p) > 0 for p in peaks), out
+    assert "hooks / all-grads peak ratio" in out
+
+
+def test_metric_benchmarks_run_and_measure_sane_values():
+    out = bench("degeneration_speed.py", "--texts", "200", "--length", "200", "--repeats", "1")
+    # half of the synthetic texts are noisy loops, half i.i.d. Zipf draws over 32k ids (no loop):
+    # CREP (% of texts ending in a loop) at most 50, and most of the loops are caught
+    crep = float(re.search(r"CREP = ([\d.]+)", out).group(1))
+    assert 25 <= crep <= 50, out
+    out = bench("metric_speed.py", "--vocab", "1000", "--positions", "16", "--chunk", "8", "--texts", "60",
+                "--dim", "16", "--seeds", "1")
+    mauve = float(re.search(r"values \[([\d.]+)", out).group(1))
+    assert 0 < mauve <= 1, out
