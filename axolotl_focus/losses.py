@@ -624,6 +624,35 @@ def fused_ce_distill_aux(
 # --------------------------------------------------------------------------------------------
 
 
+def _softmax_nll_(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """In place: fp32 logits ``z`` ``[c, V]`` become ``softmax(z)``; returns ``-log softmax(z)[target]``
+    ``[c]`` (renormalized with the exact row sum, see :func:`_log_softmax_`)."""
+    _log_softmax_(z)
+    gold = z.gather(1, target.unsqueeze(1))[:, 0]
+    return _renormalize_(None, z.exp_())[:, 0] - gold
+
+
+def _add_nll_grad_(probs: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, hidden: torch.Tensor,
+                   weight: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
+    """Gradient of ``sum(coef * nll)`` for one chunk, from ``probs = softmax(hidden @ weight.T)``
+    (overwritten): ``d nll / d z = probs - onehot(target)``; written into ``grad_h`` (the chunk's
+    rows) and added into the fp32 ``grad_w``."""
+    probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
+    probs.mul_(coef.unsqueeze(-1))
+    if grad_h is not None:
+        grad_h.copy_(probs.to(weight.dtype) @ weight)
+    if grad_w is not None:
+        grad_w.addmm_(probs.T, hidden.float())
+
+
+def _chunk_buffers(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int):
+    """Reused per-chunk buffers: fp32 logits ``[c, V]`` and, for a non-fp32 head, its staging copy."""
+    c = max(1, min(chunk_size, hidden.shape[0]))
+    z = torch.empty((c, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+    low = torch.empty_like(z, dtype=weight.dtype) if weight.dtype != torch.float32 else None
+    return z, low
+
+
 class _ChunkedTokenNLL(torch.autograd.Function):
     """Per-token NLL ``lse(z) - z[target]`` from hidden states and lm_head weights, in chunks.
 
@@ -634,10 +663,12 @@ class _ChunkedTokenNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk_size):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        z_buf, low = _chunk_buffers(hidden, weight, chunk_size)
         for start in range(0, hidden.shape[0], chunk_size):
-            z = (hidden[start : start + chunk_size] @ weight.T).float()
-            rows = torch.arange(z.shape[0], device=z.device)
-            out[start : start + chunk_size] = torch.logsumexp(z, -1) - z[rows, target[start : start + chunk_size]]
+            end = min(start + chunk_size, hidden.shape[0])
+            z = z_buf[: end - start]
+            _logits_into(z, hidden[start:end], weight, low)
+            out[start:end] = _softmax_nll_(z, target[start:end])
         ctx.save_for_backward(hidden, weight, target)
         ctx.chunk_size = chunk_size
         return out
@@ -647,17 +678,14 @@ class _ChunkedTokenNLL(torch.autograd.Function):
         hidden, weight, target = ctx.saved_tensors
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        z_buf, low = _chunk_buffers(hidden, weight, ctx.chunk_size)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[start : start + ctx.chunk_size]
-            z = (h @ weight.T).float()
-            rows = torch.arange(z.shape[0], device=z.device)
-            g = z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()  # softmax
-            g[rows, target[start : start + ctx.chunk_size]] -= 1.0
-            g.mul_(grad_out[start : start + ctx.chunk_size].unsqueeze(-1))
-            if grad_h is not None:
-                grad_h[start : start + ctx.chunk_size] = g.to(weight.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(g.T, h.float())
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            h, z = hidden[start:end], z_buf[: end - start]
+            _logits_into(z, h, weight, low)
+            _softmax_nll_(z, target[start:end])
+            _add_nll_grad_(z, target[start:end], grad_out[start:end], h, weight,
+                           grad_h[start:end] if grad_h is not None else None, grad_w)
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
 
 
@@ -728,38 +756,26 @@ class _FusedDitto(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, previous, lam, chunk_size):
-        n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
+        n, dev = hidden.shape[0], hidden.device
         nll = torch.empty(n, dtype=torch.float32, device=dev)
         total = torch.zeros((), dtype=torch.float32, device=dev)
         grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight.requires_grad else None
-        c = max(1, min(chunk_size, n))
-        z_buf = torch.empty((c, vocab), dtype=torch.float32, device=dev)  # logits, then gradient
-        low = torch.empty((c, vocab), dtype=weight.dtype, device=dev) if weight.dtype != torch.float32 else None
+        z_buf, low = _chunk_buffers(hidden, weight, chunk_size)  # logits, then softmax, then gradient
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h, z = hidden[start:end], z_buf[: end - start]
-            rows = torch.arange(end - start, device=dev)
             _logits_into(z, h, weight, low)
-            _log_softmax_(z)
-            gold = z[rows, target[start:end]]
-            probs = z.exp_()
-            nll[start:end] = _renormalize_(None, probs)[:, 0] - gold
+            nll[start:end] = _softmax_nll_(z, target[start:end])
             prev = previous[start:end]
-            where = prev >= 0
             p = torch.exp(-nll[start:end])
             gap = p - lam * torch.exp(-nll[prev.clamp(min=0)])  # earlier tokens: already computed
             one_minus = (1 - gap.abs()).clamp_(min=DITTO_FLOOR)
-            total += torch.where(where, -one_minus.log(), 0.0).sum()
+            total += torch.where(prev >= 0, -one_minus.log(), 0.0).sum()
             # d term / d p = sign(gap) / (1 - |gap|) (0 where clamped) and d p / d nll = -p
-            coef = torch.where(where & (one_minus > DITTO_FLOOR), -torch.sign(gap) * p / one_minus, 0.0)
-            g = probs  # d nll / d z = softmax - onehot
-            g[rows, target[start:end]] -= 1.0
-            g.mul_(coef.unsqueeze(-1))
-            if grad_h is not None:
-                grad_h[start:end] = g.to(weight.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(g.T, h.float())
+            coef = torch.where((prev >= 0) & (one_minus > DITTO_FLOOR), -torch.sign(gap) * p / one_minus, 0.0)
+            _add_nll_grad_(z, target[start:end], coef, h, weight,
+                           grad_h[start:end] if grad_h is not None else None, grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.head_dtype = weight.dtype
         return total
