@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .losses import DISTILL_MODES
 
+TRAINING_RECORD = "focus_training.json"  # the trainer's record of its focus_* settings, in output_dir
+
 # Config attribute written into pruned checkpoints (pruning issue): the unpruned source model.
 SOURCE_MODEL_KEY = "focus_source_model"
 

@@ -6,8 +6,8 @@ Tasks (paper section 5.1)
   ``wikitext-103-raw-v1``, ``test`` split, the paper's; with ``HF_HUB_OFFLINE`` /
   ``HF_DATASETS_OFFLINE`` set or when the hub load fails, the embedded WikiText-2 test slice,
   ``corpus_documents("test")``, with a log line; ``results.json`` ``data`` says which was used;
-  ``embedded``: that slice, online or not; or a local text/JSONL file or hub dataset) with at least ``prefix_tokens + max_new_tokens``
-  model tokens; ``num_documents`` of them drawn with ``data_seed`` (kept in corpus order).
+  ``embedded``: that slice, online or not; or a local text/JSONL file or hub dataset) with at
+  least ``prefix_tokens + max_new_tokens`` model tokens; ``num_documents`` of them drawn with ``data_seed`` (kept in corpus order).
   Prompt = the first ``prefix_tokens`` (50) tokens, re-encoded with BOS exactly as RePAIR mining
   does (:func:`~axolotl_focus.mining.encode_prompt`); reference continuation = the next
   ``max_new_tokens`` (100) document tokens (the "human" row and MAUVE's p).
@@ -95,6 +95,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .config import TRAINING_RECORD
 from .degeneration import DEFAULT_THRESHOLD, repetition_metrics, serving_degeneration
 from .losses import focus_weights
 from .mining import MiningConfig, Prompt, _continuation_text, _looks_local, encode_prompt, generate_batch, load_prompts
@@ -516,17 +517,12 @@ def _ppl_source(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, d
 
 
 def _ppl_text(cfg: EvalConfig) -> str:
-    if cfg.ppl_data is None:
-        from .micro import corpus_text
-
-        return corpus_text("test")
+    """The text of an explicit ``--ppl-data`` (a text file, a JSON-lines file or a hub dataset)."""
     if os.path.isfile(cfg.ppl_data) and not cfg.ppl_data.endswith((".jsonl", ".json")):
         return Path(cfg.ppl_data).read_text(encoding="utf-8")
     if os.path.isfile(cfg.ppl_data):
         return "\n\n".join(p.text for p in load_prompts(cfg.ppl_data, text_field=cfg.ppl_text_field, input_field=None))
-    import datasets
-
-    return "\n\n".join(datasets.load_dataset(cfg.ppl_data, cfg.ppl_config, split=cfg.ppl_split)[cfg.ppl_text_field])
+    return "\n\n".join(_load_hub_dataset(cfg.ppl_data, cfg.ppl_config, cfg.ppl_split)[cfg.ppl_text_field])
 
 
 def perplexity(model, tokenizer, text: str | Sequence[int], window: int = 1024, stride: int = 512,
@@ -839,9 +835,6 @@ def toy_zipf(vocab: int = 50, top: tuple[float, float] = (0.8, 0.1), exponent: f
     return torch.cat([torch.tensor(top, dtype=torch.float64), tail])
 
 
-TRAINING_RECORD = "focus_training.json"  # written by the trainer into the training output_dir
-
-
 def focus_params_of(name: str, path: str | None = None, mapping: dict | None = None) -> tuple[float, float] | None:
     """(beta, gamma) of a FOCUS run, from the first of:
 
@@ -880,11 +873,6 @@ def focus_params_of(name: str, path: str | None = None, mapping: dict | None = N
         return None
     gamma = re.search(r"gamma" + num, name, re.I)
     return float(beta.group(1)), float(gamma.group(1)) if gamma else 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# Orchestration
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
@@ -1030,6 +1018,11 @@ def _ranks() -> _Ranks:
     if _RANKS is None:
         _RANKS = _Ranks()
     return _RANKS
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
 
 
 def load_model(path: str, cfg: EvalConfig):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from .config import FocusAuxLosses, FocusTrainingArgsMixin
+from .config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
 from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
 from .losses import (
     IGNORE_INDEX,
@@ -74,9 +74,6 @@ def sequence_ids(inputs: dict, shape: torch.Size) -> torch.Tensor:
         starts = (positions == 0).long().cpu()
     starts[:, 0] = 1
     return starts.flatten().cumsum(0).view(shape)
-
-
-TRAINING_RECORD = "focus_training.json"
 
 
 def write_training_record(output_dir: str, focus_args) -> str:
