@@ -384,6 +384,9 @@ class Demo:
         if unknown:
             raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         self.progress = progress
+        for name, value in (("threads", threads), ("jobs", jobs)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}")
         self.threads = threads or auto_threads()
         self.jobs = jobs or auto_jobs()
         self.echo = echo or (lambda msg: print(msg, flush=True))
@@ -1066,15 +1069,22 @@ def make_demo_plots(demo: Demo, results: list[dict], t1: dict | None, tr: dict |
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the ~3-minute preset (same stages, smaller)")
     parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
                         help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_positive_int, default=None,
                         help="axolotl train runs at a time (default: 2 with two cores or more, else 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

@@ -155,6 +155,16 @@ def test_force_redoes_a_stage_and_everything_downstream(tmp_path):
     assert calls == {"teacher": 2, "prune": 2, "table1": 2, "pairs": 3, "train": 3, "eval": 3}
     with pytest.raises(ValueError, match="unknown stage"):
         FakeDemo(tmp_path / "x", demo_settings(True), calls={}, force=("bogus",))
+    with pytest.raises(ValueError, match="--jobs must be at least 1, got -1"):
+        FakeDemo(tmp_path / "x", demo_settings(True), calls={}, jobs=-1)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo_mod.add_demo_arguments(parser)
+    assert parser.parse_args(["--jobs", "2", "--threads", "1"]).jobs == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", "0"])
+    assert not (tmp_path / "x").exists()  # nothing written before the settings were checked
 
 
 def test_changed_settings_redo_only_the_affected_stages(tmp_path):
