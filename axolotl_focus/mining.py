@@ -15,8 +15,8 @@ Procedure, per prompt
    on what was generated. In a batch a stopped row only stops producing tokens: it still takes
    part (as padding) in every forward pass until all rows of the batch have stopped, so compute
    is saved only by the decoding steps the whole batch skips (``student_steps_skipped`` in the
-   summary; ``tokens_not_generated`` counts the stopped rows' unused budget). The prompt is degenerate when ``coverage(y_hat) >= threshold``: the
-   coverage domain is the generated continuation only (the paper's model output ``y_hat``), never
+   summary; ``tokens_not_generated`` counts the stopped rows' unused budget). The prompt is
+   degenerate when ``coverage(y_hat) >= threshold``: the coverage domain is the generated continuation only (the paper's model output ``y_hat``), never
    the prompt. ``onset`` = index in ``y_hat`` where the second copy of the repeated segment
    starts; the shared prefix is ``prompt + y_hat[:onset]`` (the text before the loop plus one
    full copy of the segment) and the rejected continuation is ``y_hat[onset:]``.

@@ -3,8 +3,8 @@
 Held-out documents (the embedded WikiText-2 test slice) are cut to ``prefix_tokens``-token
 prefixes (BOS included, as the tokenizer encodes them); every model continues each prefix for
 ``new_tokens`` tokens with greedy decoding and with pure top-p sampling (``top_k = 0``,
-temperature 1; :func:`decodings` adds other temperatures), batched through :func:`~axolotl_focus.mining.generate_batch` (torch seed of batch
-``b``: ``seed + b * batch``). Per model and decoding: CREP (% of continuations with coverage >=
+temperature 1; :func:`decodings` adds other temperatures), batched through
+:func:`~axolotl_focus.mining.generate_batch` (torch seed of batch ``b``: ``seed + b * batch``). Per model and decoding: CREP (% of continuations with coverage >=
 0.3, r = 4..16) and rep-n (per continuation ``1 - unique/total`` n-grams, averaged, x100) on the
 generated token ids. :func:`summarize` averages rows measured with several seeds.
 
