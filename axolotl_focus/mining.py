@@ -12,15 +12,18 @@ Procedure, per prompt
    ``max_new_tokens``; a row ends at EOS, which is not part of ``y_hat``). With ``early_stop`` a
    :class:`~axolotl_focus.degeneration.LoopDetector` per row stops the row as soon as the loop
    is confirmed (which implies ``coverage(y_hat) >= threshold``); the metrics below are computed
-   on what was generated. In a batch a stopped row only stops producing tokens: it still takes
-   part (as padding) in every forward pass until all rows of the batch have stopped, so compute
-   is saved only by the decoding steps the whole batch skips (``student_steps_skipped`` in the
-   summary; ``tokens_not_generated`` counts the stopped rows' unused budget). The prompt is
-   degenerate when ``coverage(y_hat) >= threshold``: the coverage domain is the generated continuation only (the paper's model output ``y_hat``), never
-   the prompt. ``onset`` = index in ``y_hat`` where the second copy of the repeated segment
-   starts; the shared prefix is ``prompt + y_hat[:onset]`` (the text before the loop plus one
+   on what was generated. In a batch a row that stopped (loop, EOS or budget) leaves the batch:
+   the later forward passes compute only the live rows (``student_row_steps`` in the summary,
+   vs ``student_row_steps_padded`` = rows x steps, the cost with stopped rows kept as padding;
+   ``tokens_not_generated`` counts the early-stopped rows' unused budget, ``student_steps_skipped``
+   the decoding steps no row of its batch needed). The prompt is degenerate when
+   ``coverage(y_hat) >= threshold``: the coverage domain is the generated continuation only (the
+   paper's model output ``y_hat``), never the prompt. ``onset`` = index in ``y_hat`` where the
+   second copy of the repeated segment starts; the shared prefix is ``prompt + y_hat[:onset]`` (the text before the loop plus one
    full copy of the segment) and the rejected continuation is ``y_hat[onset:]``.
-3. Positive. The teacher continues ``prompt + y_hat[:onset]`` with the same sampling, at most
+3. Positive. The teacher continues ``prompt + y_hat[:onset]`` with the same top-p at
+   ``teacher_temperature`` (default: ``temperature``; a small student may loop only at a low
+   temperature, where the teacher loops too, so the positive can be sampled at e.g. 1.0), at most
    ``len(rejected)`` new tokens (or ``chosen_max_new_tokens``). It is kept if non-empty and
    ``coverage(chosen) < threshold`` (coverage of the chosen tokens only); otherwise it is
    re-sampled with a new seed, up to ``positive_attempts`` tries in all; then the pair is dropped.
@@ -32,19 +35,26 @@ least two copies of the segment. ``y_hat`` with exactly two copies (prefix = jun
 rejected = copy 2 + a partial copy) passes the paper's test but not this one; a row stopped
 early (3 clean copies by default) normally keeps 2 copies in rejected and passes.
 
-Generation is batched (``batch_size`` prompts) with the KV cache and LEFT padding built by hand
-(the shared tokenizer's ``padding_side`` is never touched); per-row EOS, budgets and loop
-detection run in one :class:`RowStopper`. Sampling is pure top-p (``top_k=0``; the models' own
-generation defaults such as a repetition penalty are overridden) under a fixed torch seed, with
-the caller's RNG state restored afterwards.
+Generation is batched (``batch_size`` prompts) by :func:`generate_batch`, our own KV-cache
+decoding loop with LEFT padding built by hand (the shared tokenizer's ``padding_side`` is never
+touched); per-row EOS, budgets and loop detection run in one :class:`RowStopper`, and rows that
+ended are removed from the batch (and its KV cache). Sampling is pure top-p (``top_k=0``; the
+models' own generation defaults such as a repetition penalty play no part). Seeds: every row
+draws from its own ``torch.Generator``; the student's sample of a prompt is seeded by
+``(seed, source_id)`` and the teacher's ``attempt``-th positive by ``(seed, source_id, attempt)``
+(:func:`student_row_seed`, :func:`teacher_row_seed`), never by the batch, so a pair does not
+depend on which prompts share its batch, on ``batch_size``, on the number of processes, or on a
+resume (up to float rounding of the forward pass under different padding). The global torch RNG
+is not used.
 
 Output rows (JSONL)
 -------------------
 ``prompt`` (shared context text), ``chosen``, ``rejected`` (continuation texts, decoded with
 ``skip_special_tokens=True``), ``source_id``, ``onset``, ``coverage_rejected`` (of the rejected
 tokens), ``coverage_chosen`` (of the chosen tokens), ``coverage_output`` (of ``y_hat``, the
-selection criterion), ``student``, ``teacher``, ``seed`` (torch seed of the student sampling;
-the accepted positive used ``seed + 1 + chosen_attempt``), ``chosen_attempt``, ``student_stop``
+selection criterion), ``student``, ``teacher``, ``seed`` (the run's seed: with the source id it
+gives the student's and the positives' row seeds, see above), ``top_p``, ``temperature`` (the
+student's), ``teacher_temperature`` (the positives', resolved), ``chosen_attempt`` (0-based), ``student_stop``
 (why the student row ended: ``loop`` = early stop, ``budget``, ``eos``), and the exact token
 ids ``prompt_tokens`` (prompt + prefix), ``rejected_tokens``, ``chosen_tokens``.
 ``len(prompt_tokens) - onset`` is the length of the original prompt.
@@ -68,8 +78,11 @@ every source id with a complete line in the output or the state file is skipped,
 duplicates rows nor retries those prompts (the others of the interrupted batch are mined again),
 and a kill loses at most the batch in flight. Pairs already in the file count toward
 ``target_pairs``; mining stops once it is reached (a batch's surplus pairs are not written, and
-their prompts stay untried). Changing the
-sampling settings between runs is not detected.
+their prompts stay untried). Changing the sampling settings between runs is not detected (they
+are recorded in every row and in the summary's ``settings``). The seeds depend only on ``(seed,
+source_id)``, so a resumed run writes the pairs of an uninterrupted one (bit for bit when its
+batches hold the same prompts, e.g. after a kill between batches; otherwise up to the float
+rounding of a forward pass under different padding).
 
 Several processes (``accelerate launch``): the remaining prompts are split with
 ``PartialState().split_between_processes``; rank ``i`` writes ``<output stem>.rank{i}.jsonl``
@@ -80,19 +93,20 @@ when the next run starts.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 import math
 import os
 import re
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 
 from .degeneration import DEFAULT_THRESHOLD, LoopDetector, coverage
 
@@ -106,6 +120,8 @@ __all__ = [
     "load_prompts",
     "encode_prompt",
     "generate_batch",
+    "row_seed",
+    "sample_top_p",
     "mine_pairs",
     "run_mining",
 ]
@@ -143,6 +159,7 @@ class MiningConfig:
     chosen_max_new_tokens: int | None = None  # teacher budget; None: len(rejected continuation)
     top_p: float = 0.9
     temperature: float = 1.0
+    teacher_temperature: float | None = None  # positives' sampling temperature; None: temperature
     seed: int = 0
     threshold: float = DEFAULT_THRESHOLD
     target_pairs: int = 12000  # paper: 12k pairs
@@ -181,6 +198,8 @@ class MiningConfig:
             bad("top_p", "must be in (0, 1]")
         if not self.temperature > 0:
             bad("temperature", "must be > 0")
+        if self.teacher_temperature is not None and not self.teacher_temperature > 0:
+            bad("teacher_temperature", "must be None or > 0")
         for name in ("prefix_tokens", "max_new_tokens", "target_pairs", "batch_size", "positive_attempts",
                      "detector_min_tokens"):
             value = getattr(self, name)
@@ -229,6 +248,20 @@ class MiningConfig:
         elif path.exists() and not os.access(path, os.W_OK):
             bad("output", "file is not writable")
 
+    @property
+    def positive_temperature(self) -> float:
+        """The teacher's sampling temperature: ``teacher_temperature``, else ``temperature``."""
+        return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The settings that decide what is sampled (recorded in the summary)."""
+        return {"top_p": self.top_p, "temperature": self.temperature,
+                "teacher_temperature": self.positive_temperature, "seed": self.seed,
+                "prefix_tokens": self.prefix_tokens, "max_new_tokens": self.max_new_tokens,
+                "chosen_max_new_tokens": self.chosen_max_new_tokens, "threshold": self.threshold,
+                "positive_attempts": self.positive_attempts, "early_stop": self.early_stop,
+                "detector_min_tokens": self.detector_min_tokens, "detector_min_repeats": self.detector_min_repeats}
+
     def teacher_path(self) -> str | None:
         """The teacher: ``teacher`` or the ``focus_source_model`` recorded by the student."""
         if self.teacher:
@@ -254,18 +287,22 @@ class MiningSummary:
     pairs_dropped_no_positive: int = 0  # every teacher attempt was rejected
     negatives_dropped: int = 0  # rejected part not itself degenerate, or blank text
     early_stopped: int = 0  # student rows stopped by the loop detector
-    # sum of max_new_tokens - generated over early-stopped rows: tokens they did not produce; NOT
-    # compute saved, as a stopped row still rides along (padded) until its whole batch stops
+    # sum of max_new_tokens - generated over early-stopped rows: the budget they did not use
     tokens_not_generated: int = 0
     student_tokens: int = 0  # tokens the student generated
     student_batches: int = 0  # batched student generate calls
     student_steps: int = 0  # decoding steps (batched forward passes) those calls ran
     # sum over student batches of max_new_tokens - steps run: the steps skipped because every row
-    # of the batch had stopped (loop detector or EOS) early; the compute actually saved
+    # of the batch had stopped (loop detector or EOS) early
     student_steps_skipped: int = 0
+    # rows the student's forward passes computed (per step, the rows still live: a row that ended
+    # leaves the batch) vs rows x steps, what the passes would cost with ended rows kept as padding
+    student_row_steps: int = 0
+    student_row_steps_padded: int = 0
     teacher_tokens: int = 0  # tokens the teacher generated (all attempts)
     target_reached: bool = False
     elapsed_s: float = 0.0
+    settings: dict = field(default_factory=dict)  # MiningConfig.sampling_settings() of this run
 
     @property
     def degenerate_share(self) -> float:
@@ -426,29 +463,47 @@ def _continuation_text(tokenizer, context: Sequence[int], segment: Sequence[int]
 # --------------------------------------------------------------------------------------------
 
 
+def row_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from ``parts`` (ints and strings): the same on every machine, process
+    and Python run (no ``hash()``), and unrelated for different parts (no ``seed + i`` overlaps)."""
+    digest = hashlib.blake2b(json.dumps(list(parts)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class RowStopper(StoppingCriteria):
-    """Per-row stopping for batched ``generate``: EOS, a per-row token budget, and optionally a
-    :class:`LoopDetector` per row. Returns a per-row bool tensor (rows already finished stay
-    finished; ``generate`` pads them). Keeps each row's generated tokens (EOS and padding
-    excluded) in :attr:`tokens` and why it ended in :attr:`reason` (``eos``/``loop``/``budget``).
-    :attr:`steps` counts the calls, i.e. the decoding steps ``generate`` ran (one per new token
-    position of the batch, finished rows included as padding).
+    """Per-row stopping and bookkeeping of a batched generation: EOS, a per-row token budget, and
+    optionally a :class:`LoopDetector` per row. Keeps each row's generated tokens (EOS excluded) in
+    :attr:`tokens` and why it ended in :attr:`reason` (``eos``/``loop``/``budget``; a row with a
+    budget ``<= 0`` ends before it starts, as ``budget``, with no tokens).
+
+    :meth:`update` takes one new token for each of the given live rows (one forward pass) and
+    says which of them ended; :func:`generate_batch` then drops those rows from the batch.
+    :attr:`steps` counts the forward passes (decoding steps: one per new token position, the
+    prefill included), :attr:`row_steps` the rows those passes computed (the sum over steps of
+    the live rows), :attr:`padded_row_steps` (rows x steps) what a loop computes that keeps
+    finished rows as padding until the whole batch has ended (HF ``generate``).
+
+    Calling the object with the whole batch's ``input_ids`` (the ``StoppingCriteria`` interface
+    of HF ``generate``) still works: it returns a per-row bool tensor, finished rows stay
+    finished, and every row counts as computed (``generate`` pads them).
     """
 
     def __init__(self, budgets: Sequence[int], eos_ids: Iterable[int], detector_kwargs: dict | None = None):
         self.budgets = list(budgets)
         self.eos_ids = set(eos_ids)
         self.tokens: list[list[int]] = [[] for _ in self.budgets]
-        self.reason: list[str | None] = [None] * len(self.budgets)
+        self.reason: list[str | None] = ["budget" if b <= 0 else None for b in self.budgets]
         self.detectors = None if detector_kwargs is None else [LoopDetector(**detector_kwargs) for _ in self.budgets]
-        self._done = torch.zeros(len(self.budgets), dtype=torch.bool)
         self.steps = 0
+        self.row_steps = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        self.steps += 1
-        for row, token in enumerate(input_ids[:, -1].tolist()):
-            if self._done[row]:
-                continue
+    @property
+    def padded_row_steps(self) -> int:
+        """Rows x steps: the cost when finished rows stay in the batch as padding."""
+        return len(self.budgets) * self.steps
+
+    def _push(self, row: int, token: int) -> bool:
+        if self.reason[row] is None:
             if token in self.eos_ids:
                 self.reason[row] = "eos"
             else:
@@ -457,23 +512,82 @@ class RowStopper(StoppingCriteria):
                     self.reason[row] = "loop"
                 elif len(self.tokens[row]) >= self.budgets[row]:
                     self.reason[row] = "budget"
-            self._done[row] = self.reason[row] is not None
-        return self._done.to(input_ids.device).clone()
+        return self.reason[row] is not None
 
+    def update(self, rows: Sequence[int], new_tokens: Sequence[int]) -> list[bool]:
+        """One decoding step: ``new_tokens[j]`` is row ``rows[j]``'s token. Returns, per given
+        row, whether it has ended (now or before)."""
+        self.steps += 1
+        self.row_steps += len(rows)
+        return [self._push(row, int(token)) for row, token in zip(rows, new_tokens)]
 
-@contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Seed torch's RNG (sampling in ``generate``) without disturbing the caller's RNG state."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = self.update(range(len(self.budgets)), input_ids[:, -1].tolist())
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
+
+
+_NUCLEUS_FIRST_K = 256  # candidates tried first for the nucleus (grown x8 until it fits, up to the vocabulary)
+
+
+def sample_top_p(logits: torch.Tensor, generators: Sequence[torch.Generator], *, top_p: float,
+                 temperature: float) -> torch.Tensor:
+    """One token per row of ``logits`` ``[rows, vocab]``: ``softmax(logits / temperature)``,
+    restricted to the top-p nucleus, then one draw from the renormalised nucleus.
+
+    Nucleus: the smallest set of most probable tokens whose cumulative probability reaches
+    ``top_p`` (a token is kept when the probability of the tokens ranked above it is ``< top_p``;
+    the top token always), the rule of HF's ``TopPLogitsWarper`` (with ``top_k=0``); ``top_p >= 1``
+    keeps the whole vocabulary. The draw is by inverse CDF with one uniform number from
+    ``generators[row]`` (a CPU ``torch.Generator``) per row, so a row's token depends only on its
+    own logits and generator, not on the other rows. The nucleus is searched among the top
+    256 tokens first (x8 until it fits): exact, without sorting the whole vocabulary.
+    """
+    rows, vocab = logits.shape
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(logits.device)
+    if top_p >= 1.0:
+        cand_probs, cand_ids = probs.double(), None
+        kept = torch.full((rows,), vocab, device=logits.device)
+    else:
+        k = min(vocab, _NUCLEUS_FIRST_K)
+        while True:
+            cand_probs, cand_ids = probs.topk(k, dim=-1)  # sorted, most probable first
+            cand_probs = cand_probs.double()
+            cum = cand_probs.cumsum(-1)
+            # mass above the k-th candidate < top_p would let a (k+1)-th token in: need more candidates
+            if k == vocab or bool((cum[:, -1] >= top_p).all()):
+                break
+            k = min(vocab, k * 8)
+        keep = (cum - cand_probs) < top_p
+        keep[:, 0] = True
+        cand_probs = cand_probs * keep
+        kept = keep.sum(-1)
+    cdf = cand_probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    pick = torch.minimum(pick, kept - 1)  # u * total rounding up to total
+    return pick if cand_ids is None else cand_ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    """Keep only the batch rows ``index`` of a KV cache (``DynamicCache``), in place."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"generate_batch: cannot drop rows from a {type(cache).__name__} KV cache")
+    for layer in layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
 
 
 def generate_batch(
@@ -483,42 +597,74 @@ def generate_batch(
     budgets: Sequence[int],
     *,
     seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
     do_sample: bool = True,
     top_p: float = 0.9,
     temperature: float = 1.0,
     detector_kwargs: dict | None = None,
 ) -> RowStopper:
-    """Generate for a batch of prompt ids at once: left padding, KV cache, per-row budgets.
+    """Generate for a batch of prompt ids at once: left padding, KV cache, per-row budgets; rows
+    that end (EOS, budget, loop detector) leave the batch, so a step costs only the live rows.
 
-    Pure top-p sampling (``top_k=0``; the model's own sampling defaults such as a repetition
-    penalty are overridden) or greedy. Returns the :class:`RowStopper` holding each row's tokens.
+    Our own decoding loop (not HF ``generate``; the model's generation defaults such as a
+    repetition penalty play no part): the prompts are left padded with an attention mask and
+    ``position_ids = cumsum(mask) - 1`` (0 on padding), as HF does; after each step the rows that
+    ended are index-selected out of the next input, the mask, the positions and the KV cache.
+    Greedy (``do_sample=False``) takes the argmax; sampling is :func:`sample_top_p` (temperature,
+    top-p nucleus, one draw). Row ``i`` draws from its own CPU ``torch.Generator`` seeded with
+    ``row_seed(seed, row_seeds[i])`` (default ``row_seeds[i] = i``), so its continuation depends
+    on ``(seed, row_seeds[i])`` and its own prompt only, not on the other rows of the batch or
+    when they stop (up to float rounding: a forward pass on a padded batch may differ from the
+    unpadded one in the last bits). The global torch RNG is never used.
+
+    Returns the :class:`RowStopper` with each row's tokens, stop reason, ``steps`` and
+    ``row_steps`` (vs ``padded_row_steps``).
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(budgets)} budgets")
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(row_seeds)} row seeds")
     eos_ids = _eos_ids(model, tokenizer)
     stopper = RowStopper(budgets, eos_ids, detector_kwargs)
-    sampling = (
-        dict(do_sample=True, top_p=top_p, top_k=0, temperature=temperature, typical_p=1.0)
-        if do_sample
-        else dict(do_sample=False)
-    )
-    with _seeded(seed, model.device), torch.inference_mode():
-        model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            max_new_tokens=max(budgets),
-            min_new_tokens=0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            stopping_criteria=StoppingCriteriaList([stopper]),
-            **sampling,
-        )
-    return stopper
+    live = [i for i, reason in enumerate(stopper.reason) if reason is None]
+    if not live:
+        return stopper
+    if any(len(prompts[i]) == 0 for i in live):
+        raise ValueError("generate_batch: empty prompt (at least one token, e.g. BOS, is needed)")
+    device = model.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(prompts[i]) for i in live)
+    ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in live], device=device)
+    mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in live], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    generators = {}
+    if do_sample:
+        for i in live:
+            generators[i] = torch.Generator().manual_seed(row_seed(seed, i if row_seeds is None else int(row_seeds[i])))
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache = None
+    with torch.inference_mode():
+        while True:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, **extra)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            if do_sample:
+                new = sample_top_p(logits, [generators[i] for i in live], top_p=top_p, temperature=temperature)
+            else:
+                new = logits.float().argmax(-1)
+            ended = stopper.update(live, new.tolist())
+            if all(ended):
+                return stopper
+            if any(ended):
+                keep = [j for j, e in enumerate(ended) if not e]
+                index = torch.tensor(keep, device=device)
+                live = [live[j] for j in keep]
+                new, mask, positions = new[index], mask[index], positions[index]
+                _select_rows(cache, index)
+            ids = new.unsqueeze(-1)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=-1)
+            positions = positions[:, -1:] + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,7 +821,17 @@ class _Negative:
         return self.out[self.onset :]
 
 
-def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig, seed: int,
+def student_row_seed(source_id: str) -> int:
+    """Row seed of the student's sample of a prompt (with ``cfg.seed``: see :func:`generate_batch`)."""
+    return row_seed("student", source_id)
+
+
+def teacher_row_seed(source_id: str, attempt: int) -> int:
+    """Row seed of the teacher's ``attempt``-th positive for a prompt (0-based)."""
+    return row_seed("teacher", source_id, attempt)
+
+
+def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig,
                   summary: MiningSummary, states: list[dict]) -> list[_Negative]:
     """Sample the student on a batch; return the usable negatives, record the others in ``states``."""
     encoded = [encode_prompt(tokenizer, p.text, cfg) for p in batch]
@@ -684,10 +840,13 @@ def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig, se
         detector = dict(threshold=cfg.threshold, min_tokens=cfg.detector_min_tokens,
                         min_repeats=cfg.detector_min_repeats)
     gen = generate_batch(student, tokenizer, [ids for _, ids in encoded], [cfg.max_new_tokens] * len(batch),
-                         seed=seed, top_p=cfg.top_p, temperature=cfg.temperature, detector_kwargs=detector)
+                         seed=cfg.seed, row_seeds=[student_row_seed(p.source_id) for p in batch], top_p=cfg.top_p,
+                         temperature=cfg.temperature, detector_kwargs=detector)
     summary.student_batches += 1
     summary.student_steps += gen.steps
     summary.student_steps_skipped += cfg.max_new_tokens - gen.steps
+    summary.student_row_steps += gen.row_steps
+    summary.student_row_steps_padded += gen.padded_row_steps
     negatives = []
     for prompt, (text, ids), out, stop in zip(batch, encoded, gen.tokens, gen.reason):
         summary.prompts_tried += 1
@@ -712,16 +871,16 @@ def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig, se
     return negatives
 
 
-def _teacher_pass(teacher, tokenizer, negatives: list[_Negative], cfg: MiningConfig, seed: int,
-                  summary: MiningSummary) -> None:
+def _teacher_pass(teacher, tokenizer, negatives: list[_Negative], cfg: MiningConfig, summary: MiningSummary) -> None:
     """Sample positives for ``negatives`` (``neg.chosen``), re-sampling rejected ones with new seeds."""
     for attempt in range(cfg.positive_attempts):
         todo = [n for n in negatives if n.chosen is None]
         if not todo:
             return
         budgets = [cfg.chosen_max_new_tokens or len(n.rejected) for n in todo]
-        gen = generate_batch(teacher, tokenizer, [n.context for n in todo], budgets, seed=seed + attempt,
-                             top_p=cfg.top_p, temperature=cfg.temperature)
+        gen = generate_batch(teacher, tokenizer, [n.context for n in todo], budgets, seed=cfg.seed,
+                             row_seeds=[teacher_row_seed(n.prompt.source_id, attempt) for n in todo],
+                             top_p=cfg.top_p, temperature=cfg.positive_temperature)
         for neg, toks in zip(todo, gen.tokens):
             summary.teacher_tokens += len(toks)
             text = _continuation_text(tokenizer, neg.context, toks)
@@ -734,7 +893,7 @@ def _teacher_pass(teacher, tokenizer, negatives: list[_Negative], cfg: MiningCon
                 neg.chosen = (toks, text, cov.coverage, attempt)
 
 
-def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], seed: int) -> dict:
+def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], cfg: MiningConfig) -> dict:
     """The output row of a negative with its positive (fields: see the module docstring)."""
     toks, text, cov_chosen, attempt = neg.chosen
     return {
@@ -748,7 +907,10 @@ def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], seed: int) -> d
         "coverage_output": neg.coverage,
         "student": names[0],
         "teacher": names[1],
-        "seed": seed,
+        "seed": cfg.seed,
+        "top_p": cfg.top_p,
+        "temperature": cfg.temperature,
+        "teacher_temperature": cfg.positive_temperature,
         "chosen_attempt": attempt,
         "student_stop": neg.stop,
         "prompt_tokens": neg.context,
@@ -758,7 +920,7 @@ def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], seed: int) -> d
 
 
 def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningConfig, path: str,
-                target: int, seed: int, show: bool) -> MiningSummary:
+                target: int, show: bool) -> MiningSummary:
     """Mine ``prompts`` batch by batch into ``path`` (+ its state file) until ``target`` new pairs."""
     from tqdm.auto import tqdm
 
@@ -770,17 +932,16 @@ def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningC
         if summary.pairs_kept >= target:
             break
         batch = prompts[b : b + cfg.batch_size]
-        batch_seed = seed + (b // cfg.batch_size) * (cfg.positive_attempts + 1)  # student, then teacher tries
         states: list[dict] = []
-        negatives = _student_pass(student, tokenizer, batch, cfg, batch_seed, summary, states)
-        _teacher_pass(teacher, tokenizer, negatives, cfg, batch_seed + 1, summary)
+        negatives = _student_pass(student, tokenizer, batch, cfg, summary, states)
+        _teacher_pass(teacher, tokenizer, negatives, cfg, summary)
         rows = []
         for neg in negatives:
             if neg.chosen is None:
                 summary.pairs_dropped_no_positive += 1
                 states.append({"source_id": neg.prompt.source_id, "status": "no_positive"})
             else:
-                rows.append(_pair_row(neg, tokenizer, names, batch_seed))
+                rows.append(_pair_row(neg, tokenizer, names, cfg))
         rows = rows[: target - summary.pairs_kept]  # the surplus stays untried
         _append_rows(path, rows)  # pairs first: a kill in between only means retrying this batch
         _append_rows(_state_path(path), states)
@@ -823,13 +984,12 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
         model.eval()
 
     if state.num_processes == 1:
-        summary = _mine_local(student, teacher, tokenizer, todo, cfg, output, need, cfg.seed, show)
+        summary = _mine_local(student, teacher, tokenizer, todo, cfg, output, need, show)
     else:
         shard = _shard_path(output, state.process_index)
         with state.split_between_processes(todo) as mine:
-            seed = cfg.seed + 1_000_003 * state.process_index
             summary = _mine_local(student, teacher, tokenizer, list(mine), cfg, shard,
-                                  math.ceil(need / state.num_processes), seed, show)
+                                  math.ceil(need / state.num_processes), show)
         state.wait_for_everyone()
         summaries = gather_object([summary])
         if state.is_main_process:
@@ -844,18 +1004,20 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     summary.pairs_total = len(_read_rows(output))
     summary.target_reached = summary.pairs_total >= cfg.target_pairs
     summary.elapsed_s = round(time.perf_counter() - start, 3)
+    summary.settings = cfg.sampling_settings()
     if state.is_main_process:
         _write_summary(output, summary)
         LOG.info(
             "RePAIR mining: %d prompts tried (%d skipped on resume), %.1f%% degenerate, %d pairs kept "
             "(%d in %s), %d positives rejected for looping, %d pairs dropped; student early stopping: "
-            "%d rows stopped, %d budget tokens not generated, %d of %d batched decoding steps skipped "
-            "(a batch runs until all its rows have stopped)",
+            "%d rows stopped, %d budget tokens not generated, %d of %d batched decoding steps skipped, "
+            "%d row-steps computed of %d with ended rows kept as padding",
             summary.prompts_tried, summary.prompts_skipped_resume, 100 * summary.degenerate_share,
             summary.pairs_kept, summary.pairs_total, output, summary.positives_rejected_looping,
             summary.pairs_dropped_no_positive + summary.negatives_dropped, summary.early_stopped,
             summary.tokens_not_generated, summary.student_steps_skipped,
-            summary.student_batches * cfg.max_new_tokens,
+            summary.student_batches * cfg.max_new_tokens, summary.student_row_steps,
+            summary.student_row_steps_padded,
         )
     return summary
 

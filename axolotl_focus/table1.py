@@ -4,9 +4,11 @@ Held-out documents (the embedded WikiText-2 test slice) are cut to ``prefix_toke
 prefixes (BOS included, as the tokenizer encodes them); every model continues each prefix for
 ``new_tokens`` tokens with greedy decoding and with pure top-p sampling (``top_k = 0``,
 temperature 1; :func:`decodings` adds other temperatures), batched through
-:func:`~axolotl_focus.mining.generate_batch` (torch seed of batch ``b``: ``seed + b * batch``). Per model and decoding: CREP (% of continuations with coverage >=
-0.3, r = 4..16) and rep-n (per continuation ``1 - unique/total`` n-grams, averaged, x100) on the
-generated token ids. :func:`summarize` averages rows measured with several seeds.
+:func:`~axolotl_focus.mining.generate_batch` (prompt ``i`` samples with its own generator, row
+seed ``(seed, i)``, so a continuation does not depend on the batch size). Per model and decoding:
+CREP (% of continuations with coverage >= 0.3, r = 4..16) and rep-n (per continuation
+``1 - unique/total`` n-grams, averaged, x100) on the generated token ids. :func:`summarize`
+averages rows measured with several seeds.
 
 Used by ``examples/table1_repetition.py`` and the demo (``axolotl-focus demo``).
 """
@@ -50,8 +52,9 @@ def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        rows = generate_batch(model, tokenizer, chunk, [new_tokens] * len(chunk), seed=seed + start,
-                              do_sample=do_sample, top_p=top_p, temperature=temperature)
+        rows = generate_batch(model, tokenizer, chunk, [new_tokens] * len(chunk), seed=seed,
+                              row_seeds=range(start, start + len(chunk)), do_sample=do_sample, top_p=top_p,
+                              temperature=temperature)
         out.extend(rows.tokens)
     return out
 

@@ -62,7 +62,7 @@ def _state(output) -> list[dict]:
     [("threshold", 0.0), ("threshold", 1.0), ("top_p", 0.0), ("top_p", 1.5), ("temperature", 0.0),
      ("batch_size", 0), ("target_pairs", -1), ("max_new_tokens", 0), ("prefix_tokens", 0),
      ("positive_attempts", 0), ("chosen_max_new_tokens", 0), ("mode", "chat"), ("dtype", "int8"),
-     ("detector_min_repeats", 1)],
+     ("detector_min_repeats", 1), ("teacher_temperature", 0.0), ("teacher_temperature", -1.0)],
 )
 def test_validate_names_the_field(tmp_path, field, value):
     cfg = MiningConfig(prompts=__file__, output=str(tmp_path / "out.jsonl"), **{field: value})
@@ -178,8 +178,9 @@ def test_left_padding_matches_unpadded(micro):
     assert tok.padding_side == "right"  # the shared tokenizer is left untouched
 
 
-def test_steps_count_the_batch_not_the_rows(micro):
-    """A row stopped early still rides along: the batch runs until its longest row has ended."""
+def test_steps_and_row_steps(micro):
+    """Steps run until the batch's longest row has ended; rows that ended earlier leave the batch,
+    so the row-steps computed are the rows' own lengths, below rows x steps."""
     tok, prompts = micro["tokenizer"], micro["prompts"][:3]
     ids = [encode_prompt(tok, p.text, MiningConfig(prefix_tokens=24))[1] for p in prompts]
     detector = dict(threshold=THRESHOLD, min_tokens=16, min_repeats=3)
@@ -187,8 +188,137 @@ def test_steps_count_the_batch_not_the_rows(micro):
     assert "loop" in gen.reason
     ends = [len(t) + (r == "eos") for t, r in zip(gen.tokens, gen.reason)]  # EOS takes a step too
     assert gen.steps == max(ends) and min(ends) < gen.steps <= 80
+    assert gen.row_steps == sum(ends) < gen.padded_row_steps == 3 * gen.steps
     budgets = generate_batch(micro["teacher"], tok, ids, [5, 12, 8], do_sample=False)
-    assert budgets.steps == max(len(t) + (r == "eos") for t, r in zip(budgets.tokens, budgets.reason)) <= 12
+    ends = [len(t) + (r == "eos") for t, r in zip(budgets.tokens, budgets.reason)]
+    assert budgets.steps == max(ends) <= 12 and budgets.row_steps == sum(ends) < 3 * budgets.steps
+    # a budget of 0 ends the row before it starts; an all-zero batch runs no forward pass
+    zero = generate_batch(micro["teacher"], tok, ids[:2], [0, 4], do_sample=False)
+    assert zero.tokens[0] == [] and zero.reason[0] == "budget" and zero.row_steps == zero.steps == len(zero.tokens[1])
+    none = generate_batch(micro["teacher"], tok, ids[:2], [0, 0], do_sample=False)
+    assert none.steps == none.row_steps == 0 and none.tokens == [[], []]
+
+
+@pytest.fixture(scope="module")
+def mha_gqa(micro):
+    """Two briefly trained 2-layer LLaMAs on the micro tokenizer: MHA (4/4 heads) and GQA (4/2)."""
+    from transformers import LlamaForCausalLM
+
+    from axolotl_focus.micro import corpus_documents, llama_config, pretrain
+
+    models = {}
+    for name, kv in (("mha", 4), ("gqa", 2)):
+        torch.manual_seed(7)
+        model = LlamaForCausalLM(llama_config(micro["tokenizer"], layers=2, heads=4, kv_heads=kv))
+        pretrain(model, micro["tokenizer"], corpus_documents("valid")[:200], steps=40, batch=8, seed=3, progress=False)
+        models[name] = model.eval()
+    return models
+
+
+def _prompt_ids(micro, lengths) -> list[list[int]]:
+    tok = micro["tokenizer"]
+    docs = [p.text for p in micro["prompts"]]
+    return [tok(d)["input_ids"][:n] for d, n in zip(docs, lengths)]
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_greedy_matches_hf_generate(micro, mha_gqa, arch):
+    """Greedy decoding of the shrinking loop equals HF generate(do_sample=False) token for token,
+    batched, with prompts of different lengths (left padding) and rows leaving the batch early."""
+    tok, model = micro["tokenizer"], mha_gqa[arch]
+    prompts = _prompt_ids(micro, (3, 17, 9, 30, 1, 24))
+    budgets = [40, 6, 25, 40, 13, 31]
+    pad = tok.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    eos = tok.eos_token_id
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(budgets),
+                             pad_token_id=pad, eos_token_id=eos, repetition_penalty=1.0)[:, width:].tolist()
+    gen = generate_batch(model, tok, prompts, budgets, do_sample=False)
+    assert gen.row_steps < gen.padded_row_steps  # rows did leave the batch
+    for row, (toks, reason, budget) in enumerate(zip(gen.tokens, gen.reason, budgets)):
+        expected = ref[row][: len(toks) + (reason == "eos")]
+        assert toks + [eos] * (reason == "eos") == expected, row
+        assert reason == "eos" or (reason == "budget" and len(toks) == budget)
+    # the same rows one at a time
+    assert [generate_batch(model, tok, [p], [b], do_sample=False).tokens[0]
+            for p, b in zip(prompts, budgets)] == gen.tokens
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_sampled_row_does_not_depend_on_its_batch(micro, mha_gqa, arch):
+    """With fixed row seeds a row's sample is the same alone, in a batch, in another batch order,
+    and whether its neighbours stop early or not; the same call twice gives the same result."""
+    tok, model = micro["tokenizer"], mha_gqa[arch]
+    prompts = _prompt_ids(micro, (5, 21, 12, 30, 2))
+    budgets = [30, 8, 30, 17, 30]
+    seeds = [11, 22, 33, 44, 55]
+    kw = dict(seed=5, top_p=0.9, temperature=1.3)
+    batched = generate_batch(model, tok, prompts, budgets, row_seeds=seeds, **kw)
+    assert batched.tokens == generate_batch(model, tok, prompts, budgets, row_seeds=seeds, **kw).tokens
+    order = [3, 0, 4, 2, 1]
+    shuffled = generate_batch(model, tok, [prompts[i] for i in order], [budgets[i] for i in order],
+                              row_seeds=[seeds[i] for i in order], **kw)
+    assert [shuffled.tokens[order.index(i)] for i in range(5)] == batched.tokens
+    alone = [generate_batch(model, tok, [p], [b], row_seeds=[s], **kw).tokens[0]
+             for p, b, s in zip(prompts, budgets, seeds)]
+    assert alone == batched.tokens
+    # a neighbour with another budget changes nothing for the others
+    other = generate_batch(model, tok, prompts, [30, 30, 30, 2, 30], row_seeds=seeds, **kw)
+    assert [other.tokens[i] for i in (0, 2, 4)] == [batched.tokens[i] for i in (0, 2, 4)]
+    assert other.tokens[3] == batched.tokens[3][:2]
+    # row seeds matter, the default ones are the row indices under the call's seed
+    assert generate_batch(model, tok, prompts, budgets, row_seeds=[s + 1 for s in seeds], **kw).tokens != batched.tokens
+    assert (generate_batch(model, tok, prompts, budgets, **kw).tokens
+            == generate_batch(model, tok, prompts, budgets, row_seeds=range(5), **kw).tokens)
+    # the global RNG is neither used nor disturbed
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    generate_batch(model, tok, prompts[:2], [4, 4], **kw)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    """Over many draws from a fixed distribution: only nucleus tokens appear (HF's
+    TopPLogitsWarper's set), with the renormalised probabilities; temperature applies first."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from axolotl_focus.mining import sample_top_p
+
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])  # sorted: 0.4 0.3 0.15 | 0.1 0.05
+    logits = probs.log()
+    draws = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(draws)]
+    tokens = sample_top_p(logits.expand(draws, -1), gens, top_p=0.8, temperature=1.0)
+    freq = torch.bincount(tokens, minlength=5).double() / draws
+    hf_kept = torch.isfinite(TopPLogitsWarper(top_p=0.8)(None, logits[None].clone()))[0]
+    assert hf_kept.tolist() == [False, True, False, True, True]
+    assert freq[~hf_kept].sum() == 0
+    expected = torch.where(hf_kept, probs, 0) / probs[hf_kept].sum()
+    assert torch.allclose(freq, expected.double(), atol=0.015), freq
+    # temperature 0.5 squares the probabilities: 0.16 0.09 0.0225 0.01 0.0025 (/0.285), top-p 0.8
+    # keeps 0.561 + 0.316 (the mass above the third, 0.877, already reaches 0.8)
+    tokens = sample_top_p(logits.expand(draws, -1), gens, top_p=0.8, temperature=0.5)
+    freq = torch.bincount(tokens, minlength=5).double() / draws
+    assert freq[[0, 2, 4]].sum() == 0 and abs(freq[1] - 0.16 / 0.25) < 0.015
+    # the top token is always kept, even when alone above top_p; top_p = 1 keeps everything
+    assert set(sample_top_p(logits.expand(200, -1), gens[:200], top_p=0.2, temperature=1.0).tolist()) == {1}
+    every = sample_top_p(logits.expand(draws, -1), gens, top_p=1.0, temperature=1.0)
+    assert torch.allclose(torch.bincount(every, minlength=5).double() / draws, probs.double(), atol=0.015)
+    # a flat distribution over 3000 tokens: the nucleus (about 2700 tokens) is larger than the
+    # first candidate set; still exactly HF's set
+    wide = torch.randn(1, 3000, generator=torch.Generator().manual_seed(0)) * 0.3
+    hf_kept = torch.isfinite(TopPLogitsWarper(top_p=0.9)(None, wide.clone()))[0]
+    assert 2000 < int(hf_kept.sum()) < 3000
+    got = sample_top_p(wide.expand(2000, -1), gens[:2000], top_p=0.9, temperature=1.0)
+    assert hf_kept[got].all() and len(set(got.tolist())) > 1000
+    # a row's draw depends on its own generator only
+    a = sample_top_p(logits.expand(3, -1), [torch.Generator().manual_seed(s) for s in (1, 2, 3)], top_p=0.9,
+                     temperature=1.0)
+    b = sample_top_p(logits.expand(1, -1), [torch.Generator().manual_seed(2)], top_p=0.9, temperature=1.0)
+    assert a[1] == b[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,15 +336,20 @@ def test_mine_pairs_rows(micro, tmp_path):
     stopped = [r for r in rows if r["student_stop"] == "loop"]
     assert summary.early_stopped >= len(stopped) > 0 and summary.tokens_not_generated > 0
     assert summary.student_tokens + summary.tokens_not_generated <= 8 * cfg.max_new_tokens
-    # steps are per batch: rows stopped early still ride along until the batch stops
+    # steps are per batch: the batch runs until its longest row has ended
     assert summary.student_batches == 2
     assert summary.student_steps + summary.student_steps_skipped == 2 * cfg.max_new_tokens
     assert summary.student_steps * cfg.batch_size >= summary.student_tokens
     # a batch skips a step only once all its rows have ended, so skipped steps x rows <= unused budget
     assert 0 <= summary.student_steps_skipped * cfg.batch_size <= 8 * cfg.max_new_tokens - summary.student_tokens
+    # ended rows leave the batch: each row costs its own steps (tokens, + 1 for an EOS)
+    eos_rows = summary.student_row_steps - summary.student_tokens
+    assert 0 <= eos_rows <= 8 and summary.student_row_steps < summary.student_row_steps_padded
+    assert summary.student_row_steps_padded == cfg.batch_size * summary.student_steps
     saved_file = json.loads(open(cfg.output + ".summary.json").read())
     assert saved_file["pairs_kept"] == len(rows)
-    for key in ("tokens_not_generated", "student_steps", "student_steps_skipped"):
+    for key in ("tokens_not_generated", "student_steps", "student_steps_skipped", "student_row_steps",
+                "student_row_steps_padded"):
         assert saved_file[key] == getattr(summary, key)
 
     by_id = {p.source_id: p for p in prompts}
@@ -263,6 +398,80 @@ def test_resume_with_higher_target_keeps_old_rows(micro, tmp_path):
     # target already reached: nothing is generated
     third = mine_pairs(micro["student"], micro["teacher"], tok, prompts, replace(cfg, target_pairs=7))
     assert third.prompts_tried == 0 and open(cfg.output, encoding="utf-8").read() == after
+
+
+def test_resumed_run_writes_the_pairs_of_an_uninterrupted_run(micro, tmp_path, monkeypatch):
+    """Seeds depend on (seed, source id) only: a run killed after its first batch and resumed, a
+    run stopped by its target and resumed with a higher one, and a run with another batch size
+    write the very pairs (and state rows) of one uninterrupted run."""
+    import axolotl_focus.mining as mining
+
+    tok, prompts = micro["tokenizer"], micro["prompts"][:12]
+    models = (micro["student"], micro["teacher"], tok, prompts)
+
+    def files(cfg):
+        return open(cfg.output, encoding="utf-8").read(), open(cfg.output + ".state", encoding="utf-8").read()
+
+    whole = _cfg(tmp_path / "whole", target_pairs=7)
+    summary = mine_pairs(*models, whole)
+    assert 3 < summary.pairs_total == 7 and summary.prompts_tried >= 8
+
+    killed = _cfg(tmp_path / "killed", target_pairs=7)
+    real, calls = mining._teacher_pass, []
+
+    def crash_in_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed in the second batch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mining, "_teacher_pass", crash_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        mine_pairs(*models, killed)
+    monkeypatch.setattr(mining, "_teacher_pass", real)
+    first = len(_rows(killed.output)) + len(_state(killed.output))
+    assert first == killed.batch_size  # the first batch only
+    resumed = mine_pairs(*models, killed)
+    assert resumed.prompts_skipped_resume == first
+    assert files(killed) == files(whole)
+
+    stopped = _cfg(tmp_path / "stopped", target_pairs=2)
+    mine_pairs(*models, stopped)
+    mine_pairs(*models, replace(stopped, target_pairs=7))
+    assert files(stopped) == files(whole)
+
+    other_batch = _cfg(tmp_path / "batch3", target_pairs=7, batch_size=3)
+    mine_pairs(*models, other_batch)
+    assert files(other_batch) == files(whole)
+
+
+def test_teacher_temperature(micro, tmp_path):
+    """The positives are sampled at teacher_temperature (recorded in the rows and the summary);
+    the student's samples do not change with it."""
+    tok, prompts = micro["tokenizer"], micro["prompts"][:4]
+    base = mine_pairs(micro["student"], micro["teacher"], tok, prompts, _cfg(tmp_path / "a"))
+    hot_cfg = _cfg(tmp_path / "b", teacher_temperature=2.5)
+    hot = mine_pairs(micro["student"], micro["teacher"], tok, prompts, hot_cfg)
+    rows_base, rows_hot = _rows(_cfg(tmp_path / "a").output), _rows(hot_cfg.output)
+    assert base.settings["teacher_temperature"] == 1.0 and hot.settings["teacher_temperature"] == 2.5
+    saved = json.loads(open(hot_cfg.output + ".summary.json").read())
+    assert saved["settings"]["teacher_temperature"] == 2.5 and saved["settings"]["temperature"] == 1.0
+    assert all(r["teacher_temperature"] == 2.5 and r["temperature"] == 1.0 and r["top_p"] == 0.9 for r in rows_hot)
+    assert all(r["teacher_temperature"] == 1.0 for r in rows_base)
+    common = {r["source_id"] for r in rows_base} & {r["source_id"] for r in rows_hot}
+    assert common
+    by_id = {r["source_id"]: r for r in rows_base}
+    for row in rows_hot:
+        if row["source_id"] in common:
+            old = by_id[row["source_id"]]
+            assert (row["prompt_tokens"], row["rejected_tokens"]) == (old["prompt_tokens"], old["rejected_tokens"])
+    assert any(by_id[r["source_id"]]["chosen_tokens"] != r["chosen_tokens"]
+               for r in rows_hot if r["source_id"] in common)
+    assert MiningConfig(teacher_temperature=None, temperature=0.7).positive_temperature == 0.7
+    from axolotl_focus.cli import build_parser
+
+    args = build_parser().parse_args(["pairs", "--teacher-temperature", "1.5", "--temperature", "0.7"])
+    assert (args.teacher_temperature, args.temperature) == (1.5, 0.7)
 
 
 def test_partial_last_line_is_repaired(micro, tmp_path):
