@@ -602,6 +602,7 @@ def generate_batch(
     top_p: float = 0.9,
     temperature: float = 1.0,
     detector_kwargs: dict | None = None,
+    shrink: bool = True,
 ) -> RowStopper:
     """Generate for a batch of prompt ids at once: left padding, KV cache, per-row budgets; rows
     that end (EOS, budget, loop detector) leave the batch, so a step costs only the live rows.
@@ -616,6 +617,10 @@ def generate_batch(
     on ``(seed, row_seeds[i])`` and its own prompt only, not on the other rows of the batch or
     when they stop (up to float rounding: a forward pass on a padded batch may differ from the
     unpadded one in the last bits). The global torch RNG is never used.
+
+    ``shrink=False`` keeps ended rows in the batch as padding until every row has ended (what HF
+    ``generate`` does; same tokens, for measuring the saving): then ``row_steps ==
+    padded_row_steps``.
 
     Returns the :class:`RowStopper` with each row's tokens, stop reason, ``steps`` and
     ``row_steps`` (vs ``padded_row_steps``).
@@ -656,7 +661,7 @@ def generate_batch(
             ended = stopper.update(live, new.tolist())
             if all(ended):
                 return stopper
-            if any(ended):
+            if shrink and any(ended):
                 keep = [j for j, e in enumerate(ended) if not e]
                 index = torch.tensor(keep, device=device)
                 live = [live[j] for j in keep]

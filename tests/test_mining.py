@@ -242,9 +242,12 @@ def test_greedy_matches_hf_generate(micro, mha_gqa, arch):
         expected = ref[row][: len(toks) + (reason == "eos")]
         assert toks + [eos] * (reason == "eos") == expected, row
         assert reason == "eos" or (reason == "budget" and len(toks) == budget)
-    # the same rows one at a time
+    # the same rows one at a time, and with ended rows kept as padding (as HF does)
     assert [generate_batch(model, tok, [p], [b], do_sample=False).tokens[0]
             for p, b in zip(prompts, budgets)] == gen.tokens
+    padded = generate_batch(model, tok, prompts, budgets, do_sample=False, shrink=False)
+    assert padded.tokens == gen.tokens and padded.reason == gen.reason and padded.steps == gen.steps
+    assert padded.row_steps == padded.padded_row_steps == gen.padded_row_steps
 
 
 @pytest.mark.parametrize("arch", ["mha", "gqa"])
