@@ -159,9 +159,11 @@ def cmd_prune(args) -> int:
         return 2
     finally:
         undo()
+    from .pruning import requested
+
     print(f"pruned checkpoint: {path}")
-    print(f"params {report['params_before']:,} -> {report['params_after']:,} "
-          f"(achieved reduction {report['achieved_reduction']:.2%})")
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} (requested "
+          f"{requested(report['metadata'])}; achieved reduction {report['achieved_reduction']:.2%} of all parameters)")
     return 0
 
 

@@ -58,9 +58,13 @@ class FocusPruneArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["width", "depth"] = "width"
-    ratio: float = Field(default=0.25, gt=0, lt=1, description="per-layer width ratio inside the layer ranges")
-    target_param_reduction: float | None = Field(default=None, gt=0, lt=1,
-                                                 description="solve for the ratio giving this parameter reduction")
+    ratio: float = Field(default=0.25, gt=0, lt=1, description=(
+        "nominal per-layer width ratio (LLM-Pruner's pruning ratio): the share of the attention heads or KV groups "
+        "(whole units, rounded down) and of the MLP channels removed in each layer of attn_layers / mlp_layers; "
+        "the parameter cut is smaller (embeddings, norms and the layers outside the ranges are not pruned)"))
+    target_param_reduction: float | None = Field(default=None, gt=0, lt=1, description=(
+        "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved for it "
+        "and ratio is ignored; default: unset, ratio is used"))
     importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
     attn_layers: list[int] | None = Field(default=None, description="[start, end) of attention pruning; default [4, L-2)")
     mlp_layers: list[int] | None = Field(default=None, description="[start, end) of MLP pruning; default [4, L-2)")

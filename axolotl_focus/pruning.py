@@ -260,6 +260,8 @@ class WidthPlan:
     layer_shapes: list[dict]
     params_before: int
     params_after: int
+    notes: dict = field(default_factory=dict)  # _width_notes: part -> what is pruned and why the cut is smaller
+    short: list = field(default_factory=list)  # parts that remove clearly less than asked (whole units only)
 
     @property
     def reduction(self) -> float:
@@ -308,7 +310,81 @@ def plan_width(model_config, cfg: PruneConfig) -> WidthPlan:
                 f"{what}={getattr(cfg, what)}: removes every attention head or MLP channel of layer {i} "
                 f"(shape {s}); use a smaller value"
             )
-    return WidthPlan(ratio, result, before, count_params(model_config, result))
+    notes, short = _width_notes(model_config, cfg, ratio, result)
+    return WidthPlan(ratio, result, before, count_params(model_config, result), notes, short)
+
+
+_SHORT = 0.9  # a part is "short" when it removes less than 90% of the ratio's share of its units
+
+
+def _units(n: int, unit: str) -> str:
+    """'1 group', '2 groups', '1 q head per group' ('s' on the unit's first word)."""
+    first, _, rest = unit.partition(" per ")
+    return f"{n} {first if n == 1 else first + 's'}" + (f" per {rest}" if rest else "")
+
+
+def _width_notes(model_config, cfg: PruneConfig, ratio: float, layer_shapes: list[dict]) -> tuple[dict, list]:
+    """Why width pruning at `ratio` cuts what it cuts: ({"attention", "mlp", "scope": text}, short).
+
+    attention / mlp: the part's units (MHA heads; GQA: KV groups of n_rep q heads, or q heads
+    inside every group with q_within_group; MLP channels), how many the ratio removes (heads and
+    groups whole: floor(units * ratio); channels: ceil(channels * ratio), LLM-Pruner's rounding),
+    and the share of the part's weights in the pruned layers that goes. A part removing fewer
+    than 90% of ratio x units (e.g. none) is listed in `short` and its note says what would prune
+    it; not with `target_param_reduction`, whose solved ratio is meant to be what it is.
+    scope: the share of all parameters inside the layer ranges (embeddings, norms and the
+    layers outside them are never pruned), hence the nominal parameter cut ratio x that share."""
+    hidden, head_dim, heads, kv_heads, inter = _dims(model_config)
+    rep = heads // kv_heads
+    (a0, a1), (m0, m1) = cfg.layer_ranges(model_config.num_hidden_layers)
+    q_kept, kv_kept = layer_shapes[a0]["num_attention_heads"], layer_shapes[a0]["num_key_value_heads"]
+    if rep == 1:
+        units, kept, unit, what = heads, q_kept, "head", f"{heads} heads"
+    elif cfg.gqa_mode == "group":
+        units, kept, unit, what = kv_heads, kv_kept, "group", f"{kv_heads} KV groups of {rep} q heads (whole groups)"
+    else:
+        units, kept, unit = rep, q_kept // kv_heads, "q head per group"
+        what = f"{kv_heads} KV groups of {rep} q heads (q_within_group: q heads inside every group)"
+    inter_kept = layer_shapes[m0]["intermediate_size"]
+    parts = {  # part: (name, range, description, units, kept, unit, rounding, units the ratio removes, weight share)
+        "attention": ("attention", (a0, a1), what, units, kept, unit, "floor",
+                      _removed(units * head_dim, head_dim, ratio), 1 - (q_kept + kv_kept) / (heads + kv_heads)),
+        "mlp": ("MLP", (m0, m1), f"{inter} channels", inter, inter_kept, "channel", "ceil",
+                _removed(inter, 1, ratio), 1 - inter_kept / inter),
+    }
+    notes, short = {}, []
+    for part, (name, (start, end), what, units, kept, unit, rounding, nominal, share) in parts.items():
+        removed = units - kept
+        text = (f"{name} (layers {start}-{end - 1}): {what}; ratio {ratio:.4g} removes "
+                f"{rounding}({units}*{ratio:.4g})={_units(nominal, unit)}")
+        if removed != nominal:
+            text += f", {removed} after uniform's rounding to a vanilla LlamaConfig shape"
+        text += f" -> {name} unpruned" if removed == 0 else f" -> {share:.1%} of its weights in these layers"
+        if removed >= _SHORT * ratio * units or cfg.target_param_reduction is not None:
+            notes[part] = text
+            continue
+        short.append(part)
+        text += " (less than the ratio asks: units go whole)"
+        options = []
+        if part == "attention" and rep > 1 and cfg.gqa_mode == "group":
+            alt = _removed(rep * head_dim, head_dim, ratio)
+            if alt / rep > removed / units:
+                options.append(f"--gqa-mode q_within_group (removes {alt} of the {rep} q heads in every group)")
+            else:
+                text += f"; q_within_group removes no more: floor({rep}*{ratio:.4g})={alt} of {rep} q heads per group"
+        if removed + 1 < units:
+            next_ratio = math.ceil((removed + 1) / units * 1e4) / 1e4
+            options.append(f"--ratio >= {next_ratio:.4g} (removes {_units(removed + 1, unit)})")
+        options.append("--target-param-reduction (the fraction of all parameters to remove)")
+        notes[part] = text + "; use " + " or ".join(options)
+    in_ranges = (a1 - a0) * 2 * hidden * (heads + kv_heads) * head_dim + (m1 - m0) * 3 * hidden * inter
+    share = in_ranges / count_params(model_config)
+    notes["scope"] = (
+        f"the layer ranges hold {share:.1%} of all parameters (embeddings, norms and the layers outside the "
+        f"ranges are never pruned): ratio {ratio:.4g} nominally removes {ratio:.4g} x {share:.1%} = "
+        f"{ratio * share:.1%} of all parameters"
+    )
+    return notes, short
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,17 +768,21 @@ class PruneReport:
     kept: dict = field(default_factory=dict)  # width: layer -> {"heads", "kv_heads", "channels"}
     removed_blocks: list[int] = field(default_factory=list)  # depth
     block_scores: dict = field(default_factory=dict)  # depth
+    notes: dict = field(default_factory=dict)  # width: per part, what was pruned and why (see _width_notes)
 
     @property
     def achieved_reduction(self) -> float:
         return 1 - self.params_after / self.params_before
 
     def summary(self) -> str:
+        """The requested and the achieved figures, the per-part notes (width), the removed blocks
+        (depth) and the per-layer shapes, one line each."""
         lines = [
             f"{self.method} pruning: params {self.params_before:,} -> {self.params_after:,} "
-            f"(achieved reduction {self.achieved_reduction:.2%}"
-            + (f", nominal per-layer ratio {self.ratio:.4g})" if self.ratio is not None else ")")
+            f"(requested {requested(self.metadata)}; "
+            f"achieved reduction {self.achieved_reduction:.2%} of all parameters)"
         ]
+        lines += [f"  {self.notes[part]}" for part in ("attention", "mlp", "scope") if part in self.notes]
         if self.removed_blocks:
             lines.append(f"removed blocks {self.removed_blocks}")
         start = 0
@@ -715,6 +795,19 @@ class PruneReport:
                 )
                 start = i
         return "\n".join(lines)
+
+
+def requested(metadata: dict) -> str:
+    """What the pruning options asked for, from a report's metadata: the nominal per-layer ratio or
+    the target parameter reduction (with the ratio solved for it); depth: the blocks to remove."""
+    if metadata.get("method") == "depth":
+        if metadata.get("block_fraction") is not None:
+            return f"block_fraction {metadata['block_fraction']:.4g} = {metadata['num_blocks']} blocks"
+        return f"num_blocks {metadata.get('num_blocks')}"
+    if metadata.get("target_param_reduction") is not None:
+        return (f"target_param_reduction {metadata['target_param_reduction']:.2%} of all parameters, "
+                f"solved nominal per-layer ratio {metadata['ratio']:.4g}")
+    return f"nominal per-layer ratio {metadata.get('ratio', float('nan')):.4g}"
 
 
 def _source(model, source_model: str | None) -> str | None:
@@ -749,6 +842,8 @@ def prune_width(
                 plan.layer_shapes[0]["num_attention_heads"],
                 nominal["num_attention_heads"],
             )
+    for part in plan.short:
+        log.warning("width pruning removes less than asked: %s", plan.notes[part])
     imp = compute_importance(model, tokenizer, texts, cfg, calibration_name=calibration_name)
     head_dim = _dims(model.config)[1]
     kept_all = {}
@@ -791,7 +886,9 @@ def prune_width(
     actual = sum(p.numel() for p in new.parameters())
     if actual != plan.params_after:
         raise RuntimeError(f"internal error: pruned model has {actual} parameters, closed form {plan.params_after}")
-    report = PruneReport(new, "width", plan.ratio, plan.layer_shapes, plan.params_before, actual, metadata, kept_all)
+    report = PruneReport(
+        new, "width", plan.ratio, plan.layer_shapes, plan.params_before, actual, metadata, kept_all, notes=plan.notes
+    )
     log.info("%s", report.summary())
     return report
 

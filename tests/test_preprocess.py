@@ -79,6 +79,50 @@ def test_cli_prune_depth_options_and_cached_config(tiny_pair, tmp_path, capsys, 
     assert "reusing cached" in second.err
 
 
+def smollm2_layout(tiny_pair, folder) -> str:
+    """SmolLM2-135M's layout in small (9 q heads in 3 KV groups, tied embeddings), saved with the
+    tiny tokenizer loaded from disk (so transformers writes its machine-local tokenizer keys)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=72, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_prune_explains_gqa_group_rounding(tiny_pair, tmp_path, capsys, no_log_handlers):
+    from axolotl_focus.cli import main
+
+    source, out = smollm2_layout(tiny_pair, tmp_path / "smol"), tmp_path / "pruned"
+    assert main(["prune", "--model", source, "--ratio", "0.25", "--output", str(out), "--attn-layers", "1", "3",
+                 "--mlp-layers", "1", "3", "--calib-samples", "2", "--calib-seq-len", "16"]) == 0
+    captured = capsys.readouterr()
+    why = "3 KV groups of 3 q heads (whole groups); ratio 0.25 removes floor(3*0.25)=0 groups -> attention unpruned"
+    assert "[WARNING]" in captured.err and captured.err.count(why) == 2  # the warning and the summary
+    assert "(requested nominal per-layer ratio 0.25; achieved reduction" in captured.err
+    assert "--ratio >= 0.3334 (removes 1 group) or --target-param-reduction" in captured.err
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert why in report["notes"]["attention"] and "ceil(96*0.25)=24 channels" in report["notes"]["mlp"]
+    assert [s["num_key_value_heads"] for s in report["layer_shapes"]] == [3, 3, 3, 3]
+    assert (f"(requested nominal per-layer ratio 0.25; achieved reduction {report['achieved_reduction']:.2%} of "
+            "all parameters)") in captured.out
+
+
+def test_cli_prune_help_tells_ratio_from_target(capsys):
+    from axolotl_focus.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--ratio RATIO nominal per-layer width ratio (LLM-Pruner's pruning ratio)" in text
+    assert "the parameter cut is smaller" in text and "default 0.25" in text
+    assert "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved" in text
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--attn-layers", "0", "99"], "attn_layers=[0, 99]"),
     (["--ratio", "0.99", "--attn-layers", "0", "4", "--mlp-layers", "0", "4"], "removes every"),

@@ -4,6 +4,7 @@ Tiny fp32 LlamaConfig models (hidden 64, 8 layers) built locally; nothing is dow
 """
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -149,6 +150,40 @@ def test_gqa_granularity_is_floored():
     plan = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(ratio=0.35))
     assert plan.layer_shapes[4]["num_key_value_heads"] == 6  # 0.35 still removes only 2 of 8 groups
     assert plan.layer_shapes[4]["num_attention_heads"] == 24
+    assert plan.short == ["attention"] and "floor(8*0.35)=2 groups -> 25.0% of its weights" in plan.notes["attention"]
+
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def test_gqa_group_rounding_is_explained():
+    """SmolLM2-135M at ratio 0.25: 3 KV groups x 0.25 floors to 0 groups, only the MLP is pruned (11.8%)."""
+    config = LlamaConfig(**SMOLLM2_135M)
+    plan = P.plan_width(config, P.PruneConfig(ratio=0.25))
+    assert plan.params_before == 134_515_008  # the tied embedding matrix counted once
+    assert round(plan.reduction, 3) == 0.118 and plan.short == ["attention"]
+    attention = plan.notes["attention"]
+    assert attention.startswith("attention (layers 4-27): 3 KV groups of 3 q heads (whole groups); ratio 0.25 "
+                                "removes floor(3*0.25)=0 groups -> attention unpruned")
+    assert "q_within_group removes no more: floor(3*0.25)=0 of 3 q heads per group" in attention
+    assert "--gqa-mode" not in attention  # suggested only where it prunes more
+    assert "--ratio >= 0.3334 (removes 1 group)" in attention and "--target-param-reduction" in attention
+    assert plan.notes["mlp"] == ("MLP (layers 4-27): 1536 channels; ratio 0.25 removes ceil(1536*0.25)=384 channels "
+                                 "-> 25.0% of its weights in these layers")
+    assert "hold 63.1% of all parameters" in plan.notes["scope"] and "= 15.8% of all parameters" in plan.notes["scope"]
+    # what the note suggests does prune attention
+    assert P.plan_width(config, P.PruneConfig(ratio=0.3334)).layer_shapes[4]["num_key_value_heads"] == 2
+    solved = P.plan_width(config, P.PruneConfig(target_param_reduction=0.25))
+    assert abs(solved.reduction - 0.25) < 1e-3 and solved.layer_shapes[4]["num_key_value_heads"] == 2
+    assert solved.short == []  # the solved ratio is what was asked for: no warning
+    # 2 groups of 4 q heads: q_within_group removes 1 q head per group where group mode removes nothing
+    gqa = P.plan_width(tiny_config("gqa"), P.PruneConfig(ratio=0.25)).notes["attention"]
+    assert "-> attention unpruned" in gqa
+    assert "--gqa-mode q_within_group (removes 1 of the 4 q heads in every group)" in gqa
+    exact = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(ratio=0.25))
+    assert exact.short == [] and exact.notes["attention"].endswith("floor(8*0.25)=2 groups -> 25.0% of its weights "
+                                                                   "in these layers")
 
 
 def test_target_param_reduction_solves_the_ratio():
@@ -320,6 +355,61 @@ def test_uniform_head_counts_divide_hidden_size():
     # LLaMA-2-7B at 0.25: 24 heads are not expressible (4096 % 24); nearest divisor, ties keep more -> 32
     plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(ratio=0.25, uniform=True))
     assert plan.layer_shapes[0] == {"num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8256}
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2's layout in small: 3 KV groups of 3 q heads, tied input/output embeddings
+# ----------------------------------------------------------------------------------------------
+def tied_gqa_config(layers: int = 6) -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True,
+                       initializer_range=0.1)
+
+
+def tied_gqa_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tied_gqa_config()).eval()
+
+
+TIED_CASES = {
+    "width-0.25": dict(ratio=0.25, attn_layers=(1, 5), mlp_layers=(1, 5)),  # SmolLM2's case: attention unpruned
+    "width-0.4": dict(ratio=0.4, attn_layers=(1, 5), mlp_layers=(1, 5)),  # one of the 3 groups goes
+    "uniform": dict(ratio=0.4, uniform=True),
+    "depth": dict(method="depth", num_blocks=2, protected_first=1, protected_last=1),
+}
+
+
+def prune_tied(case, tokenizer, texts):
+    cfg = P.PruneConfig(calib_samples=2, calib_seq_len=8, **TIED_CASES[case])
+    return P.prune(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
+
+
+def test_report_states_requested_achieved_and_why(tokenizer, texts, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(P.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    report = prune_tied("width-0.25", tokenizer, texts)
+    assert len(warnings) == 1 and "floor(3*0.25)=0 groups -> attention unpruned" in warnings[0]
+    assert all(s["num_attention_heads"] == 9 and s["num_key_value_heads"] == 3 for s in report.layer_shapes)
+    lines = report.summary().splitlines()
+    assert lines[0] == (f"width pruning: params {report.params_before:,} -> {report.params_after:,} (requested "
+                        f"nominal per-layer ratio 0.25; achieved reduction {report.achieved_reduction:.2%} of all "
+                        f"parameters)")
+    assert lines[1:4] == ["  " + report.notes[part] for part in ("attention", "mlp", "scope")]
+    assert report.notes["mlp"].startswith("MLP (layers 1-4): 96 channels; ratio 0.25 removes ceil(96*0.25)=24")
+    # pruning_report.json carries the notes; a report rebuilt from it (the CLI's cached path) says the same
+    saved = json.loads(json.dumps(P.report_dict(report), default=str))
+    assert saved["notes"] == report.notes
+    fields = {f.name: saved[f.name] for f in dataclasses.fields(P.PruneReport) if f.name in saved}
+    assert P.PruneReport(**{**fields, "model": None}).summary() == report.summary()
+
+    warnings.clear()
+    cfg = P.PruneConfig(target_param_reduction=0.2, attn_layers=(1, 5), mlp_layers=(1, 5), calib_samples=2,
+                        calib_seq_len=8)
+    solved = P.prune_width(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
+    assert warnings == [] and (f"requested target_param_reduction 20.00% of all parameters, solved nominal "
+                               f"per-layer ratio {solved.ratio:.4g}; achieved reduction") in solved.summary()
+    depth = prune_tied("depth", tokenizer, texts)
+    assert "(requested num_blocks 2; achieved reduction" in depth.summary() and depth.notes == {}
 
 
 # ----------------------------------------------------------------------------------------------
