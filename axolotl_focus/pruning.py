@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from . import modeling_pruned_llama
+from .embedded_model import fix_tokenizer_config
 from .modeling_pruned_llama import SHAPE_KEYS, PrunedLlamaConfig, PrunedLlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -997,12 +998,15 @@ def save_pruned(model, tokenizer, path: str | os.PathLike) -> str:
     """Write a checkpoint that `from_pretrained` loads: safetensors weights, config (model_type
     `pruned_llama` with per-layer shapes and `auto_map` + `modeling_pruned_llama.py`, so that
     trust_remote_code works without this package; or plain `llama` for uniform/depth pruning),
-    the `pruning` metadata and `focus_source_model`, and the tokenizer."""
+    the `pruning` metadata and `focus_source_model`, and the tokenizer, its tokenizer_config.json
+    with an explicit `tokenizer_class` (the tokenizer's class name) and without the machine-local
+    keys transformers writes (`local_files_only`, `is_local`, ...: `fix_tokenizer_config`)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+        fix_tokenizer_config(path, type(tokenizer).__name__)
     if isinstance(model.config, PrunedLlamaConfig) or getattr(model.config, "model_type", "") == "pruned_llama":
         # save_pretrained copies the code through register_for_auto_class; make sure of it regardless.
         target = os.path.join(path, "modeling_pruned_llama.py")

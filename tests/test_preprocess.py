@@ -2,6 +2,10 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from pydantic import ValidationError
@@ -121,6 +125,54 @@ def test_cli_prune_help_tells_ratio_from_target(capsys):
     assert "--ratio RATIO nominal per-layer width ratio (LLM-Pruner's pruning ratio)" in text
     assert "the parameter cut is smaller" in text and "default 0.25" in text
     assert "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved" in text
+
+
+def test_pruned_checkpoint_is_machine_independent(tiny_pair, tmp_path):
+    """Nothing of this machine in the checkpoint but focus_source_model (and pruning.source_model);
+    its tokenizer loads with AutoTokenizer alone, in a fresh process that never imports axolotl_focus,
+    with stdin closed."""
+    from transformers import AutoTokenizer
+
+    from axolotl_focus.embedded_model import LOCAL_KEYS
+
+    source, out = smollm2_layout(tiny_pair, tmp_path / "smol"), tmp_path / "pruned"
+    written = json.loads((tmp_path / "smol" / "tokenizer_config.json").read_text())
+    assert {"is_local", "local_files_only"} <= set(written)  # what fix_tokenizer_config removes
+    run_prune(source, spec(tmp_path, ratio=0.4), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "pruned_llama" and config["focus_source_model"] == source
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not set(LOCAL_KEYS) & set(tokenizer_config)
+    assert tokenizer_config["tokenizer_class"] == type(AutoTokenizer.from_pretrained(source)).__name__
+
+    def local(value, where=""):  # (key path, string) of every string naming a path of this machine
+        if isinstance(value, dict):
+            return [hit for k, v in value.items() for hit in local(v, f"{where}.{k}")]
+        if isinstance(value, list):
+            return [hit for i, v in enumerate(value) for hit in local(v, f"{where}[{i}]")]
+        return [(where, value)] if isinstance(value, str) and str(tmp_path) in value else []
+
+    found = {name: local(json.loads((out / name).read_text())) for name in os.listdir(out)
+             if name.endswith(".json") and name != REPORT_FILE}
+    assert found.pop("config.json") == [(".focus_source_model", source), (".pruning.source_model", source)]
+    assert not [hit for hits in found.values() for hit in hits], found
+
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+        print("LOADED", type(tokenizer).__name__, tokenizer("The game began .")["input_ids"])
+        assert not [m for m in sys.modules if m == "axolotl_focus" or m.startswith("axolotl_focus.")]
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    # transformers 5 resolves AutoConfig before tokenizer_config.json, so its trust_remote_code question
+    # about config.json's auto_map is still printed; with no answer it goes on without the custom code
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = AutoTokenizer.from_pretrained(source)
+    loaded = result.stdout.rpartition("LOADED ")[2].strip()
+    assert loaded == f"{type(expected).__name__} {expected('The game began .')['input_ids']}", result.stdout
 
 
 @pytest.mark.parametrize("argv,match", [
