@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import PreTrainedTokenizerFast
@@ -311,6 +312,8 @@ def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
             a = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
             b = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
             assert torch.equal(a, b), case
+            if model.config.tie_word_embeddings:
+                assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), case
         assert not [m for m in sys.modules if m == "axolotl_focus" or m.startswith("axolotl_focus.")]
         print("FRESH-OK")
         """
@@ -371,6 +374,10 @@ def tied_gqa_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(tied_gqa_config()).eval()
 
 
+def is_tied(model) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 TIED_CASES = {
     "width-0.25": dict(ratio=0.25, attn_layers=(1, 5), mlp_layers=(1, 5)),  # SmolLM2's case: attention unpruned
     "width-0.4": dict(ratio=0.4, attn_layers=(1, 5), mlp_layers=(1, 5)),  # one of the 3 groups goes
@@ -410,6 +417,59 @@ def test_report_states_requested_achieved_and_why(tokenizer, texts, monkeypatch)
                                f"per-layer ratio {solved.ratio:.4g}; achieved reduction") in solved.summary()
     depth = prune_tied("depth", tokenizer, texts)
     assert "(requested num_blocks 2; achieved reduction" in depth.summary() and depth.notes == {}
+
+
+@pytest.mark.parametrize("case", list(TIED_CASES))
+def test_tied_embeddings_stay_tied_and_count_once(case, tokenizer, texts, tmp_path):
+    config = tied_gqa_config()
+    untied = copy.deepcopy(config)
+    untied.tie_word_embeddings = False
+    assert P.count_params(untied) - P.count_params(config) == 128 * 72
+    report = prune_tied(case, tokenizer, texts)
+    model = report.model
+    assert is_tied(model) and model.config.tie_word_embeddings
+    assert report.params_before == P.count_params(config) == sum(p.numel() for p in tied_gqa_model().parameters())
+    shapes = getattr(model.config, "layer_shapes", None)
+    assert report.params_after == sum(p.numel() for p in model.parameters()) == P.count_params(model.config, shapes)
+
+    path = tmp_path / case
+    P.save_pruned(model, tokenizer, path)
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    embed = stored["model.embed_tokens.weight"]
+    assert torch.equal(stored.get("lm_head.weight", embed), embed)  # no separate lm_head that differs
+    assert sum(t.numel() for key, t in stored.items() if key != "lm_head.weight") == report.params_after
+    loaded = P.load_pruned(path).eval()
+    assert is_tied(loaded) and (logits(loaded) - logits(model)).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("case", ["width-0.4", "depth"])
+def test_lora_merge_keeps_tied_embeddings(case, tokenizer, texts, tmp_path):
+    """axolotl's lora_target_linear (attention and MLP projections, not lm_head) on the tied pruned
+    model: one SGD step, merge_and_unload, save, reload."""
+    from peft import LoraConfig, get_peft_model
+
+    P.save_pruned(prune_tied(case, tokenizer, texts).model, tokenizer, tmp_path / "pruned")
+    base = P.load_pruned(tmp_path / "pruned")
+    before = logits(base)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(P.ATTN_PROJ + P.MLP_PROJ))
+    peft_model = get_peft_model(base, lora)
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and "lm_head" not in name for name in trainable)
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+    ids = inputs(seed=2)
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    merged = peft_model.merge_and_unload().eval()
+    assert is_tied(merged) and not [name for name, _ in merged.named_modules() if "lora" in name]
+    expected = logits(merged)
+    assert (expected - before).abs().max() > 1e-3  # the step changed the model
+    P.save_pruned(merged, tokenizer, tmp_path / "merged")
+    reloaded = P.load_pruned(tmp_path / "merged").eval()
+    assert is_tied(reloaded) and reloaded.config.tie_word_embeddings
+    assert (logits(reloaded) - expected).abs().max() < ATOL
 
 
 # ----------------------------------------------------------------------------------------------
