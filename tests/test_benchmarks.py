@@ -55,3 +55,31 @@ def test_metric_benchmarks_run_and_measure_sane_values():
                 "--dim", "16", "--seeds", "1")
     mauve = float(re.search(r"values \[([\d.]+)", out).group(1))
     assert 0 < mauve <= 1, out
+
+
+def test_real_model_speed_quick(tmp_path):
+    """The real-model benchmark at its tiny size (a local looping LLaMA): every part runs, the
+    ratios are the measured numbers' ratios, bf16 agrees with fp32, and the shrinking loop
+    computes fewer row-steps than rows x steps while giving each row the same tokens."""
+    path = tmp_path / "speed.json"
+    out = bench("real_model_speed.py", "--quick", "--threads", "1", "--json", str(path))
+    r = json.loads(path.read_text())
+    assert r["quick"] and "Ratios (this run)" in out
+    gen = [g for g in r["generation"] if "error" not in g]
+    assert {(g["mode"], g["batch"]) for g in gen} >= {("fp32", 1), ("fp32", 4), ("bf16", 4)}
+    assert all(g["tokens_per_s"] > 0 and g["tokens"] > 0 for g in gen)
+    by = {(g["mode"], g["batch"]): g["tokens_per_s"] for g in gen}
+    assert r["ratios"]["gen bf16/fp32 tokens/s, batch 4, 1 thread(s)"] == by[("bf16", 4)] / by[("fp32", 4)]
+    for check in r["bf16_check"]:
+        assert "error" in check or check["argmax_agreement"] > 0.9
+    t = r["train_step"]
+    assert t["ce_loss"] > 0 and t["focus_distill"] > 0
+    assert abs(t["ce_loss"] - t["focus_ce_loss"]) < 1e-4 * t["ce_loss"]  # same student, same CE
+    assert r["ratios"]["train FOCUS/CE step time"] == t["focus_s"] / t["ce_s"]
+    assert r["ratios"]["train limit 1 + teacher forward/CE step"] == 1 + t["teacher_forward_s"] / t["ce_s"]
+    runs = r["mining"]["runs"]
+    b, padded, one = runs["batched"], runs["batched_padded"], runs["one_at_a_time"]
+    assert b["row_steps"] < b["padded_row_steps"] == padded["row_steps"] == padded["padded_row_steps"]
+    assert b["stops"].get("loop", 0) > 0 and b["tokens"] == padded["tokens"] == one["tokens"]
+    assert padded["rows_equal_to_batched"] == one["rows_equal_to_batched"] == r["mining"]["prompts"]
+    assert r["ratios"]["mining row-steps computed/padded"] == b["row_steps"] / b["padded_row_steps"]
