@@ -19,8 +19,9 @@ Procedure, per prompt
    the decoding steps no row of its batch needed). The prompt is degenerate when
    ``coverage(y_hat) >= threshold``: the coverage domain is the generated continuation only (the
    paper's model output ``y_hat``), never the prompt. ``onset`` = index in ``y_hat`` where the
-   second copy of the repeated segment starts; the shared prefix is ``prompt + y_hat[:onset]`` (the text before the loop plus one
-   full copy of the segment) and the rejected continuation is ``y_hat[onset:]``.
+   second copy of the repeated segment starts; the shared prefix is ``prompt + y_hat[:onset]``
+   (the text before the loop plus one full copy of the segment) and the rejected continuation is
+   ``y_hat[onset:]``.
 3. Positive. The teacher continues ``prompt + y_hat[:onset]`` with the same top-p at
    ``teacher_temperature`` (default: ``temperature``; a small student may loop only at a low
    temperature, where the teacher loops too, so the positive can be sampled at e.g. 1.0), at most
@@ -54,8 +55,8 @@ Output rows (JSONL)
 tokens), ``coverage_chosen`` (of the chosen tokens), ``coverage_output`` (of ``y_hat``, the
 selection criterion), ``student``, ``teacher``, ``seed`` (the run's seed: with the source id it
 gives the student's and the positives' row seeds, see above), ``top_p``, ``temperature`` (the
-student's), ``teacher_temperature`` (the positives', resolved), ``chosen_attempt`` (0-based), ``student_stop``
-(why the student row ended: ``loop`` = early stop, ``budget``, ``eos``), and the exact token
+student's), ``teacher_temperature`` (the positives', resolved), ``chosen_attempt`` (0-based),
+``student_stop`` (why the student row ended: ``loop`` = early stop, ``budget``, ``eos``), and the exact token
 ids ``prompt_tokens`` (prompt + prefix), ``rejected_tokens``, ``chosen_tokens``.
 ``len(prompt_tokens) - onset`` is the length of the original prompt.
 

@@ -16,10 +16,10 @@ everything measured side by side in one run:
     ``no_grad``, :func:`axolotl_focus.losses.fused_ce_distill_aux` with the trainer's defaults,
     ``alpha`` 0.05, ``tau`` 2, ``beta`` 15, ``gamma`` 1, chunks of 1024). Student: a copy of the
     model with LoRA (peft, r 16, alpha 32, every linear layer, random init so that it starts off
-    the teacher; ``--full`` trains all weights, perturbed); teacher: the model itself (frozen). The FOCUS / CE time ratio is printed next to its lower
-    limit ``1 + teacher forward / CE step`` (the teacher's forward added to the student's
-    forward + backward), the teacher forward timed in the same run; the rest of the excess is the
-    fused loss's teacher head and softmaxes.
+    the teacher; ``--full`` trains all weights, perturbed); teacher: the model itself (frozen).
+    The FOCUS / CE time ratio is printed next to its limit ``1 + teacher forward / CE step`` (the
+    teacher's decoder forward added to the student's forward + backward), the teacher forward
+    timed in the same run; the rest of the excess is the fused loss's teacher head and softmaxes.
 (c) RePAIR mining's student pass (as ``mining._student_pass`` calls it: open-ended prompts of the
     first 50 tokens of WikiText-2 validation documents, top-p 0.9, temperature 0.7, 128 new
     tokens, the loop detector on, row seeds from the source ids) on 32 prompts: batched (16) with
