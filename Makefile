@@ -1,7 +1,8 @@
 # make test  - create .venv if missing (torch 2.13.0 first; TORCH_INDEX_URL=... for another torch index),
 #              install .[test,eval], run the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
-#              pipeline on a micro model, ~7 min on 2 CPU cores; DEMO_ARGS=--quick for the ~2 min version)
+#              pipeline on the embedded real model SmolLM2-135M, ~30 min on 2 CPU cores; DEMO_ARGS=--quick
+#              for the small preset, DEMO_ARGS="--model micro" for the micro model)
 # make bench - all benchmarks (memory/time ratios measured side by side; BENCH_ARGS=--quick for the
 #              loss benchmarks' smoke size)
 SHELL := /bin/bash
@@ -41,3 +42,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/prune_memory.py
 	$(PY) benchmarks/degeneration_speed.py
 	$(PY) benchmarks/metric_speed.py
+	$(PY) benchmarks/real_model_speed.py $(BENCH_ARGS)

@@ -20,8 +20,9 @@ Tasks (paper section 5.1)
 
 Decodings: top-p (0.9, pure nucleus, ``top_k=0``) under each seed of ``seeds``, and greedy.
 Generation is batched with the KV cache through :func:`~axolotl_focus.mining.generate_batch`
-(batch ``b`` = prompts ``b * batch_size ...``, torch seed under seed ``s``: ``s * 100003 + b``);
-a row ends at EOS (excluded) or at its budget. Under ``torchrun`` / ``accelerate launch`` with N
+(batch ``b`` = prompts ``b * batch_size ...``; under seed ``s`` row ``i`` of batch ``b`` samples from
+its own generator seeded by ``row_seed(s * 100003 + b, i)``); a row ends at EOS (excluded) or at its
+budget and then leaves the batch (the decoding loop drops ended rows). Under ``torchrun`` / ``accelerate launch`` with N
 processes the batches are shared out (``PartialState().split_between_processes``), each rank
 generating on its own device, and gathered back in order on rank 0: batches and seeds depend
 only on the prompt order, so the generations equal a one-process run's on the same kind of
