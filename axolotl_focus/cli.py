@@ -229,6 +229,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"default {f.default}")
 
 
+THREADED = ("model", "prune", "pairs", "eval")  # long commands with --threads (demo has its own)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-focus", description="FOCUS / RePAIR for pruned LLMs")
     parser.add_argument("--version", action="version", version=f"axolotl-focus {__version__}")
@@ -271,11 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "pairs, axolotl fine-tuning (CE/KD/FOCUS/RePAIR/DPO), evaluation, report")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+    for name in THREADED:
+        sub.choices[name].add_argument("--threads", type=_threads_type, default=None,
+                                       help="torch threads (default: the cores not busy by the 1-minute load "
+                                       "average, minus one, at least 1)")
     return parser
+
+
+
+
+def _threads_type(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def set_threads(threads: int | None) -> int:
+    """Torch threads for this process: ``threads`` or, by default, the cores not busy by the
+    1-minute load average minus one, at least 1 (:func:`axolotl_focus.demo.auto_threads`: OpenMP
+    threads of two processes spinning on the same cores slow both many times over)."""
+    import torch
+
+    from .demo import auto_threads
+
+    n = threads or auto_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in THREADED:
+        set_threads(args.threads)
     return args.func(args)
 
 

@@ -76,6 +76,24 @@ def test_logged_dicts_reads_axolotl_string_values():
                     {"loss": 3.5, "loss/focus": 0.25}]
 
 
+def test_long_commands_take_a_thread_count():
+    import torch
+
+    from axolotl_focus.cli import THREADED, build_parser, set_threads
+
+    for command in THREADED:
+        extra = {"prune": [], "pairs": [], "eval": ["a=b"], "model": []}[command]
+        assert build_parser().parse_args([command, *extra, "--threads", "3"]).threads == 3
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, *extra, "--threads", "0"])
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert 1 <= set_threads(None) <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_parses_demo_options():
     from axolotl_focus.cli import build_parser
 
