@@ -954,11 +954,9 @@ MAX_PPL_INCREASE = 0.10  # ... at no more than +10% PPL
 def _doc_values(demo: Demo, which: str, model: str, key: str, seeds: list[int | None], metric: str):
     """Per-document values of ``metric`` for ``model`` under one condition (see
     :mod:`axolotl_focus.intervals`), read from the evaluation's generation files; None if missing."""
-    from .evaluation import _model_dir
     from .intervals import document_values
 
-    cfg = demo.eval_config(demo.dir("eval")) if which == "main" else demo.low_eval_config(demo.dir("eval"))
-    folder = _model_dir(cfg, model) / "generations"
+    folder = _model_dir_of(demo, which, model) / "generations"
     seed_rows = []
     for seed in seeds:
         path = folder / (f"open_ended.{key}.jsonl" if seed is None else f"open_ended.{key}.seed{seed}.jsonl")
