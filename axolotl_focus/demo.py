@@ -225,8 +225,10 @@ def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2", pr
                      runs=("ce", "kd", "focus", "focus-repair", "dpo"), eval_documents=12, ppl_max_tokens=2048,
                      eval_low_seeds=(0,))
     elif preset == "smoke":
+        # 8 SFT rows + the pairs, 3 steps of 4 rows: one epoch, so the pair rows are trained on
         real |= dict(calib_samples=2, depth_blocks=2, mining_prompts=32, mining_temperature=0.5, target_pairs=4,
-                     mining_new_tokens=64, train_steps=2, dpo_steps=1, runs=("focus-repair",), eval_documents=4,
+                     mining_new_tokens=64, sft_max_rows=8, train_steps=3, dpo_steps=1, runs=("focus-repair",),
+                     eval_documents=4,
                      eval_new_tokens=32, ppl_max_tokens=512, eval_low_seeds=(0,))
     return DemoSettings(**real)
 
