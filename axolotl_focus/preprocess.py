@@ -2,14 +2,37 @@
 
 `axolotl train cfg.yml` with a `focus_prune:` block prunes `base_model` once, in the plugin's
 `register` hook (before axolotl validates the config or loads anything), stores the checkpoint
-under a key of (source model, pruning settings, calibration) and rewrites `base_model` to it; the
-teacher defaults to the unpruned source. The next run with the same settings reuses the cache.
-In a multi-process launch only rank 0 prunes; the other ranks wait for the finished checkpoint,
-which appears atomically (written to a temporary folder, then renamed).
-"""
+under a key of (source model, its fingerprint, pruning settings, calibration) and rewrites
+`base_model` to it; the teacher defaults to the unpruned source. The next run with the same
+settings and an unchanged source reuses the cache. In a multi-process launch only rank 0 prunes;
+the other ranks wait for the finished checkpoint, which appears atomically (written to a
+temporary folder, then renamed).
 
+Source fingerprint (`source_fingerprint`, part of the cache key; loads no weights, seconds even
+for a 16 GB checkpoint): for a local folder the sha256 of config.json and of the tokenizer files,
+and for every top-level weight file (*.safetensors, *.bin, *.pt, *.pth) its size, the sha256 of
+its safetensors JSON header and a sha256 of 65 evenly spaced 64 KiB blocks (the first at offset
+0, the last ending at the end of the file; files up to 65 blocks are hashed whole). Overwriting the
+source (retrained weights of the same shapes included) changes the key, so the next run prunes
+again into a new folder; a change confined to the bytes between the sampled blocks goes unseen.
+For a hub id the fingerprint is the commit sha: `HfApi().model_info` when online (what
+`from_pretrained` would download), else the local hub cache's `refs/main`; offline without a
+cache it is `{"hub": id, "revision": None}` and a warning says staleness cannot be checked.
+The fingerprint is stored as `source_fingerprint` in pruning_report.json. A cache hit whose stored
+fingerprint differs from the current one (a digest collision, a folder copied by hand) is not
+reused and not overwritten: a warning names the changed files and the source is pruned into the
+sibling folder `<cache folder>-<fingerprint digest>`. Entries cached before the fingerprint was
+part of the key (no `source_fingerprint`) are simply misses: they stay on disk, unused; delete
+them by hand.
+
+`plan_prune(source, spec)` is the dry run of `axolotl-focus validate`: it reads only config.json
+(a local folder, the hub cache, or a download of that one file when online), validates the
+settings against it, checks the calibration source and reports the cache folder, whether it is
+cached, and the closed-form parameter counts; it loads no weights and writes nothing.
+"""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -19,6 +42,7 @@ import time
 from pathlib import Path
 
 from .config import FocusPruneArgs
+from .locations import cached_hub_file, hub_offline
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +56,10 @@ _PRUNE_KEYS = tuple(
 # read until enough texts are long enough for the windows (at most _STREAM_MAX_ROWS)
 _STREAM_BUFFER = 10_000
 _STREAM_MAX_ROWS = 100_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt")
+_BLOCK, _BLOCKS = 1 << 16, 64  # weight files are sampled in _BLOCKS + 1 blocks of _BLOCK bytes
 
 
 def default_cache_dir() -> Path:
@@ -45,11 +73,10 @@ def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
     `calib_samples` of them have at least `calib_seq_len` words, so at least as many tokens)."""
     from .micro import corpus_documents
 
-    source = spec.calibration
-    if not source:
+    kind, path = _calibration_source(spec)
+    if kind == "embedded":
         return corpus_documents("valid"), "embedded WikiText-2 valid slice (CC BY-SA 3.0)"
-    path = Path(source)
-    if path.suffix == ".jsonl" and path.is_file():
+    if kind == "file" and path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, 1):
@@ -63,11 +90,10 @@ def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
                         f"{spec.calibration_field!r} field ({exc})"
                     ) from exc
         return texts, f"{path} (field {spec.calibration_field})"
-    if path.is_file():
+    if kind == "file":
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return [line for line in lines if line], str(path)
-    if path.suffix in (".txt", ".jsonl", ".json") or source.startswith(("/", "./", "../")):
-        raise ValueError(f"focus_prune.calibration: file {source} does not exist")
+    source = spec.calibration
     import datasets  # a hub dataset id
 
     name = f"{source} ({spec.calibration_config})" if spec.calibration_config else source
@@ -91,6 +117,19 @@ def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
                    f"streamed (shuffle seed {spec.seed}, buffer {_STREAM_BUFFER})")
 
 
+def _calibration_source(spec: FocusPruneArgs) -> tuple[str, Path | None]:
+    """("embedded" | "file" | "hub", the file); a local file that does not exist is an error."""
+    source = spec.calibration
+    if not source:
+        return "embedded", None
+    path = Path(source)
+    if path.is_file():
+        return "file", path
+    if path.suffix in (".txt", ".jsonl", ".json") or source.startswith(("/", "./", "../")):
+        raise ValueError(f"focus_prune.calibration: file {source} does not exist")
+    return "hub", None
+
+
 def prune_config(spec: FocusPruneArgs):
     from .pruning import PruneConfig
 
@@ -101,13 +140,81 @@ def prune_config(spec: FocusPruneArgs):
     return PruneConfig(**values)
 
 
-def cache_path(source: str, spec: FocusPruneArgs) -> Path:
-    """Where the checkpoint for (source, settings, calibration) lives."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _weight_fingerprint(path: Path) -> dict:
+    """Size, sha256 of the safetensors header (None for other formats) and of sampled blocks."""
+    size, header, sample = path.stat().st_size, None, hashlib.sha256()
+    with open(path, "rb") as handle:
+        if path.suffix == ".safetensors" and size >= 8:
+            length = int.from_bytes(handle.read(8), "little")
+            if 0 < length <= min(size - 8, 1 << 28):
+                header = hashlib.sha256(handle.read(length)).hexdigest()
+        if size <= _BLOCK * (_BLOCKS + 1):
+            handle.seek(0)
+            sample.update(handle.read())
+        else:
+            for i in range(_BLOCKS + 1):
+                handle.seek(i * (size - _BLOCK) // _BLOCKS)
+                sample.update(handle.read(_BLOCK))
+    return {"size": size, "header": header, "sample": sample.hexdigest()}
+
+
+def source_fingerprint(source: str) -> dict:
+    """What identifies this version of `source`, without loading weights (see the module docstring):
+    {"config", "tokenizer": {name: sha256}, "weights": {name: {"size", "header", "sample"}}} for a
+    local folder, {"hub": id, "revision": commit sha or None} for a hub id."""
+    if os.path.isdir(source):
+        folder = Path(source)
+        config = folder / "config.json"
+        return {
+            "config": _sha256(config) if config.is_file() else None,
+            "tokenizer": {n: _sha256(folder / n) for n in _TOKENIZER_FILES if (folder / n).is_file()},
+            "weights": {p.name: _weight_fingerprint(p) for p in sorted(folder.iterdir())
+                        if p.suffix in WEIGHT_SUFFIXES and p.is_file()},
+        }
+    revision = None
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            revision = HfApi().model_info(source).sha
+        except Exception as exc:  # noqa: BLE001 - no network, private, ...: fall back to the cache
+            LOG.debug("focus_prune: model_info(%s) failed: %s", source, exc)
+    if revision is None and (cached := cached_hub_file(source)):
+        revision = Path(cached).parent.name  # .../snapshots/<commit sha>/config.json
+    if revision is None:
+        LOG.warning("focus_prune: %s is not in the local hub cache and the hub cannot be reached: a cached "
+                    "pruned checkpoint of it cannot be checked for staleness", source)
+    return {"hub": source, "revision": revision}
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints: file names, or the hub revision."""
+    if not old:
+        return ["no fingerprint stored"]
+    if "hub" in old or "hub" in new:
+        return [f"revision {old.get('revision')} -> {new.get('revision')}"]
+    names = ["config.json"] if old.get("config") != new.get("config") else []
+    for key in ("tokenizer", "weights"):
+        a, b = old.get(key) or {}, new.get(key) or {}
+        names += sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    return names
+
+
+def cache_path(source: str, spec: FocusPruneArgs, fingerprint: dict | None = None) -> Path:
+    """Where the checkpoint for (source, its fingerprint, settings, calibration) lives; the
+    fingerprint is computed when not given."""
     source_id = os.path.abspath(source) if os.path.isdir(source) else source
     exclude = {"cache_dir", "wait_timeout", "device"}
-    if spec.calibration_config is None:  # keys of checkpoints cached before the option existed stay valid
+    if spec.calibration_config is None:
         exclude.add("calibration_config")
-    key = json.dumps({"source": source_id, **spec.model_dump(exclude=exclude)}, sort_keys=True)
+    fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
+    key = json.dumps({"source": source_id, "fingerprint": fingerprint, **spec.model_dump(exclude=exclude)},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = Path(source_id.rstrip("/")).name or "model"
     tag = f"r{spec.ratio}" if spec.method == "width" else f"b{spec.num_blocks or spec.block_fraction}"
@@ -115,15 +222,34 @@ def cache_path(source: str, spec: FocusPruneArgs) -> Path:
     return root / f"{name}-{spec.method}-{tag}-{digest}"
 
 
+def _resolve(source: str, spec: FocusPruneArgs, fingerprint: dict) -> Path:
+    """The cache folder to use: cache_path, unless it holds a checkpoint of another version of the
+    source (stored fingerprint differs), then its sibling `<folder>-<fingerprint digest>`."""
+    path = cache_path(source, spec, fingerprint)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
+    alt = path.with_name(f"{path.name}-{digest}")
+    for candidate in (path, alt):
+        report = candidate / REPORT_FILE
+        if not report.is_file():
+            return candidate
+        stored = json.loads(report.read_text(encoding="utf-8")).get("source_fingerprint") or {}
+        if stored == fingerprint:
+            return candidate
+        LOG.warning("focus_prune: %s was pruned from another version of %s (changed: %s); not reusing it",
+                    candidate, source, ", ".join(_changed(stored, fingerprint)))
+    raise ValueError(f"focus_prune: {path} and {alt} hold checkpoints of other versions of {source}; remove them")
+
+
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike) -> dict:
+def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike, fingerprint: dict | None = None) -> dict:
     """Load `source`, prune it per `spec`, and write the checkpoint to `output` atomically.
 
     The settings are validated against the model's config before any weights are loaded.
-    Returns the report (also written as `pruning_report.json` inside the checkpoint).
+    Returns the report (also written as `pruning_report.json` inside the checkpoint), with the
+    source's fingerprint (computed before loading, when not given) as `source_fingerprint`.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +259,7 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike) -> d
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
     cfg = prune_config(spec).validate(AutoConfig.from_pretrained(source))
+    fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
     texts, calibration = load_calibration_texts(spec)
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -145,7 +272,7 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike) -> d
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pruned(report.model.to("cpu"), tokenizer, tmp)
-        data = report_dict(report)
+        data = {**report_dict(report), "source_fingerprint": fingerprint}
         with open(tmp / REPORT_FILE, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, default=str)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -156,14 +283,15 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike) -> d
 
 
 def ensure_pruned(source: str, spec: FocusPruneArgs) -> Path:
-    """The cached pruned checkpoint of `source`, pruning it first if needed (rank 0 only)."""
-    path = cache_path(source, spec)
+    """The cached pruned checkpoint of this version of `source`, pruning it first if needed (rank 0 only)."""
+    fingerprint = source_fingerprint(source)
+    path = _resolve(source, spec, fingerprint)
     if (path / REPORT_FILE).is_file():
         LOG.info("focus_prune: reusing cached pruned checkpoint %s", path)
         return path
     if _is_rank_zero():
         LOG.info("focus_prune: pruning %s -> %s", source, path)
-        run_prune(source, spec, path)
+        run_prune(source, spec, path, fingerprint=fingerprint)
         return path
     deadline = time.monotonic() + spec.wait_timeout
     while not (path / REPORT_FILE).is_file():
@@ -171,6 +299,68 @@ def ensure_pruned(source: str, spec: FocusPruneArgs) -> Path:
             raise TimeoutError(f"focus_prune: rank 0 did not finish {path} within {spec.wait_timeout} s")
         time.sleep(5)
     return path
+
+
+def plan_prune(source: str, spec: FocusPruneArgs) -> dict:
+    """The dry run of pruning `source` per `spec`: loads no weights, writes nothing (offline, a hub
+    id not in the local hub cache is not checked: `config` None and a `note`). Raises ValueError
+    (prefixed `focus_prune`) for settings the model's config rejects and a missing calibration file.
+    Returns {source, method, config (the config.json read, or None), fingerprint, cache_path (the
+    folder ensure_pruned would use), cached, calibration, params_before, params_after, reduction,
+    note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
+    from transformers import AutoConfig
+
+    from .pruning import count_params, plan_width
+
+    def checked(call, *args):
+        try:
+            return call(*args)
+        except ValueError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith("focus_prune") else f"focus_prune: {message}") from exc
+
+    note = None
+    if os.path.isdir(source):
+        config_file = os.path.join(source, "config.json")
+        if not os.path.isfile(config_file):
+            raise ValueError(f"focus_prune: base_model {source} has no config.json")
+    elif source.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"focus_prune: base_model {source} is not a folder")
+    elif (config_file := cached_hub_file(source)) is None and not hub_offline():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = hf_hub_download(source, "config.json")
+        except Exception as exc:  # noqa: BLE001 - not found, gated, no network
+            raise ValueError(f"focus_prune: base_model {source}: cannot read its config.json ({exc})") from exc
+    elif config_file is None:
+        note = f"{source} is not in the local hub cache and the hub is offline: its config was not checked"
+    cfg = prune_config(spec)
+    model_config = checked(AutoConfig.from_pretrained, config_file) if config_file else None
+    checked(cfg.validate, model_config)
+    kind, path = _calibration_source(spec)
+    calibration = {"embedded": "embedded WikiText-2 valid slice", "file": str(path)}.get(kind) or (
+        f"hub dataset {spec.calibration} [{spec.calibration_split}] field {spec.calibration_field} (not read)")
+    fingerprint = source_fingerprint(source)
+    target = _resolve(source, spec, fingerprint)
+    plan = {"source": source, "method": spec.method, "config": config_file, "fingerprint": fingerprint,
+            "cache_path": str(target), "cached": (target / REPORT_FILE).is_file(), "calibration": calibration,
+            "params_before": None, "params_after": None, "reduction": None, "note": note}
+    if spec.method == "width":
+        width = plan_width(model_config, cfg) if model_config is not None else None
+        plan.update(ratio=width and width.ratio, width_notes=width and width.notes)
+        if width:
+            plan.update(params_before=width.params_before, params_after=width.params_after)
+    else:
+        layers = model_config and model_config.num_hidden_layers
+        plan["num_blocks"] = layers and cfg.blocks_to_remove(layers)
+        if model_config is not None:
+            shorter = copy.deepcopy(model_config)
+            shorter.num_hidden_layers = layers - plan["num_blocks"]
+            plan.update(params_before=count_params(model_config), params_after=count_params(shorter))
+    if plan["params_before"]:
+        plan["reduction"] = 1 - plan["params_after"] / plan["params_before"]
+    return plan
 
 
 _ATTENTION_LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel")

@@ -355,3 +355,190 @@ def test_attention_lora_kernels_are_turned_off_for_pruned_llama(tmp_path):
     vanilla = {"base_model": str(tmp_path), "adapter": "lora"}
     disable_attention_lora_kernels(vanilla)
     assert "lora_qkv_kernel" not in vanilla
+
+
+def overwrite_weights(folder, seed):
+    """Retrain stand-in: the same architecture with other random weights, saved over `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(folder)).save_pretrained(folder)
+
+
+def test_changed_source_is_pruned_again(tiny_pair, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from axolotl_focus.preprocess import source_fingerprint
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_pair["teacher"], src)
+    s, fingerprint = spec(tmp_path), source_fingerprint(str(src))
+    first = ensure_pruned(str(src), s)
+    assert json.loads((first / REPORT_FILE).read_text())["source_fingerprint"] == fingerprint
+    with caplog.at_level(logging.INFO, logger="axolotl_focus"):
+        assert ensure_pruned(str(src), s) == first  # unchanged: a hit
+    assert "reusing cached pruned checkpoint" in caplog.text and source_fingerprint(str(src)) == fingerprint
+
+    overwrite_weights(src, seed=1)
+    changed = source_fingerprint(str(src))
+    assert changed["weights"]["model.safetensors"]["sample"] != fingerprint["weights"]["model.safetensors"]["sample"]
+    assert changed["weights"]["model.safetensors"]["header"] == fingerprint["weights"]["model.safetensors"]["header"]
+    second = ensure_pruned(str(src), s)  # a miss: pruned again into a new folder
+    assert second != first and second == cache_path(str(src), s)
+    assert json.loads((second / REPORT_FILE).read_text())["source_fingerprint"] == changed
+    old, new = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert old.keys() == new.keys() and any(not old[k].equal(new[k]) for k in old)
+
+    # a checkpoint of another version under the current key (a digest collision, a copy by hand) is not
+    # reused nor overwritten: the warning names the changed file and the source is pruned into a sibling
+    overwrite_weights(src, seed=2)
+    key = cache_path(str(src), s)
+    shutil.copytree(first, key)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus"):
+        third = ensure_pruned(str(src), s)
+    assert "was pruned from another version" in caplog.text and "changed: model.safetensors" in caplog.text
+    assert third.name.startswith(f"{key.name}-") and third.parent == key.parent
+    assert json.loads((key / REPORT_FILE).read_text())["source_fingerprint"] == fingerprint  # left as it was
+    assert json.loads((third / REPORT_FILE).read_text())["source_fingerprint"] == source_fingerprint(str(src))
+    assert ensure_pruned(str(src), s) == third
+
+
+def test_fingerprint_samples_without_loading_weights(tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    from axolotl_focus.preprocess import source_fingerprint
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    for target in ("safetensors.safe_open", "safetensors.torch.load_file", "torch.load"):
+        monkeypatch.setattr(target, no_weights)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "README.md").write_text("not part of the fingerprint")
+    (folder / "extra.bin").write_bytes(os.urandom(1000))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 32], "data_offsets": [0, 1 << 34]}}).encode()
+    weights, size = folder / "model.safetensors", 16 << 30  # 16 GiB, sparse: random bytes around a valid header
+    with open(weights, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header + os.urandom(1 << 20))
+        handle.truncate(size)
+    start = time.monotonic()
+    first = source_fingerprint(str(folder))
+    assert time.monotonic() - start < 10
+    assert first == source_fingerprint(str(folder))  # stable
+    assert list(first["weights"]) == ["extra.bin", "model.safetensors"] and first["tokenizer"] == {}
+    entry = first["weights"]["model.safetensors"]
+    assert entry["size"] == size and entry["header"] == hashlib.sha256(header).hexdigest()
+    assert first["weights"]["extra.bin"]["header"] is None
+
+    with open(weights, "r+b") as handle:  # one byte inside a sampled block, far from the header
+        handle.seek(32 * (size - (1 << 16)) // 64 + 5)
+        handle.write(b"\x01")
+    changed = source_fingerprint(str(folder))
+    assert changed["weights"]["model.safetensors"]["sample"] != entry["sample"]
+    assert changed["weights"]["model.safetensors"]["header"] == entry["header"] and changed["config"] == first["config"]
+    spec_ = FocusPruneArgs(cache_dir=str(tmp_path / "cache"))
+    assert cache_path(str(folder), spec_, first) != cache_path(str(folder), spec_) == cache_path(str(folder), spec_)
+    (folder / "config.json").write_text('{"model_type": "llama", "x": 1}')
+    assert source_fingerprint(str(folder))["config"] != first["config"]
+
+
+def fake_hub_cache(root, repo_id, sha, config_from=None):
+    snapshot = root / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(sha)
+    if config_from:
+        (snapshot / "config.json").write_text((config_from / "config.json").read_text())
+    return snapshot
+
+
+def test_hub_fingerprint_and_plan(tiny_pair, tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from axolotl_focus.preprocess import plan_prune, source_fingerprint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path / "hub", "org/tiny", "abc123", config_from=Path(tiny_pair["teacher"]))
+    assert source_fingerprint("org/tiny") == {"hub": "org/tiny", "revision": "abc123"}
+    s = spec(tmp_path)
+    plan, local = plan_prune("org/tiny", s), plan_prune(tiny_pair["teacher"], s)
+    assert plan["config"] == str(snapshot / "config.json") and plan["params_after"] == local["params_after"]
+    assert plan["note"] is None and not plan["cached"]
+
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus"):  # offline, not cached: a note, no error
+        missing = plan_prune("org/absent", s)
+    assert missing["config"] is None and "offline" in missing["note"] and missing["params_after"] is None
+    assert missing["fingerprint"] == {"hub": "org/absent", "revision": None} and "staleness" in caplog.text
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **k: SimpleNamespace(sha="def456"))
+    assert source_fingerprint("org/tiny") == {"hub": "org/tiny", "revision": "def456"}  # the hub's current commit
+    assert cache_path("org/tiny", s) != cache_path("org/tiny", s, {"hub": "org/tiny", "revision": "abc123"})
+
+
+@pytest.mark.parametrize("kw", [{}, {"method": "depth", "num_blocks": 1, "protected_first": 1, "protected_last": 1}])
+def test_plan_prune_is_a_dry_run(tiny_pair, tmp_path, monkeypatch, kw):
+    from pathlib import Path
+
+    from axolotl_focus.preprocess import plan_prune
+
+    def files():
+        return sorted(str(p) for root in (tmp_path, tiny_pair["teacher"]) for p in Path(root).rglob("*"))
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    s = spec(tmp_path, **kw)
+    before = files()
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    plan = plan_prune(tiny_pair["teacher"], s)
+    assert files() == before
+    monkeypatch.undo()
+    assert plan["method"] == s.method and not plan["cached"]
+    assert plan["cache_path"] == str(cache_path(tiny_pair["teacher"], s))
+    path = ensure_pruned(tiny_pair["teacher"], s)
+    report = json.loads((path / REPORT_FILE).read_text())
+    assert (plan["params_before"], plan["params_after"]) == (report["params_before"], report["params_after"])
+    assert plan["reduction"] == pytest.approx(report["achieved_reduction"])
+    assert plan["fingerprint"] == report["source_fingerprint"]
+    again = plan_prune(tiny_pair["teacher"], s)
+    assert again["cached"] and again["cache_path"] == str(path)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"attn_layers": [0, 99]}, r"focus_prune: attn_layers=\[0, 99\]"),
+    ({"method": "depth", "num_blocks": 3}, "focus_prune: num_blocks=3"),
+    ({"calibration": "/no/such/calib.jsonl"}, "focus_prune.calibration: file /no/such/calib.jsonl does not exist"),
+])
+def test_plan_prune_rejects_bad_settings(tiny_pair, tmp_path, kw, match):
+    from axolotl_focus.preprocess import plan_prune
+
+    with pytest.raises(ValueError, match=match):
+        plan_prune(tiny_pair["teacher"], spec(tmp_path, **kw))
+
+
+def test_plan_prune_does_not_read_hub_calibration_or_missing_folders(tiny_pair, tmp_path, monkeypatch):
+    from axolotl_focus.preprocess import plan_prune
+
+    def no_dataset(*a, **k):
+        raise AssertionError("a hub dataset was read")
+
+    monkeypatch.setattr("datasets.load_dataset", no_dataset)
+    plan = plan_prune(tiny_pair["teacher"], spec(tmp_path, calibration="Salesforce/wikitext"))
+    assert "Salesforce/wikitext" in plan["calibration"] and "(not read)" in plan["calibration"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        plan_prune(str(tmp_path / "nowhere"), spec(tmp_path))

@@ -1,0 +1,99 @@
+"""Where a model or dataset name points: a local path or a Hugging Face hub id, and whether it
+can be reached without loading anything.
+
+A name *looks local* when it exists, ends in a file suffix (``.jsonl``, ``.json``, ``.txt``,
+``.text``), starts with ``/``, ``./``, ``../`` or ``~``, or has more than one ``/`` (a hub id is
+``name`` or ``namespace/name``). Everything else is taken as a hub id. ``resolve_model`` says,
+for a model, which of these it is and where its ``config.json`` is (the folder, or the local hub
+cache), and raises a ``ValueError`` naming the config field when a local model is missing. The hub
+is offline when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".text")
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` names a local file or folder rather than a hub id."""
+    return (
+        os.path.exists(name)
+        or name.endswith(LOCAL_SUFFIXES)
+        or name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+    )
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cached_hub_file(repo_id: str, filename: str = "config.json") -> str | None:
+    """The path of ``filename`` of a hub model in the local hub cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # not a valid repo id
+        return None
+    return found if isinstance(found, str) else None
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A resolved model name: ``kind`` is ``local``, ``hub-cache`` (its config.json is in the
+    local hub cache), ``hub`` (online, found on the hub) or ``unchecked`` (a hub id that cannot be
+    checked offline); ``config`` is the readable config.json, when there is one."""
+
+    name: str
+    kind: str
+    config: str | None = None
+    note: str = ""
+
+    @property
+    def readable(self) -> bool:
+        """Whether tokenizer and config files can be read without the network."""
+        return self.kind in ("local", "hub-cache")
+
+    @property
+    def folder(self) -> str:
+        """What ``from_pretrained`` takes to read it offline: the folder (local or cache snapshot)."""
+        return self.name if self.kind == "local" else os.path.dirname(self.config or "")
+
+
+def resolve_model(name: str, field: str, *, check_online: bool = True) -> ModelLocation:
+    """Resolve a model name given in config field ``field`` without loading weights.
+
+    Raises ``ValueError`` (``field: ...``) for a local-looking path that is not a model folder,
+    and for a hub id the hub says does not exist. Offline, a hub id that is not in the local
+    cache is ``unchecked``."""
+    if looks_local(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise ValueError(f"{field}: {name} does not exist (a local model folder is expected here)")
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"{field}: {name} has no config.json (not a Hugging Face model folder)")
+        return ModelLocation(path, "local", config)
+    cached = cached_hub_file(name)
+    if cached:
+        return ModelLocation(name, "hub-cache", cached, "hub id, config in the local hub cache")
+    if hub_offline() or not check_online:
+        return ModelLocation(name, "unchecked", None,
+                             "hub id, not in the local hub cache; not checked (the hub is offline)")
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(name, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - gated, missing, unreachable: say which
+        kind = type(exc).__name__
+        if kind in ("RepositoryNotFoundError", "HFValidationError"):
+            raise ValueError(f"{field}: {name} is neither a local folder nor a model on the hub") from None
+        return ModelLocation(name, "unchecked", None, f"hub id; the hub could not be asked ({kind})")
+    return ModelLocation(name, "hub", None, f"hub id, revision {str(info.sha)[:12]}")
