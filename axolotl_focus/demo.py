@@ -1410,7 +1410,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where pruning, mining, evaluation and axolotl train run (default %(default)s)")
     parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
                         help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of calibration, mining and training (micro model: also "
+                        "the teacher and Table 1); evaluation seeds are fixed per condition (default 0)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
     parser.add_argument("--jobs", type=_positive_int, default=None,

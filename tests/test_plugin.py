@@ -92,7 +92,8 @@ def test_cli_validate(tiny_pair, tmp_path, plugin_manager, capsys):
     path.write_text(yaml.safe_dump(tiny_config(tiny_pair, tmp_path)))
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "focus_beta: 15.0" in out
+    assert ": valid - dry check" in out and "CE x1.0 + FOCUS x0.05 (tau 2.0, beta 15.0, gamma 1.0)" in out
+    assert f"teacher      {tiny_pair['teacher']} (focus_source_model recorded by" in out
 
 
 def test_pre_model_load_checks_vocab_before_weights(tiny_pair, tmp_path):

@@ -1,0 +1,395 @@
+"""Checks before any work: what `axolotl-focus validate` reports, and what `axolotl train` runs
+first (in the plugin's ``register`` hook, before axolotl validates, prunes, tokenizes or loads).
+
+:func:`check_config` loads no weights and writes nothing. It reads the YAML (with the line of
+every key, so errors say ``config.yml:LINE: key: ...``) and checks, collecting every problem:
+
+- the plugin's keys: an unknown top-level ``focus_*`` key, or an unknown key inside
+  ``focus_prune:`` / ``focus_aux_losses:``, is an error that suggests the nearest valid key
+  (axolotl drops keys no schema declares, so a typo would silently train with the default);
+  values against :class:`axolotl_focus.config.FocusArgs`;
+- ``base_model``, the teacher (``focus_teacher_model``, else the ``focus_prune`` source, else the
+  ``focus_source_model`` a pruned ``base_model`` records) and the pruning source: a local path
+  must be a model folder, a hub id must exist when the hub can be asked (offline and not in the
+  local hub cache: said so, and ``axolotl train`` stops there, since it could not load it);
+- teacher vs student vocabulary, from tokenizer files and configs only;
+- ``focus_prune:`` against the model's config (layer ranges, GQA groups, the parameter cut it
+  reaches) and whether the pruned checkpoint is cached (keyed by the source's weights);
+- the rows of local RePAIR pair files (``type: axolotl_focus.repair``) and of local DPO pair files
+  (``rl: dpo`` datasets without a ``type``): ``file:line`` of the first bad row, or a missing file;
+- ``validate`` only: axolotl's own schema with the plugin merged (GPU capability checks only where
+  a GPU is present: they run again at ``axolotl train`` on the training machine).
+
+It returns an :class:`Account`: the errors, and what ``train`` would do (student, teacher,
+pruning cache hit or miss, loss terms, datasets).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from .config import FocusArgs, FocusAuxLosses, FocusPruneArgs, source_model_of
+from .locations import ModelLocation, looks_local, resolve_model
+
+PLUGIN = "axolotl_focus.FocusPlugin"
+REPAIR_TYPE = "axolotl_focus.repair"
+_NESTED = {"focus_prune": FocusPruneArgs, "focus_aux_losses": FocusAuxLosses}
+
+
+@dataclass
+class Account:
+    """What a config would do, and what is wrong with it."""
+
+    config: str
+    errors: list[str] = field(default_factory=list)
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (topic, what train would do)
+
+    def error(self, key: str, message: str, where: Mapping[str, int] | None = None) -> None:
+        where = where or {}
+        head = key.split(".")[0]
+        line = where.get(key) or where.get(head) or where.get(head.split("[")[0])
+        prefix = f"{self.config}:{line}: " if line else (f"{self.config}: " if self.config else "")
+        self.errors.append(f"{prefix}{key}: {message}")
+
+    def say(self, topic: str, text: str) -> None:
+        self.lines.append((topic, text))
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise ValueError("; ".join(self.errors))
+
+    def render(self) -> str:
+        head = f"{self.config}: " + (f"INVALID ({len(self.errors)} problem{'s' * (len(self.errors) > 1)})"
+                                     if self.errors else "valid")
+        out = [head + " - dry check: no weights loaded, nothing written"]
+        out += [f"  error: {e}" for e in self.errors]
+        out += [f"  {topic:<12} {text}" for topic, text in self.lines]
+        return "\n".join(out)
+
+
+def nearest(name: str, known) -> str:
+    """`did you mean X?` for the closest known name, or a list of the known names."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+
+
+def key_lines(path: str) -> dict[str, int]:
+    """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)."""
+    with open(path, encoding="utf-8") as handle:
+        root = yaml.compose(handle)
+    lines: dict[str, int] = {}
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            lines[str(key.value)] = key.start_mark.line + 1
+            if isinstance(value, yaml.MappingNode):
+                for sub, _ in value.value:
+                    lines[f"{key.value}.{sub.value}"] = sub.start_mark.line + 1
+            elif isinstance(value, yaml.SequenceNode):
+                for i, item in enumerate(value.value):
+                    lines[f"{key.value}[{i}]"] = item.start_mark.line + 1
+    return lines
+
+
+def read_config(path: str) -> tuple[dict, dict[str, int]]:
+    """The YAML mapping of ``path`` and its key lines; ``ValueError`` naming file:line otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            cfg = yaml.safe_load(handle)
+        lines = key_lines(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ValueError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(cfg).__name__}")
+    return cfg, lines
+
+
+def validation_messages(exc, prefix: str = "") -> list[tuple[str, str]]:
+    """``(key, message)`` per pydantic error; unknown keys get the nearest valid one."""
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([prefix] * bool(prefix) + loc) or prefix or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = ".".join(([prefix] * bool(prefix) + loc)[:-1])
+            model = _NESTED.get(parent) or _NESTED.get(parent.split(".")[0])
+            if model is not None and parent in _NESTED:
+                msg = f"unknown key; {nearest(loc[-1], model.model_fields)}"
+            else:
+                msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        out.append((key, msg))
+    return out
+
+
+def _unknown_focus_keys(cfg: Mapping, account: Account, lines) -> None:
+    known = FocusArgs.model_fields
+    for key in cfg:
+        if isinstance(key, str) and key.startswith("focus_") and key not in known:
+            account.error(key, f"unknown axolotl_focus key; {nearest(key, known)}", lines)
+
+
+def _focus_args(cfg: Mapping, account: Account, lines) -> FocusArgs | None:
+    from pydantic import ValidationError
+
+    keys = set(FocusArgs.model_fields) | {"base_model", "rl", "datasets", "sample_packing",
+                                          "liger_fused_linear_cross_entropy", "cut_cross_entropy",
+                                          "chunked_cross_entropy"}
+    data = {k: v for k, v in cfg.items() if k in keys}
+    if data.get("focus_prune") and not data.get("focus_teacher_model"):  # as apply_to_config sets it
+        data["focus_teacher_model"] = data.get("base_model")
+    try:
+        return FocusArgs.model_validate(data)
+    except ValidationError as exc:
+        for key, msg in validation_messages(exc):
+            if key == "config":  # a model-level check: its message starts with the key
+                key, _, msg = msg.partition(": ")
+            account.error(key, msg, lines)
+    return None
+
+
+def _resolve(name: str, key: str, account: Account, lines, train: bool) -> ModelLocation | None:
+    try:
+        where = resolve_model(str(name), key)
+    except ValueError as exc:
+        account.error(key, str(exc).removeprefix(f"{key}: "), lines)
+        return None
+    if where.kind == "unchecked" and train:
+        account.error(key, f"{name}: {where.note}, so it cannot be loaded; download it first or unset "
+                      "HF_HUB_OFFLINE", lines)
+    return where
+
+
+def _teacher_name(cfg: Mapping, args: FocusArgs | None) -> tuple[str | None, str]:
+    """The teacher and where it comes from (None: no teacher needed)."""
+    if cfg.get("rl") and cfg.get("focus_dpo_reference", "teacher") == "student":
+        return None, "DPO reference = the initial student; no teacher"
+    if not cfg.get("rl") and (cfg.get("focus_distill") or "focus") == "none":
+        return None, "focus_distill: none; no teacher"
+    if cfg.get("focus_teacher_model"):
+        return cfg["focus_teacher_model"], "focus_teacher_model"
+    if cfg.get("focus_prune") and cfg.get("base_model"):
+        return cfg["base_model"], "the unpruned source of focus_prune"
+    recorded = source_model_of(cfg.get("base_model"))  # None: FocusArgs' validation says what to set
+    return recorded, f"focus_source_model recorded by {cfg.get('base_model')}"
+
+
+def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines, train: bool) -> None:
+    from pydantic import ValidationError
+
+    base = cfg.get("base_model")
+    if not base:
+        account.error("base_model", "is required", lines)
+        return
+    student = _resolve(base, "base_model", account, lines, train)
+    block = cfg.get("focus_prune")
+    if block and not cfg.get("focus_pruned_from") and student is not None:
+        try:
+            spec = FocusPruneArgs.model_validate(block)
+        except ValidationError as exc:
+            for key, msg in validation_messages(exc, "focus_prune"):
+                account.error(key, msg, lines)
+        else:
+            _plan(base, spec, account, lines)
+    teacher, origin = _teacher_name(cfg, args)
+    if teacher is None:
+        if not origin.startswith("focus_source_model"):
+            account.say("teacher", origin)
+        return
+    key = "focus_teacher_model"
+    teacher_at = _resolve(teacher, key, account, lines, train)
+    if teacher_at is None:
+        if origin.startswith("focus_source_model"):
+            account.errors[-1] += (f" (recorded as focus_source_model by base_model {base}: moved? set "
+                                   "focus_teacher_model to the unpruned model)")
+        return
+    account.say("teacher", f"{teacher} ({origin}; {teacher_at.note or teacher_at.kind})")
+    if student is None:
+        return
+    if not (student.readable and teacher_at.readable):
+        account.say("vocabulary", "not checked (a model's files are not readable offline)")
+        return
+    from .teacher import check_teacher_before_loading
+
+    tokenizer = cfg.get("tokenizer_config")
+    try:
+        check_teacher_before_loading(student.folder, tokenizer if tokenizer and tokenizer != base else None,
+                                     teacher_at.folder)
+    except (ValueError, OSError) as exc:
+        account.error(key, str(exc).removeprefix(f"{key}: "), lines)
+    else:
+        account.say("vocabulary", "teacher and student share one tokenizer and vocabulary size")
+
+
+def _plan(source: str, spec: FocusPruneArgs, account: Account, lines) -> None:
+    from .preprocess import plan_prune
+
+    try:
+        plan = plan_prune(source, spec)
+    except ValueError as exc:
+        message = str(exc).removeprefix("focus_prune: ")
+        first = re.match(r"[\w.]+", message)
+        key = first.group(0).removeprefix("focus_prune.") if first else ""
+        if key in spec.model_fields:
+            account.error(f"focus_prune.{key}", message.removeprefix(f"focus_prune.{key}: ").removeprefix(f"{key}: "),
+                          lines)
+        else:
+            account.error("focus_prune", message, lines)
+        return
+    what = f"{spec.method} pruning of {source}"
+    if plan.get("params_after"):
+        what += (f": {plan['params_before']:,} -> {plan['params_after']:,} parameters "
+                 f"(-{plan['reduction']:.1%})")
+    elif plan.get("note"):
+        what += f" ({plan['note']})"
+    cache = "cache hit, reused" if plan["cached"] else "cache miss: `axolotl train` prunes it first"
+    account.say("student", f"{what}; {cache} ({plan['cache_path']})")
+
+
+def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
+    from .repair import check_pair_file
+
+    skip = bool(cfg.get("focus_repair_skip_bad_rows"))
+    for i, ds in enumerate(cfg.get("datasets") or []):
+        key = f"datasets[{i}]"
+        if not isinstance(ds, Mapping) or not ds.get("path"):
+            continue
+        path, kind = str(ds["path"]), ds.get("type")
+        pairs = kind == REPAIR_TYPE or (cfg.get("rl") == "dpo" and not kind)
+        label = "RePAIR pairs" if kind == REPAIR_TYPE else "DPO pairs" if pairs else f"type {kind}"
+        if not looks_local(path):
+            account.say("dataset", f"[{i}] {path} ({label}): hub dataset, loaded by axolotl")
+            continue
+        if not os.path.exists(path):
+            hint = " (mine it first: axolotl-focus pairs)" if pairs else ""
+            account.error(f"{key}.path", f"{path} does not exist{hint}", lines)
+            continue
+        if pairs and os.path.isfile(path) and path.endswith(".jsonl"):
+            try:
+                bad = check_pair_file(path, skip)
+            except ValueError as exc:
+                account.error(f"{key}.path", str(exc), lines)
+                continue
+            rows = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+            account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked" + (f", {bad} bad ones skipped"
+                                                                                      if bad else ""))
+        else:
+            account.say("dataset", f"[{i}] {path} ({label}): local, loaded by axolotl")
+
+
+def _loss(cfg: Mapping, args: FocusArgs) -> str:
+    if cfg.get("rl"):
+        return f"{cfg['rl']} (axolotl/TRL) on the pairs, reference model = {args.focus_dpo_reference}"
+    from .repair import uses_repair
+
+    terms = [f"CE x{args.focus_ce_alpha}"]
+    if args.focus_distill == "focus":
+        terms.append(f"FOCUS x{args.focus_alpha} (tau {args.focus_temperature}, beta {args.focus_beta}, "
+                     f"gamma {args.focus_gamma})")
+    elif args.focus_distill == "kd":
+        terms.append(f"KD x{args.focus_alpha} (T {args.focus_temperature})")
+    if uses_repair(cfg):
+        terms.append(f"RePAIR x{args.focus_repair_alpha} (margin {args.focus_repair_margin})")
+    aux = args.focus_aux_losses
+    for name in FocusAuxLosses.model_fields:
+        term = getattr(aux, name, None) if aux else None
+        if term is not None:
+            terms.append(f"{name} {term.model_dump(by_alias=True)}")
+    return " + ".join(terms)
+
+
+def check_config(cfg: Mapping, path: str = "", *, train: bool, lines: Mapping[str, int] | None = None) -> Account:
+    """Every check of the module docstring that needs no weights, on a raw config mapping.
+
+    ``train``: as run by ``axolotl train`` (a hub model that cannot be loaded offline is an error,
+    not a note; axolotl validates its own schema afterwards). Returns the :class:`Account`."""
+    account = Account(path)
+    lines = lines or {}
+    if PLUGIN not in (cfg.get("plugins") or []) and not train:
+        account.error("plugins", f"does not list {PLUGIN}; the focus_* keys would be ignored", lines)
+    _unknown_focus_keys(cfg, account, lines)
+    args = _focus_args(cfg, account, lines)
+    _check_models(cfg, args, account, lines, train)
+    _dataset_files(cfg, account, lines)
+    if args is not None:
+        account.say("loss", _loss(cfg, args))
+    return account
+
+
+def axolotl_schema_errors(cfg: Mapping, lines: Mapping[str, int]) -> list[tuple[str, str]]:
+    """axolotl's own validation of the config with the plugins' schemas merged, run without the
+    plugin's pruning (``focus_prune`` is planned, not run). ``(key, message)`` per problem."""
+    import torch
+    from axolotl.integrations.base import PluginManager
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from pydantic import ValidationError
+
+    cfg = DictDefault(copy.deepcopy(dict(cfg)))
+    manager = PluginManager.get_instance()
+    for name in cfg.get("plugins") or []:
+        manager.register(name)
+        plugin = manager.plugins.get(name)
+        if plugin is not None and name != PLUGIN:
+            plugin.register(cfg)
+    if cfg.get("focus_prune") and cfg.get("base_model"):  # what apply_to_config would set
+        cfg["focus_pruned_from"] = cfg["base_model"]
+        cfg["focus_teacher_model"] = cfg.get("focus_teacher_model") or cfg["base_model"]
+    capabilities = {}
+    if torch.cuda.is_available():
+        from axolotl.cli.config import gpu_capabilities
+
+        capabilities = dict(zip(("capabilities", "env_capabilities"), gpu_capabilities()))
+    try:
+        validate_config(cfg, **capabilities)
+    except ValidationError as exc:
+        return [(key if key != "config" else "axolotl", msg) for key, msg in validation_messages(exc)]
+    except ValueError as exc:
+        return [("axolotl", str(exc))]
+    return []
+
+
+def validate_file(path: str) -> Account:
+    """`axolotl-focus validate CONFIG.yml`: :func:`check_config` plus axolotl's schema."""
+    import torch
+
+    cfg, lines = read_config(path)
+    account = check_config(cfg, path, train=False, lines=lines)
+    if PLUGIN in (cfg.get("plugins") or []):
+        for key, msg in axolotl_schema_errors(cfg, lines):
+            if not any(f": {key}: " in e for e in account.errors):  # already said by our own checks
+                account.error(key, msg, lines)
+        gpu = "" if torch.cuda.is_available() else "; GPU capability checks (bf16, flash attention) run at train time"
+        account.say("axolotl", "schema checked with the plugin merged" + gpu)
+    return account
+
+
+def check_before_training(cfg: Any) -> None:
+    """The plugin's ``register`` hook under ``axolotl train``: raise one ``ValueError`` with every
+    problem, before axolotl validates, prunes, tokenizes or loads anything."""
+    import logging
+
+    path = str(cfg.get("axolotl_config_path") or "")
+    lines = {}
+    if path and os.path.isfile(path):
+        try:
+            lines = key_lines(path)
+        except yaml.YAMLError:
+            pass
+    account = check_config(cfg, path, train=True, lines=lines)
+    account.raise_errors()
+    log = logging.getLogger(__name__)
+    for topic, text in account.lines:
+        log.info("axolotl_focus %s: %s", topic, text)
