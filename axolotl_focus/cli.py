@@ -64,29 +64,6 @@ def cmd_tiny(args) -> int:
 _PRUNE_NOT_OPTIONS = ("wait_timeout",)  # FocusPruneArgs fields without a command-line option
 
 
-def _show_package_logs():
-    """Show the package's INFO logs (the pruning summary) on stderr, like the plugin's handler does
-    under `axolotl train`; a handler already installed is kept as it is. Returns the undo."""
-    import logging
-
-    logger = logging.getLogger("axolotl_focus")
-    if logger.handlers:
-        return lambda: None
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-    def undo():
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-
-    return undo
-
-
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     """One --option per `focus_prune:` key (FocusPruneArgs), typed and described by the schema;
     None default = not given. Literals become choices, booleans --x / --no-x, layer ranges START END."""
@@ -120,7 +97,6 @@ def cmd_prune(args) -> int:
     import dataclasses
     import logging
 
-    import yaml
     from pydantic import ValidationError
 
     from .config import FocusPruneArgs
@@ -129,35 +105,30 @@ def cmd_prune(args) -> int:
     given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
     if args.config:
         if args.model or args.output:
-            print("axolotl-focus prune: --model/--output prune without a config; a CONFIG.yml prunes its "
-                  "base_model into the cache", file=sys.stderr)
-            return 2
-        try:
-            with open(args.config, encoding="utf-8") as handle:
-                cfg = yaml.safe_load(handle) or {}
-        except OSError as exc:
-            print(f"axolotl-focus prune: {exc}", file=sys.stderr)
-            return 2
+            raise ValueError("--model/--output prune without a config; a CONFIG.yml prunes its base_model into "
+                             "the cache")
+        from .preflight import read_config
+
+        cfg = read_config(args.config)[0]
         if not cfg.get("focus_prune") or not cfg.get("base_model"):
-            print(f"{args.config}: needs `base_model` and a `focus_prune:` block", file=sys.stderr)
-            return 2
+            raise ValueError(f"{args.config}: needs `base_model` and a `focus_prune:` block")
         source, block = cfg["base_model"], {**cfg["focus_prune"], **given}  # options override the block
     else:
         if not (args.model and args.output):
-            print("axolotl-focus prune: give a CONFIG.yml, or --model and --output", file=sys.stderr)
-            return 2
+            raise ValueError("give a CONFIG.yml, or --model and --output")
         source, block = args.model, given
     try:
         spec = FocusPruneArgs.model_validate(block)
     except ValidationError as exc:
         from .preflight import validation_messages
 
-        print("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune")), file=sys.stderr)
-        return 2
+        raise ValueError("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune"))) from None
     from .locations import resolve_model
 
     resolve_model(source, "base_model" if args.config else "--model")  # a missing model: one line, exit 2
-    undo = _show_package_logs()
+    from .logs import show_package_logs
+
+    undo = show_package_logs()
     try:
         if args.config:
             cached = plan_prune(source, spec)["cached"]
@@ -171,9 +142,6 @@ def cmd_prune(args) -> int:
                 logging.getLogger(__name__).info("%s", summary)
         else:
             path, report = args.output, run_prune(source, spec, args.output)
-    except (ValueError, FileExistsError) as exc:
-        print(f"axolotl-focus prune: {exc}", file=sys.stderr)
-        return 2
     finally:
         undo()
     from .pruning import requested
@@ -193,12 +161,7 @@ def cmd_pairs(args) -> int:
     logging.basicConfig(level=logging.INFO)
     fields = {f.name for f in dataclasses.fields(MiningConfig)}
     cfg = MiningConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    try:
-        cfg.validate(models=True)
-    except ValueError as exc:
-        print(f"axolotl-focus pairs: {exc}", file=sys.stderr)
-        return 2
-    summary = run_mining(cfg)
+    summary = run_mining(cfg)  # validates everything before loading a model
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 

@@ -220,9 +220,11 @@ class FocusArgs(BaseModel):
         if mode != "none" and not data.get("focus_teacher_model"):
             inferred = source_model_of(data.get("base_model"))
             if inferred is None:
+                base = data.get("base_model")
                 raise ValueError(
-                    f"focus_distill: {mode} needs a teacher, and none could be inferred from "
-                    f"base_model ({data.get('base_model')!r} records no {SOURCE_MODEL_KEY}). "
+                    f"focus_distill: {mode} needs a teacher, and none could be inferred ("
+                    + (f"base_model {base} records no {SOURCE_MODEL_KEY}). " if base else "no base_model). ")
+                    + 
                     "Add `focus_teacher_model: <hub id or path of the unpruned model>` to the "
                     "config, or set `focus_distill: none` to train with CE only."
                 )

@@ -99,7 +99,8 @@ import torch
 from .config import TRAINING_RECORD
 from .degeneration import DEFAULT_THRESHOLD, repetition_metrics, serving_degeneration
 from .losses import focus_weights
-from .mining import MiningConfig, Prompt, _continuation_text, _looks_local, encode_prompt, generate_batch, load_prompts
+from .locations import looks_local
+from .mining import MiningConfig, Prompt, _continuation_text, encode_prompt, generate_batch, load_prompts
 
 LOG = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class EvalConfig:
         if self.metrics_only and self.regenerate:
             bad("regenerate", "contradicts metrics_only")
         if errors:
-            raise ValueError("invalid EvalConfig:\n  " + "\n  ".join(errors))
+            raise ValueError("; ".join(errors))
         return self
 
 
@@ -1617,7 +1618,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"axolotl-focus eval: {err}", file=sys.stderr)
         return 2
-    missing = [p for _, p in specs if _looks_local(p) and not os.path.isdir(p)]
+    missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
     if missing:
         print(f"axolotl-focus eval: model directory not found: {', '.join(missing)}", file=sys.stderr)
         return 2

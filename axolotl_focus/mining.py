@@ -79,11 +79,24 @@ every source id with a complete line in the output or the state file is skipped,
 duplicates rows nor retries those prompts (the others of the interrupted batch are mined again),
 and a kill loses at most the batch in flight. Pairs already in the file count toward
 ``target_pairs``; mining stops once it is reached (a batch's surplus pairs are not written, and
-their prompts stay untried). Changing the sampling settings between runs is not detected (they
-are recorded in every row and in the summary's ``settings``). The seeds depend only on ``(seed,
-source_id)``, so a resumed run writes the pairs of an uninterrupted one (bit for bit when its
-batches hold the same prompts, e.g. after a kill between batches; otherwise up to the float
-rounding of a forward pass under different padding).
+their prompts stay untried). The seeds depend only on ``(seed, source_id)``, so a resumed run
+writes the pairs of an uninterrupted one (bit for bit when its batches hold the same prompts,
+e.g. after a kill between batches; otherwise up to the float rounding of a forward pass under
+different padding).
+
+``output + ".run.json"`` records what decides the pairs (:meth:`MiningConfig.run_record`: student
+and teacher names, the student's config ``vocab_size``, how prompts are read and rendered, the
+sampling settings); it is written (atomically) when the output has no rows yet. A start whose
+record differs from it while the output or its state file holds rows is refused before any
+weights are loaded, with one ``ValueError`` listing each differing setting, old and new; for
+files of older versions without the record, the settings of the first pair row (``student``,
+``teacher``, ``seed``, ``top_p``, ``temperature``, ``teacher_temperature``) are compared and the
+record is written. A rerun with the same settings resumes and leaves the record untouched. An
+``output`` whose first line is not a pairs row (a JSON object with a ``source_id``) is never
+appended to (nor removed). ``restart`` (``pairs --restart``) removes the output, its state,
+summary, record and leftover rank shards, then mines from scratch. Before any weights are
+loaded, :func:`run_mining` also requires the teacher to share the student's vocabulary
+(tokenizers and config ``vocab_size``) and the prompt source to hold at least one prompt.
 
 Several processes (``accelerate launch``): the remaining prompts are split with
 ``PartialState().split_between_processes``; rank ``i`` writes ``<output stem>.rank{i}.jsonl``
@@ -102,7 +115,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -110,6 +123,7 @@ import torch
 from transformers import StoppingCriteria
 
 from .degeneration import DEFAULT_THRESHOLD, LoopDetector, coverage
+from .locations import looks_local
 
 LOG = logging.getLogger(__name__)
 
@@ -131,7 +145,6 @@ MODES = ("open_ended", "instruction")
 TEXT_UNITS = ("paragraph", "line")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEXT_FIELDS = ("text", "prompt", "instruction")  # tried in this order when text_field is None
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".text")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,45 +152,84 @@ _LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".text")
 # --------------------------------------------------------------------------------------------
 
 
+def _opt(default: Any, text: str, **extra: Any) -> Any:
+    """A dataclass field with its ``--help`` text (and ``choices``) in the metadata (TRL style)."""
+    return field(default=default, metadata={"help": text, **extra})
+
+
 @dataclass
 class MiningConfig:
-    """Settings of a mining run (defaults: the paper's; see the module docstring)."""
+    """Settings of a mining run (defaults: the paper's; see the module docstring). Each field's
+    ``metadata["help"]`` (and ``metadata["choices"]``) is its ``axolotl-focus pairs --help`` text."""
 
-    prompts: str = ""  # local .jsonl / text file, or a hub dataset id
-    output: str = "repair_pairs.jsonl"
-    student: str | None = None  # path or hub id (run_mining only)
-    teacher: str | None = None  # default: the student's recorded focus_source_model
-    mode: str = "open_ended"  # "open_ended" | "instruction"
-    text_field: str | None = None  # None: the first of text / prompt / instruction present
-    input_field: str | None = "input"  # appended (after a blank line) when present and non-empty
-    id_field: str | None = None  # None: line number (files) or row index (hub)
-    text_unit: str = "paragraph"  # plain text files: "paragraph" (blank-line separated) | "line"
-    dataset_config: str | None = None  # hub: configuration name (e.g. wikitext-103-raw-v1)
-    split: str = "train"  # hub: split
-    max_prompts: int | None = None  # use only the first N prompts
-    prefix_tokens: int = 50  # k: open-ended prompt length in tokens
-    max_new_tokens: int = 200  # student budget (paper Table 1: 200)
-    chosen_max_new_tokens: int | None = None  # teacher budget; None: len(rejected continuation)
-    top_p: float = 0.9
-    temperature: float = 1.0
-    teacher_temperature: float | None = None  # positives' sampling temperature; None: temperature
-    seed: int = 0
-    threshold: float = DEFAULT_THRESHOLD
-    target_pairs: int = 12000  # paper: 12k pairs
-    batch_size: int = 16
-    positive_attempts: int = 3  # teacher samples per negative before the pair is dropped
-    require_rejected_degenerate: bool = True  # also need coverage(rejected) >= threshold (stricter than the paper)
-    early_stop: bool = True  # stop a student row once its loop is confirmed
-    detector_min_tokens: int = 16
-    detector_min_repeats: int = 3
-    chat_template: bool = True  # instruction mode: use the tokenizer's chat template if any
-    dtype: str = "auto"  # run_mining: model weights dtype
-    device: str | None = None  # run_mining: default the process's accelerator (or CPU)
-    trust_remote_code: bool = False
-    progress: bool = True
+    prompts: str = _opt("", "Prompt source: a local JSON-lines (.jsonl) or JSON-array (.json) file, a plain text "
+                        "file (split by --text-unit), or a Hugging Face hub dataset id (datasets.load_dataset).")
+    output: str = _opt("repair_pairs.jsonl", "Pairs file (JSON lines), appended to batch by batch and resumed on a "
+                       "rerun. Beside it: <output>.state (tried prompts without a pair), <output>.summary.json (the "
+                       "last run's counts) and <output>.run.json (the settings that decide the pairs; a rerun with "
+                       "other settings is refused, see --restart).")
+    student: str | None = _opt(None, "The pruned student (model folder or hub id): samples the looping negatives; "
+                               "its tokenizer is the one both models share.")
+    teacher: str | None = _opt(None, "The unpruned teacher (model folder or hub id) that samples the positives; it "
+                               "must share the student's vocabulary. Default: the focus_source_model recorded in "
+                               "the student's config.json.")
+    mode: str = _opt("open_ended", "open_ended: the prompt is the first --prefix-tokens tokens of each text "
+                     "(decoded and re-encoded with BOS), which the student continues; instruction: the whole text "
+                     "(plus --input-field) is one instruction, rendered with the tokenizer's chat template when it "
+                     "has one and --chat-template is on, else the raw text with BOS.", choices=MODES)
+    text_field: str | None = _opt(None, "JSON / hub rows: the field holding the prompt text. Default: the first of "
+                                  "text, prompt, instruction that the row has.")
+    input_field: str | None = _opt("input", "JSON / hub rows: a field appended to the text after a blank line when "
+                                   "the row has it non-empty (an instruction's input); empty string: none.")
+    id_field: str | None = _opt(None, "JSON / hub rows: the field holding a stable id per prompt (the resume key). "
+                                "Default: the 1-based line number (JSON lines, text files), the 0-based position "
+                                "(JSON array) or the row index (hub).")
+    text_unit: str = _opt("paragraph", "How a plain text file is split into prompts: paragraph = each run of "
+                          "non-blank lines up to the next blank line, joined with spaces; line = each non-blank "
+                          "line. Lines are stripped; the source id is the prompt's first line number.",
+                          choices=TEXT_UNITS)
+    dataset_config: str | None = _opt(None, "Hub dataset: configuration name (e.g. wikitext-103-raw-v1).")
+    split: str = _opt("train", "Hub dataset: split.")
+    max_prompts: int | None = _opt(None, "Use only the first N non-empty prompts of the source. Default: all.")
+    prefix_tokens: int = _opt(50, "open_ended mode: prompt length k in tokens (paper: 50).")
+    max_new_tokens: int = _opt(200, "The student's token budget per sample (paper: 200).")
+    chosen_max_new_tokens: int | None = _opt(None, "The teacher's token budget per positive. Default: the length of "
+                                             "the rejected continuation it replaces.")
+    top_p: float = _opt(0.9, "Nucleus (top-p) sampling of student and teacher (no top-k).")
+    temperature: float = _opt(1.0, "The student's sampling temperature.")
+    teacher_temperature: float | None = _opt(None, "The teacher's sampling temperature for the positives. Default: "
+                                             "--temperature.")
+    seed: int = _opt(0, "Run seed: with a prompt's source id it seeds the student's sample and the teacher's "
+                     "attempts, so a pair does not depend on batching, processes or resuming.")
+    threshold: float = _opt(DEFAULT_THRESHOLD, "Coverage threshold: a continuation is degenerate (loops) when the "
+                            "share of it covered by repeats is at least this.")
+    target_pairs: int = _opt(12000, "Stop once the output holds this many pairs (paper: 12000); pairs already in "
+                             "it count.")
+    batch_size: int = _opt(16, "Prompts the student samples together (and negatives the teacher continues "
+                           "together).")
+    positive_attempts: int = _opt(3, "Teacher samples per negative (each with a new seed) before the pair is "
+                                  "dropped.")
+    require_rejected_degenerate: bool = _opt(True, "Also require the rejected part (from the loop onset on) to be "
+                                             "degenerate on its own, i.e. hold two copies of the loop (stricter "
+                                             "than the paper, which tests the whole continuation only).")
+    early_stop: bool = _opt(True, "Stop a student sample as soon as its loop is confirmed (--detector-min-repeats "
+                            "clean copies) instead of generating the whole budget.")
+    detector_min_tokens: int = _opt(16, "Early stop: generated tokens needed before a loop can be confirmed.")
+    detector_min_repeats: int = _opt(3, "Early stop: consecutive copies of the repeated segment that confirm a "
+                                     "loop (>= 2).")
+    chat_template: bool = _opt(True, "instruction mode: render the prompt with the tokenizer's chat template when "
+                               "it has one (--no-chat-template: the raw text with BOS).")
+    dtype: str = _opt("auto", "Weights dtype of both models (auto: the checkpoint's).", choices=DTYPES)
+    device: str | None = _opt(None, "Device of both models. Default: this process's accelerator, else CPU.")
+    trust_remote_code: bool = _opt(False, "Allow custom model / tokenizer code shipped with the checkpoints.")
+    progress: bool = _opt(True, "Show a progress bar.")
+    restart: bool = _opt(False, "Start the output over: delete it and its .state, .summary.json, .run.json and "
+                         "leftover rank shards before mining (only when it is a pairs file). Needed to change the "
+                         "settings of an output that already holds rows.")
 
     def validate(self, *, models: bool = False, prompts: bool = True) -> "MiningConfig":
-        """Check every field; raise one ``ValueError`` naming each bad field. Loads nothing.
+        """Check every field; raise one one-line ``ValueError`` naming each bad field
+        (``field: msg (got x); field2: msg (got y)``). Loads nothing.
 
         ``prompts``: also check the prompt source (a local-looking path must exist);
         ``models``: also check that a student is given and a teacher is given or recorded.
@@ -218,19 +270,19 @@ class MiningConfig:
         if prompts:
             if not self.prompts:
                 bad("prompts", "is required (a .jsonl or text file, or a hub dataset id)")
-            elif _looks_local(self.prompts) and not os.path.isfile(self.prompts):
+            elif looks_local(self.prompts) and not os.path.isfile(self.prompts):
                 bad("prompts", "file not found")
         if models:
             if not self.student:
                 bad("student", "is required")
-            elif _looks_local(self.student) and not os.path.isdir(self.student):
+            elif looks_local(self.student) and not os.path.isdir(self.student):
                 bad("student", "model directory not found")
             if self.student and not self.teacher_path():
                 bad("teacher", "not given and the student records no focus_source_model in config.json")
-            elif self.teacher and _looks_local(self.teacher) and not os.path.isdir(self.teacher):
+            elif self.teacher and looks_local(self.teacher) and not os.path.isdir(self.teacher):
                 bad("teacher", "model directory not found")
         if errors:
-            raise ValueError("invalid MiningConfig:\n  " + "\n  ".join(errors))
+            raise ValueError("; ".join(errors))
         return self
 
     def _check_output(self, bad) -> None:
@@ -262,6 +314,16 @@ class MiningConfig:
                 "chosen_max_new_tokens": self.chosen_max_new_tokens, "threshold": self.threshold,
                 "positive_attempts": self.positive_attempts, "early_stop": self.early_stop,
                 "detector_min_tokens": self.detector_min_tokens, "detector_min_repeats": self.detector_min_repeats}
+
+    def run_record(self, student_name: str, teacher_name: str, vocab_size: int | None) -> dict[str, Any]:
+        """What decides the pairs of an output (kept in ``<output>.run.json``; a rerun that differs
+        is refused): the models (names as given / resolved; ``vocab_size`` = the student's config
+        ``vocab_size``), how prompts are read and rendered, and :meth:`sampling_settings`."""
+        return {"student": student_name, "teacher": teacher_name, "vocab_size": vocab_size,
+                **{k: getattr(self, k) for k in ("mode", "chat_template", "text_field", "input_field", "id_field",
+                                                 "text_unit", "dataset_config", "split",
+                                                 "require_rejected_degenerate")},
+                **self.sampling_settings()}
 
     def teacher_path(self) -> str | None:
         """The teacher: ``teacher`` or the ``focus_source_model`` recorded by the student."""
@@ -323,16 +385,6 @@ class MiningSummary:
                 setattr(self, f.name, getattr(self, f.name) + value)
 
 
-def _looks_local(path: str) -> bool:
-    """Whether ``path`` names a local file/folder rather than a hub id."""
-    return (
-        os.path.exists(path)
-        or path.endswith(_LOCAL_SUFFIXES)
-        or path.startswith(("/", "./", "../", "~"))
-        or path.count("/") > 1
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
@@ -375,7 +427,7 @@ def load_prompts(
     number (array: the 0-based position). Plain text: one document
     per paragraph (blank-line separated) or per line (``text_unit``), id = its first line number.
     Hub: same fields, id = ``id_field`` or the row index. Empty prompts are skipped; duplicate ids
-    raise. ``limit`` keeps the first N prompts.
+    raise, and so does a source without any prompt. ``limit`` keeps the first N prompts.
     """
     out: list[Prompt] = []
 
@@ -407,6 +459,7 @@ def load_prompts(
         for default_id, where, row in records:
             if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field)):
                 break
+        why = f"all {len(records)} rows have an empty text" if records else "no JSON rows"
     elif os.path.isfile(source):
         with open(source, encoding="utf-8") as handle:
             lines = handle.read().split("\n")
@@ -419,6 +472,7 @@ def load_prompts(
                 if add(start, " ".join(buf)):
                     break
                 start, buf = None, []
+        why = "the file holds only blank lines" if lines != [""] else "the file is empty"
     else:
         import datasets
 
@@ -427,6 +481,9 @@ def load_prompts(
             where = f"{source}[{split}][{index}]"
             if add(row_id(row, index, where), _row_prompt(row, where, text_field, input_field)):
                 break
+        why = f"split {split!r}: " + (f"all {len(data)} rows have an empty text" if len(data) else "no rows")
+    if not out:
+        raise ValueError(f"prompts: {source} holds no prompts ({why})")
     ids = [p.source_id for p in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -722,11 +779,45 @@ def _append_rows(path: str, rows: Sequence[dict]) -> None:
         os.close(fd)
 
 
+def _parse_row(line: str) -> tuple[dict | None, str]:
+    """``(row, "")`` for a line of a pairs / state file (a JSON object with a ``source_id``),
+    else ``(None, why)``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON: {err}"
+    if not isinstance(row, dict) or "source_id" not in row:
+        return None, "not a JSON object with a source_id"
+    return row, ""
+
+
 def _read_rows(path: str) -> list[dict]:
+    """The rows of a pairs / state file (none if it does not exist); a bad line raises a
+    ``ValueError`` naming ``path:line``."""
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                row, why = _parse_row(line)
+                if row is None:
+                    raise ValueError(f"output: {path}:{lineno} is not a pairs row ({why}); remove that line, "
+                                     "or pick another --output")
+                rows.append(row)
+    return rows
+
+
+def _first_line(path: str) -> tuple[int, str, bool] | None:
+    """``(line number, text, complete)`` of the first non-empty line of ``path`` (``complete``: it
+    ends with a newline, else it is a partial last line that the start truncates), or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                return lineno, line, line.endswith("\n")
+    return None
 
 
 def _state_path(output: str) -> str:
@@ -738,13 +829,23 @@ def _shard_path(output: str, rank: int) -> str:
     return f"{base}.rank{rank}.jsonl"
 
 
+def _run_path(output: str) -> str:
+    return output + ".run.json"
+
+
 def _shards(output: str) -> list[str]:
     """Shard files ``<stem>.rank<i>.jsonl`` of ``output`` present on disk."""
     folder = os.path.dirname(os.path.abspath(output))
     name = os.path.basename(output)
     stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
     pattern = re.escape(stem) + r"\.rank\d+\.jsonl"
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if re.fullmatch(pattern, n))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(os.path.join(folder, n) for n in names if re.fullmatch(pattern, n))
+
+
+def _shard_files(output: str) -> list[str]:
+    """The shards of ``output`` and their state files (those present or not)."""
+    return [path for shard in _shards(output) for path in (shard, _state_path(shard))]
 
 
 def _merge_shards(output: str, target: int) -> None:
@@ -752,7 +853,7 @@ def _merge_shards(output: str, target: int) -> None:
     shards = _shards(output)
     if not shards:
         return
-    for path in [output, _state_path(output)] + shards + [_state_path(s) for s in shards]:
+    for path in [output, _state_path(output)] + _shard_files(output):
         _repair_tail(path)
     have = {r["source_id"] for r in _read_rows(output)}
     tried = {r["source_id"] for r in _read_rows(_state_path(output))}
@@ -768,18 +869,63 @@ def _merge_shards(output: str, target: int) -> None:
                 states.append(row)
     _append_rows(output, rows)
     _append_rows(_state_path(output), states)
-    for shard in shards:
-        for path in (shard, _state_path(shard)):
-            if os.path.exists(path):
-                os.remove(path)
+    for path in _shard_files(output):
+        if os.path.exists(path):
+            os.remove(path)
     LOG.info("merged %d shard files into %s (+%d pairs)", len(shards), output, len(rows))
 
 
-def _write_summary(output: str, summary: MiningSummary) -> None:
-    tmp = output + ".summary.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(summary.to_dict(), handle, indent=2)
-    os.replace(tmp, output + ".summary.json")
+def _write_json(path: str, data: dict) -> None:
+    """Write ``path`` atomically (a temporary file, then ``os.replace``)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+_ROW_SETTINGS = ("student", "teacher", "seed", "top_p", "temperature", "teacher_temperature")  # in every pair row
+
+
+def _prepare_output(cfg: MiningConfig, record: dict, state) -> None:
+    """Before mining; every rank reads, rank 0 writes, then all wait. Refuse an ``output`` that is
+    not a pairs file, and (unless ``cfg.restart``) one whose rows were mined with settings other
+    than ``record``: the ``.run.json`` record, or for files of older versions what their first
+    pair row records. Then on rank 0: with ``restart`` remove the output's files; keep ``record``
+    in ``<output>.run.json``."""
+    output, run_path = cfg.output, _run_path(cfg.output)
+    first = _first_line(output)
+    if first and (first[2] or not first[1].startswith("{")):  # a partial "{..." line only: repaired later
+        why = _parse_row(first[1])[1]
+        if why:
+            raise ValueError(f"output: {output}:{first[0]} is not a RePAIR pairs file written by axolotl-focus pairs "
+                             f"({why}); refusing to append to it - pick another --output")
+    pair_files = [output] + _shards(output)
+    lines = {path: _first_line(path) for path in pair_files + [_state_path(path) for path in pair_files]}
+    has_rows = any(line and line[2] for line in lines.values())
+    try:
+        saved = json.loads(Path(run_path).read_text(encoding="utf-8")) if os.path.isfile(run_path) else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"output: {run_path} is not valid JSON ({err}); rerun with --restart to start "
+                         f"{output} over, or pick another --output") from None
+    stored = saved
+    if stored is None:  # written before run records: what the first pair row records
+        pair = next((_parse_row(lines[path][1])[0] for path in pair_files if lines[path] and lines[path][2]), None)
+        stored = {k: pair[k] for k in _ROW_SETTINGS if k in pair} if pair else None
+    diff = [k for k in record if k in (stored or {}) and stored[k] != record[k]]
+    if has_rows and diff and not cfg.restart:
+        was, now = (", ".join(f"{k}={r[k]}" for k in diff) for r in (stored, record))
+        raise ValueError(f"output: {output} was mined with {was} (now {now}); rerun with --restart to start it "
+                         "over, or pick another --output")
+    if state.is_main_process:
+        if cfg.restart:
+            removed = [path for path in [output, _state_path(output), output + ".summary.json", run_path]
+                       + _shard_files(output) if os.path.exists(path)]
+            for path in removed:
+                os.remove(path)
+            LOG.warning("restart: removed %s", ", ".join(removed) if removed else "nothing (no files yet)")
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        if cfg.restart or saved != record:
+            _write_json(run_path, record)
+    state.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -925,14 +1071,12 @@ def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], cfg: MiningConf
     }
 
 
-def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningConfig, path: str,
-                target: int, show: bool) -> MiningSummary:
+def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningConfig, names: tuple[str, str],
+                path: str, target: int, show: bool) -> MiningSummary:
     """Mine ``prompts`` batch by batch into ``path`` (+ its state file) until ``target`` new pairs."""
     from tqdm.auto import tqdm
 
     summary = MiningSummary(output=path)
-    teacher_name = cfg.teacher_path() if cfg.student else cfg.teacher
-    names = (_model_name(student, cfg.student), _model_name(teacher, teacher_name))
     bar = tqdm(total=len(prompts), desc="RePAIR pairs", unit="prompt", disable=not show)
     for b in range(0, len(prompts), cfg.batch_size):
         if summary.pairs_kept >= target:
@@ -966,6 +1110,10 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     ``prompts``: :class:`Prompt` objects (or plain strings, whose ids are their indices).
     Under several processes every rank calls this with the same prompts. Returns the summary
     (on rank 0: all ranks' counts), also logged and written to ``<output>.summary.json``.
+    An output that is not a pairs file, or that holds rows mined with other settings (models,
+    vocabulary size, prompt reading, sampling: :meth:`MiningConfig.run_record`, kept in
+    ``<output>.run.json``), raises ``ValueError`` before anything is written, unless
+    ``cfg.restart`` (which starts a pairs file over).
     """
     from accelerate.utils import gather_object
 
@@ -973,8 +1121,10 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     start = time.perf_counter()
     state = _partial_state()
     output = cfg.output
+    names = (_model_name(student, cfg.student),
+             _model_name(teacher, cfg.teacher_path() if cfg.student else cfg.teacher))
+    _prepare_output(cfg, cfg.run_record(*names, _config_vocab(getattr(student, "config", None))), state)
     if state.is_main_process:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         _merge_shards(output, cfg.target_pairs)  # leftovers of an interrupted multi-process run
         _repair_tail(output)
         _repair_tail(_state_path(output))
@@ -990,11 +1140,11 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
         model.eval()
 
     if state.num_processes == 1:
-        summary = _mine_local(student, teacher, tokenizer, todo, cfg, output, need, show)
+        summary = _mine_local(student, teacher, tokenizer, todo, cfg, names, output, need, show)
     else:
         shard = _shard_path(output, state.process_index)
         with state.split_between_processes(todo) as mine:
-            summary = _mine_local(student, teacher, tokenizer, list(mine), cfg, shard,
+            summary = _mine_local(student, teacher, tokenizer, list(mine), cfg, names, shard,
                                   math.ceil(need / state.num_processes), show)
         state.wait_for_everyone()
         summaries = gather_object([summary])
@@ -1012,7 +1162,7 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     summary.elapsed_s = round(time.perf_counter() - start, 3)
     summary.settings = cfg.sampling_settings()
     if state.is_main_process:
-        _write_summary(output, summary)
+        _write_json(output + ".summary.json", summary.to_dict())
         LOG.info(
             "RePAIR mining: %d prompts tried (%d skipped on resume), %.1f%% degenerate, %d pairs kept "
             "(%d in %s), %d positives rejected for looping, %d pairs dropped; student early stopping: "
@@ -1028,11 +1178,45 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     return summary
 
 
+def _config_vocab(config) -> int | None:
+    """The vocabulary size a model config records (a composite model's: its text config's); the
+    run record's ``vocab_size`` (the student's), read before loading weights and after."""
+    if config is None:
+        return None
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+
+
+def _check_vocab(cfg: MiningConfig, teacher_path: str):
+    """Student and teacher must share one vocabulary: compared from their tokenizer files and
+    configs only (no weights), with :func:`axolotl_focus.teacher.check_vocab_compat`. Returns the
+    student's tokenizer and config vocabulary size."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .teacher import check_vocab_compat
+
+    paths, kw = (cfg.student, teacher_path), dict(trust_remote_code=cfg.trust_remote_code)
+    tokenizers = [AutoTokenizer.from_pretrained(path, **kw) for path in paths]
+    sizes = [_config_vocab(AutoConfig.from_pretrained(path, **kw)) for path in paths]
+    try:
+        check_vocab_compat(*tokenizers, *sizes)
+    except ValueError as err:
+        found = re.search(r"\((.*)\)\. ", str(err))  # its list of differences
+        raise ValueError(f"teacher: {teacher_path}: does not share the student's vocabulary "
+                         f"({found.group(1) if found else err}); RePAIR feeds the student's token ids to the "
+                         "teacher, so use the model the student was pruned from (same tokenizer)") from None
+    if sizes[0] is not None and sizes[0] < len(tokenizers[0]):
+        raise ValueError(f"student: {cfg.student}: config vocab_size {sizes[0]} is below its tokenizer's "
+                         f"{len(tokenizers[0])} tokens")
+    return tokenizers[0], sizes[0]
+
+
 def run_mining(cfg: MiningConfig) -> MiningSummary:
-    """Validate ``cfg``, load the prompts, the tokenizer (the student's) and both models
-    (``AutoModelForCausalLM.from_pretrained``; teacher default: the student's recorded
-    ``focus_source_model``) onto this process's device, and call :func:`mine_pairs`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Validate ``cfg``, load the prompts (none: ``ValueError``), check before loading any weights
+    that the teacher (default: the student's recorded ``focus_source_model``) shares the student's
+    vocabulary and that ``cfg.output`` may be resumed with these settings (or, with ``restart``,
+    start it over), then load both models (``AutoModelForCausalLM.from_pretrained``) onto this
+    process's device and call :func:`mine_pairs` with the student's tokenizer."""
+    from transformers import AutoModelForCausalLM
 
     from . import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
@@ -1042,19 +1226,15 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
         text_unit=cfg.text_unit, split=cfg.split, dataset_config=cfg.dataset_config, limit=cfg.max_prompts,
     )
     teacher_path = cfg.teacher_path()
-    device = torch.device(cfg.device) if cfg.device else _partial_state().device
+    tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
+    state = _partial_state()
+    _prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
+    device = torch.device(cfg.device) if cfg.device else state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
 
     def load(path: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return model.to(device).eval()
 
     student, teacher = load(cfg.student), load(teacher_path)
-    sizes = (student.get_input_embeddings().num_embeddings, teacher.get_input_embeddings().num_embeddings)
-    if sizes[0] != sizes[1] or sizes[0] < len(tokenizer):
-        raise ValueError(
-            f"teacher: vocabulary of {teacher_path} ({sizes[1]}) does not match the student's ({sizes[0]}, "
-            f"tokenizer {len(tokenizer)}); RePAIR needs one shared tokenizer"
-        )
-    return mine_pairs(student, teacher, tokenizer, prompts, cfg)
+    return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above

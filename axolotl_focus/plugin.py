@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from axolotl.integrations.base import BasePlugin
 
 from .config import TRAINING_ARG_KEYS
+from .logs import show_package_logs
 
 
-def _show_package_logs() -> None:
-    """axolotl configures only its own loggers: show ours (pruning summary, teacher placement)."""
-    logger = logging.getLogger("axolotl_focus")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-_show_package_logs()
+show_package_logs()  # axolotl configures only its own loggers: show ours
 
 
 class FocusPlugin(BasePlugin):

@@ -40,7 +40,9 @@ from .locations import ModelLocation, looks_local, resolve_model
 
 PLUGIN = "axolotl_focus.FocusPlugin"
 REPAIR_TYPE = "axolotl_focus.repair"
-_NESTED = {"focus_prune": FocusPruneArgs, "focus_aux_losses": FocusAuxLosses}
+_NESTED = {"focus_prune": FocusPruneArgs, "focus_aux_losses": FocusAuxLosses,
+           **{f"focus_aux_losses.{name}": next(a for a in info.annotation.__args__ if a is not type(None))
+              for name, info in FocusAuxLosses.model_fields.items()}}
 
 
 @dataclass
@@ -51,10 +53,15 @@ class Account:
     errors: list[str] = field(default_factory=list)
     lines: list[tuple[str, str]] = field(default_factory=list)  # (topic, what train would do)
 
-    def error(self, key: str, message: str, where: Mapping[str, int] | None = None) -> None:
+    def error(self, key: str, message: str, where: Mapping[str, int] | None = None, line_of: str = "") -> None:
+        """Record ``file:line: key: message`` (the line of ``key``, or of ``line_of`` when the key is
+        not in the file); a message said already is not repeated."""
+        message = message.removeprefix(f"{key}: ")
+        if any(e.endswith(f"{key}: {message}") or e.endswith(f": {message}") for e in self.errors):
+            return
         where = where or {}
         head = key.split(".")[0]
-        line = where.get(key) or where.get(head) or where.get(head.split("[")[0])
+        line = where.get(key) or where.get(head) or where.get(head.split("[")[0]) or where.get(line_of)
         prefix = f"{self.config}:{line}: " if line else (f"{self.config}: " if self.config else "")
         self.errors.append(f"{prefix}{key}: {message}")
 
@@ -123,11 +130,8 @@ def validation_messages(exc, prefix: str = "") -> list[tuple[str, str]]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = ".".join(([prefix] * bool(prefix) + loc)[:-1])
-            model = _NESTED.get(parent) or _NESTED.get(parent.split(".")[0])
-            if model is not None and parent in _NESTED:
-                msg = f"unknown key; {nearest(loc[-1], model.model_fields)}"
-            else:
-                msg = "unknown key"
+            model = _NESTED.get(parent) or _NESTED.get(parent.split(".", 1)[-1])
+            msg = f"unknown key; {nearest(loc[-1], model.model_fields)}" if model else "unknown key"
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         out.append((key, msg))
@@ -209,11 +213,12 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines,
             account.say("teacher", origin)
         return
     key = "focus_teacher_model"
+    if origin.startswith("focus_source_model") and looks_local(teacher) and not os.path.isdir(teacher):
+        account.error(key, f"not set, and the focus_source_model {teacher} recorded by base_model {base} does not "
+                      "exist (moved?); set focus_teacher_model to the unpruned model", lines, line_of="base_model")
+        return
     teacher_at = _resolve(teacher, key, account, lines, train)
     if teacher_at is None:
-        if origin.startswith("focus_source_model"):
-            account.errors[-1] += (f" (recorded as focus_source_model by base_model {base}: moved? set "
-                                   "focus_teacher_model to the unpruned model)")
         return
     account.say("teacher", f"{teacher} ({origin}; {teacher_at.note or teacher_at.kind})")
     if student is None:

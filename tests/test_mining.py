@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+import re
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
 from axolotl_focus.degeneration import coverage, loop_at_tail
 from axolotl_focus.mining import (
+    DTYPES,
+    MODES,
+    TEXT_UNITS,
     MiningConfig,
     Prompt,
     RowStopper,
@@ -52,6 +56,24 @@ def _state(output) -> list[dict]:
     return _rows(output + ".state") if os.path.exists(output + ".state") else []
 
 
+def _files(folder, *, summary: bool = True) -> dict[str, bytes]:
+    """Every file of ``folder`` (name -> bytes); ``summary=False`` leaves out the summary, which
+    each run rewrites (elapsed time, this run's counts)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and (summary or not p.name.endswith(".summary.json"))}
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading model weights fails the test: what it checks happens before."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation and prompts (no models)
 # --------------------------------------------------------------------------------------------
@@ -68,6 +90,26 @@ def test_validate_names_the_field(tmp_path, field, value):
     cfg = MiningConfig(prompts=__file__, output=str(tmp_path / "out.jsonl"), **{field: value})
     with pytest.raises(ValueError, match=rf"\b{field}: "):
         cfg.validate()
+
+
+def test_validate_is_one_line(tmp_path):
+    cfg = MiningConfig(prompts=__file__, output=str(tmp_path / "o.jsonl"), threshold=0.0, batch_size=0)
+    with pytest.raises(ValueError) as err:
+        cfg.validate()
+    assert str(err.value) == "threshold: must be in (0, 1) (got 0.0); batch_size: must be an integer > 0 (got 0)"
+
+
+def test_every_option_has_help():
+    """Each field carries its --help text (TRL style metadata); the closed sets carry choices."""
+    for f in fields(MiningConfig):
+        assert len(f.metadata.get("help", "")) > 15, f.name
+    choices = {f.name: f.metadata["choices"] for f in fields(MiningConfig) if "choices" in f.metadata}
+    assert choices == {"mode": MODES, "text_unit": TEXT_UNITS, "dtype": DTYPES}
+    assert all(getattr(MiningConfig(), name) in values for name, values in choices.items())
+    assert MiningConfig().restart is False
+    from axolotl_focus.cli import build_parser
+
+    assert build_parser().parse_args(["pairs", "--restart"]).restart is True
 
 
 def test_validate_paths_before_loading_models(tmp_path):
@@ -119,6 +161,22 @@ def test_load_prompts_jsonl_and_text(tmp_path):
     text.write_text("para one\ncontinues\n\n\npara two\n")
     assert load_prompts(str(text)) == [Prompt("1", "para one continues"), Prompt("5", "para two")]
     assert [p.text for p in load_prompts(str(text), text_unit="line")] == ["para one", "continues", "para two"]
+
+
+def test_empty_prompt_source_is_an_error(micro, tmp_path, no_weights):
+    """A source without any prompt stops run_mining before any model is loaded or file written."""
+    blank, empty, rows = tmp_path / "blank.txt", tmp_path / "empty.txt", tmp_path / "rows.jsonl"
+    blank.write_text("\n   \n\n")
+    empty.write_text("")
+    rows.write_text(json.dumps({"text": ""}) + "\n\n" + json.dumps({"text": " ", "input": ""}) + "\n")
+    for path, why in ((blank, "the file holds only blank lines"), (empty, "the file is empty"),
+                      (rows, "all 2 rows have an empty text")):
+        with pytest.raises(ValueError, match=re.escape(f"prompts: {path} holds no prompts ({why})")):
+            load_prompts(str(path))
+    out = tmp_path / "out" / "pairs.jsonl"
+    with pytest.raises(ValueError, match=r"^prompts: .*blank\.txt holds no prompts \(the file holds only blank"):
+        run_mining(MiningConfig(prompts=str(blank), student=micro["student_path"], output=str(out), progress=False))
+    assert not out.parent.exists()
 
 
 def test_encode_prompt_modes(micro):
@@ -522,6 +580,119 @@ def test_leftover_shards_are_merged(micro, tmp_path):
     assert not list(tmp_path.glob("pairs.rank*"))
 
 
+def test_changed_settings_are_refused_and_restart_starts_over(micro, tmp_path, caplog):
+    """The output's .run.json records what decides its pairs: a rerun with the same settings
+    resumes and changes no file; other settings (sampling, models, prompt reading) are refused
+    with one line naming each, every file left byte-identical; --restart removes the output's
+    files (leftover shards too) and mines anew."""
+    models = (micro["student"], micro["teacher"], micro["tokenizer"], micro["prompts"][:8])
+    cfg = _cfg(tmp_path, target_pairs=2)
+    mine_pairs(*models, cfg)
+    record = json.loads((tmp_path / "pairs.jsonl.run.json").read_text())
+    assert record == cfg.run_record("student", "teacher", 384)
+    assert {k: record[k] for k in ("mode", "id_field", "temperature", "teacher_temperature")} == dict(
+        mode="open_ended", id_field=None, temperature=1.0, teacher_temperature=1.0)
+    before = _files(tmp_path, summary=False)
+    assert mine_pairs(*models, cfg).prompts_tried == 0 and _files(tmp_path, summary=False) == before
+
+    before = _files(tmp_path)
+    for change, was, now in (
+        (dict(temperature=0.7), "temperature=1.0, teacher_temperature=1.0", "temperature=0.7, teacher_temperature=0.7"),
+        (dict(student="other", teacher_temperature=1.0), "student=student", "student=other"),
+        (dict(id_field="id", max_prompts=3, target_pairs=5), "id_field=None", "id_field=id"),  # not in the record
+    ):
+        with pytest.raises(ValueError) as err:
+            mine_pairs(*models, replace(cfg, **change))
+        assert str(err.value) == (f"output: {cfg.output} was mined with {was} (now {now}); rerun with --restart "
+                                  "to start it over, or pick another --output")
+        assert _files(tmp_path) == before
+
+    (tmp_path / "pairs.rank1.jsonl").write_text(json.dumps({"source_id": "x", "temperature": 1.0}) + "\n")
+    with caplog.at_level("WARNING", logger="axolotl_focus.mining"):
+        summary = mine_pairs(*models, replace(cfg, temperature=0.7, restart=True))
+    assert "restart: removed" in caplog.text and "pairs.rank1.jsonl" in caplog.text
+    rows = _rows(cfg.output)
+    assert summary.pairs_total == len(rows) == 2 and {r["temperature"] for r in rows} == {0.7}
+    assert summary.prompts_skipped_resume == 0 and not list(tmp_path.glob("pairs.rank*"))
+    assert json.loads((tmp_path / "pairs.jsonl.run.json").read_text())["temperature"] == 0.7
+
+
+def test_output_of_an_older_version_is_checked_by_its_first_row(micro, tmp_path):
+    """Without .run.json (older versions) the settings the first pair row records are compared;
+    a start that agrees writes the record. No generation: the target is already reached."""
+    models = (micro["student"], micro["teacher"], micro["tokenizer"], micro["prompts"][:4])
+    cfg = _cfg(tmp_path, target_pairs=1)
+    row = dict(prompt="p", chosen="c", rejected="r", source_id="doc-9", student="student", teacher="teacher",
+               seed=0, top_p=0.9, temperature=1.0, teacher_temperature=1.0)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n")
+    before = _files(tmp_path)
+    message = "was mined with teacher_temperature=1.0, seed=0 (now teacher_temperature=1.5, seed=3); rerun with"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mine_pairs(*models, replace(cfg, seed=3, teacher_temperature=1.5))
+    assert _files(tmp_path) == before
+    assert mine_pairs(*models, cfg).prompts_tried == 0
+    assert json.loads((tmp_path / "pairs.jsonl.run.json").read_text()) == cfg.run_record("student", "teacher", 384)
+    assert (tmp_path / "pairs.jsonl").read_bytes() == before["pairs.jsonl"]
+
+
+@pytest.mark.parametrize("content,why", [
+    ("some notes\nmore notes\n", "invalid JSON: Expecting value: line 1 column 1 (char 0)"),
+    ('{"text": "a prompt", "id": 1}\n', "not a JSON object with a source_id"),
+    ("[1, 2]\n", "not a JSON object with a source_id"),
+    ("notes without a newline", "invalid JSON: Expecting value: line 1 column 1 (char 0)"),
+])
+def test_output_that_is_not_a_pairs_file_is_refused(micro, tmp_path, content, why):
+    """Never appended to, nor removed by --restart; the message names the file and line."""
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("\n" + content)
+    for restart in (False, True):
+        with pytest.raises(ValueError) as err:
+            mine_pairs(micro["student"], micro["teacher"], micro["tokenizer"], [], _cfg(tmp_path, restart=restart))
+        assert str(err.value) == (f"output: {out}:2 is not a RePAIR pairs file written by axolotl-focus pairs "
+                                  f"({why}); refusing to append to it - pick another --output")
+        assert _files(tmp_path) == {"pairs.jsonl": ("\n" + content).encode()}
+
+
+def test_bad_line_in_a_pairs_file_names_it(micro, tmp_path):
+    """A broken line inside a pairs file names path:line; a partial (first and last) line is
+    still the trace of a kill mid-write and is dropped."""
+    models = (micro["student"], micro["teacher"], micro["tokenizer"], [])
+    out = tmp_path / "pairs.jsonl"
+    out.write_text(json.dumps({"source_id": "a"}) + "\n{oops\n" + json.dumps({"source_id": "b"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"output: {out}:2 is not a pairs row (invalid JSON: ")):
+        mine_pairs(*models, _cfg(tmp_path))
+    out.write_text('{"prompt": "The cemetery is designed to be a pea')
+    assert mine_pairs(*models, _cfg(tmp_path)).pairs_total == 0 and out.read_text() == ""
+
+
+def test_teacher_with_another_vocabulary_fails_before_loading_weights(micro, tmp_path, no_weights):
+    """Compared from tokenizer files and configs: a teacher whose tokenizer has the student's
+    length and whose embeddings have the student's size, but other token ids, is refused before
+    any weights are loaded or any file written; so is one with another vocabulary size."""
+    from transformers import LlamaForCausalLM
+
+    from axolotl_focus.micro import build_tokenizer, corpus_documents, llama_config
+
+    out = tmp_path / "out" / "pairs.jsonl"
+    for docs, size, problem in (
+        (corpus_documents("valid")[300:600], 384, "token ids of "),
+        (corpus_documents("valid")[:300], 320, "vocabulary size / lm_head rows: student 384, teacher 320"),
+    ):
+        tok = build_tokenizer(docs, vocab_size=size)
+        assert len(tok) == size
+        folder = tmp_path / f"teacher_{size}"
+        model = LlamaForCausalLM(llama_config(tok, layers=1, hidden=16, heads=2, kv_heads=2, intermediate=32))
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        cfg = MiningConfig(prompts=micro["prompts_file"], id_field="id", student=micro["student_path"],
+                           teacher=str(folder), output=str(out), progress=False)
+        with pytest.raises(ValueError, match=re.escape(f"teacher: {folder}: does not share the student's "
+                                                       f"vocabulary ({problem}")) as err:
+            run_mining(cfg)
+        assert "\n" not in str(err.value) and "focus_distill" not in str(err.value)
+    assert not out.parent.exists()
+
+
 def test_run_mining_from_paths(micro, tmp_path):
     """Models loaded from disk; the teacher defaults to the student's recorded source model."""
     cfg = MiningConfig(prompts=micro["prompts_file"], id_field="id", max_prompts=4, student=micro["student_path"],
@@ -533,6 +704,35 @@ def test_run_mining_from_paths(micro, tmp_path):
     assert rows[0]["teacher"] == micro["teacher_path"] and rows[0]["student"] == micro["student_path"]
     assert {r["source_id"] for r in rows} <= {f"doc-{i}" for i in range(4)}
     assert os.path.isfile(cfg.output + ".summary.json")
+    record = json.loads(open(cfg.output + ".run.json").read())
+    assert record == cfg.run_record(micro["student_path"], micro["teacher_path"], 384)
+
+    # the same settings again: resumed (target reached: nothing tried), every file kept as it was
+    folder = tmp_path / "out"
+    before = _files(folder, summary=False)
+    assert run_mining(cfg).prompts_tried == 0 and _files(folder, summary=False) == before
+    # --restart starts the output over (here with another temperature)
+    summary = run_mining(replace(cfg, temperature=0.8, restart=True))
+    rows = _rows(cfg.output)
+    assert summary.pairs_total == len(rows) == 2 and {r["temperature"] for r in rows} == {0.8}
+    assert json.loads(open(cfg.output + ".run.json").read())["temperature"] == 0.8
+
+
+def test_run_mining_refuses_other_settings_before_loading_weights(micro, tmp_path, no_weights):
+    """Settings that differ from the output's record stop run_mining before any weights are
+    loaded, with one line naming every differing setting; no file changes."""
+    cfg = MiningConfig(prompts=micro["prompts_file"], id_field="id", student=micro["student_path"],
+                       output=str(tmp_path / "pairs.jsonl"), progress=False)
+    record = cfg.run_record(micro["student_path"], micro["teacher_path"], 384)
+    (tmp_path / "pairs.jsonl.run.json").write_text(json.dumps(record))
+    (tmp_path / "pairs.jsonl.state").write_text(json.dumps({"source_id": "doc-0", "status": "dropped"}) + "\n")
+    before = _files(tmp_path)
+    with pytest.raises(ValueError) as err:
+        run_mining(replace(cfg, temperature=0.7, top_p=0.95))
+    assert str(err.value) == (  # the positives' temperature follows the student's (no teacher_temperature)
+        f"output: {cfg.output} was mined with top_p=0.9, temperature=1.0, teacher_temperature=1.0 (now top_p=0.95, "
+        "temperature=0.7, teacher_temperature=0.7); rerun with --restart to start it over, or pick another --output")
+    assert _files(tmp_path) == before
 
 
 @pytest.mark.slow

@@ -1,0 +1,328 @@
+"""The bad-input suite: a table of mistakes a user makes (configs, keys, files, rows, CLI
+arguments, models), each with the exit code it must get, the words its error must contain, and
+the promise that no file changed (nothing written, nothing damaged).
+
+Every case runs in its own folder holding the inputs it names; the tiny models are shared (and
+hashed too). ``validate`` and CLI cases run ``axolotl_focus.cli.main`` in-process; ``train``
+cases run what ``axolotl train`` runs first (``axolotl.cli.config.load_cfg``: the plugin's
+``register`` hook, then axolotl's validation) and must raise before any dataset or weights are
+touched. An error is one line without a traceback (argparse's usage errors aside).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import axolotl.cli.config  # noqa: F401 - configures axolotl's log handlers on the session's stderr, not a test's
+import pytest
+import yaml
+
+from axolotl_focus.micro import build_tokenizer, corpus_documents, llama_config
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # {root}, {teacher}, {student}, ... are filled in; "train" first: load_cfg(argv[1])
+    code: int  # exit code (train: 2 means "raises ValueError")
+    words: tuple[str, ...]  # all must appear in the error (case-insensitive)
+    files: dict[str, object] = field(default_factory=dict)  # name -> text / dict (YAML) / list (JSONL)
+    setup: Callable[[Path, dict], None] | None = None
+
+
+def config(**changes) -> dict:
+    """A valid training config of the tiny student; ``changes`` set (None deletes) keys."""
+    cfg = {
+        "base_model": "{student}",
+        "plugins": ["axolotl_focus.FocusPlugin"],
+        "datasets": [{"path": "{train}", "ds_type": "json", "type": "completion"}],
+        "output_dir": "{root}/out",
+        "dataset_prepared_path": "{root}/prepared",
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "num_epochs": 1,
+        "learning_rate": 0.001,
+        "val_set_size": 0,
+    }
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+PAIR = {"prompt": "The cat", "chosen": " sat on the mat.", "rejected": " the cat the cat the cat", "source_id": "1"}
+REPAIR_DATA = [{"path": "{train}", "ds_type": "json", "type": "completion"},
+               {"path": "{root}/pairs.jsonl", "ds_type": "json", "type": "axolotl_focus.repair"}]
+DPO = dict(rl="dpo", datasets=[{"path": "{root}/pairs.jsonl", "ds_type": "json", "split": "train"}])
+PRUNE = {"ratio": 0.25, "attn_layers": [1, 3], "mlp_layers": [1, 3], "cache_dir": "{root}/cache"}
+PAIRS = ["pairs", "--student", "{student}", "--prompts", "{train}", "--output", "{root}/pairs.jsonl",
+         "--max-prompts", "2", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress", "--threads", "1"]
+
+
+def _mined(root: Path, models: dict) -> None:
+    """A finished mining run into root/pairs.jsonl (its record and state), at temperature 1."""
+    from axolotl_focus.cli import main
+
+    assert main([a.format(root=root, **models) for a in PAIRS]) == 0
+    assert (root / "pairs.jsonl.run.json").is_file()
+
+
+CASES = [
+    # --- config keys and values (validate: exit 1 and the account; train: raises in register) ---
+    Case("misspelled-key", ["validate", "{root}/c.yml"], 1, ("c.yml:15", "focus_temprature", "did you mean focus_temperature"),
+         {"c.yml": config(focus_temprature=3.0)}),
+    Case("misspelled-key-train", ["train", "{root}/c.yml"], 2, ("focus_temprature", "did you mean focus_temperature"),
+         {"c.yml": config(focus_temprature=3.0)}),
+    Case("misspelled-prune-key", ["validate", "{root}/c.yml"], 1, ("focus_prune.ratoi", "did you mean ratio"),
+         {"c.yml": config(focus_prune={"ratoi": 0.3})}),
+    Case("misspelled-aux-term", ["validate", "{root}/c.yml"], 1, ("focus_aux_losses", "unknown", "unlikelyhood"),
+         {"c.yml": config(focus_aux_losses=["unlikelyhood"])}),
+    Case("aux-setting-unknown", ["validate", "{root}/c.yml"], 1, ("focus_aux_losses.unlikelihood.alfa", "unknown key"),
+         {"c.yml": config(focus_aux_losses={"unlikelihood": {"alfa": 1}})}),
+    Case("negative-alpha", ["validate", "{root}/c.yml"], 1, ("focus_alpha", "greater than or equal to 0", "-1"),
+         {"c.yml": config(focus_alpha=-1)}),
+    Case("distill-mode", ["validate", "{root}/c.yml"], 1, ("focus_distill", "kld"),
+         {"c.yml": config(focus_distill="kld")}),
+    Case("plugin-missing", ["validate", "{root}/c.yml"], 1, ("plugins", "axolotl_focus.FocusPlugin"),
+         {"c.yml": config(plugins=None)}),
+    Case("packing-with-pairs", ["validate", "{root}/c.yml"], 1, ("sample_packing", "one pair per row"),
+         {"c.yml": config(sample_packing=True, datasets=REPAIR_DATA), "pairs.jsonl": [PAIR]}),
+    Case("liger-loss", ["validate", "{root}/c.yml"], 1, ("liger_fused_linear_cross_entropy", "remove the key"),
+         {"c.yml": config(liger_fused_linear_cross_entropy=True)}),
+    Case("axolotl-schema", ["validate", "{root}/c.yml"], 1, ("micro_batch_size", "integer"),
+         {"c.yml": config(micro_batch_size="four")}),
+    Case("config-missing", ["validate", "{root}/nope.yml"], 2, ("nope.yml", "no such config file")),
+    Case("config-not-yaml", ["validate", "{root}/c.yml"], 2, ("c.yml:4", "not valid YAML"),
+         {"c.yml": "base_model: x\nplugins:\n  - a\n - b\n"}),
+    Case("config-a-list", ["validate", "{root}/c.yml"], 2, ("c.yml", "expected a mapping"), {"c.yml": "- a\n- b\n"}),
+    # --- models: teacher, student, recorded source, vocabulary ---
+    Case("teacher-missing", ["validate", "{root}/c.yml"], 1, ("focus_teacher_model", "/nonexistent/teacher", "does not exist"),
+         {"c.yml": config(focus_teacher_model="/nonexistent/teacher")}),
+    Case("teacher-missing-train", ["train", "{root}/c.yml"], 2, ("focus_teacher_model", "does not exist"),
+         {"c.yml": config(focus_teacher_model="/nonexistent/teacher")}),
+    Case("teacher-offline-hub", ["train", "{root}/c.yml"], 2, ("focus_teacher_model", "offline"),
+         {"c.yml": config(focus_teacher_model="no-such-org/no-such-model")}),
+    Case("source-moved", ["validate", "{root}/c.yml"], 1, ("focus_teacher_model", "focus_source_model", "moved"),
+         {"c.yml": config(base_model="{moved}")}),
+    Case("no-teacher", ["validate", "{root}/c.yml"], 1, ("focus_distill", "needs a teacher", "focus_teacher_model"),
+         {"c.yml": config(base_model="{teacher}")}),
+    Case("teacher-vocab", ["validate", "{root}/c.yml"], 1, ("focus_teacher_model", "vocabulary", "tokenizer length"),
+         {"c.yml": config(focus_teacher_model="{other}")}),
+    Case("teacher-vocab-train", ["train", "{root}/c.yml"], 2, ("focus_teacher_model", "vocabulary"),
+         {"c.yml": config(focus_teacher_model="{other}")}),
+    Case("student-missing", ["validate", "{root}/c.yml"], 1, ("base_model", "does not exist"),
+         {"c.yml": config(base_model="./no/such/student")}),
+    # --- pair files (RePAIR and DPO) ---
+    Case("pair-row-field", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:2", "missing field 'chosen'"),
+         {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {"prompt": "a", "rejected": " b"}]}),
+    Case("pair-invalid-json", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:3", "invalid JSON"),
+         {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": json.dumps(PAIR) + "\n\n{oops\n"}),
+    Case("pair-invalid-json-train", ["train", "{root}/c.yml"], 2, ("pairs.jsonl:3", "invalid JSON"),
+         {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": json.dumps(PAIR) + "\n\n{oops\n"}),
+    Case("pair-file-missing", ["validate", "{root}/c.yml"], 1, ("datasets[1].path", "does not exist", "axolotl-focus pairs"),
+         {"c.yml": config(datasets=REPAIR_DATA)}),
+    Case("dpo-row", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:1", "empty rejected"),
+         {"c.yml": config(**DPO), "pairs.jsonl": [{**PAIR, "rejected": "  "}]}),
+    # --- focus_prune settings against the model ---
+    Case("prune-layer-range", ["validate", "{root}/c.yml"], 1, ("focus_prune.attn_layers", "layers"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "attn_layers": [3, 1]})}),
+    Case("prune-ratio", ["validate", "{root}/c.yml"], 1, ("focus_prune.ratio", "less than 1"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "ratio": 1.5})}),
+    Case("prune-depth-blocks", ["validate", "{root}/c.yml"], 1, ("focus_prune", "block"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={"method": "depth", "num_blocks": 40,
+                                                             "cache_dir": "{root}/cache"})}),
+    Case("prune-calibration", ["validate", "{root}/c.yml"], 1, ("focus_prune.calibration", "missing.txt", "does not exist"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "calibration": "{root}/missing.txt"})}),
+    Case("prune-no-base-model", ["validate", "{root}/c.yml"], 1, ("base_model", "required"),
+         {"c.yml": config(base_model=None, focus_prune=PRUNE)}),
+    # --- axolotl-focus prune ---
+    Case("prune-model-missing", ["prune", "--model", "/no/such/model", "--output", "{root}/p"], 2,
+         ("--model", "/no/such/model", "does not exist")),
+    Case("prune-nothing", ["prune"], 2, ("give a CONFIG.yml", "--model")),
+    Case("prune-ratio-cli", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--ratio", "1.5"], 2,
+         ("focus_prune.ratio", "less than 1")),
+    Case("prune-output-exists", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "1", "3",
+                                 "--mlp-layers", "1", "3"], 2, ("exists already",), {"p/keep.txt": "mine"}),
+    Case("prune-config-without-block", ["prune", "{root}/c.yml"], 2, ("focus_prune",), {"c.yml": config()}),
+    Case("prune-layers-cli", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "3", "1"], 2,
+         ("attn_layers", "layers")),
+    # --- axolotl-focus pairs ---
+    Case("pairs-prompts-missing", [*PAIRS[:4], "{root}/none.jsonl", *PAIRS[5:]], 2, ("prompts", "file not found")),
+    Case("pairs-prompts-empty", [*PAIRS[:4], "{root}/empty.txt", *PAIRS[5:]], 2, ("prompts", "no prompts"),
+         {"empty.txt": "\n\n   \n"}),
+    Case("pairs-prompts-bad-json", [*PAIRS[:4], "{root}/p.jsonl", *PAIRS[5:]], 2, ("p.jsonl:2", "not valid JSON"),
+         {"p.jsonl": '{"text": "a b c"}\n{"text": \n'}),
+    Case("pairs-teacher-vocab", [*PAIRS, "--teacher", "{other}"], 2, ("teacher", "vocabulary")),
+    Case("pairs-output-not-pairs", PAIRS, 2, ("pairs.jsonl:1", "not a RePAIR pairs file"),
+         {"pairs.jsonl": '{"text": "my notes"}\n'}),
+    Case("pairs-other-settings", [*PAIRS, "--temperature", "0.5"], 2, ("temperature", "--restart"), setup=_mined),
+    Case("pairs-other-student", [*PAIRS[:2], "{teacher}", *PAIRS[3:], "--teacher", "{teacher}"], 2,
+         ("student", "--restart"), setup=_mined),
+    Case("pairs-top-p", [*PAIRS, "--top-p", "0"], 2, ("top_p", "(0, 1]")),
+    Case("pairs-mode", [*PAIRS, "--mode", "chat"], 2, ("--mode", "invalid choice")),
+    Case("pairs-student-missing", [*PAIRS[:2], "{root}/nobody", *PAIRS[3:]], 2, ("student", "not found")),
+    Case("pairs-threads", [*PAIRS[:-1], "0"], 2, ("--threads", "at least 1")),
+    # --- axolotl-focus eval / tiny / demo ---
+    Case("eval-name-only", ["eval", "m=", "--output-dir", "{root}/e"], 2, ("m=", "NAME=PATH")),
+    Case("eval-path-only", ["eval", "={student}", "--output-dir", "{root}/e"], 2, ("NAME=PATH",)),
+    Case("eval-model-missing", ["eval", "a={root}/nope", "--output-dir", "{root}/e"], 2, ("not found", "nope")),
+    Case("eval-top-p", ["eval", "{student}", "--top-p", "2", "--output-dir", "{root}/e"], 2, ("top_p",)),
+    Case("tiny-steps", ["tiny", "--out", "{root}/t", "--steps", "0"], 2, ("--steps", "at least 1")),
+    Case("demo-preset", ["demo", "--preset", "huge", "--out", "{root}/d"], 2, ("--preset", "invalid choice")),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pair, tmp_path_factory):
+    """The tiny teacher / student, a teacher with another vocabulary, a student whose recorded
+    source was moved away."""
+    root = tmp_path_factory.mktemp("bad-models")
+    other = root / "other-teacher"
+    tokenizer = build_tokenizer(corpus_documents("valid")[:100], vocab_size=300)
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(llama_config(tokenizer, layers=2)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    moved = root / "moved-student"
+    shutil.copytree(tiny_pair["student"], moved)
+    config_file = moved / "config.json"
+    data = json.loads(config_file.read_text())
+    data["focus_source_model"] = str(root / "teacher-that-was-moved")
+    config_file.write_text(json.dumps(data))
+    return {"teacher": tiny_pair["teacher"], "student": tiny_pair["student"], "train": tiny_pair["train"],
+            "other": str(other), "moved": str(moved)}
+
+
+def _fill(value, names: dict):
+    if isinstance(value, str):
+        return re.sub(r"\{(\w+)\}", lambda m: names.get(m.group(1), m.group(0)), value)
+    if isinstance(value, list):
+        return [_fill(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, names) for k, v in value.items()}
+    return value
+
+
+def _write(root: Path, files: dict, names: dict) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = _fill(content, names)
+        if isinstance(content, dict):
+            content = yaml.safe_dump(content, sort_keys=False)
+        elif isinstance(content, list):
+            content = "".join(json.dumps(row) + "\n" for row in content)
+        path.write_text(content, encoding="utf-8")
+
+
+def snapshot(*folders) -> dict[str, str]:
+    """sha256 of every file under the folders (the state that must not change)."""
+    out = {}
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                out[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
+def run_case(case: Case, argv: list[str]) -> tuple[int, str]:
+    """(exit code, error text) of a CLI or train case."""
+    if argv[0] == "train":
+        from axolotl.cli.config import load_cfg
+
+        try:
+            load_cfg(argv[1])
+        except ValueError as exc:
+            return 2, str(exc)
+        return 0, ""
+    from axolotl_focus.cli import main
+
+    try:
+        return main(argv), ""
+    except SystemExit as exc:  # argparse
+        return int(exc.code or 0), ""
+
+
+def test_the_suite_is_large_enough():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, models, tmp_path, capsys, plugin_manager, one_thread):
+    names = {**models, "root": str(tmp_path)}
+    _write(tmp_path, case.files, names)
+    if case.setup:
+        case.setup(tmp_path, models)
+    capsys.readouterr()
+    before = snapshot(tmp_path, *(models[k] for k in ("teacher", "student", "other", "moved")))
+    code, raised = run_case(case, [_fill(a, names) for a in case.argv])
+    captured = capsys.readouterr()
+    text = raised or captured.err + captured.out
+    assert code == case.code, text
+    if os.environ.get("BAD_INPUTS_DUMP"):  # read the messages: BAD_INPUTS_DUMP=file pytest tests/test_bad_inputs.py
+        with open(os.environ["BAD_INPUTS_DUMP"], "a", encoding="utf-8") as handle:
+            handle.write(f"## {case.id} (exit {code})\n{text.strip()}\n\n")
+    assert "Traceback" not in text
+    for word in case.words:
+        assert word.lower() in text.lower(), (word, text)
+    if case.argv[0] not in ("validate", "train"):
+        # the error is one line (argparse: its `error:` line after the usage)
+        mark = "error:" if text.startswith("usage:") else case.words[0]
+        line = next(line for line in text.splitlines() if mark.lower() in line.lower())
+        assert all(w.lower() in line.lower() for w in case.words), (line, text)
+    assert snapshot(tmp_path, *(models[k] for k in ("teacher", "student", "other", "moved"))) == before
+
+
+def test_validate_loads_no_weights_and_writes_nothing(models, tmp_path, capsys, plugin_manager, monkeypatch):
+    """Finding 1: validate of a `focus_prune:` config plans the pruning (cache miss, parameter cut)
+    without loading the model, scoring, pruning or writing the cache."""
+    import transformers
+
+    from axolotl_focus.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("validate loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    names = {**models, "root": str(tmp_path)}
+    _write(tmp_path, {"c.yml": config(base_model="{teacher}", focus_prune=PRUNE)}, names)
+    before = snapshot(tmp_path)
+    assert main(["validate", str(tmp_path / "c.yml")]) == 0
+    out = capsys.readouterr().out
+    assert "valid - dry check" in out and "cache miss" in out and "parameters (-" in out, out
+    assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+def test_every_option_of_every_command_is_described():
+    """Finding 9: `--help` of every command describes each option (choices and defaults are shown
+    by argparse / stated in the text)."""
+    from axolotl_focus.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"validate", "model", "tiny", "prune", "pairs", "eval", "demo"} <= set(commands)
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    from axolotl_focus.cli import main
+
+    assert main(["prune", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["--debug", "prune", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p")])
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["prune", "--debug", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p")])
