@@ -179,3 +179,25 @@ def test_every_recipe_trains_a_few_steps(recipe_env, tmp_path):
             assert any("loss/ditto" in log for log in steps) and any("loss/ce" in log for log in steps), recipe
         if recipe.stem == "dpo":
             assert "rewards/chosen" in logged, (recipe, sorted(logged))
+
+
+def test_every_recipe_validates_offline_as_shipped(tmp_path, monkeypatch, plugin_manager, capsys):
+    """`axolotl-focus validate` on each recipe file itself (hub models, offline): a clear account,
+    no weights, nothing written; the only problem reported is a pairs file not mined yet."""
+    from axolotl_focus.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("AXOLOTL_FOCUS_CACHE", str(tmp_path / "cache"))
+    before = sorted(p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts)
+    for recipe in RECIPES:  # the training configs (prune.yml is read by `axolotl-focus prune`)
+        plugin_manager.plugins.clear()
+        code = main(["validate", str(recipe.relative_to(ROOT))])
+        out = capsys.readouterr().out
+        errors = [line for line in out.splitlines() if line.startswith("  error: ")]
+        pairs = "pairs/" in recipe.read_text()
+        assert code == (1 if pairs else 0), out
+        assert all("does not exist (mine it first: axolotl-focus pairs)" in e for e in errors), out
+        assert "cache miss" in out and "the hub is offline" in out, out
+        assert "  loss " in out, out
+    assert not (tmp_path / "cache").exists()
+    assert sorted(p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts) == before
