@@ -18,6 +18,21 @@ Per valid token t (label != -100, already shifted), with ``q = softmax(z_teacher
 Gradient with respect to the student logits (paper, appendix A, scaled by the temperature):
 ``d/dz = tau * (Z p - w q)`` with ``Z = sum_v w(v) q(v)``; for KD ``w = 1`` and ``Z = 1``.
 
+Sparse teacher (:class:`SparseTeacher`, e.g. from a teacher-logit cache): instead of its hidden
+states and lm_head, the teacher can be given per valid token as k distinct ids K with their
+``log q`` (at the training tau) and ``log r``, r the teacher mass outside K. The objective is then
+the *bucketed* divergence, K kept individually and all other tokens one bucket T:
+
+``tau^2 * [sum_{v in K} w(v) q(v) log(q(v) / p(v)) + w_T r log(r / p_T)]``, ``p_T = sum_{v in T} p(v)``
+
+with gradient ``tau * (Z p(u) - w(u) q(u) [u in K] - w_T r p(u) / p_T [u in T])``,
+``Z = sum_K w q + w_T r``. KD has ``w = w_T = 1``; FOCUS takes ``w_T = 1``, an approximation of the
+tail tokens' own weights ``q^beta + (1 - q)^gamma``, ``~ 1 - gamma q`` for small q (for a top-k K,
+every tail q <= min_K q). By the log-sum inequality the bucketed KD is <= the full KD. With k = V
+(T empty, ``log r = -inf``) both equal the dense objective above (same q). :func:`reference_ce_distill_sparse`
+is the dense oracle; :func:`fused_ce_distill` takes ``teacher=SparseTeacher(...)`` in the same
+chunk loop (the chunk's rows sliced, ``log p_T`` a log-sum-exp over T, never ``1 - sum_K p``).
+
 Both functions return *sums* over valid tokens; the trainer divides by the number of valid tokens
 of the whole optimizer step (``num_items_in_batch``) so that gradient accumulation and data
 parallelism normalize exactly.
@@ -67,6 +82,68 @@ class LossSums:
     ce: torch.Tensor
     distill: torch.Tensor
     tokens: int
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTeacher:
+    """The teacher as its top-k tokens per valid position instead of hidden states + lm_head.
+
+    Row n belongs to the n-th valid token (label != -100) in the order the fused pass gets its
+    rows, i.e. row-major over ``[batch, time]`` of the shifted labels (``hidden[labels != -100]``).
+
+    * ``ids`` ``[N, k]`` integer: the k distinct token ids kept (e.g. the teacher's top-k).
+    * ``logq`` ``[N, k]`` float: ``log softmax(z_teacher / tau)`` at those ids, at the training
+      temperature tau.
+    * ``log_tail`` ``[N]`` float: log of the teacher mass outside the k ids (-inf when none).
+    * ``temperature``: the tau ``logq`` was computed at, checked against the loss's when given.
+    """
+
+    ids: torch.Tensor
+    logq: torch.Tensor
+    log_tail: torch.Tensor
+    temperature: float | None = None
+
+    def rows(self, start: int, end: int, device: torch.device | None = None) -> SparseTeacher:
+        """Rows ``start:end`` (views; copied to ``device`` when given)."""
+        part = (self.ids[start:end], self.logq[start:end], self.log_tail[start:end])
+        if device is not None:
+            part = tuple(x.to(device, non_blocking=True) for x in part)
+        return SparseTeacher(*part, temperature=self.temperature)
+
+    def validate(self, n_tokens: int, vocab: int, mass_tol: float = 1e-3) -> None:
+        """Raise ValueError, naming the field, unless this is a sparse teacher of ``n_tokens``
+        positions over ``vocab`` tokens whose kept and tail masses sum to 1 (within ``mass_tol``
+        in log space)."""
+        ids, logq, log_tail = self.ids, self.logq, self.log_tail
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"sparse teacher ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 2 or ids.shape[0] != n_tokens or not 1 <= ids.shape[1] <= vocab:
+            raise ValueError(f"sparse teacher ids must be [{n_tokens}, k] with 1 <= k <= {vocab}, "
+                             f"got {list(ids.shape)}")
+        for name, x, shape in (("logq", logq, ids.shape), ("log_tail", log_tail, (n_tokens,))):
+            if not x.dtype.is_floating_point:
+                raise ValueError(f"sparse teacher {name} must be a float tensor, got {x.dtype}")
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"sparse teacher {name} must be {list(shape)}, got {list(x.shape)}")
+            if x.device != ids.device:
+                raise ValueError(f"sparse teacher {name} is on {x.device}, ids on {ids.device}")
+            if torch.isnan(x).any() or (x > mass_tol).any():
+                raise ValueError(f"sparse teacher {name} must be log-probabilities (<= 0, no NaN)")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"sparse teacher temperature must be > 0, got {self.temperature}")
+        if n_tokens == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"sparse teacher ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
+        ordered = ids.sort(1).values
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise ValueError("sparse teacher ids must be distinct within each row")
+        if ids.shape[1] == vocab and torch.isfinite(log_tail).any():
+            raise ValueError("sparse teacher log_tail must be -inf where k = vocab (no tail tokens)")
+        mass = torch.logsumexp(torch.cat([logq.double(), log_tail.double().unsqueeze(1)], 1), 1)
+        if (mass.abs() > mass_tol).any():
+            raise ValueError(f"sparse teacher logq and log_tail: masses must sum to 1, log of the sum off by up "
+                             f"to {float(mass.abs().max()):.3g}")
 
 
 AUX_TERMS = ("ul", "scalegrad", "tailr")  # order of the aux sums returned by the fused pass
@@ -187,6 +264,64 @@ def reference_ce_distill(
     if spec.mode == "none" or teacher_logits is None:
         return ce, zs.new_zeros(())
     return ce, reference_distill_per_token(zs, teacher_logits[valid], spec).sum()
+
+
+def sparse_teacher_from_logits(teacher_logits: torch.Tensor, k: int, temperature: float) -> SparseTeacher:
+    """:class:`SparseTeacher` of the top-k tokens of ``teacher_logits`` ``[N, V]`` at ``temperature``
+    (fp32, float64 for float64 logits); ``log_tail`` is the exact log-sum-exp of the rest. Memory
+    ``O(N x V)``: call it per chunk of rows."""
+    z = teacher_logits.double() if teacher_logits.dtype == torch.float64 else teacher_logits.float()
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    logq, ids = log_q.topk(k, dim=-1)
+    log_tail = log_q.scatter(1, ids, float("-inf")).logsumexp(-1)
+    return SparseTeacher(ids, logq, log_tail, float(temperature))
+
+
+def reference_sparse_distill_per_token(
+    student_logits: torch.Tensor, sparse: SparseTeacher, spec: DistillSpec
+) -> torch.Tensor:
+    """Dense per-token bucketed FOCUS or KD term against a sparse teacher, ``[N]``, differentiable
+    w.r.t. the student logits (fp32, float64 for float64 logits): the kept ids individually, the
+    other tokens as one bucket of teacher mass ``r = exp(log_tail)`` and weight 1."""
+    tau = spec.temperature
+    zs = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
+    log_p = torch.log_softmax(zs / tau, dim=-1)
+    ids = sparse.ids.long()
+    log_q = sparse.logq.to(zs.dtype)
+    q = log_q.exp()
+    weighted_q = q * focus_weights(q, spec.beta, spec.gamma) if spec.mode == "focus" else q
+    # clamp: a zero mass (log = -inf) contributes 0, never NaN
+    per_token = (weighted_q * (log_q.clamp(min=-1e30) - log_p.gather(1, ids))).sum(-1)
+    if ids.shape[1] < log_p.shape[1]:  # non-empty tail bucket
+        log_p_tail = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
+        log_tail = sparse.log_tail.to(zs.dtype)
+        per_token = per_token + log_tail.exp() * (log_tail.clamp(min=-1e30) - log_p_tail)
+    return tau**2 * per_token
+
+
+def reference_ce_distill_sparse(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    sparse: SparseTeacher | None,
+    spec: DistillSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference_ce_distill` against a sparse teacher: dense ``(ce_sum, distill_sum)`` over
+    tokens whose label is not -100; ``sparse`` has one row per such token, in order."""
+    valid = labels != IGNORE_INDEX
+    zs = student_logits[valid]
+    zs = zs if zs.dtype == torch.float64 else zs.float()
+    ce = torch.nn.functional.cross_entropy(zs, labels[valid], reduction="sum")
+    if spec.mode == "none" or sparse is None:
+        return ce, zs.new_zeros(())
+    sparse.validate(zs.shape[0], zs.shape[1])
+    _check_temperature(sparse, spec)
+    return ce, reference_sparse_distill_per_token(zs, sparse, spec).sum()
+
+
+def _check_temperature(sparse: SparseTeacher, spec: DistillSpec) -> None:
+    if sparse.temperature is not None and not math.isclose(sparse.temperature, spec.temperature, rel_tol=1e-6):
+        raise ValueError(f"sparse teacher temperature {sparse.temperature} differs from the loss's "
+                         f"{spec.temperature}: its logq are log softmax(z / tau) at the training tau")
 
 
 def reference_seen_mask(labels: torch.Tensor, sequence: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -367,9 +502,42 @@ def _aux_block(p: torch.Tensor, t: torch.Tensor, nll: torch.Tensor, aux: _AuxChu
         p.scatter_add_(1, ids, extra)
 
 
+def _sparse_distill_block(grad: torch.Tensor, log_p: torch.Tensor, p: torch.Tensor, teacher: SparseTeacher,
+                          buf: torch.Tensor, spec: DistillSpec, s: float, flush: bool) -> torch.Tensor:
+    """Bucketed distillation term of one row block against a sparse teacher; adds its gradient
+    (times ``s = tau * distill_scale``) into ``grad`` and returns the block's sum (without tau^2).
+
+    ``log_p``/``p``: the student's tempered log-probabilities/probabilities ``[r, V]``; ``buf``: a
+    ``[r, V]`` scratch. With K the kept ids, T the rest, ``r = exp(log_tail)``, ``wq = w q`` on K:
+    ``D = sum_K wq (log q - log p) + r (log r - log p_T)``, gradient
+    ``s (Z p - wq on K - r p / p_T on T)``, ``Z = sum_K wq + r``. ``log p_T`` is a log-sum-exp over
+    T: ``log p_T = m + log S``, ``m`` the maximum of ``log p`` over T, ``buf = exp(log p - m)`` on T
+    (0 on K) and ``S = sum buf >= 1``, so ``p_u / p_T = buf_u / S``: no ``1 - sum_K p`` cancellation,
+    no overflow, and a finite ``log p_T`` however small ``p_T`` is.
+    """
+    ids = teacher.ids.long()
+    log_q = teacher.logq.to(log_p.dtype).clamp(min=_EXP_FLOOR if flush else -1e30)  # q = 0: no NaN
+    q = _exp_(log_q.clone(), flush)
+    wq = q * focus_weights(q, spec.beta, spec.gamma) if spec.mode == "focus" else q
+    total = torch.linalg.vecdot(wq, log_q - log_p.gather(1, ids)).sum()
+    z_norm = wq.sum(-1, keepdim=True)
+    if ids.shape[1] < log_p.shape[1]:  # the tail bucket T is not empty
+        log_tail = teacher.log_tail.to(log_p.dtype).unsqueeze(1)
+        tail = log_tail.exp()
+        masked = buf.copy_(log_p).scatter_(1, ids, float("-inf"))
+        top = masked.amax(-1, keepdim=True)
+        tail_sum = _exp_(masked.sub_(top), flush).sum(-1, keepdim=True)  # >= 1: the max gives exp(0)
+        total += (tail * (log_tail.clamp(min=-1e30) - top - tail_sum.log())).sum()
+        z_norm = z_norm + tail
+        grad.addcmul_(masked, tail / tail_sum, value=-s)  # r p_u / p_T on T, 0 on K
+    grad.addcmul_(p, z_norm, value=s)
+    grad.scatter_add_(1, ids, wq.mul(-s))
+    return total
+
+
 def _chunk_loss_and_grad(
     zs: torch.Tensor,
-    zt: torch.Tensor | None,
+    zt: torch.Tensor | SparseTeacher | None,
     target: torch.Tensor,
     spec: DistillSpec,
     ce_scale: float,
@@ -390,7 +558,8 @@ def _chunk_loss_and_grad(
     ``log p = log_softmax(zs / tau)``, ``wq = w q`` (``= q`` for KD), ``D = tau^2 sum wq (log q - log p)``;
     gradient ``ce_scale (softmax(zs) - onehot) + distill_scale * tau (Z p - wq)``, ``Z = sum wq``.
     With ``aux``, the baseline terms change the CE part of the gradient (:func:`_aux_block`) and
-    add their sums into ``aux.sums``.
+    add their sums into ``aux.sums``. A :class:`SparseTeacher` ``zt`` (this chunk's rows) replaces
+    the teacher logits: the distillation term is then :func:`_sparse_distill_block`'s.
     """
     c, vocab = zs.shape
     if block_rows is None:
@@ -433,6 +602,9 @@ def _chunk_loss_and_grad(
             grad[torch.arange(r, device=x.device), t] -= ce_scale
         if not distill:
             continue
+        if isinstance(zt, SparseTeacher):
+            distill_sum += _sparse_distill_block(grad, log_p, p, zt.rows(i, j), q, spec, s, flush)
+            continue
         log_q = _log_softmax_(zt[i:j].div_(tau))
         # -inf teacher logits: q = 0 contributes 0, never NaN (with flush, every log q below the
         # floor has q = 0 exactly, so its log ratio is multiplied by 0 as well)
@@ -474,7 +646,7 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor, lo
 class _FusedCEDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, target, spec, ce_scale, distill_scale, chunk_size,
-                aux=None, seen=None, ul_scale=0.0):
+                aux=None, seen=None, ul_scale=0.0, sparse=None):
         n, vocab = h_s.shape[0], w_s.shape[0]
         dev = h_s.device
         grad_h = torch.zeros(h_s.shape, dtype=h_s.dtype, device=dev) if h_s.requires_grad else None
@@ -492,7 +664,8 @@ class _FusedCEDistill(torch.autograd.Function):
             low_dtype = w_t.dtype
         low = torch.empty((c, vocab), dtype=low_dtype, device=dev) if low_dtype is not None else None
         block_rows = min(_block_rows(vocab, dev), c)
-        scratch = torch.empty((4, block_rows, vocab), dtype=torch.float32, device=dev) if h_t is not None else None
+        distill = h_t is not None or sparse is not None
+        scratch = torch.empty((4, block_rows, vocab), dtype=torch.float32, device=dev) if distill else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             m = end - start
@@ -503,6 +676,8 @@ class _FusedCEDistill(torch.autograd.Function):
             if h_t is not None:
                 zt = zt_buf[:m]
                 _logits_into(zt, h_t[start:end], w_t, low)
+            elif sparse is not None:
+                zt = sparse.rows(start, end, dev)
             chunk_aux = None
             if aux is not None:
                 ids, seen_c = seen.chunk(start, end) if aux.needs_seen else (None, None)
@@ -543,7 +718,7 @@ class _FusedCEDistill(torch.autograd.Function):
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.head_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_ce_distill(
@@ -556,6 +731,8 @@ def fused_ce_distill(
     ce_scale: float = 1.0,
     distill_scale: float = 1.0,
     chunk_size: int = 1024,
+    *,
+    teacher: SparseTeacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ce_scale * CE_sum + distill_scale * D_sum`` over the given (valid) token rows.
 
@@ -564,11 +741,13 @@ def fused_ce_distill(
         student_head: ``[V, H]`` student lm_head weight (may or may not require grad).
         teacher_hidden / teacher_head: the teacher's counterparts (no grad), or None for CE only.
         targets: ``[N]`` next-token ids.
+        teacher: a :class:`SparseTeacher` of the N rows instead of teacher_hidden / teacher_head
+            (both None then): the bucketed objective of "Sparse teacher" in the module docstring.
     Returns ``(total, ce_sum, distill_sum)``; only ``total`` is differentiable, the sums are
     detached fp32 scalars for logging.
     """
     total, sums = fused_ce_distill_aux(student_hidden, student_head, teacher_hidden, teacher_head, targets,
-                                       spec, ce_scale, distill_scale, chunk_size)
+                                       spec, ce_scale, distill_scale, chunk_size, teacher=teacher)
     return total, sums["ce"], sums["distill"]
 
 
@@ -585,6 +764,8 @@ def fused_ce_distill_aux(
     aux: AuxSpec | None = None,
     sequence: torch.Tensor | None = None,
     aux_scale: float = 1.0,
+    *,
+    teacher: SparseTeacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fused_ce_distill` with the baseline terms of ``aux`` in the same pass.
 
@@ -594,6 +775,7 @@ def fused_ce_distill_aux(
     sequence) delimits the "earlier targets" of UL and ScaleGrad. Returns the differentiable total
     and detached sums: ``ce`` (plain NLL, always), ``distill``, and ``ul`` / ``scalegrad`` /
     ``tailr`` for the configured terms. With ``aux=None`` this is exactly :func:`fused_ce_distill`.
+    ``teacher``: a :class:`SparseTeacher` in place of teacher_hidden / teacher_head, as there.
     """
     seen = None
     if aux is not None and aux.needs_seen:
@@ -601,6 +783,13 @@ def fused_ce_distill_aux(
             sequence = torch.zeros_like(targets)
         seen = seen_tokens(targets, sequence)
     ul_scale = float(aux.unlikelihood or 0.0) * aux_scale if aux is not None else 0.0
+    if teacher is not None:
+        if teacher_hidden is not None or teacher_head is not None:
+            raise ValueError("give the teacher either as teacher_hidden/teacher_head or as a sparse teacher, not both")
+        teacher.validate(student_hidden.shape[0], student_head.shape[0])
+        _check_temperature(teacher, spec)
+        if spec.mode == "none":
+            teacher = None
     if teacher_hidden is None or spec.mode == "none":
         teacher_hidden = teacher_head = None
     elif teacher_head.shape[0] != student_head.shape[0]:
@@ -610,7 +799,7 @@ def fused_ce_distill_aux(
         )
     total, ce, distill, aux_sums = _FusedCEDistill.apply(
         student_hidden, student_head, teacher_hidden, teacher_head, targets, spec,
-        float(ce_scale), float(distill_scale), int(chunk_size), aux, seen, ul_scale,
+        float(ce_scale), float(distill_scale), int(chunk_size), aux, seen, ul_scale, teacher,
     )
     sums = {"ce": ce, "distill": distill}
     if aux is not None:
