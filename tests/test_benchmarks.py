@@ -83,3 +83,36 @@ def test_real_model_speed_quick(tmp_path):
     assert b["stops"].get("loop", 0) > 0 and b["tokens"] == padded["tokens"] == one["tokens"]
     assert padded["rows_equal_to_batched"] == one["rows_equal_to_batched"] == r["mining"]["prompts"]
     assert r["ratios"]["mining row-steps computed/padded"] == b["row_steps"] / b["padded_row_steps"]
+
+
+def test_teacher_cache_fidelity_quick(tmp_path):
+    """The top-k teacher-cache fidelity benchmark at its tiny size (a micro LLaMA, vocabulary 384,
+    width-pruned by run_prune; k = 4, 16, 64 and V): the bucketed KD loss, its gradient and the
+    covered teacher mass all approach the full-vocabulary values as k grows, the bucketed KD is never
+    above the full KD (log-sum inequality), and k = V reproduces the full objectives."""
+    path = tmp_path / "fidelity.json"
+    out = bench("teacher_cache_fidelity.py", "--quick", "--threads", "1", "--json", str(path))
+    r = json.loads(path.read_text())
+    h = r["header"]
+    assert h["quick"] and h["positions"] == 512 and h["vocab"] == 384 and h["ks"] == [4, 16, 64, 384]
+    assert h["pruning"]["method"] == "width" and h["pruning"]["params_after"] < h["pruning"]["params_before"]
+    assert "## Fidelity of the bucketed loss" in out and "| KD | 64 |" in out
+    rows = {(f["mode"], f["k"]): f for f in r["fidelity"]}
+    kd = [rows[("kd", k)] for k in h["ks"]]
+    for small, large in zip(kd, kd[1:]):
+        assert large["loss_rel_err"] < small["loss_rel_err"] and large["grad_rel_err"] < small["grad_rel_err"]
+        assert large["grad_cosine"] > small["grad_cosine"] and large["loss_k"] > small["loss_k"]
+    assert all(f["bucketed_le_full_tokens"] == 1.0 and f["loss_k"] <= f["loss_full"] * (1 + 1e-6) for f in kd)
+    assert kd[0]["loss_rel_err"] > 0.1  # k = 4 of 384 tokens is a real approximation
+    for mode in ("focus", "kd"):
+        exact = rows[(mode, 384)]
+        assert exact["loss_rel_err"] < 1e-6 and exact["token_rel_err_p95"] < 1e-4, exact
+        assert exact["grad_rel_err"] < 1e-5 and exact["grad_cosine"] > 1 - 1e-6, exact
+        assert rows[(mode, 4)]["grad_rel_err"] > 100 * exact["grad_rel_err"] + 1e-3
+    cover = r["coverage"]
+    for small, large in zip(cover, cover[1:]):
+        assert large["tau2_mean"] > small["tau2_mean"] and large["tau1_mean"] > small["tau1_mean"]
+    assert all(c["tau1_mean"] >= c["tau2_mean"] and c["tau2_p5"] <= c["tau2_mean"] for c in cover)
+    assert abs(cover[-1]["tau2_mean"] - 1) < 1e-6 and abs(cover[-1]["tau1_p5"] - 1) < 1e-6
+    assert [(c["k"], c["int32_fp32_fp32"], c["int32_fp16_fp32"]) for c in r["cache_sizes"]] == \
+        [(k, 8 * k + 4, 6 * k + 4) for k in h["ks"]]
