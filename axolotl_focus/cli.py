@@ -8,6 +8,7 @@
     axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
     axolotl-focus eval NAME=PATH [NAME=PATH ...]  the paper's metrics, tables and plots
     axolotl-focus demo [--out DIR] [--quick] [--force]  the whole pipeline offline on the real model
+    axolotl-focus teacher-cache CONFIG.yml --output DIR [--k 32]  precompute the teacher's top-k (FOCUS/KD)
 
 An error caused by the input (a bad option, file, row or model) is one line naming the field,
 file:line or path, exit status 2; ``--debug`` shows the traceback instead.
@@ -178,6 +179,13 @@ def cmd_demo(args) -> int:
     return run_demo_cli(args)
 
 
+def cmd_teacher_cache(args) -> int:
+    _offline_env()
+    from .teacher_cache import run_teacher_cache_cli
+
+    return run_teacher_cache_cli(args)
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     """One --option per dataclass field, described by its ``metadata["help"]`` (and
     ``metadata["choices"]``); None default = not given; booleans as --x / --no-x."""
@@ -198,7 +206,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag, **options)
 
 
-THREADED = ("model", "prune", "pairs", "eval")  # long commands with --threads (demo has its own)
+THREADED = ("model", "prune", "pairs", "eval", "teacher-cache")  # long commands with --threads (demo has its own)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +259,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "pairs, axolotl fine-tuning (CE/KD/FOCUS/RePAIR/DPO), evaluation, report")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("teacher-cache", help="precompute the teacher's top-k distribution at every trained position "
+                       "of a config's training data, for FOCUS/KD without the teacher in training",
+                       description="Tokenize the config's datasets as `axolotl train` does (sample_packing: false; "
+                       "RePAIR pair rows skipped), run the teacher once over the SFT sequences and store, per trained "
+                       "position, the top-k ids, their log-probabilities at the temperature and the log of the "
+                       "remaining mass (8k + 4 bytes per position). Resumable: a rerun with the same settings keeps "
+                       "the shards already written. Format: axolotl_focus/teacher_cache.py.")
+    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
+    p.add_argument("--output", required=True, help="the cache folder (created; resumed when it holds an unfinished "
+                   "cache of the same settings)")
+    p.add_argument("--k", type=_threads_type, default=32, help="teacher tokens kept per position (default: 32)")
+    p.add_argument("--teacher", default=None, help="teacher path or hub id (default: the config's "
+                   "focus_teacher_model, as the plugin resolves it)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature tau (default: the "
+                   "config's focus_temperature, 2.0)")
+    p.add_argument("--batch-size", type=_threads_type, default=8, help="sequences per teacher forward (default: 8)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="teacher compute dtype "
+                   "(default: the config's focus_teacher_dtype; auto = the training dtype)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where the teacher runs (default: cuda "
+                   "when available, else cpu)")
+    p.add_argument("--shard-size", type=_threads_type, default=None, help="sequences per shard folder, the unit of "
+                   "resuming (default: the existing cache's, else 1024)")
+    p.add_argument("--restart", action="store_true", help="delete an existing teacher cache in --output and build "
+                   "it again (a folder that is not a teacher cache is never deleted)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_teacher_cache)
     for name, command in sub.choices.items():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error (default: one line, exit 2)")

@@ -82,7 +82,7 @@ def test_long_commands_take_a_thread_count():
     from axolotl_focus.cli import THREADED, build_parser, set_threads
 
     for command in THREADED:
-        extra = {"prune": [], "pairs": [], "eval": ["a=b"], "model": []}[command]
+        extra = {"prune": [], "pairs": [], "eval": ["a=b"], "model": [], "teacher-cache": ["cfg.yml", "--output", "x"]}[command]
         assert build_parser().parse_args([command, *extra, "--threads", "3"]).threads == 3
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, *extra, "--threads", "0"])
