@@ -175,6 +175,13 @@ class FocusArgs(BaseModel):
     focus_teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Teacher weights dtype; 'auto' = the training dtype."
     )
+    focus_teacher_cache: str | None = Field(
+        default=None,
+        description="Folder of a precomputed teacher-logit cache (built by `axolotl-focus teacher-cache CONFIG "
+        "--output DIR --k 32` from the same data and tokenizer): FOCUS / KD read the teacher's top-k "
+        "distribution from it and no teacher model is loaded. Needs sample_packing: false and "
+        "eval_sample_packing: false; not with rl or focus_distill: none.",
+    )
     focus_alpha: float = Field(default=0.05, ge=0, description="alpha_1: weight of the distillation term.")
     focus_ce_alpha: float = Field(default=1.0, ge=0, description="Weight of the CE term.")
     focus_temperature: float = Field(default=2.0, gt=0, description="tau (FOCUS) / T (KD).")
@@ -217,7 +224,10 @@ class FocusArgs(BaseModel):
             mode = "none"  # preference training with the student as reference needs no teacher
         if mode not in DISTILL_MODES:
             raise ValueError(f"focus_distill: must be one of {list(DISTILL_MODES)}, got {mode!r}")
-        if mode != "none" and not data.get("focus_teacher_model"):
+        cached = bool(data.get("focus_teacher_cache"))
+        if cached:
+            _check_teacher_cache_use(data, mode)
+        if mode != "none" and not cached and not data.get("focus_teacher_model"):
             inferred = source_model_of(data.get("base_model"))
             if inferred is None:
                 base = data.get("base_model")
@@ -245,6 +255,26 @@ class FocusArgs(BaseModel):
         return data
 
 
+def _check_teacher_cache_use(data: dict, mode: str) -> None:
+    """``focus_teacher_cache`` is read by FocusTrainer's FOCUS / KD term on unpacked rows only."""
+    if data.get("rl"):
+        raise ValueError(f"focus_teacher_cache: rl: {data['rl']} trains with axolotl's preference trainer, which "
+                         "does not read the teacher cache (DPO's reference model is a loaded model); remove "
+                         "focus_teacher_cache")
+    if mode == "none":
+        raise ValueError("focus_teacher_cache: set, but focus_distill: none uses no teacher; remove "
+                         "focus_teacher_cache or set focus_distill: focus / kd")
+    for key in ("sample_packing", "eval_sample_packing"):
+        if data.get(key):
+            raise ValueError(f"{key}: true packs several sequences into one row, which is not a sequence of the "
+                             f"teacher cache (focus_teacher_cache); set {key}: false")
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        value = data.get(key)
+        if isinstance(value, int) and value > 1:
+            raise ValueError(f"{key}: {data[key]} splits sequences across ranks, which the teacher cache "
+                             "(focus_teacher_cache) does not support; remove it or focus_teacher_cache")
+
+
 @dataclass
 class FocusTrainingArgsMixin:
     """The ``focus_*`` values as they reach the trainer through ``TrainingArguments``."""
@@ -252,6 +282,8 @@ class FocusTrainingArgsMixin:
     focus_distill: str = "focus"
     focus_teacher_model: str | None = None
     focus_teacher_dtype: str = "auto"
+    # a teacher-logit cache folder: FOCUS / KD read the teacher from it, no teacher model is loaded
+    focus_teacher_cache: str | None = None
     focus_alpha: float = 0.05
     focus_ce_alpha: float = 1.0
     focus_temperature: float = 2.0

@@ -41,8 +41,9 @@ class FocusPlugin(BasePlugin):
         return args
 
     def pre_model_load(self, cfg) -> None:
-        # fail on a teacher/student vocabulary mismatch before any weights are loaded
-        if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl:
+        # fail on a teacher/student vocabulary mismatch before any weights are loaded; with
+        # focus_teacher_cache no teacher is loaded (the trainer checks the cache's vocabulary)
+        if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl and not cfg.focus_teacher_cache:
             from .teacher import check_teacher_before_loading
 
             check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)

@@ -13,6 +13,10 @@ every key, so errors say ``config.yml:LINE: key: ...``) and checks, collecting e
   must be a model folder, a hub id must exist when the hub can be asked (offline and not in the
   local hub cache: said so, and ``axolotl train`` stops there, since it could not load it);
 - teacher vs student vocabulary, from tokenizer files and configs only;
+- ``focus_teacher_cache`` (instead of the teacher): the folder is a complete teacher cache
+  (``cache.json`` and its shard folders; no shard is read), built at ``focus_temperature`` for the
+  student's vocabulary size and tokenizer (its digest, the tokenizer loaded as axolotl loads it);
+  no teacher is resolved then, and packing, ``rl`` and ``focus_distill: none`` are refused with it;
 - ``focus_prune:`` against the model's config (layer ranges, GQA groups, the parameter cut it
   reaches) and whether the pruned checkpoint is cached (keyed by the source's weights);
 - the rows of local RePAIR pair files (``type: axolotl_focus.repair``) and of local DPO pair files
@@ -20,8 +24,8 @@ every key, so errors say ``config.yml:LINE: key: ...``) and checks, collecting e
 - ``validate`` only: axolotl's own schema with the plugin merged (GPU capability checks only where
   a GPU is present: they run again at ``axolotl train`` on the training machine).
 
-It returns an :class:`Account`: the errors, and what ``train`` would do (student, teacher,
-pruning cache hit or miss, loss terms, datasets).
+It returns an :class:`Account`: the errors, and what ``train`` would do (student, teacher or
+teacher cache, pruning cache hit or miss, loss terms, datasets).
 """
 
 from __future__ import annotations
@@ -148,7 +152,8 @@ def _unknown_focus_keys(cfg: Mapping, account: Account, lines) -> None:
 def _focus_args(cfg: Mapping, account: Account, lines) -> FocusArgs | None:
     from pydantic import ValidationError
 
-    keys = set(FocusArgs.model_fields) | {"base_model", "rl", "datasets", "sample_packing",
+    keys = set(FocusArgs.model_fields) | {"base_model", "rl", "datasets", "sample_packing", "eval_sample_packing",
+                                          "context_parallel_size", "sequence_parallel_degree",
                                           "liger_fused_linear_cross_entropy", "cut_cross_entropy",
                                           "chunked_cross_entropy"}
     data = {k: v for k, v in cfg.items() if k in keys}
@@ -207,6 +212,9 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines,
                 account.error(key, msg, lines)
         else:
             _plan(base, spec, account, lines)
+    if cfg.get("focus_teacher_cache") and not cfg.get("rl") and (cfg.get("focus_distill") or "focus") != "none":
+        _check_teacher_cache(cfg, args, student, account, lines)
+        return
     teacher, origin = _teacher_name(cfg, args)
     if teacher is None:
         if not origin.startswith("focus_source_model"):
@@ -236,6 +244,91 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines,
         account.error(key, str(exc).removeprefix(f"{key}: "), lines)
     else:
         account.say("vocabulary", "teacher and student share one tokenizer and vocabulary size")
+
+
+def _student_tokenizer(cfg: Mapping, student: ModelLocation):
+    """The student's tokenizer as ``axolotl train`` loads it (axolotl's ``load_tokenizer``: pad token,
+    ``special_tokens`` of the config), from tokenizer and config files only; the plain
+    ``AutoTokenizer`` where axolotl's loader cannot run on the raw config."""
+    from transformers import AutoTokenizer
+
+    base = cfg.get("base_model")
+    source = cfg.get("tokenizer_config") if cfg.get("tokenizer_config") not in (None, base) else student.folder
+    try:
+        from axolotl.loaders import load_tokenizer
+        from axolotl.utils.dict import DictDefault
+
+        raw = DictDefault(copy.deepcopy(dict(cfg)))
+        raw.update(base_model=student.folder, tokenizer_config=source)
+        if raw.get("base_model_config") in (None, base):
+            raw["base_model_config"] = student.folder
+        return load_tokenizer(raw)
+    except Exception:  # noqa: BLE001 - an unusual config: the tokenizer files as they are
+        return AutoTokenizer.from_pretrained(source)
+
+
+def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLocation | None, account: Account,
+                         lines) -> None:
+    """``focus_teacher_cache``: a complete cache (its cache.json and shard folders; no shard is
+    read) built at ``focus_temperature`` for the student's vocabulary size and tokenizer."""
+    from .teacher_cache import FORMAT, META_FILE, VERSION, read_meta, tokenizer_digest
+
+    key = "focus_teacher_cache"
+    path = str(cfg[key])
+    build = f"axolotl-focus teacher-cache CONFIG --output {path} --k 32"
+    if not os.path.exists(path):
+        account.error(key, f"{path} does not exist; build the teacher cache first: {build}", lines)
+        return
+    meta = read_meta(path) if os.path.isdir(path) else None
+    if meta is None:
+        account.error(key, f"{path} is not a teacher cache (no {META_FILE} of format {FORMAT}); build one: {build}",
+                      lines)
+        return
+    if meta.version != VERSION:
+        account.error(key, f"{path}: teacher cache version {meta.version} (this axolotl_focus reads version "
+                      f"{VERSION}); rebuild it: {build} --restart", lines)
+        return
+    shards = [os.path.join(path, f"shard-{i:05d}") for i in range(meta.shards)]
+    done = sum(os.path.isdir(s) for s in shards)
+    if not meta.complete or done < meta.shards:
+        what = "is incomplete" if not meta.complete else "misses shard folders"
+        account.error(key, f"{path}: the teacher cache {what} ({done} of {meta.shards} shards); finish it by running "
+                      f"axolotl-focus teacher-cache again with the same settings", lines)
+        return
+    account.say("teacher", f"cache {path} (k={meta.k}, teacher {meta.teacher}, {meta.sequences} sequences, "
+                f"{meta.positions} positions); no teacher weights loaded")
+    if args is not None and float(meta.temperature) != float(args.focus_temperature):
+        account.error(key, f"{path} was built at temperature {meta.temperature}, but focus_temperature is "
+                      f"{args.focus_temperature}; rebuild it with --temperature {args.focus_temperature} (or set "
+                      f"focus_temperature: {meta.temperature})", lines)
+    if student is None:
+        return
+    if not student.readable:
+        account.say("vocabulary", "not checked against the teacher cache (the student's files are not readable "
+                    "offline)")
+        return
+    from transformers import AutoConfig
+
+    problems = []
+    # axolotl writes a tokenizer with added_tokens_overrides into output_dir: compared by the trainer only
+    compare_tokenizer = meta.tokenizer_digest is not None and not cfg.get("added_tokens_overrides")
+    try:
+        vocab = AutoConfig.from_pretrained(student.folder, trust_remote_code=True).vocab_size
+        if meta.vocab_size is not None and vocab is not None and int(vocab) != int(meta.vocab_size):
+            problems.append(f"vocabulary {meta.vocab_size} (the student's is {vocab})")
+        if compare_tokenizer and tokenizer_digest(_student_tokenizer(cfg, student)) != meta.tokenizer_digest:
+            problems.append("another tokenizer (vocabulary or special tokens differ from the student's)")
+    except (OSError, ValueError) as exc:
+        account.error(key, f"the student's tokenizer / config could not be read to check the cache: {exc}", lines)
+        return
+    if problems:
+        account.error(key, f"{path} was built for {' and '.join(problems)}; rebuild it from this config: {build} "
+                      "--restart", lines)
+    elif compare_tokenizer:
+        account.say("vocabulary", "the teacher cache was built for the student's tokenizer and vocabulary size")
+    else:
+        account.say("vocabulary", "the teacher cache was built for the student's vocabulary size (its tokenizer is "
+                    "compared by the trainer, before step one)")
 
 
 def _plan(source: str, spec: FocusPruneArgs, account: Account, lines) -> None:
@@ -300,11 +393,12 @@ def _loss(cfg: Mapping, args: FocusArgs) -> str:
     from .repair import uses_repair
 
     terms = [f"CE x{args.focus_ce_alpha}"]
+    cached = " from the teacher cache" if args.focus_teacher_cache else ""
     if args.focus_distill == "focus":
         terms.append(f"FOCUS x{args.focus_alpha} (tau {args.focus_temperature}, beta {args.focus_beta}, "
-                     f"gamma {args.focus_gamma})")
+                     f"gamma {args.focus_gamma}){cached}")
     elif args.focus_distill == "kd":
-        terms.append(f"KD x{args.focus_alpha} (T {args.focus_temperature})")
+        terms.append(f"KD x{args.focus_alpha} (T {args.focus_temperature}){cached}")
     if uses_repair(cfg):
         terms.append(f"RePAIR x{args.focus_repair_alpha} (margin {args.focus_repair_margin})")
     aux = args.focus_aux_losses

@@ -5,8 +5,13 @@ training temperature tau. Instead of running the teacher in every training step,
 teacher-cache CONFIG --output DIR`` runs it once over the tokenized training data (exactly as
 ``axolotl train`` tokenizes it) and stores, per position, a :class:`axolotl_focus.losses.SparseTeacher`
 row: the k ids of highest teacher probability, their ``log q`` and the log of the mass of all other
-tokens. The trainer then looks each batch row up by its tokens (:meth:`TeacherCache.sparse_for_batch`)
-and feeds the fused loss the bucketed objective (see "Sparse teacher" in :mod:`axolotl_focus.losses`).
+tokens. A training config then sets ``focus_teacher_cache: DIR`` (and loads no teacher): ``validate``
+/ ``axolotl train`` check the folder's ``cache.json`` first (:mod:`axolotl_focus.preflight`), the
+trainer opens it once, checks that every SFT row of its datasets is in it
+(:func:`dataset_sft_rows`, :meth:`TeacherCache.check_rows`), looks each batch row up by its tokens
+(:meth:`TeacherCache.sparse_for_batch`) and feeds the fused loss the bucketed objective (see
+"Sparse teacher" in :mod:`axolotl_focus.losses`). The cache can be built from the config that
+names it (that key is ignored while building) or from the same config without it.
 
 Identifying a sequence
 ----------------------
@@ -614,7 +619,7 @@ class TeacherCache:
         first = None
         for index, (input_ids, labels) in enumerate(rows):
             input_ids, labels = _as_int_array(input_ids), _as_int_array(labels)
-            count = len(trained_positions(labels))
+            count = int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
             if not count:
                 continue
             checked += 1
@@ -661,10 +666,49 @@ def is_pair_row(attention_mask) -> bool:
     return bool((_as_int_array(attention_mask) >= 2).any())
 
 
+def _list_column(column) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets [n + 1] starting at 0, values)`` of an Arrow list column (chunked or not)."""
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values
+
+
+def dataset_sft_rows(dataset, batch_size: int = 8192) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The ``(input_ids, labels)`` of the rows of a tokenized dataset, RePAIR pair rows (attention
+    mask values 2 / 3, see :func:`is_pair_row`) skipped. A ``datasets.Dataset`` is read as Arrow
+    columns, ``batch_size`` rows at a time (numpy slices, no Python lists); any other dataset
+    (a ``torch`` map-style dataset, a list of rows) row by row."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
+        if "input_ids" not in columns or "labels" not in columns:
+            raise ValueError(f"the tokenized dataset has no input_ids/labels columns (columns: {dataset.column_names})")
+        arrow = dataset.select_columns(columns).with_format("arrow")
+        for start in range(0, len(arrow), batch_size):
+            table = arrow[start: start + batch_size]
+            ids_at, ids = _list_column(table.column("input_ids"))
+            labels_at, labels = _list_column(table.column("labels"))
+            pair = np.zeros(len(ids_at) - 1, dtype=bool)
+            if "attention_mask" in columns:
+                mask_at, mask = _list_column(table.column("attention_mask"))
+                marked = np.concatenate([[0], np.cumsum(mask >= 2)])
+                pair = marked[mask_at[1:]] > marked[mask_at[:-1]]
+            for row in np.flatnonzero(~pair):
+                yield ids[ids_at[row]: ids_at[row + 1]], labels[labels_at[row]: labels_at[row + 1]]
+        return
+    for row in dataset:
+        if not is_pair_row(row.get("attention_mask")):
+            yield row["input_ids"], row["labels"]
+
+
 def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = True) -> tuple[list, object]:
     """The (input_ids, labels) of the SFT rows of an axolotl config's tokenized datasets, as
     ``axolotl train`` loads them (``load_cfg`` with the plugin's register hook, then the datasets);
-    RePAIR pair rows are skipped. The eval split follows the train rows when ``include_eval`` (the
+    RePAIR pair rows are skipped. A config with ``focus_teacher_cache`` (which may not exist yet)
+    is loaded without that key, i.e. with the teacher it would load otherwise. The eval split follows the train rows when ``include_eval`` (the
     trainer computes the loss on it too). Returns ``(rows, cfg)``."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     import yaml
@@ -681,9 +725,12 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
             raw = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ValueError(f"{config_path}: no such config file") from None
+    overrides = {}
     if isinstance(raw, dict):
         refuse_packing(raw)  # before axolotl validates the config and prepares anything
-    cfg = load_cfg(str(config_path))
+        if raw.get("focus_teacher_cache"):  # the cache this config trains from: load it as the config without
+            overrides["focus_teacher_cache"] = None  # it (same data, teacher as the plugin resolves it)
+    cfg = load_cfg(str(config_path), **overrides)
     refuse_packing(cfg)
     if cfg.get("rl"):
         raise ValueError(f"{config_path}: rl: {cfg.rl} trains without the FOCUS/KD teacher; no teacher cache needed")

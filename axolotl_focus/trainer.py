@@ -5,6 +5,17 @@ hidden states and only the last position's logits; CE and the distillation term 
 together by :func:`axolotl_focus.losses.fused_ce_distill` from the final hidden states and the
 lm_head weights, chunk by chunk, over the valid (label != -100) positions only.
 
+Teacher: an in-process model (``focus_teacher_model``, loaded once and placed for DDP / DeepSpeed),
+or, with ``focus_teacher_cache: DIR``, a precomputed teacher-logit cache
+(:mod:`axolotl_focus.teacher_cache`) and no teacher model at all. The cache is opened once at
+init, checked against the run (``focus_temperature``, the student's lm_head rows, the tokenizer)
+and against the data: every SFT row of the train and eval datasets (RePAIR pair rows aside) must
+be in it, or the trainer stops before step one. Each micro-batch's rows are then looked up by
+their tokens (:meth:`TeacherCache.sparse_for_batch`, before the labels leave the inputs) and fed
+to the fused pass as a :class:`axolotl_focus.losses.SparseTeacher` (top-k ``log q`` + tail
+bucket; with k = V the same loss as the in-process teacher). Everything else below is the same
+for both.
+
 Normalization: the loss of a micro-batch is ``sum over its valid tokens / num_items_in_batch``,
 where the HF Trainer counts ``num_items_in_batch`` over all micro-batches of the optimizer step
 and (with ``average_tokens_across_devices``) over all data-parallel ranks, and multiplies by the
@@ -119,7 +130,12 @@ class FocusTrainer(AxolotlTrainer):
         # We normalize by num_items_in_batch ourselves: make the HF Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.teacher = None
-        if self.distill_spec.mode != "none":
+        self.teacher_cache = None
+        if self.distill_spec.mode != "none" and fa.focus_teacher_cache:
+            if teacher_model is not None:
+                LOG.warning("axolotl_focus: focus_teacher_cache is set; the teacher model given is not used")
+            self.teacher_cache = self._open_teacher_cache(fa.focus_teacher_cache)
+        elif self.distill_spec.mode != "none":
             self.teacher = self._prepare_teacher(teacher_model)
 
     # -- saving -------------------------------------------------------------------------------
@@ -151,6 +167,43 @@ class FocusTrainer(AxolotlTrainer):
         )
         return place_teacher(teacher, self.accelerator)
 
+    def _open_teacher_cache(self, path: str):
+        """Open the teacher cache once, check that it fits this run (temperature, the student's
+        lm_head rows, the tokenizer) and that it holds every SFT row of the train and eval data."""
+        from .teacher_cache import TeacherCache
+
+        cache = TeacherCache.open(path)
+        cache.check_compatible(temperature=self.focus_args.focus_temperature,
+                               vocab_size=_unwrap(self.model).get_output_embeddings().weight.shape[0],
+                               tokenizer=self.processing_class)
+        self._check_cached_rows(cache)
+        meta = cache.meta
+        LOG.info("axolotl_focus: teacher cache %s (k=%s, teacher %s): no teacher model loaded", path, meta.k,
+                 meta.teacher)
+        return cache
+
+    def _check_cached_rows(self, cache) -> None:
+        """Every SFT row of ``train_dataset`` and ``eval_dataset`` (RePAIR pair rows aside) must be in
+        the cache, so that a missing sequence stops the run before step one, not in the middle."""
+        import datasets
+
+        from .teacher_cache import dataset_sft_rows
+
+        splits = [("train", self.train_dataset)]
+        evals = self.eval_dataset
+        splits += [(f"eval {name}", d) for name, d in evals.items()] if isinstance(evals, dict) else [("eval", evals)]
+        for name, dataset in splits:
+            if dataset is None:
+                continue
+            if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
+                LOG.warning("axolotl_focus: the %s dataset is streamed: its rows are looked up in the teacher cache "
+                            "batch by batch only", name)
+                continue
+            try:
+                cache.check_rows(dataset_sft_rows(dataset))
+            except ValueError as exc:
+                raise ValueError(f"{name} dataset: {exc}") from None
+
     def _teacher_hidden(self, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
         decoder = _unwrap(self.teacher).get_decoder()
         with torch.no_grad():
@@ -163,6 +216,10 @@ class FocusTrainer(AxolotlTrainer):
                 self.args.seed, self.state.global_step, self.ditto.probability):
             return self._ditto_step(model, inputs, return_outputs, num_items_in_batch)
         targets = shifted_labels(inputs)
+        cached = None
+        if self.teacher_cache is not None:  # the teacher's rows of this batch, looked up by their tokens (CPU)
+            cached = self.teacher_cache.sparse_for_batch(inputs["input_ids"], inputs["labels"],
+                                                         inputs.get("attention_mask"))
         repair = {k: inputs.pop(k) for k in ("repair_labels", "repair_chosen", "repair_rejected") if k in inputs}
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
@@ -177,9 +234,12 @@ class FocusTrainer(AxolotlTrainer):
                 scale *= self.accelerator.num_processes
 
         student_head = self._student_head(model)
-        teacher_hidden = teacher_head = gather_teacher = None
+        teacher_hidden = teacher_head = gather_teacher = sparse = None
         sft_rows = valid.any(-1)
-        if self.teacher is not None:
+        if cached is not None:
+            if local_tokens:
+                sparse = cached.rows(0, cached.ids.shape[0], device=hidden.device)
+        elif self.teacher is not None:
             head = _unwrap(self.teacher).get_output_embeddings().weight
             if local_tokens:
                 teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
@@ -207,6 +267,7 @@ class FocusTrainer(AxolotlTrainer):
                 aux=self.aux_spec,
                 sequence=sequence,
                 aux_scale=scale,
+                teacher=sparse,
             )
             pairs = int(repair["repair_chosen"].numel()) if repair else 0
             if pairs:

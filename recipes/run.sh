@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot recipe: prune -> mine RePAIR pairs -> train every row -> merge LoRA -> evaluate.
+# One-shot recipe: prune -> mine RePAIR pairs -> train every row -> merge LoRA -> evaluate
+# (a row with focus_teacher_cache builds that teacher cache from the folder's focus.yml first).
 #
 #   bash recipes/run.sh llama-3.1-8b            # 25% (p25); also p35 / p45 for llama-3.1-8b
 #   bash recipes/run.sh llama-2-13b p25
@@ -40,6 +41,10 @@ EVAL_MODELS=("teacher=$(python -c "from axolotl_focus.config import source_model
 for row in $ROWS; do
   out=outputs/$MODEL/$TAG/$row
   if [ ! -f "$out/merged/config.json" ]; then
+    CACHE=$(sed -n 's/^focus_teacher_cache: //p' "$DIR/$row.yml")
+    if [ -n "$CACHE" ]; then  # the teacher's top-k of the folder's focus.yml data (resumable; done: no-op)
+      axolotl-focus teacher-cache "$DIR/focus.yml" --output "$CACHE" --k "${CACHE##*-k}"
+    fi
     accelerate launch --num_processes "$NGPU" -m axolotl.cli.train "$DIR/$row.yml"
     axolotl merge-lora "$DIR/$row.yml"
   else

@@ -1,6 +1,7 @@
 """One optimizer step of FocusTrainer on a fixed 4-row batch; run in-process or under torchrun.
 
     torchrun --nproc_per_node 2 tests/focus_step.py TINY_DIR OUT.pt --per-device 2 --accum 1
+    ... --teacher-cache DIR    # the teacher from a teacher-logit cache of the rows (none loaded)
 
 Writes the updated parameters and the logged losses to OUT.pt (rank 0).
 """
@@ -50,7 +51,8 @@ def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
 def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False, max_steps=1,
                  **focus_kwargs):
     """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping.
-    ``focus_kwargs``: further FocusTrainingArgsMixin fields (e.g. focus_aux_losses)."""
+    ``focus_kwargs``: further FocusTrainingArgsMixin fields (e.g. focus_aux_losses); with
+    ``focus_teacher_cache`` no teacher model is loaded (the trainer reads the cache)."""
     from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -61,8 +63,10 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
     student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
-    teacher.requires_grad_(False).eval()
+    teacher = None
+    if not focus_kwargs.get("focus_teacher_cache"):
+        teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
+        teacher.requires_grad_(False).eval()
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -100,8 +104,9 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
     )
 
 
-def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5):
-    trainer = make_trainer(tiny_dir, os.path.dirname(out_path), per_device, accum, distill, lr)
+def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5, teacher_cache=None):
+    extra = {"focus_teacher_cache": teacher_cache} if teacher_cache else {}
+    trainer = make_trainer(tiny_dir, os.path.dirname(out_path), per_device, accum, distill, lr, **extra)
     trainer.train()
     if trainer.accelerator.is_main_process:
         logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -116,5 +121,6 @@ if __name__ == "__main__":
     parser.add_argument("--per-device", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--distill", default="focus")
+    parser.add_argument("--teacher-cache", default=None)
     a = parser.parse_args()
-    sys.exit(run(a.tiny_dir, a.out, a.per_device, a.accum, a.distill))
+    sys.exit(run(a.tiny_dir, a.out, a.per_device, a.accum, a.distill, teacher_cache=a.teacher_cache))

@@ -76,6 +76,30 @@ def _mined(root: Path, models: dict) -> None:
     assert (root / "pairs.jsonl.run.json").is_file()
 
 
+def _cache(root: Path, models: dict) -> None:
+    """A complete teacher cache of two short rows at root/cache (tiny teacher, k 8, tau 2)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_focus.teacher_cache import build_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(models["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32)
+    rows = [(ids, ids) for ids in (tokenizer(t)["input_ids"][:12] for t in corpus_documents("valid")[:2])]
+    build_cache(teacher, rows, root / "cache", k=8, temperature=2.0, progress=False, teacher_name=models["teacher"],
+                tokenizer=tokenizer, shard_size=1)
+
+
+def _incomplete_cache(root: Path, models: dict) -> None:
+    """root/cache whose build stopped before its last shard (cache.json says complete: false)."""
+    _cache(root, models)
+    meta = json.loads((root / "cache" / "cache.json").read_text())
+    (root / "cache" / "cache.json").write_text(json.dumps({**meta, "complete": False}))
+    shutil.rmtree(root / "cache" / "shard-00001")
+
+
+CACHED = "{root}/cache"
+
 CASES = [
     # --- config keys and values (validate: exit 1 and the account; train: raises in register) ---
     Case("misspelled-key", ["validate", "{root}/c.yml"], 1, ("c.yml:15", "focus_temprature", "did you mean focus_temperature"),
@@ -121,6 +145,32 @@ CASES = [
          {"c.yml": config(focus_teacher_model="{other}")}),
     Case("student-missing", ["validate", "{root}/c.yml"], 1, ("base_model", "does not exist"),
          {"c.yml": config(base_model="./no/such/student")}),
+    # --- focus_teacher_cache: the folder, its settings, what it cannot be combined with ---
+    Case("cache-missing", ["validate", "{root}/c.yml"], 1,
+         ("focus_teacher_cache", "nocache", "does not exist", "axolotl-focus teacher-cache"),
+         {"c.yml": config(focus_teacher_cache="{root}/nocache")}),
+    Case("cache-missing-train", ["train", "{root}/c.yml"], 2, ("focus_teacher_cache", "nocache", "does not exist"),
+         {"c.yml": config(focus_teacher_cache="{root}/nocache")}),
+    Case("cache-not-a-cache", ["validate", "{root}/c.yml"], 1, ("focus_teacher_cache", "not a teacher cache"),
+         {"c.yml": config(focus_teacher_cache=CACHED), "cache/notes.txt": "mine"}),
+    Case("cache-incomplete", ["validate", "{root}/c.yml"], 1, ("focus_teacher_cache", "incomplete", "1 of 2 shards"),
+         {"c.yml": config(focus_teacher_cache=CACHED)}, _incomplete_cache),
+    Case("cache-temperature", ["validate", "{root}/c.yml"], 1,
+         ("focus_teacher_cache", "temperature 2.0", "focus_temperature is 1.5"),
+         {"c.yml": config(focus_teacher_cache=CACHED, focus_temperature=1.5)}, _cache),
+    Case("cache-temperature-train", ["train", "{root}/c.yml"], 2, ("focus_teacher_cache", "temperature 2.0"),
+         {"c.yml": config(focus_teacher_cache=CACHED, focus_temperature=1.5)}, _cache),
+    Case("cache-other-student", ["validate", "{root}/c.yml"], 1,
+         ("focus_teacher_cache", "vocabulary 1024", "another tokenizer"),
+         {"c.yml": config(base_model="{other}", focus_teacher_cache=CACHED)}, _cache),
+    Case("cache-with-packing", ["validate", "{root}/c.yml"], 1, ("sample_packing", "focus_teacher_cache", "false"),
+         {"c.yml": config(focus_teacher_cache=CACHED, sample_packing=True)}, _cache),
+    Case("cache-with-eval-packing", ["train", "{root}/c.yml"], 2, ("eval_sample_packing", "focus_teacher_cache"),
+         {"c.yml": config(focus_teacher_cache=CACHED, eval_sample_packing=True)}, _cache),
+    Case("cache-with-rl", ["validate", "{root}/c.yml"], 1, ("focus_teacher_cache", "rl: dpo", "remove"),
+         {"c.yml": config(**DPO, focus_teacher_cache=CACHED), "pairs.jsonl": [PAIR]}, _cache),
+    Case("cache-without-distill", ["validate", "{root}/c.yml"], 1, ("focus_teacher_cache", "focus_distill: none"),
+         {"c.yml": config(focus_distill="none", focus_teacher_cache=CACHED)}, _cache),
     # --- pair files (RePAIR and DPO) ---
     Case("pair-row-field", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:2", "missing field 'chosen'"),
          {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {"prompt": "a", "rejected": " b"}]}),
@@ -254,7 +304,7 @@ def run_case(case: Case, argv: list[str]) -> tuple[int, str]:
 
 
 def test_the_suite_is_large_enough():
-    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 50 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -12,7 +12,10 @@ The hub model and datasets cannot be reached here, so each recipe runs as its "C
   ``bf16`` / ``tf32`` (CPU training is fp32);
 * shortened for time: ``num_epochs`` -> ``max_steps: 2`` (4 for DITTO rows, so that both kinds of
   update occur), ``gradient_accumulation_steps`` -> 1, ``save_strategy: "no"``, ``logging_steps: 1``;
-  output, prepared-data and pruning-cache folders -> the test's temporary folder.
+  output, prepared-data and pruning-cache folders -> the test's temporary folder;
+* ``focus_teacher_cache`` (the ``*-cached`` rows) -> a teacher cache built for the tiny model by the
+  command in the recipe's header (``axolotl-focus teacher-cache <folder>/focus.yml ...``), run on
+  the CPU variant of that ``focus.yml`` with the output in the test's temporary folder.
 """
 
 import json
@@ -35,7 +38,8 @@ def test_generated_recipes_are_up_to_date():
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert len(RECIPES) == 15 + 15 + 15 + 5 + 5  # 3 models at 25%, LLaMA-3.1-8B at 35% and 45%
+    # 3 models at 25% (+ focus-cached for LLaMA-3.1-8B), LLaMA-3.1-8B at 35% and 45%
+    assert len(RECIPES) == 15 + 16 + 15 + 5 + 5
 
 
 def test_deepspeed_files_are_valid_json_with_the_stages():
@@ -93,12 +97,41 @@ def cpu_variant(recipe: Path, env: dict, work: Path) -> Path:
                gradient_accumulation_steps=1, max_steps=4 if "ditto" in recipe.stem else 2)
     cfg.pop("num_epochs")
     cfg["focus_prune"]["cache_dir"] = str(env["root"] / "prune-cache")
+    if cfg.get("focus_teacher_cache"):
+        cfg["focus_teacher_cache"] = tiny_teacher_cache(recipe, env, work)
     name = "-".join(recipe.parts[-3:]).removesuffix(".yml")
     cfg["output_dir"] = str(work / "out" / name)
     cfg["dataset_prepared_path"] = str(work / "prepared" / cfg["dataset_prepared_path"].rsplit("/", 1)[-1])
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def tiny_teacher_cache(recipe: Path, env: dict, work: Path) -> str:
+    """The teacher cache a ``*-cached`` recipe reads, for the tiny model: the ``axolotl-focus
+    teacher-cache`` command of the recipe's header, its config swapped for that config's CPU variant
+    and its output for a folder of the module's temporary root (built once, then reused)."""
+    from axolotl.integrations.base import PluginManager
+
+    from axolotl_focus.cli import main
+    from axolotl_focus.teacher_cache import read_meta
+
+    command = next(line.lstrip("# ").split() for line in recipe.read_text().splitlines()
+                   if line.lstrip("# ").startswith("axolotl-focus teacher-cache "))
+    argv = command[1:]
+    output = argv.index("--output") + 1
+    assert argv[output] == yaml.safe_load(recipe.read_text())["focus_teacher_cache"], recipe
+    out = env["root"] / "teacher-cache" / "-".join(recipe.parts[-3:-1])
+    meta = read_meta(out)
+    if meta is None or not meta.complete:
+        argv[1] = str(cpu_variant(ROOT / argv[1], env, work))
+        argv[output] = str(out)
+        try:
+            code = main([*argv, "--no-progress", "--threads", "1"])
+        finally:
+            PluginManager.get_instance().plugins.clear()
+        assert code == 0, recipe
+    return str(out)
 
 
 def expected_terms(recipe: Path) -> set[str]:
@@ -124,6 +157,7 @@ def test_every_recipe_validates_with_axolotl(recipe_env, tmp_path, plugin_manage
             assert cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher"
         else:
             assert cfg.focus_teacher_model == source, recipe  # teacher = the unpruned base_model
+        assert bool(cfg.focus_teacher_cache) == recipe.stem.endswith("cached"), recipe
 
 
 def test_prune_recipes_run_and_share_the_training_configs_cache(recipe_env, tmp_path, capsys):
@@ -183,7 +217,8 @@ def test_every_recipe_trains_a_few_steps(recipe_env, tmp_path):
 
 def test_every_recipe_validates_offline_as_shipped(tmp_path, monkeypatch, plugin_manager, capsys):
     """`axolotl-focus validate` on each recipe file itself (hub models, offline): a clear account,
-    no weights, nothing written; the only problem reported is a pairs file not mined yet."""
+    no weights, nothing written; the only problems reported are a pairs file not mined yet and a
+    teacher cache not built yet."""
     from axolotl_focus.cli import main
 
     monkeypatch.chdir(ROOT)
@@ -194,9 +229,13 @@ def test_every_recipe_validates_offline_as_shipped(tmp_path, monkeypatch, plugin
         code = main(["validate", str(recipe.relative_to(ROOT))])
         out = capsys.readouterr().out
         errors = [line for line in out.splitlines() if line.startswith("  error: ")]
-        pairs = "pairs/" in recipe.read_text()
-        assert code == (1 if pairs else 0), out
-        assert all("does not exist (mine it first: axolotl-focus pairs)" in e for e in errors), out
+        text = recipe.read_text()
+        pairs, cached = "\n- path: pairs/" in text, "\nfocus_teacher_cache: " in text
+        assert code == (1 if pairs or cached else 0), out
+        assert all("does not exist (mine it first: axolotl-focus pairs)" in e
+                   or ("focus_teacher_cache: teacher_cache/" in e and "does not exist; build the teacher cache first: "
+                       "axolotl-focus teacher-cache" in e) for e in errors), out
+        assert len(errors) == pairs + cached, out
         assert "cache miss" in out and "the hub is offline" in out, out
         assert "  loss " in out, out
     assert not (tmp_path / "cache").exists()

@@ -310,3 +310,87 @@ def test_sample_packing_is_refused(tiny_pair, tmp_path, plugin_manager):
     config.write_text(yaml.safe_dump(tiny_config(tiny_pair, tmp_path, sample_packing=True)))
     with pytest.raises(ValueError, match="sample_packing: true is not supported by the teacher cache"):
         rows_from_config(config)
+
+
+def test_dataset_rows_skip_pair_rows_and_follow_the_indices():
+    """dataset_sft_rows reads Arrow columns (selection / shuffle indices applied) and skips RePAIR
+    pair rows (attention mask 2 / 3); any other dataset row by row."""
+    import datasets
+    import numpy as np
+
+    from axolotl_focus.teacher_cache import dataset_sft_rows
+
+    rows = []
+    for i in range(9):
+        ids = list(range(10 * i, 10 * i + 3 + i))
+        mask = [1] * len(ids) if i % 3 else [1, 2] + [3] * (len(ids) - 2)  # rows 0, 3, 6: pairs
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:], "attention_mask": mask})
+    data = datasets.Dataset.from_list(rows).shuffle(seed=3).select(range(1, 8))
+    expected = [(r["input_ids"], r["labels"]) for r in data if max(r["attention_mask"]) < 2]
+    got = list(dataset_sft_rows(data, batch_size=3))
+    assert len(expected) == len(got) > 0
+    for (ids, labels), (got_ids, got_labels) in zip(expected, got):
+        assert isinstance(got_ids, np.ndarray) and got_ids.tolist() == ids and got_labels.tolist() == labels
+    assert [(list(a), list(b)) for a, b in dataset_sft_rows(list(data))] == expected
+    no_mask = data.remove_columns("attention_mask")
+    assert len(list(dataset_sft_rows(no_mask))) == len(data)
+
+
+def test_validate_reports_the_cache_and_loads_no_teacher(teacher_and_rows, tiny_pair, tmp_path, plugin_manager,
+                                                        capsys, monkeypatch):
+    """`axolotl-focus validate` of a config with focus_teacher_cache: the cache's account line, the
+    tokenizer digest checked, no teacher resolved or loaded."""
+    import transformers
+
+    from axolotl_focus.cli import main
+
+    meta = build(teacher_and_rows, tiny_pair, tmp_path / "cache")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("validate loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    config = tmp_path / "cfg.yml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_pair, tmp_path, focus_teacher_cache=str(tmp_path / "cache"))))
+    assert main(["validate", str(config)]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert (f"teacher      cache {tmp_path / 'cache'} (k=8, teacher {tiny_pair['teacher']}, 5 sequences, "
+            f"{meta.positions} positions); no teacher weights loaded") in out, out
+    assert "vocabulary   the teacher cache was built for the student's tokenizer and vocabulary size" in out, out
+    assert "FOCUS x0.05 (tau 2.0, beta 15.0, gamma 1.0) from the teacher cache" in out, out
+
+
+@pytest.mark.slow
+def test_axolotl_train_from_the_cache(tiny_pair, tmp_path, plugin_manager, capsys, one_thread):
+    """`axolotl-focus teacher-cache` of the tiny config, then `axolotl train` of it with
+    focus_teacher_cache: no teacher model loaded, loss/focus logged at every step."""
+    from test_e2e_axolotl import axolotl_train, logged_dicts
+
+    from axolotl_focus.cli import main
+
+    cfg = tiny_config(tiny_pair, tmp_path, dataset_prepared_path=str(tmp_path / "prepared"), max_steps=4)
+    config = tmp_path / "cfg.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cache"
+    assert main(["teacher-cache", str(config), "--output", str(out), "--k", "32", "--no-progress", "--threads", "1",
+                 "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    output = axolotl_train({**cfg, "focus_teacher_cache": str(out)}, tmp_path, "cached")
+    assert f"axolotl_focus: teacher cache {out} (k=32, teacher {tiny_pair['teacher']}): no teacher model loaded" \
+        in output, output[-3000:]
+    assert "loading teacher" not in output and "teacher placement" not in output
+    logs = logged_dicts(output)
+    assert len(logs) == 4
+    for log in logs:
+        assert {"loss", "loss/ce", "loss/focus"} <= log.keys()
+        assert log["loss"] == pytest.approx(log["loss/ce"] + 0.05 * log["loss/focus"], rel=0.02)
+
+
+def test_rows_of_a_config_that_names_its_cache(tiny_pair, tmp_path, plugin_manager, one_thread):
+    """The config that trains from a cache not built yet gives the rows and teacher of the same
+    config without focus_teacher_cache (what `axolotl-focus teacher-cache` builds from)."""
+    config = tmp_path / "cfg.yml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_pair, tmp_path, focus_teacher_cache=str(tmp_path / "none"))))
+    rows, cfg = rows_from_config(config)
+    assert len(rows) > 100 and not cfg.focus_teacher_cache
+    assert os.path.samefile(cfg.focus_teacher_model, tiny_pair["teacher"])

@@ -1,5 +1,10 @@
 """FocusTrainer normalization: gradient accumulation and 2-process DDP give the exact global-mean
-gradient of the reference loss (one SGD step compared parameter by parameter)."""
+gradient of the reference loss (one SGD step compared parameter by parameter).
+
+The teacher is the in-process model (``model``) or a teacher-logit cache of the 4 rows built from
+the same teacher (``cache-V``: k = V, the full distribution, compared with the in-process
+teacher's dense reference to float tolerance; ``cache-8``: top-8 + tail bucket, compared with the
+dense sparse-teacher reference of the same cached rows, as exactly as the in-process teacher)."""
 
 import contextlib
 import os
@@ -9,18 +14,53 @@ import sys
 import pytest
 import torch
 
-from axolotl_focus.losses import DistillSpec, reference_aux_terms, reference_ce_distill
+from axolotl_focus.losses import DistillSpec, reference_aux_terms, reference_ce_distill, reference_ce_distill_sparse
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 import focus_step  # noqa: E402
 
 LR = 0.5
+TEACHERS = ["model", "cache-V", "cache-8"]
 
 
-def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None):
+@pytest.fixture(scope="module")
+def teacher_caches(tiny_pair, tmp_path_factory):
+    """Teacher-logit caches of focus_step's 4 rows from the tiny teacher (fp32): k = V and k = 8."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_focus.teacher_cache import build_cache
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32).eval()
+    rows = [(r["input_ids"], r["labels"]) for r in focus_step.rows(tokenizer)]
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    root = tmp_path_factory.mktemp("teacher-caches")
+    caches = {}
+    for name, k in (("cache-V", vocab), ("cache-8", 8)):
+        build_cache(teacher, rows, root / name, k=k, temperature=2.0, batch_size=1, progress=False,
+                    teacher_name=os.path.join(tiny_dir, "teacher"), tokenizer=tokenizer)
+        caches[name] = str(root / name)
+    return caches
+
+
+def teacher_setup(kind, caches):
+    """``(make_trainer keyword arguments, expected_params keyword arguments)`` of a TEACHERS kind."""
+    if kind == "model":
+        return {}, {}
+    from axolotl_focus.teacher_cache import TeacherCache
+
+    # k = V is the full distribution: the in-process teacher's dense reference; k < V: the bucketed
+    # reference on the very rows the trainer reads from the cache
+    want = {} if kind == "cache-V" else {"cache": TeacherCache.open(caches[kind])}
+    return {"focus_teacher_cache": caches[kind]}, want
+
+
+def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None, cache=None):
     """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows
-    (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms)."""
+    (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms; ``cache``: a
+    TeacherCache whose sparse rows replace the teacher's full distribution)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
@@ -33,8 +73,13 @@ def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=Non
     with torch.no_grad():
         zt = teacher(**inputs).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    ce, d = reference_ce_distill(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
-                                 labels.reshape(-1), DistillSpec(mode=distill))
+    if cache is not None:
+        sparse = cache.sparse_for_batch(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        ce, d = reference_ce_distill_sparse(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), sparse,
+                                            DistillSpec(mode=distill))
+    else:
+        ce, d = reference_ce_distill(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
+                                     labels.reshape(-1), DistillSpec(mode=distill))
     if aux is not None:
         rows = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
         terms = reference_aux_terms(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), rows, aux)
@@ -52,14 +97,19 @@ def assert_params_equal(got, want, atol=2e-6):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("teacher", TEACHERS)
 @pytest.mark.parametrize("per_device,accum", [(4, 1), (2, 2), (1, 4)])
-def test_gradient_accumulation_is_exact(tiny_pair, tmp_path, per_device, accum):
+def test_gradient_accumulation_is_exact(tiny_pair, teacher_caches, tmp_path, per_device, accum, teacher):
     tiny_dir = os.path.dirname(tiny_pair["student"])
-    want, want_loss = expected_params(tiny_dir)
+    run_kwargs, want_kwargs = teacher_setup(teacher, teacher_caches)
+    want, want_loss = expected_params(tiny_dir, **want_kwargs)
     out = tmp_path / "step.pt"
-    focus_step.run(tiny_dir, str(out), per_device, accum, lr=LR)
+    focus_step.run(tiny_dir, str(out), per_device, accum, lr=LR, teacher_cache=run_kwargs.get("focus_teacher_cache"))
     result = torch.load(out)
     assert_params_equal(result["params"], want)
+    if teacher == "cache-8":  # the bucketed top-8 objective is not the full teacher's: the test is not vacuous
+        dense, _ = expected_params(tiny_dir)
+        assert any(not torch.allclose(result["params"][k], dense[k], rtol=1e-5, atol=2e-5) for k in dense)
     log = result["logs"][0]
     assert log["loss"] == pytest.approx(want_loss, rel=1e-3)
     assert {"loss/ce", "loss/focus"} <= log.keys()
@@ -67,14 +117,19 @@ def test_gradient_accumulation_is_exact(tiny_pair, tmp_path, per_device, accum):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tiny_pair, tmp_path):
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_two_process_ddp_matches_single_process(tiny_pair, teacher_caches, tmp_path, teacher):
     """torchrun --nproc_per_node 2 (gloo): per-device 2 gives the same step as 1 process x 4 rows."""
     tiny_dir = os.path.dirname(tiny_pair["student"])
-    want, want_loss = expected_params(tiny_dir)
+    run_kwargs, want_kwargs = teacher_setup(teacher, teacher_caches)
+    want, want_loss = expected_params(tiny_dir, **want_kwargs)
     out = tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    port = str(29517 + TEACHERS.index(teacher))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(HERE, "focus_step.py"), tiny_dir, str(out), "--per-device", "2"]
+    if run_kwargs:
+        cmd += ["--teacher-cache", run_kwargs["focus_teacher_cache"]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = torch.load(out)
@@ -205,3 +260,82 @@ def test_zero3_teacher_runs_on_ranks_without_tokens(tiny_pair, tmp_path, monkeyp
     finally:
         del head.ds_id
     assert calls == [1] and gathers[-1][1] is head and float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("teacher", ["cache-V", "cache-8"])
+def test_kd_step_from_the_cache(tiny_pair, teacher_caches, tmp_path, teacher):
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    run_kwargs, want_kwargs = teacher_setup(teacher, teacher_caches)
+    want, _ = expected_params(tiny_dir, distill="kd", **want_kwargs)
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), 2, 2, distill="kd", **run_kwargs)
+    trainer.train()
+    assert_params_equal({k: p.detach() for k, p in trainer.model.named_parameters()}, want)
+    assert "loss/kd" in trainer.state.log_history[0] and "loss/focus" not in trainer.state.log_history[0]
+
+
+def test_training_from_the_cache_loads_no_teacher(tiny_pair, teacher_caches, tmp_path, monkeypatch):
+    """With focus_teacher_cache the teacher is never loaded (not even with focus_teacher_model set):
+    load_teacher raises, and from_pretrained sees the student only."""
+    import transformers
+
+    import axolotl_focus.teacher as teacher_mod
+    import axolotl_focus.trainer as trainer_mod
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    teacher_dir = os.path.join(tiny_dir, "teacher")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(trainer_mod, "load_teacher", refuse)
+    monkeypatch.setattr(teacher_mod, "load_teacher", refuse)
+    real, loaded = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def tracked(path, *args, **kwargs):
+        loaded.append(str(path))
+        if os.path.realpath(str(path)) == os.path.realpath(teacher_dir):
+            refuse()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tracked)
+    said = []
+    monkeypatch.setattr(trainer_mod.LOG, "info", lambda msg, *args: said.append(msg % args))
+    trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2, accum=2, focus_teacher_model=teacher_dir,
+                                      focus_teacher_cache=teacher_caches["cache-8"])
+    trainer.train()
+    assert trainer.teacher is None and loaded == [os.path.join(tiny_dir, "student")]
+    assert f"axolotl_focus: teacher cache {teacher_caches['cache-8']} (k=8, teacher {teacher_dir}): no teacher model " \
+           "loaded" in said
+    log = trainer.state.log_history[0]
+    assert {"loss/ce", "loss/focus"} <= log.keys()
+    assert log["loss/ce"] + 0.05 * log["loss/focus"] == pytest.approx(log["loss"], rel=1e-4)
+
+
+def test_cache_must_fit_the_run_and_hold_every_row(tiny_pair, unfit_caches, tmp_path):
+    """The trainer refuses, before step one, a cache missing a training row (here one of the 4)
+    or built at another temperature."""
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    partial, cold = unfit_caches
+    with pytest.raises(ValueError, match=r"train dataset: teacher cache .*: 1 of 4 training sequences do not match "
+                                         r"it \(1 missing"):
+        focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2, focus_teacher_cache=partial)
+    with pytest.raises(ValueError, match=r"built with temperature 1.0 \(focus_temperature is 2.0\)"):
+        focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2, focus_teacher_cache=cold)
+
+
+@pytest.fixture(scope="module")
+def unfit_caches(tiny_pair, tmp_path_factory):
+    """Two caches that do not fit focus_step's run: one of its first 3 rows only, one at tau 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_focus.teacher_cache import build_cache
+
+    tiny_dir = os.path.dirname(tiny_pair["student"])
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32).eval()
+    rows = [(r["input_ids"], r["labels"]) for r in focus_step.rows(tokenizer)]
+    root = tmp_path_factory.mktemp("unfit-caches")
+    options = {"k": 8, "progress": False, "teacher_name": os.path.join(tiny_dir, "teacher"), "tokenizer": tokenizer}
+    build_cache(teacher, rows[:3], root / "partial", temperature=2.0, **options)
+    build_cache(teacher, rows, root / "cold", temperature=1.0, **options)
+    return str(root / "partial"), str(root / "cold")
