@@ -43,3 +43,5 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/degeneration_speed.py
 	$(PY) benchmarks/metric_speed.py
 	$(PY) benchmarks/real_model_speed.py $(BENCH_ARGS)
+	$(PY) benchmarks/teacher_cache_fidelity.py $(BENCH_ARGS)
+	$(PY) benchmarks/teacher_cache_speed.py $(BENCH_ARGS)

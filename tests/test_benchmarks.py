@@ -116,3 +116,45 @@ def test_teacher_cache_fidelity_quick(tmp_path):
     assert abs(cover[-1]["tau2_mean"] - 1) < 1e-6 and abs(cover[-1]["tau1_p5"] - 1) < 1e-6
     assert [(c["k"], c["int32_fp32_fp32"], c["int32_fp16_fp32"]) for c in r["cache_sizes"]] == \
         [(k, 8 * k + 4, 6 * k + 4) for k in h["ks"]]
+
+
+def test_teacher_cache_speed_quick(tmp_path):
+    """The teacher-cache training-cost benchmark at its tiny size (a micro LLaMA teacher of ~100 MB
+    fp32 weights, width-pruned by run_prune; k = 8 and 64, k = V built on 4 windows): the caches'
+    sizes on disk are 8k + 4 bytes per position plus a small fixed overhead, every variant's steps
+    ran with finite losses and the same CE on the same initial weights, and the cache variants never
+    load the teacher: their subprocess peak RSS is below the in-process teacher's by most of the
+    teacher's weight bytes (and close to the CE-only worker's)."""
+    path = tmp_path / "speed.json"
+    out = bench("teacher_cache_speed.py", "--quick", "--threads", "1", "--json", str(path))
+    r = json.loads(path.read_text())
+    h = r["header"]
+    assert h["quick"] and h["vocab"] == 384 and h["ks"] == [8, 64] and h["batch"] == 2 and h["seq_len"] == 64
+    assert "## Cache build" in out and "| FOCUS, cache k=64 |" in out and "| FOCUS, in-process teacher |" in out
+    assert h["params_student"] < h["params_teacher"] and h["teacher_weight_bytes"] > 90 * 2**20
+    builds = {b["k"]: b for b in r["build"]}
+    assert sorted(builds) == [8, 64, 384] and builds[384]["sequences"] == 4
+    for k, b in builds.items():
+        assert b["positions"] == b["sequences"] * (h["seq_len"] - 1) and b["build_s"] > 0
+        assert b["format_bytes"] == (8 * k + 4) * b["positions"]
+        # cache.json + the datasets metadata of one shard + the key column: a few kB
+        assert 0 < b["overhead_bytes"] <= 16384 * b["shards"] + 128 * b["sequences"], b
+    variants = {(t["variant"], t["k"]): t for t in r["train"]}
+    assert sorted(variants, key=str) == sorted([("ce", None), ("teacher", None), ("cache", 8), ("cache", 64)], key=str)
+    ce, teacher = variants[("ce", None)], variants[("teacher", None)]
+    for t in r["train"]:
+        assert t["finite"] and len(t["steps"]) == h["warmup"] + h["steps"] and t["median_s"] > 0
+        assert t["tokens_per_step"] == h["batch"] * (h["seq_len"] - 1)
+        assert abs(t["first"]["ce"] - ce["first"]["ce"]) < 1e-5 * ce["first"]["ce"]  # same student, same batch
+        assert t["teacher_loaded"] == (t["variant"] == "teacher") and t["cache_opened"] == (t["variant"] == "cache")
+        if t["variant"] != "ce":
+            assert t["first"]["distill"] > 0 and len(t["paired_ce_steps"]) == h["warmup"] + h["steps"]
+            assert r["paired_ratios"][t["variant"] if t["k"] is None else f"cache k={t['k']}"] == \
+                t["median_s"] / t["paired_ce_median_s"]
+        assert r["ratios"][t["variant"] if t["k"] is None else f"cache k={t['k']}"] == t["median_s"] / ce["median_s"]
+    for k in h["ks"]:
+        cached = variants[("cache", k)]
+        assert cached["peak_rss"] <= teacher["peak_rss"] - 0.75 * h["teacher_weight_bytes"], (cached, teacher)
+        assert cached["peak_rss"] <= ce["peak_rss"] + 0.25 * h["teacher_weight_bytes"], (cached, ce)
+        # not a transient peak: the in-process teacher's weights stay resident while training
+        assert cached["rss_after_warmup"] <= teacher["rss_after_warmup"] - 0.75 * h["teacher_weight_bytes"]
