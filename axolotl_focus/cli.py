@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "resuming (default: the existing cache's, else 1024)")
     p.add_argument("--restart", action="store_true", help="delete an existing teacher cache in --output and build "
                    "it again (a folder that is not a teacher cache is never deleted)")
+    p.add_argument("--from-kd-logprobs", action="store_true", help="no teacher: convert the top-k teacher "
+                   "logprobs of the config's axolotl KD datasets (type: axolotl.integrations.kd.chat_template...) "
+                   "into the cache, k = theirs; field mapping and temperatures: axolotl_focus/kd_import.py")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_teacher_cache)
     for name, command in sub.choices.items():

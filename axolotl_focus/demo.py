@@ -92,7 +92,14 @@ RUNS = {
     "focus-repair": ("FOCUS + RePAIR", "CE + FOCUS + RePAIR margin on the mined pairs"),
     "ce-repair": ("CE + RePAIR", "CE + RePAIR margin on the mined pairs (no distillation)"),
     "dpo": ("DPO", "rl: dpo on the mined pairs, reference = the teacher"),
+    # the teacher-cache comparison: one cache (top-k at the training tau) read by both rows, no
+    # teacher model loaded; the second FOCUS seed is the training-noise reference it is judged by
+    "kd-cached": ("KD (cache)", "CE + KD from the teacher cache (focus_teacher_cache, no teacher loaded)"),
+    "focus-cached": ("FOCUS (cache)", "CE + FOCUS from the teacher cache (focus_teacher_cache, no teacher loaded)"),
+    "focus-seed1": ("FOCUS (seed +1)", "CE + FOCUS with training seed + 1 (the training-noise reference)"),
 }
+# the rows the teacher-cache section compares: (cached or reseeded run, in-process run)
+CACHE_PAIRS = (("focus-cached", "focus"), ("kd-cached", "kd"), ("focus-seed1", "focus"))
 REPORT = "demo_report.md"
 # stages that keep the finished parts of an interrupted attempt with the same key (train: its
 # finished runs; eval: the evaluation module's own per-model caches)
@@ -158,6 +165,7 @@ class DemoSettings:
     learning_rate: float = 1e-3
     dpo_learning_rate: float = 1e-4
     train_lora_r: int = 0  # 0: full fine-tuning; else LoRA on every linear layer, merged after training
+    cache_k: int = 512  # teacher tokens kept per position by the teacher cache of the *-cached runs
     runs: tuple[str, ...] = ("ce", "kd", "focus", "focus-repair", "ce-repair", "dpo")
     # 6. evaluation
     eval_documents: int = 64
@@ -180,7 +188,8 @@ class DemoSettings:
         """The settings a stage's outputs depend on."""
         prefix = {"teacher": ("teacher_", "vocab_size", "model"), "prune": ("width_", "depth_", "calib_"),
                   "table1": ("table1_",), "pairs": ("mining_", "target_pairs"),
-                  "train": ("sft_", "sequence_len", "micro_batch_size", "train_", "dpo_", "learning_rate", "runs"),
+                  "train": ("sft_", "sequence_len", "micro_batch_size", "train_", "dpo_", "learning_rate", "runs",
+                            "cache_"),
                   "eval": ("eval_", "ppl_", "mauve_", "table1_prompts")}[stage]
         return {k: v for k, v in asdict(self).items() if k.startswith(prefix)} | {"seed": self.seed}
 
@@ -219,15 +228,18 @@ def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2", pr
         train_steps=30, dpo_steps=32, learning_rate=1e-3, dpo_learning_rate=2e-4, train_lora_r=16,
         eval_documents=24, ppl_max_tokens=8192, mauve_seeds=(1,), eval_seeds=(0,), eval_low_temperature=0.7,
         eval_low_seeds=(0, 1, 2),
+        runs=("ce", "kd", "focus", "focus-repair", "ce-repair", "dpo", "kd-cached", "focus-cached", "focus-seed1"),
+        cache_k=512,
     )
     if preset == "quick":
         real |= dict(calib_samples=4, mining_prompts=128, target_pairs=24, train_steps=8, dpo_steps=8,
-                     runs=("ce", "kd", "focus", "focus-repair", "dpo"), eval_documents=12, ppl_max_tokens=2048,
-                     eval_low_seeds=(0,))
+                     runs=("ce", "kd", "focus", "focus-repair", "dpo", "focus-cached"), eval_documents=12,
+                     ppl_max_tokens=2048, eval_low_seeds=(0,))
     elif preset == "smoke":
         # 8 SFT rows + the pairs, 3 steps of 4 rows: one epoch, so the pair rows are trained on
         real |= dict(calib_samples=2, depth_blocks=2, mining_prompts=32, mining_temperature=0.5, target_pairs=4,
-                     mining_new_tokens=64, sft_max_rows=8, train_steps=3, dpo_steps=1, runs=("focus-repair",),
+                     mining_new_tokens=64, sft_max_rows=8, train_steps=3, dpo_steps=1,
+                     runs=("focus-repair", "focus", "focus-cached"), cache_k=32,
                      eval_documents=4,
                      eval_new_tokens=32, ppl_max_tokens=512, eval_low_seeds=(0,))
     return DemoSettings(**real)
@@ -306,6 +318,10 @@ def train_configs(s: DemoSettings, student: str, sft: str, pairs: str, work: str
         "focus": {"focus_distill": "focus", "datasets": [sft_ds]},
         "focus-repair": {"focus_distill": "focus", "datasets": [sft_ds, repair_ds]},
         "ce-repair": {"focus_distill": "none", "datasets": [sft_ds, repair_ds]},
+        "kd-cached": {"focus_distill": "kd", "datasets": [sft_ds], "focus_teacher_cache": str(cache_dir(s, work))},
+        "focus-cached": {"focus_distill": "focus", "datasets": [sft_ds],
+                         "focus_teacher_cache": str(cache_dir(s, work))},
+        "focus-seed1": {"focus_distill": "focus", "datasets": [sft_ds], "seed": s.seed + 1},
         "dpo": {"rl": "dpo", "rl_beta": 0.1, "focus_dpo_reference": "teacher",
                 "datasets": [{"path": str(pairs), "ds_type": "json", "split": "train"}],
                 "max_steps": s.dpo_steps, "learning_rate": s.dpo_learning_rate,
@@ -325,6 +341,12 @@ def train_configs(s: DemoSettings, student: str, sft: str, pairs: str, work: str
         cfg["output_dir"] = str(work / run)
         out[run] = cfg
     return out
+
+
+def cache_dir(s: DemoSettings, work: str | os.PathLike) -> Path:
+    """The one teacher cache of the train stage folder ``work``, shared by every ``*-cached`` run
+    (they train on the same SFT rows at the same temperature); its name carries ``k``."""
+    return Path(work) / f"teacher_cache_k{s.cache_k}"
 
 
 def logged_dicts(text: str) -> list[dict[str, float]]:
@@ -384,6 +406,25 @@ def run_concurrently(items: list, work: Callable, jobs: int, dataset_key: Callab
                 yield item[0], future.result()
 
 
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path,
+               on_line: Callable[[str], None] | None = None) -> None:
+    """Run ``cmd`` with stdout and stderr into ``log`` (``on_line`` sees each line); raises
+    :class:`DemoError` with the log's tail when it fails."""
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            handle.write(line)
+            if on_line is not None:
+                on_line(line)
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
+        raise DemoError(f"{' '.join(cmd[:3])} ... failed (exit {code}); log: {log}\n{tail}")
+
+
 def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, progress: bool,
                   position: int = 0, device: str = "cpu") -> list[dict]:
     """``axolotl train CONFIG --launcher python`` in a subprocess (log to ``log``); a progress bar
@@ -394,25 +435,19 @@ def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, 
     exe = shutil.which("axolotl", path=env["PATH"])
     if exe is None:
         raise DemoError("the `axolotl` command is not installed in this environment (pip install axolotl)")
-    cmd = [exe, "train", str(config), "--launcher", "python"]
     rows: list[dict] = []
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False, position=position)
-    with open(log, "w", encoding="utf-8") as handle:
-        handle.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, env=env, cwd=str(config.parent), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            handle.write(line)
-            for row in logged_dicts(line):
-                rows.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-        code = proc.wait()
-    bar.close()
-    if code != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
-        raise DemoError(f"axolotl train {config} failed (exit {code}); log: {log}\n{tail}")
+
+    def on_line(line: str) -> None:
+        for row in logged_dicts(line):
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+
+    try:
+        run_logged([exe, "train", str(config), "--launcher", "python"], log, env, config.parent, on_line)
+    finally:
+        bar.close()
     return rows
 
 
@@ -705,6 +740,7 @@ class Demo:
                 self.echo(f"    {run}: reused ({len(done['logs'])} steps, final loss {done['final_loss']:.3f})")
             else:
                 pending.append((run, cfg, config))
+        data["teacher_cache"] = self._build_teacher_cache(folder, configs)
         pending.sort(key=lambda item: item[0] != "dpo")  # the longest run first: no lone run at the end
         jobs = min(self.jobs, len(pending)) or 1
         threads = max(1, self.threads // jobs)
@@ -735,6 +771,38 @@ class Demo:
         summary = (f"{len(configs)} runs ({', '.join(configs)}), {s.train_steps} steps each (DPO {s.dpo_steps}), "
                    f"{sum(timing):.0f} s in axolotl subprocesses, {jobs} at a time")
         return data, summary
+
+    def _build_teacher_cache(self, folder: Path, configs: dict[str, dict]) -> dict | None:
+        """Build (or reuse) the one teacher cache that the ``*-cached`` runs read, with the real
+        command in a subprocess: ``axolotl-focus teacher-cache <run>.yml`` tokenizes the run's data
+        through axolotl exactly as ``axolotl train`` will (and prepares it for the runs). Resumable:
+        an interrupted build keeps its finished shards."""
+        from .teacher_cache import folder_size, read_meta
+
+        users = [run for run, cfg in configs.items() if cfg.get("focus_teacher_cache")]
+        if not users:
+            return None
+        path, record_file = cache_dir(self.s, folder), folder / "teacher_cache.done.json"
+        meta, record = read_meta(path), read_json(record_file)
+        if meta is not None and meta.complete and record and record.get("path") == str(path):
+            self.echo(f"    teacher cache: reused ({record['positions']:,} positions, k {record['k']})")
+            return record
+        log = folder / "teacher_cache.log"
+        self.echo(f"    teacher cache (k {self.s.cache_k}, for {', '.join(users)}) -> {path.name}; log {log.name}")
+        t0 = time.perf_counter()
+        run_logged([sys.executable, "-m", "axolotl_focus.cli", "teacher-cache", str(folder / f"{users[0]}.yml"),
+                    "--output", str(path), "--k", str(self.s.cache_k), "--threads", str(self.threads),
+                    "--device", self.device, "--no-progress"], log, _axolotl_env(self.threads, self.device), folder)
+        meta = read_meta(path)
+        if meta is None or not meta.complete:
+            raise DemoError(f"teacher-cache finished but {path} is not a complete cache; log: {log}")
+        record = {"path": str(path), "k": meta.k, "temperature": meta.temperature, "sequences": meta.sequences,
+                  "positions": meta.positions, "size_bytes": folder_size(path), "runs": users,
+                  "elapsed_s": round(time.perf_counter() - t0, 1), "threads": self.threads}
+        write_json(record_file, record)
+        self.echo(f"    teacher cache: {meta.sequences:,} sequences, {meta.positions:,} positions, "
+                  f"{record['size_bytes'] / 2**20:.1f} MiB in {_fmt_time(record['elapsed_s'])}")
+        return record
 
     # 6. evaluation ---------------------------------------------------------------------------
     def eval_models(self) -> dict[str, str]:
@@ -1087,6 +1155,66 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
     return table, claims + rows + [""]
 
 
+def _final_term(record: dict, term: str) -> float | None:
+    """Mean of a logged term over the last 10% of a run's steps (None if never logged)."""
+    values = [row[term] for row in record.get("logs", []) if term in row]
+    if not values:
+        return None
+    tail = values[-max(1, len(values) // 10):]
+    return sum(tail) / len(tail)
+
+
+def cache_comparison(demo: Demo) -> list[str]:
+    """The report section comparing the ``*-cached`` runs with their in-process twins (same data,
+    seeds and steps) next to the training-noise reference (FOCUS with seed + 1): final training CE,
+    held-out PPL, and CREP / rep-3 per condition, paired by document with 95% bootstrap intervals."""
+    from .intervals import paired_difference
+
+    s, tr = demo.s, ((demo.marker("train") or {}).get("data") or {})
+    pairs = [(a, b) for a, b in CACHE_PAIRS if a in s.runs and b in s.runs]
+    cache = tr.get("teacher_cache")
+    if not pairs or not demo.marker("eval"):
+        return []
+    ppl = {}
+    for run in {r for pair in pairs for r in pair}:
+        res = read_json(_model_dir_of(demo, "main", RUNS[run][0]) / "results.json") or {}
+        ppl[run] = (res.get("perplexity") or {}).get("ppl")
+    lines = ["## FOCUS and KD from the teacher cache vs the in-process teacher", ""]
+    if cache:
+        lines += [f"One cache (`{Path(cache['path']).name}`, built by `axolotl-focus teacher-cache` in "
+                  f"{_fmt_time(cache['elapsed_s'])} on {cache['threads']} thread(s)): the teacher's top-{cache['k']} "
+                  f"`log q` at tau {cache['temperature']:g} plus the tail mass at {cache['positions']:,} trained "
+                  f"positions of {cache['sequences']:,} SFT sequences, {cache['size_bytes'] / 2**20:.1f} MiB; "
+                  f"read by {', '.join(RUNS[r][0] for r in cache['runs'])} with no teacher model loaded. Each "
+                  "cached run has the same data, seed and steps as its in-process twin; 'FOCUS (seed +1)' vs "
+                  "FOCUS is the same method with another training seed, the scale of training noise the "
+                  "cached rows are judged by. Generation metrics are paired by document (95% bootstrap "
+                  "interval of the difference in points); 'within noise' = the interval includes 0.", ""]
+    lines += ["| comparison | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
+    conds = _conditions(s)
+    for a, b in pairs:
+        la, lb = RUNS[a][0], RUNS[b][0]
+        ra, rb = (tr.get("runs") or {}).get(a), (tr.get("runs") or {}).get(b)
+        ca, cb = (_final_term(ra, "loss/ce") if ra else None), (_final_term(rb, "loss/ce") if rb else None)
+        if ca is not None and cb is not None:
+            lines.append(f"| {la} vs {lb} | training CE (last 10% of steps) | train | {ca:.3f} vs {cb:.3f}: "
+                         f"{ca - cb:+.3f} | - |")
+        if ppl.get(a) and ppl.get(b):
+            lines.append(f"| {la} vs {lb} | PPL | held-out | {ppl[a]:.2f} vs {ppl[b]:.2f}: "
+                         f"{ppl[a] / ppl[b] - 1:+.1%} | - |")
+        for cond, which, key, seeds in conds:
+            for metric in CLAIM_METRICS:
+                va, vb = (_doc_values(demo, which, la, key, seeds, metric),
+                          _doc_values(demo, which, lb, key, seeds, metric))
+                if va is None or vb is None:
+                    continue
+                d, lo, hi = paired_difference(va, vb)
+                verdict = "n/a" if not math.isfinite(d) else "within noise" if lo <= 0 <= hi else "differs"
+                lines.append(f"| {la} vs {lb} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(va):.1f} "
+                             f"vs {np.nanmean(vb):.1f}: {d:+.1f} {_ci(lo, hi)} | {verdict} |")
+    return lines + [""]
+
+
 def _model_dir_of(demo: Demo, which: str, name: str) -> Path:
     from .evaluation import _model_dir
 
@@ -1238,7 +1366,8 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
         cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
             [("EAD-1 ↑", "ead", 3)]
-        t3 = [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair") if r in s.runs]
+        t3 = [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair", "kd-cached", "focus-cached", "focus-seed1")
+              if r in s.runs]
         refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
         n_docs = results[0]["open_ended"]["prompts"]
         lines += [f"## Table 3 ({scale}): open-ended generation", "",
@@ -1280,7 +1409,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
             ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
             t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
         checks = [] if s.real else _paper_checks(conds, t1_all)
-        lines += claims
+        lines += claims + cache_comparison(demo)
         if checks:
             lines += ["## Does the paper's pattern show up here?", "",
                       "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
@@ -1294,11 +1423,14 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
 
     # training --------------------------------------------------------------------------------
     if tr:
-        lines += ["## Fine-tuning runs", "", "| run | method | steps | final loss (mean of the last 10%) | time |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Fine-tuning runs", "", "Final values are means over the last 10% of the logged steps; the loss "
+                  "of a cached row holds the top-k FOCUS/KD term, which is not comparable with the in-process one "
+                  "(its CE is).", "", "| run | method | steps | final loss | final CE (`loss/ce`) | time |",
+                  "|---|---|---|---|---|---|"]
         for run, rec in tr["runs"].items():
+            ce = _final_term(rec, "loss/ce")
             lines.append(f"| {run} | {RUNS[run][1]} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
-                         f"{rec['elapsed_s']:.0f} s |")
+                         f"{'-' if ce is None else f'{ce:.3f}'} | {rec['elapsed_s']:.0f} s |")
         lines.append("")
 
     # plots -----------------------------------------------------------------------------------

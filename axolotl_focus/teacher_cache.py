@@ -446,56 +446,70 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         source_config=None if source_config is None else str(source_config), shards=shards,
         shard_size=shard_size, complete=False)
+    state = {"model": model, "head": None}
+
+    def compute(lo: int, hi: int) -> list[SparseTeacher]:
+        if state["head"] is None:
+            if state["model"] is None:
+                state["model"] = teacher()
+                loaded = _dtype_name(next(_unwrap(state["model"]).parameters()).dtype)
+                if loaded != planned.dtype:
+                    raise ValueError(f"the teacher loaded as {loaded}, expected dtype {planned.dtype}")
+            state["model"].eval()
+            state["model"].to(device)
+            state["head"] = _unwrap(state["model"]).get_output_embeddings().weight
+            if k > state["head"].shape[0]:
+                raise ValueError(f"k={k} exceeds the teacher's vocabulary ({state['head'].shape[0]})")
+            if planned.vocab_size is None:  # a lazily loaded teacher: record it before any shard
+                planned.vocab_size = int(state["head"].shape[0])
+                planned.write(folder)
+        order = sorted(range(lo, hi), key=lambda i: -len(tokens[i]))  # stable: ties in dataset order
+        results: dict[int, SparseTeacher] = {}
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chosen = order[start: start + batch_size]
+                # right padding under the attention mask: the pad id (0) is never attended to
+                parts = _sparse_rows(state["model"], state["head"], [(tokens[i], positions[i]) for i in chosen],
+                                     k, temperature, device, 0)
+                results.update(zip(chosen, parts))
+                bar.update(len(chosen))
+        return [results[i] for i in range(lo, hi)]
+
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    bar = tqdm(total=len(keys), unit="seq", desc="teacher cache", disable=not progress)
+    try:
+        return write_cache(folder, planned, keys, [len(p) for p in positions], compute, restart,
+                           skipped=bar.update)
+    finally:
+        bar.close()
+
+
+def write_cache(folder: Path, planned: CacheMeta, keys: list[str], counts: list[int],
+                compute: Callable[[int, int], list[SparseTeacher]], restart: bool,
+                skipped: Callable[[int], object] = lambda n: None) -> CacheMeta:
+    """Write the cache ``planned`` describes into ``folder`` shard by shard: ``compute(lo, hi)``
+    gives the rows of the unique sequences ``keys[lo:hi]`` (called only for a shard not yet
+    complete; ``skipped(n)`` is told of the ``n`` sequences of a shard kept from an earlier run).
+    A folder with other settings is refused; ``cache.json`` says ``complete`` only at the end."""
     existing = _prepare_folder(folder, planned, restart)
     if existing is not None:
         planned.created = existing.created or planned.created
         planned.vocab_size = planned.vocab_size or existing.vocab_size
-        if existing.complete and all(_shard_dir(folder, i).is_dir() for i in range(shards)):
+        if existing.complete and all(_shard_dir(folder, i).is_dir() for i in range(planned.shards)):
             return existing
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{SHARD_PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     planned.write(folder)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(keys), unit="seq", desc="teacher cache", disable=not progress)
-    device = torch.device(device)
-    head, pad_id = None, 0  # right padding under the attention mask: the pad id is never attended to
-    try:
-        for index in range(shards):
-            lo, hi = index * shard_size, min((index + 1) * shard_size, len(keys))
-            shard = _shard_dir(folder, index)
-            if _shard_complete(shard, keys[lo:hi]):
-                bar.update(hi - lo)
-                continue
-            if head is None:
-                if model is None:
-                    model = teacher()
-                    loaded = _dtype_name(next(_unwrap(model).parameters()).dtype)
-                    if loaded != planned.dtype:
-                        raise ValueError(f"the teacher loaded as {loaded}, expected dtype {planned.dtype}")
-                model.eval()
-                model.to(device)
-                head = _unwrap(model).get_output_embeddings().weight
-                if k > head.shape[0]:
-                    raise ValueError(f"k={k} exceeds the teacher's vocabulary ({head.shape[0]})")
-                if planned.vocab_size is None:  # a lazily loaded teacher: record it before any shard
-                    planned.vocab_size = int(head.shape[0])
-                    planned.write(folder)
-            order = sorted(range(lo, hi), key=lambda i: -len(tokens[i]))  # stable: ties in dataset order
-            results: dict[int, SparseTeacher] = {}
-            with torch.no_grad():
-                for start in range(0, len(order), batch_size):
-                    chosen = order[start: start + batch_size]
-                    parts = _sparse_rows(model, head, [(tokens[i], positions[i]) for i in chosen], k,
-                                         temperature, device, pad_id)
-                    results.update(zip(chosen, parts))
-                    bar.update(len(chosen))
-            _write_shard(shard, keys[lo:hi], [len(positions[i]) for i in range(lo, hi)],
-                         [results[i] for i in range(lo, hi)], k)
-    finally:
-        bar.close()
+    for index in range(planned.shards):
+        lo, hi = index * planned.shard_size, min((index + 1) * planned.shard_size, len(keys))
+        shard = _shard_dir(folder, index)
+        if _shard_complete(shard, keys[lo:hi]):
+            skipped(hi - lo)
+            continue
+        _write_shard(shard, keys[lo:hi], counts[lo:hi], compute(lo, hi), planned.k)
     planned.complete = True
     planned.write(folder)
     return planned
@@ -704,12 +718,14 @@ def dataset_sft_rows(dataset, batch_size: int = 8192) -> Iterable[tuple[np.ndarr
             yield row["input_ids"], row["labels"]
 
 
-def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = True) -> tuple[list, object]:
+def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = True,
+                     extra_columns: Sequence[str] = ()) -> tuple[list, object]:
     """The (input_ids, labels) of the SFT rows of an axolotl config's tokenized datasets, as
     ``axolotl train`` loads them (``load_cfg`` with the plugin's register hook, then the datasets);
     RePAIR pair rows are skipped. A config with ``focus_teacher_cache`` (which may not exist yet)
-    is loaded without that key, i.e. with the teacher it would load otherwise. The eval split follows the train rows when ``include_eval`` (the
-    trainer computes the loss on it too). Returns ``(rows, cfg)``."""
+    is loaded without that key, i.e. with the teacher it would load otherwise. The eval split
+    follows the train rows when ``include_eval`` (the trainer computes the loss on it too). A row
+    is ``(input_ids, labels, *extra_columns)``. Returns ``(rows, cfg)``."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     import yaml
     from axolotl.cli.config import load_cfg
@@ -748,15 +764,17 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
     for dataset in splits:
         if dataset is None:
             continue
-        columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
-        if "input_ids" not in columns or "labels" not in columns:
-            raise ValueError(f"{config_path}: the tokenized dataset has no input_ids/labels columns "
+        wanted = ("input_ids", "labels", *extra_columns)
+        missing = [c for c in wanted if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{config_path}: the tokenized dataset has no {'/'.join(missing)} column(s) "
                              f"(columns: {dataset.column_names})")
+        columns = [*wanted] + (["attention_mask"] if "attention_mask" in dataset.column_names else [])
         for batch in dataset.select_columns(columns).with_format(None).iter(batch_size=1024):
             masks = batch.get("attention_mask") or [None] * len(batch["input_ids"])
-            for input_ids, labels, mask in zip(batch["input_ids"], batch["labels"], masks):
-                if not is_pair_row(mask):
-                    rows.append((input_ids, labels))
+            for values in zip(*(batch[c] for c in wanted), masks):
+                if not is_pair_row(values[-1]):
+                    rows.append(values[:-1])
     return rows, cfg
 
 
@@ -768,6 +786,22 @@ def folder_size(path: str | os.PathLike) -> int:
 def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
     started = time.monotonic()
+    if getattr(args, "from_kd_logprobs", False):
+        from .kd_import import run_import_cli
+
+        meta = run_import_cli(args)
+    else:
+        meta = _build_from_teacher(args, load_teacher_fn)
+    size = folder_size(args.output)
+    print(f"teacher cache: {args.output}")
+    print(f"sequences {meta.sequences:,}, positions {meta.positions:,}, k {meta.k}, temperature {meta.temperature}, "
+          f"teacher {meta.teacher} ({meta.dtype})")
+    print(f"size {size / 2**20:.1f} MiB ({size / max(meta.positions, 1):.0f} B per position), "
+          f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     from axolotl.loaders import load_tokenizer
 
     from .locations import resolve_model
@@ -792,15 +826,8 @@ def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     check_vocab_compat(tokenizer, AutoTokenizer.from_pretrained(str(teacher_name)))
     existing = read_meta(args.output)
     shard_size = args.shard_size or (existing.shard_size if existing is not None else DEFAULT_SHARD_SIZE)
-    meta = build_cache(lambda: (load_teacher_fn or load_teacher)(str(teacher_name), dtype), rows, args.output,
+    return build_cache(lambda: (load_teacher_fn or load_teacher)(str(teacher_name), dtype), rows, args.output,
                        k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
                        progress=not args.no_progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
                        shard_size=shard_size, restart=args.restart, source_config=str(args.config),
                        dtype=dtype)
-    size = folder_size(args.output)
-    print(f"teacher cache: {args.output}")
-    print(f"sequences {meta.sequences:,}, positions {meta.positions:,}, k {meta.k}, temperature {meta.temperature}, "
-          f"teacher {meta.teacher} ({meta.dtype})")
-    print(f"size {size / 2**20:.1f} MiB ({size / max(meta.positions, 1):.0f} B per position), "
-          f"{time.monotonic() - started:.1f} s")
-    return 0

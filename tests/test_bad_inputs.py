@@ -171,6 +171,10 @@ CASES = [
          {"c.yml": config(**DPO, focus_teacher_cache=CACHED), "pairs.jsonl": [PAIR]}, _cache),
     Case("cache-without-distill", ["validate", "{root}/c.yml"], 1, ("focus_teacher_cache", "focus_distill: none"),
          {"c.yml": config(focus_distill="none", focus_teacher_cache=CACHED)}, _cache),
+    Case("cache-from-kd-not-kd", ["teacher-cache", "{root}/c.yml", "--output", "{root}/kdcache", "--from-kd-logprobs",
+                                  "--no-progress", "--threads", "1"], 2,
+         ("datasets[0].type", "'completion'", "not an axolotl KD dataset", "axolotl.integrations.kd.chat_template"),
+         {"c.yml": config()}),
     # --- pair files (RePAIR and DPO) ---
     Case("pair-row-field", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:2", "missing field 'chosen'"),
          {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {"prompt": "a", "rejected": " b"}]}),

@@ -67,6 +67,31 @@ def test_train_configs_are_axolotl_configs_for_each_method(tmp_path):
         train_configs(DemoSettings(runs=("ce", "nope")), "/m", "/s", "/p", tmp_path)
 
 
+def test_cached_runs_share_one_cache_and_match_their_in_process_twins(tmp_path):
+    from axolotl_focus.demo import CACHE_PAIRS, cache_dir
+
+    full, quick, smoke = (demo_settings(preset=p) for p in ("full", "quick", "smoke"))
+    assert {"kd-cached", "focus-cached", "focus-seed1"} <= set(full.runs)
+    for s in (quick, smoke):
+        assert {"focus", "focus-cached"} <= set(s.runs)
+    assert (full.cache_k, quick.cache_k, smoke.cache_k) == (512, 512, 32)
+    cfgs = train_configs(full, "/m/width", "/d/sft.jsonl", "/d/pairs.jsonl", tmp_path)
+    cache = str(tmp_path / "teacher_cache_k512")
+    assert cache_dir(full, tmp_path) == tmp_path / "teacher_cache_k512"
+    assert cfgs["kd-cached"]["focus_teacher_cache"] == cfgs["focus-cached"]["focus_teacher_cache"] == cache
+    for run, twin in CACHE_PAIRS:  # the same config but for the cache (or the seed) and the output folder
+        a = {k: v for k, v in cfgs[run].items() if k not in ("output_dir", "focus_teacher_cache", "seed")}
+        b = {k: v for k, v in cfgs[twin].items() if k not in ("output_dir", "focus_teacher_cache", "seed")}
+        assert a == b, run
+        assert "focus_teacher_cache" not in cfgs[twin]
+    assert cfgs["focus-seed1"]["seed"] == cfgs["focus"]["seed"] + 1 and cfgs["focus-cached"]["seed"] == full.seed
+    # a changed k is another stage key and another cache folder (a finished run is never reused for it)
+    other = demo_settings(preset="full")
+    other.cache_k = 32
+    assert other.stage_settings("train") != full.stage_settings("train")
+    assert train_configs(other, "/m", "/s", "/p", tmp_path)["focus-cached"]["focus_teacher_cache"] != cache
+
+
 def test_logged_dicts_reads_axolotl_string_values():
     text = ("junk {'loss': '4.776', 'grad_norm': '1.5', 'learning_rate': '0.001', 'loss/ce': '4.7', 'epoch': '0.1'}\n"
             "\r 50%|#####| {'loss': 3.5, 'loss/focus': 0.25, 'note': 'x'} more\n"

@@ -110,6 +110,14 @@ def test_smoke_demo_on_the_real_model(tmp_path, real_model):
     merged = out / "5_train" / "focus-repair" / "merged"
     assert (merged / "model.safetensors").is_file()
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
+    cached = read_json(out / "5_train" / "focus-cached.done.json")  # FOCUS from the teacher cache (k 32)
+    cache = read_json(out / "5_train" / "teacher_cache.done.json")
+    assert cache["k"] == 32 and cache["positions"] > 0 and cache["runs"] == ["focus-cached"]
+    assert any("loss/focus" in row and "loss/ce" in row for row in cached["logs"])
+    assert "axolotl_focus: loading teacher" not in (out / "5_train" / "focus-cached.log").read_text()
+    assert "axolotl_focus: loading teacher" in (out / "5_train" / "focus.log").read_text()
     report = (out / "demo_report.md").read_text()
+    assert "## FOCUS and KD from the teacher cache vs the in-process teacher" in report
+    assert "| FOCUS (cache) vs FOCUS | CREP | greedy |" in report
     assert "## Table 1 (real model)" in report and "SmolLM2-135M-Instruct" in report
     assert "| width pruned | greedy | 1 |" in report
