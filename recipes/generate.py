@@ -8,10 +8,10 @@ One folder per model and pruning ratio; one axolotl config per row of the paper'
 pairs. Every config prunes ``base_model`` itself through ``focus_prune:`` (cached, rank 0 only),
 so the teacher is the unpruned ``base_model`` without a ``focus_teacher_model`` line.
 
-``focus-cached`` (LLaMA-3.1-8B at 25% only, ``EXTRA_ROWS``) is the ``focus`` row with the teacher
-read from a precomputed teacher-logit cache (``focus_teacher_cache:``, top-32 per position, built
-from ``focus.yml`` of the same folder by ``axolotl-focus teacher-cache``): no teacher model is
-loaded during training.
+``focus-cached`` and ``kd-cached`` (LLaMA-3.1-8B at 25% only, ``EXTRA_ROWS``) are the ``focus`` and
+``kd`` rows with the teacher read from one precomputed teacher-logit cache (``focus_teacher_cache:``,
+top-32 per position at tau 2, built from ``focus.yml`` of the same folder by ``axolotl-focus
+teacher-cache``): no teacher model is loaded during training.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ ROWS_25 = ["ce", "ce-repair", "kd", "kd-ul", "kd-sg", "kd-ditto", "kd-repair", "
            "focus", "focus-ul", "focus-sg", "focus-ditto", "focus-repair", "focus-tailr", "dpo"]
 ROWS_AGGRESSIVE = ["focus", "focus-ul", "focus-sg", "focus-ditto", "focus-repair"]
 # rows of one folder only: (model, ratio) -> rows
-EXTRA_ROWS = {("llama-3.1-8b", 0.25): ["focus-cached"]}
+EXTRA_ROWS = {("llama-3.1-8b", 0.25): ["focus-cached", "kd-cached"]}
 CACHE_K = 32  # teacher ids kept per position in the teacher cache of the *-cached rows
 
 ALPACA = {"path": "yahma/alpaca-cleaned", "type": "alpaca"}
@@ -152,7 +152,9 @@ def header(model: str, ratio: float, row: str) -> str:
             "ce-repair": "CE + RePAIR, no distillation (the paper's Table 5 'RePAIR' row)",
             "dpo": "DPO on the RePAIR pairs, reference = the unpruned teacher (paper, section 6)",
             "focus-cached": f"FOCUS, the teacher's top-{CACHE_K} read from a precomputed teacher cache (no teacher "
-                            "model loaded)"}.get(row)
+                            "model loaded)",
+            "kd-cached": f"KD, the teacher's top-{CACHE_K} read from the same teacher cache as focus-cached (no "
+                         "teacher model loaded)"}.get(row)
     if what is None:
         distill, _, extra = row.partition("-")
         what = ("KD" if distill == "kd" else "FOCUS") + (f" + {extra.upper() if extra != 'ditto' else 'DITTO'}"

@@ -38,8 +38,8 @@ def test_generated_recipes_are_up_to_date():
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "generate.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    # 3 models at 25% (+ focus-cached for LLaMA-3.1-8B), LLaMA-3.1-8B at 35% and 45%
-    assert len(RECIPES) == 15 + 16 + 15 + 5 + 5
+    # 3 models at 25% (+ focus-cached and kd-cached for LLaMA-3.1-8B), LLaMA-3.1-8B at 35% and 45%
+    assert len(RECIPES) == 15 + 17 + 15 + 5 + 5
 
 
 def test_deepspeed_files_are_valid_json_with_the_stages():
