@@ -168,7 +168,7 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import run_eval_cli
+    from .evaluate import run_eval_cli
 
     return run_eval_cli(args)
 
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
     _add_dataclass_options(p, MiningConfig)
     p.set_defaults(func=cmd_pairs)
-    from .evaluation import add_eval_arguments
+    from .evaluate import add_eval_arguments
 
     p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

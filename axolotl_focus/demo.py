@@ -813,7 +813,7 @@ class Demo:
         return models
 
     def eval_config(self, folder: Path):
-        from .evaluation import EvalConfig
+        from .evaluate import EvalConfig
 
         s = self.s
         return EvalConfig(
@@ -838,7 +838,7 @@ class Demo:
                        seeds=tuple(self.s.seed + k for k in self.s.eval_low_seeds))
 
     def _run_eval(self, folder: Path):
-        from .evaluation import evaluate_models
+        from .evaluate import evaluate_models
         from .table1 import measure
 
         s = self.s
@@ -952,7 +952,7 @@ def _load_results(demo: Demo) -> tuple[list[dict], list[dict]]:
     done = demo.marker("eval")
     if not done:
         return [], []
-    from .evaluation import _model_dir
+    from .evaluate import model_dir as _model_dir
 
     out = []
     for cfg in (demo.eval_config(demo.dir("eval")), demo.low_eval_config(demo.dir("eval"))):
@@ -1216,7 +1216,7 @@ def cache_comparison(demo: Demo) -> list[str]:
 
 
 def _model_dir_of(demo: Demo, which: str, name: str) -> Path:
-    from .evaluation import _model_dir
+    from .evaluate import model_dir as _model_dir
 
     cfg = demo.eval_config(demo.dir("eval")) if which == "main" else demo.low_eval_config(demo.dir("eval"))
     return _model_dir(cfg, name)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from axolotl_focus.evaluation import distribution_stats
+from axolotl_focus.evaluate import distribution_stats
 
 
 def zipf_like(n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from axolotl_focus import evaluation as ev
+from axolotl_focus import evaluate as ev
 from axolotl_focus.degeneration import crep, ead, rep_n, rep_ns, serving_degeneration
-from axolotl_focus.evaluation import (
+from axolotl_focus.evaluate import (
     EvalConfig,
     distribution_stats,
     distribution_study,
@@ -32,6 +32,9 @@ from axolotl_focus.evaluation import (
     top_p_mask,
     toy_zipf,
 )
+from axolotl_focus.evaluate import data as ev_data
+from axolotl_focus.evaluate import models as ev_models
+from axolotl_focus.evaluate import runner as ev_runner
 from axolotl_focus.losses import focus_weights
 from axolotl_focus.mining import Prompt
 
@@ -206,8 +209,8 @@ def test_reuse_saved_generations_without_loading_models(evaluated, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("must not generate nor load a model")
 
-    monkeypatch.setattr(ev, "generate_batch", boom)
-    monkeypatch.setattr(ev, "load_model", boom)
+    monkeypatch.setattr(ev_runner, "generate_batch", boom)
+    monkeypatch.setattr(ev_models, "load_model", boom)
     again = evaluate_models(models, cfg)
     for old, new in zip(results, again):
         for key in ("perplexity", "open_ended", "instruction", "distribution", "unavailable"):
@@ -393,14 +396,14 @@ def test_default_data_is_the_embedded_slice_offline(monkeypatch, caplog, var):
     for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(ev, "_load_hub_dataset", _no_hub)
-    with caplog.at_level("INFO", logger="axolotl_focus.evaluation"):
-        docs, info = ev._documents(EvalConfig())
+    monkeypatch.setattr(ev_data, "_load_hub_dataset", _no_hub)
+    with caplog.at_level("INFO", logger="axolotl_focus.evaluate"):
+        docs, info = ev_data.load_documents(EvalConfig())
     assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test",
                     "fallback": f"{var} is set"}
     assert docs[0].source_id == "wikitext2-test-0" and len(docs) > 250
     assert var in caplog.text and "Salesforce/wikitext" in caplog.text
-    text, ppl = ev._ppl_source(EvalConfig())
+    text, ppl = ev_data.ppl_source(EvalConfig())
     assert ppl == info and text() == corpus_text("test")
 
 
@@ -426,13 +429,13 @@ def test_default_data_comes_from_the_hub_when_online(micro, featurizers, tmp_pat
         calls.append((name, config, split))
         return {"text": texts}
 
-    monkeypatch.setattr(ev, "_load_hub_dataset", fake_hub)
-    docs, info = ev._documents(EvalConfig())
+    monkeypatch.setattr(ev_data, "_load_hub_dataset", fake_hub)
+    docs, info = ev_data.load_documents(EvalConfig())
     assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "test")]
     assert info == {"source": "hub:Salesforce/wikitext/wikitext-103-raw-v1/test", "dataset": "Salesforce/wikitext",
                     "config": "wikitext-103-raw-v1", "split": "test"}
     assert [d.source_id for d in docs] == ["0", "2", "3", "4", "5"] and docs[1].text == texts[2]  # as load_prompts
-    text, ppl = ev._ppl_source(EvalConfig())
+    text, ppl = ev_data.ppl_source(EvalConfig())
     assert ppl == info and text() == "\n\n".join(texts)
     # the whole run: loaded once, recorded in results.json
     calls.clear()
@@ -454,9 +457,9 @@ def test_default_data_falls_back_when_the_hub_fails(monkeypatch, caplog):
     def unreachable(name, config, split):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(ev, "_load_hub_dataset", unreachable)
-    with caplog.at_level("WARNING", logger="axolotl_focus.evaluation"):
-        docs, info = ev._documents(EvalConfig())
+    monkeypatch.setattr(ev_data, "_load_hub_dataset", unreachable)
+    with caplog.at_level("WARNING", logger="axolotl_focus.evaluate"):
+        docs, info = ev_data.load_documents(EvalConfig())
     assert info["source"] == "embedded:wikitext-2/test" and docs[0].source_id == "wikitext2-test-0"
     assert info["fallback"] == "hub load failed (ConnectionError: Name or service not known)"
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
@@ -467,17 +470,17 @@ def test_default_data_falls_back_when_the_hub_fails(monkeypatch, caplog):
 def test_explicit_sources_are_used_as_given(tmp_path, monkeypatch):
     for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
-    monkeypatch.setattr(ev, "_load_hub_dataset", _no_hub)
+    monkeypatch.setattr(ev_data, "_load_hub_dataset", _no_hub)
     for name in ("embedded", "embedded:wikitext-2/test"):  # the embedded slice, online too, no fallback note
-        docs, info = ev._documents(EvalConfig(documents=name))
+        docs, info = ev_data.load_documents(EvalConfig(documents=name))
         assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test"}
         assert docs[0].source_id == "wikitext2-test-0"
-        assert ev._ppl_source(EvalConfig(ppl_data=name))[1] == info
+        assert ev_data.ppl_source(EvalConfig(ppl_data=name))[1] == info
     (tmp_path / "docs.txt").write_text("first paragraph\n\nsecond paragraph\n")
-    docs, info = ev._documents(EvalConfig(documents=str(tmp_path / "docs.txt")))
+    docs, info = ev_data.load_documents(EvalConfig(documents=str(tmp_path / "docs.txt")))
     assert [d.text for d in docs] == ["first paragraph", "second paragraph"]
     assert info == {"source": str(tmp_path / "docs.txt"), "config": None, "split": "test"}
-    text, ppl = ev._ppl_source(EvalConfig(ppl_data=str(tmp_path / "docs.txt")))
+    text, ppl = ev_data.ppl_source(EvalConfig(ppl_data=str(tmp_path / "docs.txt")))
     assert ppl["source"] == str(tmp_path / "docs.txt") and text().startswith("first paragraph")
 
 
@@ -585,7 +588,7 @@ def test_validate_names_the_field():
 
 
 def test_embedded_self_instruct_is_the_offline_default():
-    from axolotl_focus.evaluation import embedded_instructions
+    from axolotl_focus.evaluate import embedded_instructions
 
     rows = load_instructions(embedded_instructions())
     assert len(rows) == 252 and all(r["text"] and r["reference"] for r in rows)

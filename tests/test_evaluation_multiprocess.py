@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_focus.evaluation import EvalConfig, evaluate_models
+from axolotl_focus.evaluate import EvalConfig, evaluate_models
 
 MODELS = ("teacher", "student")
 

@@ -54,7 +54,7 @@ def recipe_env(tmp_path_factory):
     """Tiny GQA and MHA LLaMAs (random weights), a local Alpaca file, a local pairs file."""
     from transformers import LlamaForCausalLM
 
-    from axolotl_focus.evaluation import embedded_instructions, load_instructions
+    from axolotl_focus.evaluate import embedded_instructions, load_instructions
     from axolotl_focus.micro import build_tokenizer, corpus_documents, llama_config
 
     root = tmp_path_factory.mktemp("recipes")
