@@ -28,7 +28,7 @@ for the paper's effects). Stages (each cached in its own folder of ``--out``):
    KD, FOCUS, FOCUS + RePAIR (the SFT data plus the pairs as ``type: axolotl_focus.repair``),
    CE + RePAIR and DPO on the same pairs (``rl: dpo``, reference = the teacher).
    The teacher is never named in the configs: the plugin infers it from the pruned checkpoint.
-6. ``eval`` - :func:`axolotl_focus.evaluation.evaluate_models` on every model (PPL, CREP, rep-n,
+6. ``eval`` - :func:`axolotl_focus.evaluate.evaluate_models` on every model (PPL, CREP, rep-n,
    EAD, MAUVE with the teacher as the local featurizer) under top-p 0.9 (temperature 1, the
    paper's), greedy decoding and top-p 0.9 at a low temperature (where the small models loop part
    of the time), each top-p condition under its generation seeds.
@@ -952,14 +952,14 @@ def _load_results(demo: Demo) -> tuple[list[dict], list[dict]]:
     done = demo.marker("eval")
     if not done:
         return [], []
-    from .evaluate import model_dir as _model_dir
+    from .evaluate import model_dir
 
     out = []
     for cfg in (demo.eval_config(demo.dir("eval")), demo.low_eval_config(demo.dir("eval"))):
         rows = []
         if cfg is not None:
             for name in done["data"]["models"]:
-                r = read_json(_model_dir(cfg, name) / "results.json")
+                r = read_json(model_dir(cfg, name) / "results.json")
                 if r:
                     rows.append(r)
         out.append(rows)
@@ -1216,10 +1216,10 @@ def cache_comparison(demo: Demo) -> list[str]:
 
 
 def _model_dir_of(demo: Demo, which: str, name: str) -> Path:
-    from .evaluate import model_dir as _model_dir
+    from .evaluate import model_dir
 
     cfg = demo.eval_config(demo.dir("eval")) if which == "main" else demo.low_eval_config(demo.dir("eval"))
-    return _model_dir(cfg, name)
+    return model_dir(cfg, name)
 
 
 def render_report(demo: Demo, total_s: float | None = None) -> str:
@@ -1300,7 +1300,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
             "checkpoint's `focus_source_model`.")
     if marks["eval"]:
         lines.append(
-            f"- **Evaluation** (`axolotl_focus.evaluation`): {s.eval_documents} documents of the embedded WikiText-2 "
+            f"- **Evaluation** (`axolotl_focus.evaluate`): {s.eval_documents} documents of the embedded WikiText-2 "
             f"test slice (held out), {s.eval_prefix_tokens}-token prefix, {s.eval_new_tokens} new tokens, top-p 0.9 "
             f"(top_k 0, generation seeds {[s.seed + k for k in s.eval_seeds]}) and greedy; PPL = sliding window 256 / "
             f"stride 128 over the first {s.ppl_max_tokens:,} tokens of the test slice; MAUVE (mauve-text) with the "
