@@ -66,7 +66,8 @@ class FocusPruneArgs(BaseModel):
         "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved for it "
         "and ratio is ignored; default: unset, ratio is used"))
     importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
-    attn_layers: list[int] | None = Field(default=None, description="[start, end) of attention pruning; default [4, L-2)")
+    attn_layers: list[int] | None = Field(
+        default=None, description="[start, end) of attention pruning; default [4, L-2)")
     mlp_layers: list[int] | None = Field(default=None, description="[start, end) of MLP pruning; default [4, L-2)")
     gqa_mode: Literal["group", "q_within_group"] = "group"
     uniform: bool = Field(default=False, description="same vanilla shape in every layer (vLLM-servable; not the paper)")
@@ -86,7 +87,8 @@ class FocusPruneArgs(BaseModel):
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    cache_dir: str | None = Field(default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
+    cache_dir: str | None = Field(
+        default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
     wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning")
 
 
@@ -234,7 +236,7 @@ class FocusArgs(BaseModel):
                 raise ValueError(
                     f"focus_distill: {mode} needs a teacher, and none could be inferred ("
                     + (f"base_model {base} records no {SOURCE_MODEL_KEY}). " if base else "no base_model). ")
-                    + 
+                    +
                     "Add `focus_teacher_model: <hub id or path of the unpruned model>` to the "
                     "config, or set `focus_distill: none` to train with CE only."
                 )

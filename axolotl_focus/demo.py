@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import logging
 import math
@@ -68,6 +67,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from . import files
+from .files import digest, read_json
 
 LOG = logging.getLogger(__name__)
 
@@ -194,7 +196,8 @@ class DemoSettings:
         return {k: v for k, v in asdict(self).items() if k.startswith(prefix)} | {"seed": self.seed}
 
 
-def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2", preset: str | None = None) -> DemoSettings:
+def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2",
+                  preset: str | None = None) -> DemoSettings:
     """The presets: ``full`` (real model: <= 60 min on a 2-core CPU; micro: ~7 min), ``quick``
     (real: <= 12 min; micro: ~2 min; same stages, smaller) and ``smoke`` (real model only: the
     smallest run of every stage, for CI). ``preset`` overrides ``quick``."""
@@ -250,23 +253,9 @@ def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2", pr
 # --------------------------------------------------------------------------------------------
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def write_json(path: Path, data) -> None:
-    """Write ``data`` atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    """A stage record, atomically (:func:`axolotl_focus.files.write_json`)."""
+    files.write_json(path, data, indent=2, default=str)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -541,7 +530,7 @@ class Demo:
 
     def key(self, stage: str) -> str:
         deps = {d: (self.marker(d) or {}).get("id") for d in DEPENDS[stage]}
-        return _digest({"stage": stage, "settings": self.s.stage_settings(stage), "out": str(self.out), "deps": deps})
+        return digest({"stage": stage, "settings": self.s.stage_settings(stage), "out": str(self.out), "deps": deps})
 
     def run(self) -> Path:
         """Run (or reuse) every stage, then write the report. Returns the report's path."""
@@ -556,7 +545,8 @@ class Demo:
             self._stage(i, stage)
         path = self.write_report(time.perf_counter() - start)
         reused = sum(v == "reused" for v in self.status.values())
-        self.echo(f"report: {path}  ({_fmt_time(time.perf_counter() - start)}; {reused} of {len(STAGES)} stages reused)")
+        self.echo(f"report: {path}  ({_fmt_time(time.perf_counter() - start)}; {reused} of {len(STAGES)} stages "
+                  "reused)")
         return path
 
     def _stage(self, i: int, stage: str) -> None:
@@ -640,7 +630,8 @@ class Demo:
                           "spec": spec.model_dump(exclude={"cache_dir", "wait_timeout"})}
             extra = f", blocks {report['removed_blocks']} removed" if report.get("removed_blocks") else \
                 f", layers {span[0]}-{span[1] - 1}"
-            parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} fewer{extra})")
+            parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} "
+                         f"fewer{extra})")
         return data, "; ".join(parts)
 
     # 3. Table 1 ------------------------------------------------------------------------------
@@ -735,7 +726,7 @@ class Demo:
                       f"axolotl train {config.name}\n")
             config.write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
             done = read_json(folder / f"{run}.done.json")
-            if done and done.get("key") == _digest(cfg):
+            if done and done.get("key") == digest(cfg):
                 data["runs"][run] = done
                 self.echo(f"    {run}: reused ({len(done['logs'])} steps, final loss {done['final_loss']:.3f})")
             else:
@@ -755,13 +746,13 @@ class Demo:
             if s.train_lora_r:
                 merge_lora(cfg["base_model"], cfg["output_dir"], self.trained(run))
             tail = logs[-max(1, len(logs) // 10):]
-            record = {"key": _digest(cfg), "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
+            record = {"key": digest(cfg), "config": str(config), "output_dir": cfg["output_dir"], "logs": logs,
                       "final_loss": sum(r["loss"] for r in tail) / len(tail),
                       "elapsed_s": round(time.perf_counter() - t0, 1), "concurrent_runs": jobs}
             write_json(folder / f"{run}.done.json", record)
             return record
 
-        for run, record in run_concurrently(pending, train, jobs, dataset_key=lambda item: _digest(
+        for run, record in run_concurrently(pending, train, jobs, dataset_key=lambda item: digest(
                 [item[1]["datasets"], item[1].get("rl")])):
             data["runs"][run] = record
             self.echo(f"    {run} ({len(data['runs'])}/{len(configs)}): {len(record['logs'])} steps in "
@@ -861,18 +852,16 @@ class Demo:
         unavailable = sorted({k for r in results + low_results for k in r.get("unavailable", {})})
         summary = f"{len(results)} models, {results[0]['open_ended']['prompts']} documents; " + "; ".join(parts)
         summary = summary.replace("top-p T=1", f"top-p T=1 (seeds {list(s.eval_seeds)})").replace(
-            f"top-p T={s.eval_low_temperature:g}", f"top-p T={s.eval_low_temperature:g} (seeds {list(s.eval_low_seeds)})")
+            f"top-p T={s.eval_low_temperature:g}",
+            f"top-p T={s.eval_low_temperature:g} (seeds {list(s.eval_low_seeds)})")
         if unavailable:
             summary += f"; unavailable: {', '.join(unavailable)}"
         return {"models": self.eval_models(), "unavailable": unavailable}, summary
 
     # report ----------------------------------------------------------------------------------
     def write_report(self, total_s: float | None = None) -> Path:
-        text = render_report(self, total_s)
         path = self.out / REPORT
-        tmp = path.with_name(f".{REPORT}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        files.write_text(path, render_report(self, total_s))
         return path
 
 
@@ -1006,7 +995,8 @@ def _paper_checks(conds: dict[str, dict[str, dict]], t1: dict | None) -> list[st
             for metric in metrics:
                 va, vb = a.get(metric), b.get(metric)
                 if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
-                    rows.append(f"| {claim} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {a_name} {va:.2f} vs {b_name} {vb:.2f} | "
+                    rows.append(f"| {claim} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {a_name} {va:.2f} vs "
+                                f"{b_name} {vb:.2f} | "
                                 f"{_verdict(va, vb)} |")
     return rows
 
@@ -1105,7 +1095,8 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
             if a is None or b is None:
                 continue
             d, lo, hi = paired_difference(a, b)
-            rows.append(f"| (a) Table 1: pruned + fine-tuned repeats more than unpruned | {_METRIC_NAMES.get(metric, metric)} "
+            rows.append("| (a) Table 1: pruned + fine-tuned repeats more than unpruned | "
+                        f"{_METRIC_NAMES.get(metric, metric)} "
                         f"| {cond} | CE-tuned {np.nanmean(a):.1f} vs unpruned {np.nanmean(b):.1f}: {d:+.1f} "
                         f"{_ci(lo, hi)} | {verdict_more(d, lo, hi)} |")
     for cond, which, key, seeds in conds:
@@ -1129,7 +1120,8 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
                 else:
                     verdict = "does not hold"
                 rows.append(f"| (b) Table 3: FOCUS + RePAIR cuts repetition >= 30% vs {ref}, PPL <= +10% | "
-                            f"{_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(a):.1f} vs {np.nanmean(b):.1f}: "
+                            f"{_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(a):.1f} vs "
+                            f"{np.nanmean(b):.1f}: "
                             f"{-red:+.0%} {_ci(-hi, -lo, pct=True)}; PPL {dppl:+.1%} | {verdict} |")
     for cond, which, key, seeds in conds:
         for name in ("CE + RePAIR", "FOCUS + RePAIR"):
@@ -1231,7 +1223,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     lines = [f"# axolotl-focus demo report ({s.model if s.real else 'micro model'}, {s.preset} preset)", ""]
     lines += [
         "Generated by `axolotl-focus demo"
-        + (f" --model micro" if not s.real else "") + (f" --preset {s.preset}" if s.preset != "full" else "")
+        + (" --model micro" if not s.real else "") + (f" --preset {s.preset}" if s.preset != "full" else "")
         + f"` into `{out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
         f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {demo.threads}, device {demo.device}). "
         "Every number below is read from this run's stage outputs (nothing is hard-coded). "
@@ -1395,7 +1387,8 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         below = [m for m in t3 + t5 if isinstance(teacher_ppl, float)
                  and (conds["T=1"].get(m, {}).get("ppl") or math.inf) < teacher_ppl]
         if below:
-            notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): the micro "
+            notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): "
+                         "the micro "
                          "teacher is not trained to convergence and the fine-tuning data is its own pretraining text, "
                          "so fine-tuning also continues its pretraining. The paper's teacher is a finished model.")
         if low_results and math.isclose(low_t, s.mining_temperature):
@@ -1417,7 +1410,8 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
                       f"{n_docs} documents, small differences are noise.", "",
                       "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
             lines += checks + [""]
-        unavailable = {f"{r['model']}: {k}": v for r in results + low_results for k, v in r.get("unavailable", {}).items()}
+        unavailable = {f"{r['model']}: {k}": v for r in results + low_results
+                       for k, v in r.get("unavailable", {}).items()}
         if unavailable:
             lines += ["Metrics that could not run:", ""] + [f"- {k}: {v}" for k, v in unavailable.items()] + [""]
 
@@ -1541,11 +1535,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where pruning, mining, evaluation and axolotl train run (default %(default)s)")
     parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
-                        help=f"redo every stage, or only the named ones (and what depends on them): {', '.join(STAGES)}")
-    parser.add_argument("--seed", type=int, default=0, help="seed of calibration, mining and training (micro model: also "
+                        help="redo every stage, or only the named ones (and what depends on them): "
+                        f"{', '.join(STAGES)}")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of calibration, mining and training (micro model: also "
                         "the teacher and Table 1); evaluation seeds are fixed per condition (default 0)")
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch threads (default: the cores not busy by the 1-minute load average, minus one, at least 1)")
+                        help="torch threads (default: the cores not busy by the 1-minute load average, minus one, "
+                        "at least 1)")
     parser.add_argument("--jobs", type=_positive_int, default=None,
                         help="axolotl train runs at a time (default: 2 with two cores or more, else 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

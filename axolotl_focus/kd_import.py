@@ -57,8 +57,15 @@ import numpy as np
 import torch
 
 from .losses import SparseTeacher
-from .teacher_cache import (DEFAULT_SHARD_SIZE, CacheMeta, dataset_digest, sequence_key, tokenizer_digest,
-                            trained_positions, write_cache)
+from .teacher_cache import (
+    DEFAULT_SHARD_SIZE,
+    CacheMeta,
+    dataset_digest,
+    sequence_key,
+    tokenizer_digest,
+    trained_positions,
+    write_cache,
+)
 
 SOURCE = "axolotl KD logprobs"
 KD_COLUMNS = ("target_token_ids", "target_logprobs")

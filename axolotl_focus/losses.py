@@ -866,7 +866,8 @@ class _ChunkedTokenNLL(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, target = ctx.saved_tensors
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
         z_buf, low = _chunk_buffers(hidden, weight, ctx.chunk_size)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])

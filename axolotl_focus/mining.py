@@ -123,6 +123,7 @@ import torch
 from transformers import StoppingCriteria
 
 from .degeneration import DEFAULT_THRESHOLD, LoopDetector, coverage
+from .files import write_json
 from .locations import looks_local
 
 LOG = logging.getLogger(__name__)
@@ -875,13 +876,6 @@ def _merge_shards(output: str, target: int) -> None:
     LOG.info("merged %d shard files into %s (+%d pairs)", len(shards), output, len(rows))
 
 
-def _write_json(path: str, data: dict) -> None:
-    """Write ``path`` atomically (a temporary file, then ``os.replace``)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 _ROW_SETTINGS = ("student", "teacher", "seed", "top_p", "temperature", "teacher_temperature")  # in every pair row
 
 
@@ -924,7 +918,7 @@ def _prepare_output(cfg: MiningConfig, record: dict, state) -> None:
             LOG.warning("restart: removed %s", ", ".join(removed) if removed else "nothing (no files yet)")
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         if cfg.restart or saved != record:
-            _write_json(run_path, record)
+            write_json(run_path, record, indent=2)
     state.wait_for_everyone()
 
 
@@ -1162,7 +1156,7 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     summary.elapsed_s = round(time.perf_counter() - start, 3)
     summary.settings = cfg.sampling_settings()
     if state.is_main_process:
-        _write_json(output + ".summary.json", summary.to_dict())
+        write_json(output + ".summary.json", summary.to_dict(), indent=2)
         LOG.info(
             "RePAIR mining: %d prompts tried (%d skipped on resume), %.1f%% degenerate, %d pairs kept "
             "(%d in %s), %d positives rejected for looping, %d pairs dropped; student early stopping: "

@@ -9,7 +9,6 @@ from axolotl.integrations.base import BasePlugin
 from .config import TRAINING_ARG_KEYS
 from .logs import show_package_logs
 
-
 show_package_logs()  # axolotl configures only its own loggers: show ours
 
 

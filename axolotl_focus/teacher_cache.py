@@ -101,6 +101,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_json
 from .losses import IGNORE_INDEX, SparseTeacher, sparse_teacher_from_logits
 
 LOG = logging.getLogger(__name__)
@@ -195,10 +196,7 @@ class CacheMeta:
 
     def write(self, folder: str | os.PathLike) -> None:
         """Write ``cache.json`` atomically."""
-        path = Path(folder) / META_FILE
-        tmp = path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(Path(folder) / META_FILE, self.to_dict(), indent=2, sort_keys=True, newline=True)
 
 
 def read_meta(folder: str | os.PathLike) -> CacheMeta | None:
@@ -413,10 +411,11 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
 
     ``teacher``: a causal LM (put in eval mode and moved to ``device``; run without grad), or a
     function without arguments returning one, called only if a shard must be computed (then
-    ``dtype``, its compute dtype, must be given; a module's own dtype is recorded otherwise). ``rows``: the (input_ids, labels) of the SFT sequences (not RePAIR pair
-    rows); duplicates and rows without a trained position are skipped. ``teacher_name``: its path
-    or hub id (for the fingerprint). ``tokenizer``: the tokenizer that tokenized ``rows`` (for
-    the digest; None: no digest). See the module docstring for the format and resuming.
+    ``dtype``, its compute dtype, must be given; a module's own dtype is recorded otherwise).
+    ``rows``: the (input_ids, labels) of the SFT sequences (not RePAIR pair rows); duplicates and
+    rows without a trained position are skipped. ``teacher_name``: its path or hub id (for the
+    fingerprint). ``tokenizer``: the tokenizer that tokenized ``rows`` (for the digest; None: no
+    digest). See the module docstring for the format and resuming.
     """
     folder = Path(path)
     k, shard_size, batch_size = int(k), int(shard_size), int(batch_size)

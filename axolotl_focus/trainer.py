@@ -42,7 +42,6 @@ backward, so that the ranks stay in step). Evaluation never uses DITTO.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -52,6 +51,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 
 from .config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
 from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
+from .files import write_json
 from .losses import (
     IGNORE_INDEX,
     DistillSpec,
@@ -91,10 +91,7 @@ def write_training_record(output_dir: str, focus_args) -> str:
     """``<output_dir>/focus_training.json``: the ``focus_*`` settings of a training run."""
     record = {f.name: getattr(focus_args, f.name) for f in dataclasses.fields(focus_args)}
     path = os.path.join(output_dir, TRAINING_RECORD)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(record, fh, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(path, record, indent=2, sort_keys=True, default=str)
     return path
 
 

@@ -235,7 +235,8 @@ def main() -> None:
 
     ok_rows = [r for r in results if "error" not in r]
     dense_of = {r["term"]: r for r in ok_rows if r["impl"] == "dense"}
-    print(f"\nForward + backward to hidden states + lm_head; {args.tokens} tokens ({args.tokens // args.seq_len} rows x "
+    print(f"\nForward + backward to hidden states + lm_head; {args.tokens} tokens "
+          f"({args.tokens // args.seq_len} rows x "
           f"{args.seq_len}), hidden {args.hidden}, vocab {args.vocab}, fp32, device={args.device}, "
           f"threads={args.threads}, chunk {args.chunk_size}; median of {args.repeats} after 1 warm-up; "
           f"peak = {ok_rows[0]['method'] if ok_rows else '-'}.\n")
@@ -252,7 +253,8 @@ def main() -> None:
         out = [f"{r['peak_bytes'] / ce['peak_bytes']:.2f}" if ce else "-", f"{rel:.2f}"]
         if dense is None or dense is r:
             return out + ["-", "-"]
-        return out + [f"{r['peak_bytes'] / dense['peak_bytes']:.2f}", f"{rel / (dense['time_s'] / dense['time_ce_s']):.2f}"]
+        return out + [f"{r['peak_bytes'] / dense['peak_bytes']:.2f}",
+                      f"{rel / (dense['time_s'] / dense['time_ce_s']):.2f}"]
 
     for r in results:
         label = f"CE ({'DITTO rows' if r['term'] == 'ditto' else 'Zipf targets'})" if r["impl"] == "ce" else r["term"]

@@ -25,11 +25,12 @@ labels) exist:
   missed (unlike sampling). Where ``clear_refs`` is unavailable it falls back to the increase of
   ``ru_maxrss`` (a process-lifetime maximum) over its value at the baseline, flagged in the
   output; that is exact as long as the RSS never exceeded the baseline before it, which holds
-  because the inputs are built in place without larger temporaries. Workers run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` and
-  ``MALLOC_TRIM_THRESHOLD_=0`` so that freed tensors leave the RSS instead of being cached by the
-  allocator, which would otherwise measure allocator caching rather than live tensors. The
-  student gradients (``h.grad``, ``W.grad``) are dropped before every run, so the peak is that of
-  one forward + backward, gradients included (they are the same size for all implementations).
+  because the inputs are built in place without larger temporaries. Workers run with glibc's
+  ``MALLOC_MMAP_THRESHOLD_=65536`` and ``MALLOC_TRIM_THRESHOLD_=0`` so that freed tensors leave the
+  RSS instead of being cached by the allocator, which would otherwise measure allocator caching
+  rather than live tensors. The student gradients (``h.grad``, ``W.grad``) are dropped before
+  every run, so the peak is that of one forward + backward, gradients included (they are the same
+  size for all implementations).
 * CUDA: ``torch.cuda.max_memory_allocated() - memory_allocated()`` after
   ``reset_peak_memory_stats()`` (caching allocator excluded).
 

@@ -19,7 +19,6 @@ import resource
 import subprocess
 import sys
 
-
 from peak_rss import reset_peak as _reset_peak  # noqa: E402
 from peak_rss import status_kb as _status_kb  # noqa: E402
 

@@ -324,7 +324,8 @@ def report(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["fidelity"]:
-        lines.append(f"| {r['mode'].upper() if r['mode'] == 'kd' else 'FOCUS'} | {r['k']} | {_fmt(r['loss_rel_err'])} | "
+        lines.append(f"| {r['mode'].upper() if r['mode'] == 'kd' else 'FOCUS'} | {r['k']} | "
+                     f"{_fmt(r['loss_rel_err'])} | "
                      f"{_fmt(r['token_rel_err_median'])} | {_fmt(r['token_rel_err_p95'])} | {_fmt(r['grad_rel_err'])} "
                      f"| {r['grad_cosine']:.6f} |")
     full = {r["mode"]: r["loss_full"] for r in result["fidelity"]}

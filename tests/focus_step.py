@@ -70,7 +70,8 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        student = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        student = get_peft_model(
+            student, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     args = AxolotlTrainingArguments(
         output_dir=os.path.join(out_dir, "trainer_out"),
         per_device_train_batch_size=per_device,

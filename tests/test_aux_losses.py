@@ -14,9 +14,9 @@ from axolotl_focus.losses import (
     DistillSpec,
     chunked_token_nll,
     ditto_loss,
-    fused_ditto_loss,
     ditto_previous_index,
     fused_ce_distill_aux,
+    fused_ditto_loss,
     reference_aux_terms,
     reference_ce_distill,
     reference_ditto,
@@ -518,8 +518,7 @@ def test_aux_terms_with_repair_pairs(tiny_pair, tmp_path):
 @pytest.mark.slow
 def test_axolotl_train_with_aux_losses(tiny_pair, tmp_path):
     """The real `axolotl train` CLI with unlikelihood + ScaleGrad + DITTO: every step logs its terms."""
-    from test_e2e_axolotl import logged_dicts
-    from test_e2e_axolotl import axolotl_train
+    from test_e2e_axolotl import axolotl_train, logged_dicts
     from test_plugin import tiny_config
 
     cfg = tiny_config(tiny_pair, tmp_path, dataset_prepared_path=str(tmp_path / "prepared"), max_steps=4,

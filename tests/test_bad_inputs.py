@@ -102,7 +102,8 @@ CACHED = "{root}/cache"
 
 CASES = [
     # --- config keys and values (validate: exit 1 and the account; train: raises in register) ---
-    Case("misspelled-key", ["validate", "{root}/c.yml"], 1, ("c.yml:15", "focus_temprature", "did you mean focus_temperature"),
+    Case("misspelled-key", ["validate", "{root}/c.yml"], 1,
+         ("c.yml:15", "focus_temprature", "did you mean focus_temperature"),
          {"c.yml": config(focus_temprature=3.0)}),
     Case("misspelled-key-train", ["train", "{root}/c.yml"], 2, ("focus_temprature", "did you mean focus_temperature"),
          {"c.yml": config(focus_temprature=3.0)}),
@@ -129,7 +130,8 @@ CASES = [
          {"c.yml": "base_model: x\nplugins:\n  - a\n - b\n"}),
     Case("config-a-list", ["validate", "{root}/c.yml"], 2, ("c.yml", "expected a mapping"), {"c.yml": "- a\n- b\n"}),
     # --- models: teacher, student, recorded source, vocabulary ---
-    Case("teacher-missing", ["validate", "{root}/c.yml"], 1, ("focus_teacher_model", "/nonexistent/teacher", "does not exist"),
+    Case("teacher-missing", ["validate", "{root}/c.yml"], 1,
+         ("focus_teacher_model", "/nonexistent/teacher", "does not exist"),
          {"c.yml": config(focus_teacher_model="/nonexistent/teacher")}),
     Case("teacher-missing-train", ["train", "{root}/c.yml"], 2, ("focus_teacher_model", "does not exist"),
          {"c.yml": config(focus_teacher_model="/nonexistent/teacher")}),
@@ -182,7 +184,8 @@ CASES = [
          {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": json.dumps(PAIR) + "\n\n{oops\n"}),
     Case("pair-invalid-json-train", ["train", "{root}/c.yml"], 2, ("pairs.jsonl:3", "invalid JSON"),
          {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": json.dumps(PAIR) + "\n\n{oops\n"}),
-    Case("pair-file-missing", ["validate", "{root}/c.yml"], 1, ("datasets[1].path", "does not exist", "axolotl-focus pairs"),
+    Case("pair-file-missing", ["validate", "{root}/c.yml"], 1,
+         ("datasets[1].path", "does not exist", "axolotl-focus pairs"),
          {"c.yml": config(datasets=REPAIR_DATA)}),
     Case("dpo-row", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:1", "empty rejected"),
          {"c.yml": config(**DPO), "pairs.jsonl": [{**PAIR, "rejected": "  "}]}),
@@ -194,7 +197,8 @@ CASES = [
     Case("prune-depth-blocks", ["validate", "{root}/c.yml"], 1, ("focus_prune", "block"),
          {"c.yml": config(base_model="{teacher}", focus_prune={"method": "depth", "num_blocks": 40,
                                                              "cache_dir": "{root}/cache"})}),
-    Case("prune-calibration", ["validate", "{root}/c.yml"], 1, ("focus_prune.calibration", "missing.txt", "does not exist"),
+    Case("prune-calibration", ["validate", "{root}/c.yml"], 1,
+         ("focus_prune.calibration", "missing.txt", "does not exist"),
          {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "calibration": "{root}/missing.txt"})}),
     Case("prune-no-base-model", ["validate", "{root}/c.yml"], 1, ("base_model", "required"),
          {"c.yml": config(base_model=None, focus_prune=PRUNE)}),

@@ -15,7 +15,14 @@ import pytest
 
 from axolotl_focus import demo as demo_mod
 from axolotl_focus.demo import (
-    RUNS, STAGES, Demo, DemoSettings, demo_settings, logged_dicts, read_json, train_configs,
+    RUNS,
+    STAGES,
+    Demo,
+    DemoSettings,
+    demo_settings,
+    logged_dicts,
+    read_json,
+    train_configs,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +114,8 @@ def test_long_commands_take_a_thread_count():
     from axolotl_focus.cli import THREADED, build_parser, set_threads
 
     for command in THREADED:
-        extra = {"prune": [], "pairs": [], "eval": ["a=b"], "model": [], "teacher-cache": ["cfg.yml", "--output", "x"]}[command]
+        extra = {"prune": [], "pairs": [], "eval": ["a=b"], "model": [],
+                 "teacher-cache": ["cfg.yml", "--output", "x"]}[command]
         assert build_parser().parse_args([command, *extra, "--threads", "3"]).threads == 3
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, *extra, "--threads", "0"])
@@ -256,7 +264,8 @@ def test_paper_checks_compare_in_the_papers_direction():
                    {"model": "width pruned", "decoding": "greedy", "crep": 20.0}]}
     rows = demo_mod._paper_checks(conds, t1)
     text = "\n".join(rows)
-    assert "| pruning increases repetition (Table 1) | CREP | width pruned, greedy | 20.0 vs unpruned 10.0 | holds |" in text
+    assert ("| pruning increases repetition (Table 1) | CREP | width pruned, greedy | "
+            "20.0 vs unpruned 10.0 | holds |") in text
     assert "| FOCUS repeats less than KD | CREP | T=1 | FOCUS 1.00 vs KD 3.00 | holds |" in text
     assert "| FOCUS repeats less than KD | rep-3 | T=1 | FOCUS 2.00 vs KD 2.00 | tie |" in text
     assert "| DPO reduces repetition vs CE | rep-3 | T=1 | DPO 1.00 vs CE 0.50 | does not hold |" in text

@@ -82,7 +82,8 @@ def _instructions(path: Path) -> str:
         {"id": "t1", "instruction": "Name two rivers in the state.",
          "instances": [{"input": "", "output": "The Ohio and the Miami."},
                        {"input": "Answer briefly.", "output": "Ohio, Miami."}]},
-        {"id": "t2", "instruction": "Describe the church.", "instances": [{"input": "", "output": "It is old and large."}]},
+        {"id": "t2", "instruction": "Describe the church.",
+         "instances": [{"input": "", "output": "It is old and large."}]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -216,7 +217,8 @@ def test_reuse_saved_generations_without_loading_models(evaluated, monkeypatch):
         for key in ("perplexity", "open_ended", "instruction", "distribution", "unavailable"):
             assert new.get(key) == json.loads(json.dumps(old.get(key))), key
     # --metrics-only with settings that match no saved generations: reported, nothing generated
-    other = evaluate_models(models, replace(cfg, max_new_tokens=OPEN_NEW + 1, metrics=("repetition",), metrics_only=True))
+    other = evaluate_models(
+        models, replace(cfg, max_new_tokens=OPEN_NEW + 1, metrics=("repetition",), metrics_only=True))
     assert "--metrics-only" in other[1]["unavailable"]["open_ended.greedy"]
     assert other[1]["open_ended"]["decodings"] == {}
     assert other[1]["instruction"]["decodings"]["greedy"]  # instruction budget unchanged: reused
@@ -254,7 +256,8 @@ def test_perplexity_sliding_window_by_hand(micro):
         x = torch.tensor([ids])
         assert perplexity(model, tok, ids, window=64, stride=32)["nll"] == pytest.approx(
             model(input_ids=x, labels=x).loss.item(), rel=1e-5)
-        assert perplexity(model, tok, tok.decode(ids), window=64, stride=64)["tokens"] == len(tok(tok.decode(ids))["input_ids"])
+        assert (perplexity(model, tok, tok.decode(ids), window=64, stride=64)["tokens"]
+                == len(tok(tok.decode(ids))["input_ids"]))
     with pytest.raises(ValueError, match="stride"):
         perplexity(model, tok, ids, window=8, stride=16)
 
@@ -296,7 +299,7 @@ def test_distribution_study_of_a_model_with_itself(micro):
 
 def _row(md: str, title: str, label: str) -> list[str]:
     section = md.split(f"### {title}")[1].split("###")[0]
-    line = next(l for l in section.splitlines() if l.startswith(f"| {label} |"))
+    line = next(row for row in section.splitlines() if row.startswith(f"| {label} |"))
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
@@ -309,9 +312,10 @@ def test_markdown_table_bolds_best_with_direction():
                 "zero_shot": {"tasks": {}, "average": zs},
                 "open_ended": {"reference": {"crep": 0.0, "rep-3": 0.1}, "decodings": {"top_p0.9": {"mean": mean}}}}
 
-    md = markdown_report([result("KD", 21.69, 7.3, 0.61, 13.28, 60.39), result("FOCUS", 22.32, 1.73, 0.64, 13.28, 61.0)])
+    md = markdown_report([result("KD", 21.69, 7.3, 0.61, 13.28, 60.39),
+                          result("FOCUS", 22.32, 1.73, 0.64, 13.28, 61.0)])
     title = "Open-ended generation (Table 3): top_p0.9, mean over seeds [0]"
-    header = next(l for l in md.split(f"### {title}")[1].splitlines() if l.startswith("| Method"))
+    header = next(row for row in md.split(f"### {title}")[1].splitlines() if row.startswith("| Method"))
     assert "PPL (↓)" in header and "0-shot (↑)" in header and "MAUVE (↑)" in header and "CREP (↓)" in header
     kd, focus = _row(md, title, "KD"), _row(md, title, "FOCUS")
     # columns: PPL, 0-shot, MAUVE, CREP, rep-3..6, serving rate, serving tokens
@@ -332,7 +336,8 @@ def test_reweighting_and_toy_distribution():
     qt = reweighted(q, 15.0, 1.0)
     w = q**15 + (1 - q) ** 1
     assert qt.tolist() == pytest.approx((w * q / (w * q).sum()).tolist())
-    assert torch.allclose(reweighted(q, 15.0, 1.0), focus_weights(q, 15.0, 1.0) * q / (focus_weights(q, 15.0, 1.0) * q).sum())
+    assert torch.allclose(reweighted(q, 15.0, 1.0),
+                          focus_weights(q, 15.0, 1.0) * q / (focus_weights(q, 15.0, 1.0) * q).sum())
     assert qt[0] < q[0] and qt[2:].sum() > q[2:].sum()  # smoothed head, raised tail (Figure 2a)
     assert bool((qt[:-1] >= qt[1:]).all())  # order preserved
 
@@ -504,7 +509,8 @@ def test_load_instructions_and_open_ended_items(tmp_path, micro):
     docs = [Prompt("short", "too short"), *micro["prompts"][:6]]
     items = open_ended_items(tok, docs, prefix_tokens=10, max_new_tokens=15, num=4, seed=3)
     assert len(items) == 4 and "short" not in {it["id"] for it in items}
-    assert [it["id"] for it in items] == sorted((it["id"] for it in items), key=lambda i: [d.source_id for d in docs].index(i))
+    assert [it["id"] for it in items] == sorted((it["id"] for it in items),
+                                                key=lambda i: [d.source_id for d in docs].index(i))
     assert items == open_ended_items(tok, docs, prefix_tokens=10, max_new_tokens=15, num=4, seed=3)
     for it in items:
         doc = next(d for d in docs if d.source_id == it["id"])

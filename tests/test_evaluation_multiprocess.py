@@ -18,7 +18,8 @@ MODELS = ("teacher", "student")
 
 
 def _instructions(path: Path) -> str:
-    rows = [{"instruction": "Rewrite the sentence more simply.", "input": "The game was released early.", "output": "x"},
+    rows = [{"instruction": "Rewrite the sentence more simply.", "input": "The game was released early.",
+             "output": "x"},
             {"instruction": "Name two rivers in the state.", "output": "The Ohio and the Miami."},
             {"instruction": "Describe the church.", "output": "It is old."},
             {"instruction": "Say what the album is.", "output": "A record."}]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from axolotl_focus.losses import (
-    _chunk_loss_and_grad,
     DistillSpec,
+    _chunk_loss_and_grad,
     focus_weights,
     fused_ce_distill,
     reference_ce_distill,

@@ -16,8 +16,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from axolotl_focus import pruning as P
 from axolotl_focus.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register_auto_classes

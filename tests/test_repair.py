@@ -55,7 +55,8 @@ def pair_rows():
     return [
         {"prompt": "The cemetery is", "chosen": " a quiet place near the river .",
          "rejected": " designed to be a peaceful place . The cemetery is designed to be", "source_id": "a"},
-        {"prompt": "In 1990 the band", "chosen": " released its second album", "rejected": " the band the band the band"},
+        {"prompt": "In 1990 the band", "chosen": " released its second album",
+         "rejected": " the band the band the band"},
     ]
 
 
@@ -188,9 +189,9 @@ def test_dataset_inputs_name_path_and_row_index(tokenizer, tmp_path, caplog):
 def test_trainer_loss_on_mixed_batch_matches_dense_reference(tiny_pair, tmp_path, tokenizer):
     """CE + alpha_1 FOCUS over the SFT row + alpha_2 * margin loss over the pairs, values and grads."""
     import focus_step
+    from axolotl.utils.dict import DictDefault
 
     from axolotl_focus.repair import RepairCollator, load
-    from axolotl.utils.dict import DictDefault
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=3)

@@ -10,12 +10,12 @@ A rerun reuses every file whose meta matches and loads a model only when somethi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import files
+from ..files import read_json
 from .config import EvalConfig, MetricUnavailable
 
 
@@ -24,14 +24,8 @@ def jsonable(value):
 
 
 def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """An evaluation file, atomically (:func:`axolotl_focus.files.write_json`), non-ASCII kept."""
+    files.write_json(path, data, indent=2, ensure_ascii=False)
 
 
 def cached(path: Path, meta: dict, compute: Callable[[], Any], cfg: EvalConfig, what: str):
@@ -45,7 +39,3 @@ def cached(path: Path, meta: dict, compute: Callable[[], Any], cfg: EvalConfig, 
     value = jsonable(compute())
     write_json(path, {"meta": meta, "value": value})
     return value
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import TRAINING_RECORD
+from ..files import read_json
 from ..losses import focus_weights
-from .files import read_json
 
 
 def reweighted(q: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..degeneration import DEFAULT_THRESHOLD, repetition_metrics, serving_degeneration
+from ..files import read_json
 from ..mining import _continuation_text
 from .config import REP_NS, EvalConfig, MetricUnavailable
-from .files import jsonable, read_json, write_json
+from .files import jsonable, write_json
 from .runner import get_ranks
 
 

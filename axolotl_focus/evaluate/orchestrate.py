@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..files import digest
 from .config import EvalConfig, MetricUnavailable, require
 from .data import (
     default_wikitext,
@@ -29,7 +30,7 @@ from .data import (
     ppl_source,
 )
 from .distribution import distribution_study, teacher_examples
-from .files import cached, digest, jsonable, write_json
+from .files import cached, jsonable, write_json
 from .focus import focus_params_of
 from .generation import decoding_key, generate_items, generation_metrics, mean_dicts, saved_generations
 from .models import LazyModel, eval_device

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..files import digest
 from .config import EvalConfig, MetricUnavailable, require
-from .files import digest
 
 
 class Featurizer:
