@@ -8,7 +8,7 @@
     axolotl-focus pairs --student S --prompts P --output pairs.jsonl  mine RePAIR pairs
     axolotl-focus eval NAME=PATH [NAME=PATH ...]  the paper's metrics, tables and plots
     axolotl-focus demo [--out DIR] [--quick] [--force]  the whole pipeline offline on the real model
-    axolotl-focus teacher-cache CONFIG.yml --output DIR [--k 32]  precompute the teacher's top-k (FOCUS/KD)
+    axolotl-focus teacher-cache CONFIG.yml --output DIR [--k 512]  precompute the teacher's top-k (FOCUS/KD)
 
 An error caused by the input (a bad option, file, row or model) is one line naming the field,
 file:line or path, exit status 2; ``--debug`` shows the traceback instead.
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
     p.add_argument("--output", required=True, help="the cache folder (created; resumed when it holds an unfinished "
                    "cache of the same settings)")
-    p.add_argument("--k", type=_threads_type, default=32, help="teacher tokens kept per position (default: 32)")
+    p.add_argument("--k", type=_threads_type, default=512, help="teacher tokens kept per position (default: 512, "
+                   "the k whose training effect the demo measured)")
     p.add_argument("--teacher", default=None, help="teacher path or hub id (default: the config's "
                    "focus_teacher_model, as the plugin resolves it)")
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature tau (default: the "

@@ -180,7 +180,7 @@ class FocusArgs(BaseModel):
     focus_teacher_cache: str | None = Field(
         default=None,
         description="Folder of a precomputed teacher-logit cache (built by `axolotl-focus teacher-cache CONFIG "
-        "--output DIR --k 32` from the same data and tokenizer): FOCUS / KD read the teacher's top-k "
+        "--output DIR --k 512` from the same data and tokenizer): FOCUS / KD read the teacher's top-k "
         "distribution from it and no teacher model is loaded. Needs sample_packing: false and "
         "eval_sample_packing: false; not with rl or focus_distill: none.",
     )

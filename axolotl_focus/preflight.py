@@ -275,7 +275,7 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
 
     key = "focus_teacher_cache"
     path = str(cfg[key])
-    build = f"axolotl-focus teacher-cache CONFIG --output {path} --k 32"
+    build = f"axolotl-focus teacher-cache CONFIG --output {path} --k 512"
     if not os.path.exists(path):
         account.error(key, f"{path} does not exist; build the teacher cache first: {build}", lines)
         return

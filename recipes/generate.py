@@ -10,7 +10,7 @@ so the teacher is the unpruned ``base_model`` without a ``focus_teacher_model`` 
 
 ``focus-cached`` and ``kd-cached`` (LLaMA-3.1-8B at 25% only, ``EXTRA_ROWS``) are the ``focus`` and
 ``kd`` rows with the teacher read from one precomputed teacher-logit cache (``focus_teacher_cache:``,
-top-32 per position at tau 2, built from ``focus.yml`` of the same folder by ``axolotl-focus
+top-512 per position at tau 2, built from ``focus.yml`` of the same folder by ``axolotl-focus
 teacher-cache``): no teacher model is loaded during training.
 """
 
@@ -63,7 +63,7 @@ ROWS_25 = ["ce", "ce-repair", "kd", "kd-ul", "kd-sg", "kd-ditto", "kd-repair", "
 ROWS_AGGRESSIVE = ["focus", "focus-ul", "focus-sg", "focus-ditto", "focus-repair"]
 # rows of one folder only: (model, ratio) -> rows
 EXTRA_ROWS = {("llama-3.1-8b", 0.25): ["focus-cached", "kd-cached"]}
-CACHE_K = 32  # teacher ids kept per position in the teacher cache of the *-cached rows
+CACHE_K = 512  # teacher ids kept per position in the teacher cache of the *-cached rows
 
 ALPACA = {"path": "yahma/alpaca-cleaned", "type": "alpaca"}
 TRAINING = {
