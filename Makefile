@@ -1,7 +1,7 @@
 # make test  - create .venv if missing (torch 2.13.0 first; TORCH_INDEX_URL=... for another torch index),
 #              install .[test,eval], ruff (pyproject's [tool.ruff]), then the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
-#              pipeline on the embedded real model SmolLM2-135M, ~35 min on 2 CPU cores; DEMO_ARGS=--quick (10 min)
+#              pipeline on the embedded real model SmolLM2-135M, ~45-75 min on 2 CPU cores; DEMO_ARGS=--quick (10 min)
 #              for the small preset, DEMO_ARGS="--model micro" for the micro model)
 # make bench - all benchmarks (memory/time ratios measured side by side; BENCH_ARGS=--quick for the
 #              loss benchmarks' smoke size)
