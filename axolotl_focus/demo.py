@@ -236,7 +236,7 @@ def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2",
     )
     if preset == "quick":
         real |= dict(calib_samples=4, mining_prompts=128, target_pairs=24, train_steps=8, dpo_steps=8,
-                     runs=("ce", "kd", "focus", "focus-repair", "dpo", "focus-cached"), eval_documents=12,
+                     runs=("ce", "kd", "focus", "focus-repair", "dpo"), eval_documents=12,
                      ppl_max_tokens=2048, eval_low_seeds=(0,))
     elif preset == "smoke":
         # 8 SFT rows + the pairs, 3 steps of 4 rows: one epoch, so the pair rows are trained on

@@ -79,8 +79,8 @@ def test_cached_runs_share_one_cache_and_match_their_in_process_twins(tmp_path):
 
     full, quick, smoke = (demo_settings(preset=p) for p in ("full", "quick", "smoke"))
     assert {"kd-cached", "focus-cached", "focus-seed1"} <= set(full.runs)
-    for s in (quick, smoke):
-        assert {"focus", "focus-cached"} <= set(s.runs)
+    assert {"focus", "focus-cached"} <= set(smoke.runs)  # CI's run trains from a cache too
+    assert not any(r.endswith("cached") for r in quick.runs)  # quick stays quick: no cache build
     assert (full.cache_k, quick.cache_k, smoke.cache_k) == (512, 512, 32)
     cfgs = train_configs(full, "/m/width", "/d/sft.jsonl", "/d/pairs.jsonl", tmp_path)
     cache = str(tmp_path / "teacher_cache_k512")
