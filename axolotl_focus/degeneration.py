@@ -334,7 +334,9 @@ class LoopDetector:
 # --------------------------------------------------------------------------------------------
 
 
-def _rep(t: list[int], n: int) -> float | None:
+def sequence_rep(t: list[int], n: int) -> float | None:
+    """``1 - |unique n-grams| / |n-grams|`` of one token sequence (not x100); None when it has
+    fewer than ``n`` tokens."""
     m = len(t) - n + 1
     if m <= 0:
         return None
@@ -347,7 +349,7 @@ def rep_n(texts: Iterable[Sequence[int] | Any], n: int) -> float:
     out of the average; 0.0 when no continuation has ``n`` tokens."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    vals = [v for v in (_rep(_as_tokens(t), n) for t in texts) if v is not None]
+    vals = [v for v in (sequence_rep(_as_tokens(t), n) for t in texts) if v is not None]
     return 100.0 * sum(vals) / len(vals) if vals else 0.0
 
 

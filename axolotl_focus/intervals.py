@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .degeneration import DEFAULT_THRESHOLD, _rep, coverage
+from .degeneration import DEFAULT_THRESHOLD, coverage, sequence_rep
 
 
 def document_values(seed_rows: Sequence[Sequence[Sequence[int]]], metric: str,
@@ -45,7 +45,7 @@ def document_values(seed_rows: Sequence[Sequence[Sequence[int]]], metric: str,
             if metric == "crep":
                 values[s, d] = 100.0 * coverage(list(toks), threshold=threshold).is_degenerate
             elif metric.startswith("rep-"):
-                v = _rep(list(toks), int(metric[4:]))
+                v = sequence_rep(list(toks), int(metric[4:]))
                 values[s, d] = np.nan if v is None else 100.0 * v
             else:
                 raise ValueError(f"metric: crep or rep-N, got {metric!r}")

@@ -510,7 +510,7 @@ def encode_prompt(tokenizer, text: str, cfg: MiningConfig) -> tuple[str, list[in
     return text, list(tokenizer(text)["input_ids"])
 
 
-def _continuation_text(tokenizer, context: Sequence[int], segment: Sequence[int]) -> str:
+def continuation_text(tokenizer, context: Sequence[int], segment: Sequence[int]) -> str:
     """Text of ``segment`` after ``context``, cut from one decode of ``context + segment``."""
     before = _decode(tokenizer, context)
     full = _decode(tokenizer, list(context) + list(segment))
@@ -927,7 +927,7 @@ def _prepare_output(cfg: MiningConfig, record: dict, state) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _partial_state():
+def process_state():
     """accelerate's process state. Without an accelerator, ask for CPU explicitly: otherwise
     ``PartialState()`` ignores a torchrun/``accelerate launch`` world and runs every rank alone."""
     from accelerate import PartialState
@@ -1008,7 +1008,7 @@ def _student_pass(student, tokenizer, batch: list[Prompt], cfg: MiningConfig,
         rejected = out[res.onset :]
         neg = _Negative(prompt, text, ids, out, stop, res.onset, res.coverage,
                         coverage(rejected, threshold=cfg.threshold).coverage,
-                        _continuation_text(tokenizer, ids + out[: res.onset], rejected))
+                        continuation_text(tokenizer, ids + out[: res.onset], rejected))
         if not neg.rejected_text.strip() or (cfg.require_rejected_degenerate and neg.rejected_coverage < cfg.threshold):
             summary.negatives_dropped += 1
             states.append({"source_id": prompt.source_id, "status": "dropped"})
@@ -1029,7 +1029,7 @@ def _teacher_pass(teacher, tokenizer, negatives: list[_Negative], cfg: MiningCon
                              top_p=cfg.top_p, temperature=cfg.positive_temperature)
         for neg, toks in zip(todo, gen.tokens):
             summary.teacher_tokens += len(toks)
-            text = _continuation_text(tokenizer, neg.context, toks)
+            text = continuation_text(tokenizer, neg.context, toks)
             cov = coverage(toks, threshold=cfg.threshold)
             if not text.strip():
                 summary.positives_rejected_empty += 1
@@ -1043,7 +1043,7 @@ def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], cfg: MiningConf
     """The output row of a negative with its positive (fields: see the module docstring)."""
     toks, text, cov_chosen, attempt = neg.chosen
     return {
-        "prompt": neg.text + _continuation_text(tokenizer, neg.ids, neg.out[: neg.onset]),
+        "prompt": neg.text + continuation_text(tokenizer, neg.ids, neg.out[: neg.onset]),
         "chosen": text,
         "rejected": neg.rejected_text,
         "source_id": neg.prompt.source_id,
@@ -1113,7 +1113,7 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
 
     cfg.validate(prompts=False)
     start = time.perf_counter()
-    state = _partial_state()
+    state = process_state()
     output = cfg.output
     names = (_model_name(student, cfg.student),
              _model_name(teacher, cfg.teacher_path() if cfg.student else cfg.teacher))
@@ -1221,7 +1221,7 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     )
     teacher_path = cfg.teacher_path()
     tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
-    state = _partial_state()
+    state = process_state()
     _prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
     device = torch.device(cfg.device) if cfg.device else state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..mining import MiningConfig, Prompt, _continuation_text, encode_prompt, load_prompts
+from ..mining import MiningConfig, Prompt, continuation_text, encode_prompt, load_prompts
 from .config import EvalConfig
 
 LOG = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def open_ended_items(tokenizer, documents: Sequence[Prompt], prefix_tokens: int 
         text, prompt_ids = encode_prompt(tokenizer, doc.text, mode)
         ref = ids[prefix_tokens : prefix_tokens + max_new_tokens]
         items.append({"id": doc.source_id, "prompt": text, "prompt_tokens": prompt_ids, "reference_tokens": ref,
-                      "reference": _continuation_text(tokenizer, ids[:prefix_tokens], ref)})
+                      "reference": continuation_text(tokenizer, ids[:prefix_tokens], ref)})
     return items
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from ..degeneration import DEFAULT_THRESHOLD, repetition_metrics, serving_degeneration
 from ..files import read_json
-from ..mining import _continuation_text
+from ..mining import continuation_text
 from .config import REP_NS, EvalConfig, MetricUnavailable
 from .files import jsonable, write_json
 from .runner import get_ranks
@@ -51,7 +51,7 @@ def generate_items(model, tokenizer, items: list[dict], budget: int, *, do_sampl
     rows = []
     for it, (toks, stop) in zip(items, gen, strict=True):
         rows.append({**{k: it[k] for k in ("id", "prompt", "prompt_tokens")}, "tokens": toks,
-                     "text": _continuation_text(tokenizer, it["prompt_tokens"], toks), "stop": stop or "budget",
+                     "text": continuation_text(tokenizer, it["prompt_tokens"], toks), "stop": stop or "budget",
                      **{k: it[k] for k in ("reference", "reference_tokens") if k in it}})
     return rows
 

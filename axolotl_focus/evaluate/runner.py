@@ -32,9 +32,9 @@ class Ranks:
     hours, so the other ranks can wait while rank 0 computes PPL, MAUVE or BERTScore."""
 
     def __init__(self):
-        from ..mining import _partial_state
+        from ..mining import process_state
 
-        self.state = _partial_state()
+        self.state = process_state()
         self.size, self.rank = self.state.num_processes, self.state.process_index
         self.group = None
         self._models: dict[str, Any] = {}
