@@ -26,7 +26,10 @@ for the paper's effects). Stages (each cached in its own folder of ``--out``):
    subprocess per run, generated YAML configs next to their logs; LoRA on every linear layer for
    the real model, merged into ``<run>/merged`` after training): CE (``focus_distill: none``),
    KD, FOCUS, FOCUS + RePAIR (the SFT data plus the pairs as ``type: axolotl_focus.repair``),
-   CE + RePAIR and DPO on the same pairs (``rl: dpo``, reference = the teacher).
+   CE + RePAIR and DPO on the same pairs (``rl: dpo``, reference = the teacher); in the full
+   real-model preset also KD and FOCUS from one teacher cache (``axolotl-focus teacher-cache``,
+   k ``cache_k``, built first in this stage; no teacher loaded) and FOCUS with training seed + 1
+   (the training-noise reference they are compared with, :func:`cache_comparison`).
    The teacher is never named in the configs: the plugin infers it from the pruned checkpoint.
 6. ``eval`` - :func:`axolotl_focus.evaluate.evaluate_models` on every model (PPL, CREP, rep-n,
    EAD, MAUVE with the teacher as the local featurizer) under top-p 0.9 (temperature 1, the
@@ -198,7 +201,7 @@ class DemoSettings:
 
 def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2",
                   preset: str | None = None) -> DemoSettings:
-    """The presets: ``full`` (real model: <= 60 min on a 2-core CPU; micro: ~7 min), ``quick``
+    """The presets: ``full`` (real model: <= 75 min on a 2-core CPU; micro: ~7 min), ``quick``
     (real: <= 12 min; micro: ~2 min; same stages, smaller) and ``smoke`` (real model only: the
     smallest run of every stage, for CI). ``preset`` overrides ``quick``."""
     preset = preset or ("quick" if quick else "full")
