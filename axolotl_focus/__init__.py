@@ -15,7 +15,7 @@ _register_auto_classes()
 
 
 def __getattr__(name):
-    # Lazy: importing axolotl is slow, and `axolotl_focus.losses` must stay usable without it.
+    # Lazy: importing axolotl is slow, and `axolotl_focus.train.losses` must stay usable without it.
     if name == "FocusPlugin":
         from .plugin import FocusPlugin
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .losses import DISTILL_MODES
+from .train.losses import DISTILL_MODES
 
 TRAINING_RECORD = "focus_training.json"  # the trainer's record of its focus_* settings, in output_dir
 
@@ -152,7 +152,7 @@ class FocusAuxLosses(BaseModel):
 
     def aux_spec(self):
         """The :class:`axolotl_focus.losses.AuxSpec` of the fused pass (None: no term there)."""
-        from .losses import AuxSpec
+        from .train.losses import AuxSpec
 
         spec = AuxSpec(
             unlikelihood=self.unlikelihood.alpha if self.unlikelihood else None,

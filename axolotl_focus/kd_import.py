@@ -56,7 +56,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .losses import SparseTeacher
 from .teacher_cache import (
     DEFAULT_SHARD_SIZE,
     CacheMeta,
@@ -66,6 +65,7 @@ from .teacher_cache import (
     trained_positions,
     write_cache,
 )
+from .train.losses import SparseTeacher
 
 SOURCE = "axolotl KD logprobs"
 KD_COLUMNS = ("target_token_ids", "target_logprobs")

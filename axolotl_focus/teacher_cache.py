@@ -102,7 +102,7 @@ import numpy as np
 import torch
 
 from .files import write_json
-from .losses import IGNORE_INDEX, SparseTeacher, sparse_teacher_from_logits
+from .train.losses import IGNORE_INDEX, SparseTeacher, sparse_teacher_from_logits
 
 LOG = logging.getLogger(__name__)
 

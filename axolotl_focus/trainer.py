@@ -52,7 +52,8 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from .config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
 from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
 from .files import write_json
-from .losses import (
+from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
+from .train.losses import (
     IGNORE_INDEX,
     DistillSpec,
     chunked_token_nll,
@@ -61,7 +62,6 @@ from .losses import (
     fused_ditto_loss,
     repair_margin_loss,
 )
-from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
 
 LOG = logging.getLogger(__name__)
 _COUNT = "#count"  # suffix of the stored count that goes with a term's stored sum (see FocusTrainer.log)

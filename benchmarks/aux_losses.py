@@ -3,17 +3,17 @@
 For each term, three measurements side by side in one run, each differentiated to the student
 hidden states ``[tokens, hidden]`` and lm_head ``[vocab, hidden]``:
 
-* ``ce``: the fused CE pass alone (:func:`axolotl_focus.losses.fused_ce_distill_aux` with no aux
+* ``ce``: the fused CE pass alone (:func:`axolotl_focus.train.losses.fused_ce_distill_aux` with no aux
   term, no teacher): the cost of plain training, the reference for the overhead of a term.
 * ``fused``: the term as the trainer computes it. UL / ScaleGrad / TaiLr: the same fused pass
   with the term (per-sequence seen-token ids, ``[chunk, K]``). DITTO:
-  :func:`~axolotl_focus.losses.fused_ditto_loss` (gradients computed in the forward chunks).
+  :func:`~axolotl_focus.train.losses.fused_ditto_loss` (gradients computed in the forward chunks).
 * ``dense``: the naive implementation: full ``[tokens, vocab]`` logits and autograd.
   UL / ScaleGrad / TaiLr: CE or the term from
-  :func:`~axolotl_focus.losses.reference_aux_terms`, with the seen-token mask built the naive
+  :func:`~axolotl_focus.train.losses.reference_aux_terms`, with the seen-token mask built the naive
   vectorized way (a one-hot ``[tokens, vocab]`` cumulative sum per sequence, as the reference
   codes' ``[b, l, V]`` tensors) and counted in the measurement; DITTO: ``log_softmax`` of the full
-  logits, gathered gold probabilities, :func:`~axolotl_focus.losses.ditto_loss`.
+  logits, gathered gold probabilities, :func:`~axolotl_focus.train.losses.ditto_loss`.
 
 Objectives (all normalized by the number of tokens): UL ``CE + 0.5 UL``, ScaleGrad (gamma 0.5),
 TaiLr (gamma 0.1, min_weight 0.2), DITTO (lambda 0.5) on pseudo-repetition rows (a 32-token unit

@@ -6,8 +6,8 @@ from the same student/teacher final hidden states ``[tokens, hidden]`` and lm_he
 ``[vocab, hidden]``, each differentiated to the student hidden states and the student lm_head:
 
 * ``plain``: ``h @ W.T`` for student and teacher (full ``[tokens, vocab]`` logits), then
-  :func:`axolotl_focus.losses.reference_ce_distill` and autograd.
-* ``fused``: :func:`axolotl_focus.losses.fused_ce_distill` (token chunks, closed-form gradient).
+  :func:`axolotl_focus.train.losses.reference_ce_distill` and autograd.
+* ``fused``: :func:`axolotl_focus.train.losses.fused_ce_distill` (token chunks, closed-form gradient).
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (chunked, ``torch.func``
   gradients), the closest published peer. It computes generalized **JSD** (beta = 0.5) + hard CE,
   not FOCUS, so its value is not compared; only its time and memory are. ``compiled=False`` on
@@ -52,7 +52,7 @@ which does not fit next to anything else on a 24 GB CPU machine (and takes minut
 
 The synthetic inputs are seeded random hidden states and heads scaled to peaked distributions
 (see :func:`make_inputs`), since the exp of the many tiny probabilities of a peaked
-distribution is what dominates the elementwise cost on CPU. ``axolotl_focus/losses.py`` is loaded
+distribution is what dominates the elementwise cost on CPU. ``axolotl_focus/train/losses/`` is loaded
 by path so that the workers do not import the package ``__init__`` (transformers, ~8 s).
 
 Targets (FOCUS, per shape): peak loss memory fused / plain <= 0.15, time fused / plain <= 1.2,
@@ -83,16 +83,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_losses():
-    """``axolotl_focus/losses.py`` as a module, without the package ``__init__``.
+    """The package ``axolotl_focus/train/losses/`` as a module, without the ``__init__`` of
+    ``axolotl_focus`` (or ``axolotl_focus.train``).
 
-    The package ``__init__`` imports transformers (~8 s per worker); ``losses.py`` needs only torch.
+    The ``axolotl_focus`` ``__init__`` imports transformers (~8 s per worker); the losses need only
+    torch. Registered under its own name, so that its relative imports of its sibling modules
+    resolve without importing the parent packages.
     """
     import importlib.util
 
-    name = "axolotl_focus.losses"
+    name = "axolotl_focus.train.losses"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "axolotl_focus", "losses.py"))
+    folder = os.path.join(REPO, "axolotl_focus", "train", "losses")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

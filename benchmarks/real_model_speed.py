@@ -13,7 +13,7 @@ everything measured side by side in one run:
 (b) One training step (forward + backward) on 4 x 128 tokens, CE only vs CE + FOCUS, on the
     trainer's loss path (the code of ``FocusTrainer.compute_loss`` without axolotl: the student's
     final hidden states with ``logits_to_keep=1``, the teacher's decoder hidden states under
-    ``no_grad``, :func:`axolotl_focus.losses.fused_ce_distill_aux` with the trainer's defaults,
+    ``no_grad``, :func:`axolotl_focus.train.losses.fused_ce_distill_aux` with the trainer's defaults,
     ``alpha`` 0.05, ``tau`` 2, ``beta`` 15, ``gamma`` 1, chunks of 1024). Student: a copy of the
     model with LoRA (peft, r 16, alpha 32, every linear layer, random init so that it starts off
     the teacher; ``--full`` trains all weights, perturbed); teacher: the model itself (frozen).
@@ -231,8 +231,8 @@ def bf16_check(models: dict, tokenizer, prompts: list[list[int]], args, device) 
 
 
 def train_step(model, tokenizer, args, device) -> dict:
-    from axolotl_focus.losses import DistillSpec, fused_ce_distill_aux
     from axolotl_focus.micro import corpus_text
+    from axolotl_focus.train.losses import DistillSpec, fused_ce_distill_aux
 
     ids = tokenizer(corpus_text("valid"), add_special_tokens=False)["input_ids"]
     rows, length = args.train_rows, args.train_len

@@ -1,10 +1,10 @@
 """What a top-k sparse teacher (a teacher-logit cache) costs in fidelity, on the real model.
 
 A cached teacher keeps, per position, its top-k token ids with their ``log q`` at the training
-temperature and the log of the remaining mass (:class:`axolotl_focus.losses.SparseTeacher`); the
+temperature and the log of the remaining mass (:class:`axolotl_focus.train.losses.SparseTeacher`); the
 loss is then the *bucketed* divergence (the k ids individually, every other token one tail bucket,
-:func:`axolotl_focus.losses.reference_sparse_distill_per_token`). This script compares it with the
-full-vocabulary objective (:func:`axolotl_focus.losses.reference_distill_per_token`) on the
+:func:`axolotl_focus.train.losses.reference_sparse_distill_per_token`). This script compares it with the
+full-vocabulary objective (:func:`axolotl_focus.train.losses.reference_distill_per_token`) on the
 teacher and a pruned student of the demo:
 
 * teacher: SmolLM2-135M-Instruct (:func:`axolotl_focus.embedded_model.materialize`, vocabulary
@@ -64,7 +64,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from axolotl_focus.losses import (  # noqa: E402
+from axolotl_focus.train.losses import (  # noqa: E402
     DistillSpec,
     reference_distill_per_token,
     reference_sparse_distill_per_token,

@@ -23,7 +23,7 @@ Everything is measured side by side in one run:
 (2) One optimizer step (full fine-tuning of every student weight in fp32, AdamW lr 1e-5; no LoRA,
     nothing frozen) on the trainer's loss path (``FocusTrainer.compute_loss`` without axolotl:
     the student's last hidden states with ``logits_to_keep=1``, then
-    :func:`axolotl_focus.losses.fused_ce_distill_aux` over the valid positions with the trainer's
+    :func:`axolotl_focus.train.losses.fused_ce_distill_aux` over the valid positions with the trainer's
     defaults: alpha 0.05, CE weight 1, tau 2, beta 15, gamma 1, chunks of 1024, per-token mean):
 
     - ``ce``: CE only (``focus_distill: none``; no teacher at all): the limit;
@@ -98,7 +98,8 @@ def _heavy_imports():
     import transformers  # noqa: F401
 
     import axolotl_focus  # noqa: F401  (registers the pruned LLaMA classes)
-    from axolotl_focus import losses, teacher_cache  # noqa: F401
+    from axolotl_focus import teacher_cache  # noqa: F401
+    from axolotl_focus.train import losses  # noqa: F401
 
     return torch
 
@@ -126,8 +127,8 @@ def worker(spec_path: str) -> int:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from axolotl_focus.losses import IGNORE_INDEX, DistillSpec, fused_ce_distill_aux
     from axolotl_focus.teacher_cache import TeacherCache
+    from axolotl_focus.train.losses import IGNORE_INDEX, DistillSpec, fused_ce_distill_aux
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
     ``CE + alpha * FOCUS`` over its valid tokens, their count, and each pair's hinge."""
     import torch.nn.functional as F
 
-    from axolotl_focus.losses import DistillSpec, reference_ce_distill
+    from axolotl_focus.train.losses import DistillSpec, reference_ce_distill
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]

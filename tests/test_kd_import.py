@@ -10,8 +10,8 @@ import yaml
 from test_plugin import tiny_config
 
 from axolotl_focus.kd_import import import_kd_rows, sparse_from_kd_row
-from axolotl_focus.losses import IGNORE_INDEX
 from axolotl_focus.teacher_cache import TeacherCache, rows_from_config, sequence_key, trained_positions
+from axolotl_focus.train.losses import IGNORE_INDEX
 
 V, K, TAU = 40, 6, 2.0
 

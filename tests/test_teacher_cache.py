@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import yaml
 from test_plugin import tiny_config
 
-from axolotl_focus.losses import IGNORE_INDEX, sparse_teacher_from_logits
 from axolotl_focus.teacher_cache import (
     FORMAT,
     VERSION,
@@ -22,6 +21,7 @@ from axolotl_focus.teacher_cache import (
     sequence_key,
     trained_positions,
 )
+from axolotl_focus.train.losses import IGNORE_INDEX, sparse_teacher_from_logits
 
 TAU = 2.0
 

@@ -14,7 +14,12 @@ import sys
 import pytest
 import torch
 
-from axolotl_focus.losses import DistillSpec, reference_aux_terms, reference_ce_distill, reference_ce_distill_sparse
+from axolotl_focus.train.losses import (
+    DistillSpec,
+    reference_aux_terms,
+    reference_ce_distill,
+    reference_ce_distill_sparse,
+)
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)

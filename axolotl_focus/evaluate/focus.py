@@ -11,7 +11,7 @@ import torch
 
 from ..config import TRAINING_RECORD
 from ..files import read_json
-from ..losses import focus_weights
+from ..train.losses import focus_weights
 
 
 def reweighted(q: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:

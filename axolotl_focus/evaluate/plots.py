@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..losses import focus_weights
+from ..train.losses import focus_weights
 from .config import EXTRA, REP_NS
 from .focus import toy_zipf
 from .report import flat_metrics

@@ -35,8 +35,8 @@ from axolotl_focus.evaluate import (
 from axolotl_focus.evaluate import data as ev_data
 from axolotl_focus.evaluate import models as ev_models
 from axolotl_focus.evaluate import runner as ev_runner
-from axolotl_focus.losses import focus_weights
 from axolotl_focus.mining import Prompt
+from axolotl_focus.train.losses import focus_weights
 
 HAS = {m: importlib.util.find_spec(m) is not None for m in ("mauve", "bert_score", "matplotlib", "lm_eval")}
 EXTRA = "axolotl-focus[eval]"

@@ -1,0 +1,32 @@
+"""Training losses: cross-entropy plus token-level distillation (FOCUS or plain KD), the paper's
+baseline terms, the RePAIR margin and DITTO (see :mod:`.base`). Importing it needs only torch."""
+
+from .base import (  # noqa: F401
+    AUX_TERMS,
+    DISTILL_MODES,
+    DITTO_FLOOR,
+    IGNORE_INDEX,
+    UL_EPS,
+    AuxSpec,
+    DistillSpec,
+    LossSums,
+    SeenTokens,
+    SparseTeacher,
+    chunked_token_nll,
+    ditto_loss,
+    ditto_previous_index,
+    focus_weights,
+    fused_ce_distill,
+    fused_ce_distill_aux,
+    fused_ditto_loss,
+    reference_aux_terms,
+    reference_ce_distill,
+    reference_ce_distill_sparse,
+    reference_distill_per_token,
+    reference_ditto,
+    reference_seen_mask,
+    reference_sparse_distill_per_token,
+    repair_margin_loss,
+    seen_tokens,
+    sparse_teacher_from_logits,
+)
