@@ -1,0 +1,209 @@
+"""The paper's baseline objectives (``focus_aux_losses``) as terms of the fused pass: token-level
+unlikelihood, ScaleGrad and TaiLr.
+
+Per valid token t with gold target y_t, ``p = softmax(z_student)`` (no temperature):
+
+* unlikelihood (Welleck et al., 2019), weight alpha, ADDS ``alpha * sum_{c in C_t} -log(1 - p(c))``,
+  C_t = the distinct earlier targets of the same sequence, minus y_t; ``1 - p(c)`` is clamped at
+  :data:`UL_EPS` in the value and in the gradient factor, the gradient passed through.
+* ScaleGrad (Lin et al., 2021), gamma, REPLACES the NLL by ``-log p~(y_t)``, ``p~ = gamma * p`` on
+  the tokens not seen earlier in the sequence, renormalized.
+* TaiLr (Ji et al., 2023), ``(gamma, min_weight)``, REPLACES the NLL by ``w * NLL``,
+  ``w = sg(clamp(p / (gamma + (1 - gamma) p), min_weight, 1))``.
+
+Besides the gold token these need only the probabilities of the tokens already seen in the same
+sequence: a small padded ``[chunk, K]`` id set built per chunk from :class:`SeenTokens`, never an
+``[N, V]`` mask. :func:`aux_block` is the terms' closed-form gradient and sums for one row block of
+the chunked pass (entry point :func:`~.fused.fused_ce_distill_aux`); :func:`reference_aux_terms`
+is the dense autograd oracle, straight from the papers' definitions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import IGNORE_INDEX, AuxChunk
+
+# 1 - p(c) of an unlikelihood candidate is clamped at this floor (Welleck et al.'s value), in the
+# value and in the gradient factor p/(1-p), with the gradient passed through; see :func:`aux_block`.
+UL_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """Baseline terms computed inside the fused pass; ``None`` switches a term off.
+
+    * ``unlikelihood``: alpha, ADDS ``alpha * sum_{c in C_t} -log(1 - p(c))`` (Welleck et al., 2019);
+      C_t = distinct earlier targets of the same sequence, minus y_t.
+    * ``scalegrad``: gamma, REPLACES the NLL by ``-log p~(y_t)``, ``p~ = gamma * p`` on tokens not
+      seen earlier in the sequence, renormalized (Lin et al., 2021).
+    * ``tailr``: ``(gamma, min_weight)``, REPLACES the NLL by ``w * NLL``,
+      ``w = sg(clamp(p / (gamma + (1 - gamma) p), min_weight, 1))`` (Ji et al., 2023).
+    """
+
+    unlikelihood: float | None = None
+    scalegrad: float | None = None
+    tailr: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.scalegrad is not None and self.tailr is not None:
+            raise ValueError("focus_aux_losses: scalegrad and tailr both replace the NLL term; choose one")
+        if self.scalegrad is not None and not 0 < self.scalegrad <= 1:
+            raise ValueError(f"focus_aux_losses.scalegrad.gamma must be in (0, 1], got {self.scalegrad}")
+        if self.tailr is not None and not (0 < self.tailr[0] <= 1 and 0 <= self.tailr[1] <= 1):
+            raise ValueError(f"focus_aux_losses.tailr: gamma in (0, 1] and min_weight in [0, 1], got {self.tailr}")
+        if self.unlikelihood is not None and self.unlikelihood < 0:
+            raise ValueError(f"focus_aux_losses.unlikelihood.alpha must be >= 0, got {self.unlikelihood}")
+
+    @property
+    def needs_seen(self) -> bool:
+        return self.unlikelihood is not None or self.scalegrad is not None
+
+
+@dataclass
+class SeenTokens:
+    """Per sequence, its distinct target ids in order of first occurrence, padded ``[S, K]``.
+
+    ``ids[s, k]`` is the k-th distinct target of sequence s and ``first[s, k]`` the index (in the
+    flat token list) where it first occurs (``N`` on padding). Token n of sequence ``seq[n]`` has
+    seen exactly the slots with ``first < n``, a prefix of the row. Memory ``O(S x K)``, K <= the
+    longest sequence: no ``[N, N]`` or ``[N, V]`` mask ever exists.
+    """
+
+    ids: torch.Tensor
+    first: torch.Tensor
+    seq: torch.Tensor
+
+    def chunk(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [c, k], seen [c, k])`` for tokens ``start:end``, k trimmed to the chunk's need."""
+        seq = self.seq[start:end]
+        first = self.first[seq]
+        seen = first < torch.arange(start, end, device=first.device).unsqueeze(1)
+        k = max(1, int(seen.sum(1).max()))  # seen slots form a prefix of each row
+        return self.ids[seq, :k], seen[:, :k].contiguous()
+
+
+def seen_tokens(targets: torch.Tensor, sequence: torch.Tensor) -> SeenTokens:
+    """:class:`SeenTokens` of flat valid targets ``[N]`` whose sequence ids ``[N]`` are contiguous
+    (each sequence's tokens adjacent and in order, as ``hidden[labels != -100]`` gives them)."""
+    n, dev = targets.numel(), targets.device
+    seq = torch.unique_consecutive(sequence, return_inverse=True)[1]
+    span = int(targets.max()) + 1 if n else 1
+    uniq, inverse = torch.unique(seq * span + targets, return_inverse=True)
+    first = torch.full((uniq.numel(),), n, dtype=torch.long, device=dev).scatter_reduce_(
+        0, inverse, torch.arange(n, device=dev), "amin")
+    useq = uniq // span
+    order = torch.argsort(useq * (n + 1) + first)  # by sequence, then by first occurrence
+    useq, first, tok = useq[order], first[order], (uniq % span)[order]
+    counts = torch.bincount(useq, minlength=int(seq.max()) + 1 if n else 1)
+    slot = torch.arange(useq.numel(), device=dev) - (counts.cumsum(0) - counts)[useq]
+    shape = (counts.numel(), max(1, int(counts.max())))
+    ids = torch.zeros(shape, dtype=torch.long, device=dev).index_put_((useq, slot), tok)
+    firsts = torch.full(shape, n, dtype=torch.long, device=dev).index_put_((useq, slot), first)
+    return SeenTokens(ids, firsts, seq)
+
+
+def reference_seen_mask(labels: torch.Tensor, sequence: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Dense ``[N, V]`` mask of the targets seen earlier in the same sequence (labels -100 skipped)."""
+    seen = torch.zeros(labels.numel(), vocab, dtype=torch.bool)
+    earlier: dict[int, set[int]] = {}
+    for n, (label, seq) in enumerate(zip(labels.tolist(), sequence.tolist())):
+        if label == IGNORE_INDEX:
+            continue
+        history = earlier.setdefault(seq, set())
+        seen[n, list(history)] = True
+        history.add(label)
+    return seen.to(labels.device)
+
+
+def reference_aux_terms(logits: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
+                        aux: AuxSpec, seen: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Dense sums of the configured baseline terms over tokens whose label is not -100.
+
+    ``logits`` ``[N, V]`` aligned with ``labels`` ``[N]``; ``sequence`` ``[N]`` says which sequence
+    each position belongs to. Straight from the papers' definitions, with autograd:
+    UL ``-sum_c log(1 - p_c)`` (1 - p_c clamped at UL_EPS, the clamp passing the gradient through),
+    ScaleGrad as the NLL of the rescaled, renormalized distribution, TaiLr ``sg(w) * NLL``.
+    ``seen``: a precomputed :func:`reference_seen_mask` (``[N, V]``), e.g. a vectorized one.
+    """
+    valid = labels != IGNORE_INDEX
+    if seen is None:
+        seen = reference_seen_mask(labels, sequence, logits.shape[-1])
+    seen = seen[valid]
+    target = labels[valid]
+    log_p = torch.log_softmax(logits[valid].float(), -1)
+    p = log_p.exp()
+    nll = -log_p.gather(1, target[:, None]).squeeze(1)
+    out = {}
+    if aux.unlikelihood is not None:
+        candidate = seen.clone()
+        candidate[torch.arange(target.numel()), target] = False
+        one_minus = -torch.expm1(log_p)  # 1 - p, exact also where p ~ 1
+        one_minus = one_minus + (one_minus.clamp(min=UL_EPS) - one_minus).detach()
+        out["ul"] = -(one_minus.log() * candidate).sum()
+    if aux.scalegrad is not None:
+        rescaled = p * torch.where(seen, 1.0, aux.scalegrad)
+        rescaled = rescaled / rescaled.sum(-1, keepdim=True)
+        out["scalegrad"] = -rescaled.gather(1, target[:, None]).log().sum()
+    if aux.tailr is not None:
+        gamma, min_weight = aux.tailr
+        p_gold = (-nll).exp().detach()
+        out["tailr"] = ((p_gold / (gamma + (1 - gamma) * p_gold)).clamp(min_weight, 1) * nll).sum()
+    return out
+
+
+def aux_block(p: torch.Tensor, t: torch.Tensor, nll: torch.Tensor, aux: AuxChunk, i: int, j: int,
+               ce_scale: float, log_p_ids: torch.Tensor | None) -> None:
+    """Turn the probabilities ``p`` ([r, V], rows i:j of the chunk) into the gradient of the
+    CE-like term(s) in place, and add the terms' sums into ``aux.sums``.
+
+    Plain CE gives ``ce_scale (p - onehot_y)``. TaiLr scales it per row by the detached weight w
+    (``b = ce_scale * w``). With ``g = gamma`` and ``S = sum_{v seen} p_v``, ScaleGrad's
+    ``-log p + log(g + (1 - g) S) - [y unseen] log g`` adds ``c p_j (1[j seen] - S)``,
+    ``c = ce_scale (1 - g) / (g + (1 - g) S)``. Unlikelihood adds, per candidate c,
+    ``ul_scale a_c (onehot_c - p)`` with ``a_c = p_c / max(1 - p_c, UL_EPS)``. The clamp bounds the
+    value (at ``-log UL_EPS``, never inf when ``1 - p_c`` rounds to 0) and the factor ``a_c``; for
+    ``1 - p_c >= UL_EPS`` the gradient is exact, beyond it the push on the candidate,
+    ``a_c (1 - p_c)``, shrinks gradually to ``p_c (1 - p_c) / UL_EPS`` instead of vanishing at once
+    as under an autograd clamp. ``1 - p_c`` is ``-expm1(log p_c)`` from the log-probabilities
+    ``log_p_ids`` at the ids (no rounding of ``p_c`` to 1). Everything together is one
+    row scale of ``p``, the one-hot subtraction and one ``scatter_add`` over the ``[r, k]`` ids.
+    """
+    spec, r = aux.spec, p.shape[0]
+    base = nll.new_full((r, 1), ce_scale)
+    extra = None
+    if spec.tailr is not None:
+        gamma, min_weight = spec.tailr
+        p_gold = torch.exp(-nll)
+        weight = (p_gold / (gamma + (1 - gamma) * p_gold)).clamp_(min_weight, 1.0)
+        aux.sums[2] += (weight * nll).sum()
+        base = base * weight
+    scale = base
+    if aux.ids is not None:
+        ids, seen = aux.ids[i:j], aux.seen[i:j]
+        p_ids = p.gather(1, ids)
+        extra = torch.zeros_like(p_ids)
+        if spec.scalegrad is not None:
+            gamma = spec.scalegrad
+            p_seen = p_ids * seen
+            s = p_seen.sum(1, keepdim=True)
+            denom = gamma + (1 - gamma) * s
+            gold_seen = ((ids == t.unsqueeze(1)) & seen).any(1, keepdim=True)
+            aux.sums[1] += (nll + denom.log() - (~gold_seen) * math.log(gamma)).sum()
+            coef = ce_scale * (1 - gamma) / denom
+            scale = scale - coef * s
+            extra += coef * p_seen
+        if spec.unlikelihood is not None:
+            candidate = seen & (ids != t.unsqueeze(1))
+            one_minus = torch.expm1(log_p_ids).neg_().clamp_(min=UL_EPS)
+            aux.sums[0] -= (one_minus.log() * candidate).sum()
+            a = (p_ids * candidate).div_(one_minus).mul_(aux.ul_scale)
+            scale = scale - a.sum(1, keepdim=True)
+            extra += a
+    p.mul_(scale)
+    p[torch.arange(r, device=p.device), t] -= base.squeeze(1)
+    if extra is not None:
+        p.scatter_add_(1, ids, extra)
