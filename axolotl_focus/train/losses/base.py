@@ -146,7 +146,6 @@ class SparseTeacher:
                              f"to {float(mass.abs().max()):.3g}")
 
 
-
 AUX_TERMS = ("ul", "scalegrad", "tailr")  # order of the aux sums returned by the fused pass
 
 
@@ -154,7 +153,6 @@ def check_temperature(sparse: SparseTeacher, spec: DistillSpec) -> None:
     if sparse.temperature is not None and not math.isclose(sparse.temperature, spec.temperature, rel_tol=1e-6):
         raise ValueError(f"sparse teacher temperature {sparse.temperature} differs from the loss's "
                          f"{spec.temperature}: its logq are log softmax(z / tau) at the training tau")
-
 
 
 # Elements per row block of the elementwise part: ~1 MiB fp32 per buffer on CPU, so that the
@@ -216,7 +214,6 @@ def _block_rows(vocab: int, device: torch.device) -> int:
     return max(1, elements // max(1, vocab))
 
 
-
 @dataclass
 class AuxChunk:
     """The baseline terms' state for one chunk: spec, UL weight, seen ids/mask, running sums."""
@@ -226,7 +223,6 @@ class AuxChunk:
     ids: torch.Tensor | None  # [c, k] distinct earlier targets of each token's sequence
     seen: torch.Tensor | None  # [c, k] which of them precede the token
     sums: torch.Tensor  # [3]: ul, scalegrad, tailr (order of AUX_TERMS)
-
 
 
 def logits_into(out: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor, low: torch.Tensor | None):

@@ -38,7 +38,6 @@ def sparse_teacher_from_logits(teacher_logits: torch.Tensor, k: int, temperature
     return SparseTeacher(ids, logq, log_tail, float(temperature))
 
 
-
 def reference_sparse_distill_per_token(
     student_logits: torch.Tensor, sparse: SparseTeacher, spec: DistillSpec
 ) -> torch.Tensor:

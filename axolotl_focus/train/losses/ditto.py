@@ -48,7 +48,6 @@ def ditto_loss(token_nll: torch.Tensor, previous: torch.Tensor, lam: float) -> t
     return -torch.log(torch.clamp(1 - gap, min=DITTO_FLOOR)).sum(), int(where.sum())
 
 
-
 def ditto_chunk_term(previous: torch.Tensor, lam: float):
     """The per-chunk DITTO term for :class:`~.base.FusedTokenNLLTerm`: ``term(nll, start, end)``
     returns the terms' sum over tokens ``start:end`` and their derivatives with respect to the

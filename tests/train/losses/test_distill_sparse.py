@@ -1,13 +1,14 @@
 """FOCUS / KD against a sparse (top-k + tail bucket) teacher: fused vs dense reference vs the dense teacher."""
 
+import functools
+
 import pytest
 import torch
 
-from axolotl_focus.losses import (
+from axolotl_focus.train.losses import (
     AuxSpec,
     DistillSpec,
     SparseTeacher,
-    _chunk_loss_and_grad,
     fused_ce_distill,
     fused_ce_distill_aux,
     reference_aux_terms,
@@ -16,6 +17,10 @@ from axolotl_focus.losses import (
     reference_sparse_distill_per_token,
     sparse_teacher_from_logits,
 )
+from axolotl_focus.train.losses.base import chunk_loss_and_grad
+from axolotl_focus.train.losses.fused import FORMULAS
+
+_chunk_loss_and_grad = functools.partial(chunk_loss_and_grad, formulas=FORMULAS)  # one chunk of the fused pass
 
 SPECS = {"focus": DistillSpec("focus", 2.0, 15.0, 1.0), "kd": DistillSpec("kd", 2.0)}
 

@@ -1,18 +1,22 @@
 """FOCUS / KD / CE: fused chunked loss against the dense reference and against closed forms."""
 
+import functools
 import math
 
 import pytest
 import torch
 
-from axolotl_focus.losses import (
+from axolotl_focus.train.losses import (
     DistillSpec,
-    _chunk_loss_and_grad,
     focus_weights,
     fused_ce_distill,
     reference_ce_distill,
     reference_distill_per_token,
 )
+from axolotl_focus.train.losses.base import chunk_loss_and_grad
+from axolotl_focus.train.losses.fused import FORMULAS
+
+_chunk_loss_and_grad = functools.partial(chunk_loss_and_grad, formulas=FORMULAS)  # one chunk of the fused pass
 
 
 def _zipf_logits(n, v, s=1.2, seed=0):
