@@ -2,7 +2,7 @@
 
 Axolotl merges :class:`FocusArgs` into its own pydantic schema (keys no model declares are
 dropped silently), and :class:`FocusTrainingArgsMixin` into ``AxolotlTrainingArguments`` so the
-values reach :class:`axolotl_focus.trainer.FocusTrainer` as ``self.args.focus_*``.
+values reach :class:`axolotl_focus.train.trainer.FocusTrainer` as ``self.args.focus_*``.
 """
 
 from __future__ import annotations

@@ -43,25 +43,25 @@ class FocusPlugin(BasePlugin):
         # fail on a teacher/student vocabulary mismatch before any weights are loaded; with
         # focus_teacher_cache no teacher is loaded (the trainer checks the cache's vocabulary)
         if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl and not cfg.focus_teacher_cache:
-            from .teacher import check_teacher_before_loading
+            from .train.teacher import check_teacher_before_loading
 
             check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
-        from .repair import RepairCollator, uses_repair
+        from .train.pair_dataset import RepairCollator, uses_repair
 
         return (RepairCollator, {}) if uses_repair(cfg) and not cfg.rl else None
 
     def post_trainer_create(self, cfg, trainer) -> None:
         # DPO on the RePAIR pairs: the paper's reference model is the unpruned teacher
         if cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher":
-            from .teacher import use_teacher_as_reference
+            from .train.teacher import use_teacher_as_reference
 
             use_teacher_as_reference(trainer, cfg)
 
     def get_trainer_cls(self, cfg):
         if cfg.rl:  # preference training (DPO etc.) keeps axolotl's own trainers
             return None
-        from .trainer import FocusTrainer
+        from .train.trainer import FocusTrainer
 
         return FocusTrainer

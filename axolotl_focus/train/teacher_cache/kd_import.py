@@ -6,7 +6,7 @@
 (``type: axolotl.integrations.kd.chat_template`` for rows with ``target_token_ids`` and float
 logprobs, or ``...kd.chat_template.load_legacy`` for vLLM's ``{"token": "token_id:N", "logprob":
 x}`` entries; ``logprobs_field``, ``temperature`` = the generation temperature ``T1``). axolotl's
-own loader tokenizes them (:func:`axolotl_focus.teacher_cache.rows_from_config`) into
+own loader tokenizes them (:func:`axolotl_focus.train.teacher_cache.rows.rows_from_config`) into
 ``input_ids``, ``labels``, ``target_token_ids`` ``[L, k]`` and ``target_logprobs`` ``[L, k]``;
 its KD strategy has already renormalized each row over its k tokens at ``T1`` and rescaled it to
 ``T2 = kd_temperature`` (``q^(T1/T2)`` renormalized; ``T2 = 1`` when the config has no
@@ -56,16 +56,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .losses import SparseTeacher
-from .teacher_cache import (
+from ...losses import SparseTeacher
+from .format import (
     DEFAULT_SHARD_SIZE,
     CacheMeta,
     dataset_digest,
     sequence_key,
     tokenizer_digest,
     trained_positions,
-    write_cache,
 )
+from .shards import write_cache
 
 SOURCE = "axolotl KD logprobs"
 KD_COLUMNS = ("target_token_ids", "target_logprobs")
@@ -181,7 +181,7 @@ def run_import_cli(args) -> CacheMeta:
     """``axolotl-focus teacher-cache CONFIG --from-kd-logprobs``: see the module docstring."""
     from axolotl.loaders import load_tokenizer
 
-    from .teacher_cache import rows_from_config
+    from .rows import rows_from_config
 
     check_kd_datasets(args.config)
     rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS)

@@ -14,6 +14,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _VOCAB_SAMPLE = ("the", " the", "The", "\n", " of", ".", ",", " and", "0", " 1", "ing", " a")
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / DeepSpeed wrapper (``.module``), or ``module`` itself."""
+    return module.module if hasattr(module, "module") else module
+
+
 def resolve_dtype(name: str, bf16: bool, fp16: bool) -> torch.dtype:
     """``focus_teacher_dtype``: an explicit dtype, or 'auto' = the training dtype."""
     if name != "auto":
