@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from axolotl.integrations.base import BasePlugin
 
-from .config import TRAINING_ARG_KEYS
+from .config import training_args
 from .logs import show_package_logs
 
 show_package_logs()  # axolotl configures only its own loggers: show ours
@@ -32,12 +30,7 @@ class FocusPlugin(BasePlugin):
         return "axolotl_focus.config.FocusTrainingArgsMixin"
 
     def get_training_args(self, cfg) -> dict:
-        args = {key: cfg[key] for key in TRAINING_ARG_KEYS if cfg.get(key) is not None}
-        if args.get("focus_aux_losses") is not None:  # plain dict (not axolotl's DictDefault)
-            args["focus_aux_losses"] = json.loads(json.dumps(args["focus_aux_losses"]))
-        if cfg.get("sequence_len") and "focus_ditto_max_length" not in args:
-            args["focus_ditto_max_length"] = int(cfg.sequence_len)
-        return args
+        return training_args(cfg)
 
     def pre_model_load(self, cfg) -> None:
         # fail on a teacher/student vocabulary mismatch before any weights are loaded; with

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ...config import focus_default
 from .build import build_cache
 from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
 from .rows import rows_from_config
@@ -51,11 +52,13 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     if not teacher_name:
         raise ValueError(f"--teacher: not given and {args.config} has no focus_teacher_model")
     resolve_model(str(teacher_name), "--teacher" if args.teacher else "focus_teacher_model")
-    temperature = args.temperature if args.temperature is not None else (cfg.get("focus_temperature") or 2.0)
+    temperature = args.temperature if args.temperature is not None else (
+        cfg.get("focus_temperature") or focus_default("focus_temperature"))
     if args.dtype:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     else:
-        dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or "auto", bool(cfg.get("bf16")), bool(cfg.get("fp16")))
+        dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
+                              bool(cfg.get("bf16")), bool(cfg.get("fp16")))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")

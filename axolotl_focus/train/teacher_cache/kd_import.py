@@ -56,6 +56,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...config import focus_default
 from ...losses import SparseTeacher
 from .format import (
     DEFAULT_SHARD_SIZE,
@@ -156,17 +157,11 @@ def import_kd_rows(rows: Sequence, path: str | os.PathLike, *, kd_temperature: f
                        lambda lo, hi: parts[lo:hi], restart)
 
 
-def check_kd_datasets(config_path: str | os.PathLike) -> None:
-    """One-line ValueError, before anything is loaded, unless every dataset of the config is an
-    axolotl KD dataset (its ``type`` under ``axolotl.integrations.kd``)."""
-    import yaml
-
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise ValueError(f"{config_path}: no such config file") from None
-    datasets = raw.get("datasets") if isinstance(raw, dict) else None
+def check_kd_datasets(config_path: str | os.PathLike, raw: dict) -> None:
+    """One-line ValueError unless every dataset of the config ``raw`` (the YAML as read, checked
+    before anything is loaded) is an axolotl KD dataset (its ``type`` under
+    ``axolotl.integrations.kd``)."""
+    datasets = raw.get("datasets")
     if not datasets:
         raise ValueError(f"{config_path}: datasets: none given")
     for i, ds in enumerate(datasets):
@@ -183,9 +178,10 @@ def run_import_cli(args) -> CacheMeta:
 
     from .rows import rows_from_config
 
-    check_kd_datasets(args.config)
-    rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS)
-    temperature = args.temperature if args.temperature is not None else (cfg.get("focus_temperature") or 2.0)
+    rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS,
+                                 check_raw=lambda raw: check_kd_datasets(args.config, raw))
+    temperature = args.temperature if args.temperature is not None else (
+        cfg.get("focus_temperature") or focus_default("focus_temperature"))
     kd_temperature = cfg.get("kd_temperature") or 1.0  # what axolotl's KD strategy rescaled the rows to
     tokenizer = load_tokenizer(cfg)
     from transformers import AutoConfig

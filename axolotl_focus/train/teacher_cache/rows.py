@@ -5,7 +5,7 @@ axolotl config's datasets, RePAIR pair rows (:mod:`axolotl_focus.train.pair_data
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -58,13 +58,16 @@ def dataset_sft_rows(dataset, batch_size: int = 8192) -> Iterable[tuple[np.ndarr
 
 
 def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = True,
-                     extra_columns: Sequence[str] = ()) -> tuple[list, object]:
+                     extra_columns: Sequence[str] = (),
+                     check_raw: Callable[[dict], None] | None = None) -> tuple[list, object]:
     """The (input_ids, labels) of the SFT rows of an axolotl config's tokenized datasets, as
     ``axolotl train`` loads them (``load_cfg`` with the plugin's register hook, then the datasets);
     RePAIR pair rows are skipped. A config with ``focus_teacher_cache`` (which may not exist yet)
     is loaded without that key, i.e. with the teacher it would load otherwise. The eval split
     follows the train rows when ``include_eval`` (the trainer computes the loss on it too). A row
-    is ``(input_ids, labels, *extra_columns)``. Returns ``(rows, cfg)``."""
+    is ``(input_ids, labels, *extra_columns)``. ``check_raw``: called with the YAML as read (a dict;
+    ``{}`` for an empty or non-mapping file) before anything else, e.g. to require dataset types.
+    Returns ``(rows, cfg)``."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     import yaml
     from axolotl.cli.config import load_cfg
@@ -80,6 +83,8 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
             raw = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ValueError(f"{config_path}: no such config file") from None
+    if check_raw is not None:
+        check_raw(raw if isinstance(raw, dict) else {})
     overrides = {}
     if isinstance(raw, dict):
         refuse_packing(raw)  # before axolotl validates the config and prepares anything
