@@ -33,12 +33,10 @@ class FocusPlugin(BasePlugin):
         return training_args(cfg)
 
     def pre_model_load(self, cfg) -> None:
-        # fail on a teacher/student vocabulary mismatch before any weights are loaded; with
-        # focus_teacher_cache no teacher is loaded (the trainer checks the cache's vocabulary)
-        if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl and not cfg.focus_teacher_cache:
-            from .train.teacher import check_teacher_before_loading
+        # a teacher/student vocabulary mismatch fails here, before any weights are loaded
+        from .train.teacher import check_config_teacher
 
-            check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)
+        check_config_teacher(cfg)
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
         from .train.pair_dataset import RepairCollator, uses_repair

@@ -142,6 +142,15 @@ def gathered(*params: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def check_config_teacher(cfg) -> None:
+    """Fail on a teacher/student vocabulary mismatch of an axolotl config before any weights are
+    loaded (the plugin's ``pre_model_load``). Nothing to check when no teacher model is loaded:
+    ``focus_distill: none``, ``rl``, or ``focus_teacher_cache`` (the trainer checks the cache's
+    vocabulary)."""
+    if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl and not cfg.focus_teacher_cache:
+        check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)
+
+
 def use_teacher_as_reference(trainer, cfg) -> None:
     """Make a TRL DPO trainer score the reference log-probs with the unpruned teacher."""
     from transformers import AutoTokenizer

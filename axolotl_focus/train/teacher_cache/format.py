@@ -78,7 +78,7 @@ import torch
 from ...files import write_json
 from ...losses import IGNORE_INDEX
 
-FORMAT = "axolotl_focus.teacher_cache"
+FORMAT = "axolotl_focus.teacher_cache"  # a name, not a module path: kept so that caches built earlier load
 VERSION = 1
 META_FILE = "cache.json"
 SHARD_PREFIX = "shard-"

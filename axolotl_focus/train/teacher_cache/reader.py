@@ -1,6 +1,6 @@
 """Reading a finished teacher cache: :class:`TeacherCache`, looked up by the rows of a batch.
 
-Reading: :meth:`TeacherCache.open` memory-maps the shards (``datasets.load_from_disk``) and keeps
+:meth:`TeacherCache.open` memory-maps the shards (``datasets.load_from_disk``) and keeps
 in memory only a dict key -> row and the position counts. Packed batches are not supported: a
 packed row is several sequences whose concatenation is not a cached key, so the cache requires
 ``sample_packing: false`` (and no ``shift_labels`` / sequence parallelism).
