@@ -181,7 +181,7 @@ def cmd_demo(args) -> int:
 
 def cmd_teacher_cache(args) -> int:
     _offline_env()
-    from .teacher_cache import run_teacher_cache_cli
+    from .train.teacher_cache.cli import run_teacher_cache_cli
 
     return run_teacher_cache_cli(args)
 
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "RePAIR pair rows skipped), run the teacher once over the SFT sequences and store, per trained "
                        "position, the top-k ids, their log-probabilities at the temperature and the log of the "
                        "remaining mass (8k + 4 bytes per position). Resumable: a rerun with the same settings keeps "
-                       "the shards already written. Format: axolotl_focus/teacher_cache.py.")
+                       "the shards already written. Format: axolotl_focus/train/teacher_cache/format.py.")
     p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
     p.add_argument("--output", required=True, help="the cache folder (created; resumed when it holds an unfinished "
                    "cache of the same settings)")
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it again (a folder that is not a teacher cache is never deleted)")
     p.add_argument("--from-kd-logprobs", action="store_true", help="no teacher: convert the top-k teacher "
                    "logprobs of the config's axolotl KD datasets (type: axolotl.integrations.kd.chat_template...) "
-                   "into the cache, k = theirs; field mapping and temperatures: axolotl_focus/kd_import.py")
+                   "into the cache, k = theirs; field mapping and temperatures: "
+                   "axolotl_focus/train/teacher_cache/kd_import.py")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_teacher_cache)
     for name, command in sub.choices.items():

@@ -2,15 +2,22 @@
 
 Axolotl merges :class:`FocusArgs` into its own pydantic schema (keys no model declares are
 dropped silently), and :class:`FocusTrainingArgsMixin` into ``AxolotlTrainingArguments`` so the
-values reach :class:`axolotl_focus.trainer.FocusTrainer` as ``self.args.focus_*``.
+values reach :class:`axolotl_focus.train.trainer.FocusTrainer` as ``self.args.focus_*``. Axolotl
+imports both by dotted path (``axolotl_focus.config.FocusArgs``, ``...FocusTrainingArgsMixin``,
+see :mod:`axolotl_focus.plugin`), so this module is the plugin's public schema.
+
+Every default and help text is written once, on the :class:`FocusArgs` field (``description``).
+:class:`FocusTrainingArgsMixin` is generated from those fields (:data:`TRAINER_KEYS`, same
+default, ``metadata={"help": description}`` as ``TrainingArguments`` fields carry), plus
+``focus_ditto_max_length``, which the plugin fills from ``sequence_len``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -130,10 +137,10 @@ class FocusAuxLosses(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    unlikelihood: UnlikelihoodArgs | None = None
-    scalegrad: ScaleGradArgs | None = None
-    tailr: TaiLrArgs | None = None
-    ditto: DittoArgs | None = None
+    unlikelihood: UnlikelihoodArgs | None = Field(default=None, description="token-level unlikelihood (adds to CE)")
+    scalegrad: ScaleGradArgs | None = Field(default=None, description="ScaleGrad (replaces CE)")
+    tailr: TaiLrArgs | None = Field(default=None, description="TaiLr (replaces CE)")
+    ditto: DittoArgs | None = Field(default=None, description="DITTO-only steps on pseudo-repetition rows")
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +158,7 @@ class FocusAuxLosses(BaseModel):
         return data
 
     def aux_spec(self):
-        """The :class:`axolotl_focus.losses.AuxSpec` of the fused pass (None: no term there)."""
+        """The :class:`axolotl_focus.train.losses.AuxSpec` of the fused pass (None: no term there)."""
         from .train.losses import AuxSpec
 
         spec = AuxSpec(
@@ -277,27 +284,50 @@ def _check_teacher_cache_use(data: dict, mode: str) -> None:
                              "(focus_teacher_cache) does not support; remove it or focus_teacher_cache")
 
 
-@dataclass
-class FocusTrainingArgsMixin:
-    """The ``focus_*`` values as they reach the trainer through ``TrainingArguments``."""
+# the FocusArgs keys that reach the trainer through TrainingArguments, in this order
+TRAINER_KEYS = ("focus_distill", "focus_teacher_model", "focus_teacher_dtype", "focus_teacher_cache", "focus_alpha",
+                "focus_ce_alpha", "focus_temperature", "focus_beta", "focus_gamma", "focus_chunk_size",
+                "focus_repair_alpha", "focus_repair_margin", "focus_aux_losses")
 
-    focus_distill: str = "focus"
-    focus_teacher_model: str | None = None
-    focus_teacher_dtype: str = "auto"
-    # a teacher-logit cache folder: FOCUS / KD read the teacher from it, no teacher model is loaded
-    focus_teacher_cache: str | None = None
-    focus_alpha: float = 0.05
-    focus_ce_alpha: float = 1.0
-    focus_temperature: float = 2.0
-    focus_beta: float = 15.0
-    focus_gamma: float = 1.0
-    focus_chunk_size: int = 1024
-    focus_repair_alpha: float = 1.0
-    focus_repair_margin: float = 1.0
-    # `focus_aux_losses` as a plain JSON-able dict; FocusTrainer validates it with FocusAuxLosses
-    focus_aux_losses: dict | None = None
-    # filled by the plugin from axolotl's `sequence_len`: length of DITTO's pseudo-repetition rows
-    focus_ditto_max_length: int | None = None
 
+def focus_default(key: str) -> Any:
+    """The default of a ``focus_*`` key of :class:`FocusArgs`."""
+    return FocusArgs.model_fields[key].default
+
+
+def _training_field(key: str) -> tuple[str, Any, dataclasses.Field]:
+    """``(name, type, field)`` of a :class:`FocusArgs` key as a ``TrainingArguments`` field: a
+    ``Literal`` becomes its value type, ``focus_aux_losses`` a plain JSON-able dict (the trainer
+    validates it with :class:`FocusAuxLosses`)."""
+    info = FocusArgs.model_fields[key]
+    kind = info.annotation
+    if get_origin(kind) is Literal:
+        kind = type(get_args(kind)[0])
+    elif key == "focus_aux_losses":
+        kind = dict | None
+    return key, kind, dataclasses.field(default=info.default, metadata={"help": info.description})
+
+
+FocusTrainingArgsMixin = dataclasses.make_dataclass(
+    "FocusTrainingArgsMixin",
+    [*(_training_field(key) for key in TRAINER_KEYS),
+     ("focus_ditto_max_length", int | None, dataclasses.field(default=None, metadata={
+         "help": "Length of DITTO's pseudo-repetition rows; filled by the plugin from axolotl's sequence_len."}))],
+)
+FocusTrainingArgsMixin.__module__ = __name__
+FocusTrainingArgsMixin.__doc__ = """The ``focus_*`` values as they reach the trainer through ``TrainingArguments``
+(generated from :class:`FocusArgs`, see the module docstring)."""
 
 TRAINING_ARG_KEYS = tuple(FocusTrainingArgsMixin.__dataclass_fields__)
+
+
+def training_args(cfg) -> dict:
+    """The training-arguments kwargs of an axolotl config (the plugin's ``get_training_args``): its
+    set :data:`TRAINING_ARG_KEYS`, ``focus_aux_losses`` as a plain dict (not axolotl's
+    ``DictDefault``), and ``focus_ditto_max_length`` = ``sequence_len`` unless given."""
+    args = {key: cfg[key] for key in TRAINING_ARG_KEYS if cfg.get(key) is not None}
+    if args.get("focus_aux_losses") is not None:
+        args["focus_aux_losses"] = json.loads(json.dumps(args["focus_aux_losses"]))
+    if cfg.get("sequence_len") and "focus_ditto_max_length" not in args:
+        args["focus_ditto_max_length"] = int(cfg.sequence_len)
+    return args

@@ -771,7 +771,8 @@ class Demo:
         command in a subprocess: ``axolotl-focus teacher-cache <run>.yml`` tokenizes the run's data
         through axolotl exactly as ``axolotl train`` will (and prepares it for the runs). Resumable:
         an interrupted build keeps its finished shards."""
-        from .teacher_cache import folder_size, read_meta
+        from .train.teacher_cache.cli import folder_size
+        from .train.teacher_cache.format import read_meta
 
         users = [run for run, cfg in configs.items() if cfg.get("focus_teacher_cache")]
         if not users:

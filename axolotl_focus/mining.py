@@ -1182,11 +1182,11 @@ def _config_vocab(config) -> int | None:
 
 def _check_vocab(cfg: MiningConfig, teacher_path: str):
     """Student and teacher must share one vocabulary: compared from their tokenizer files and
-    configs only (no weights), with :func:`axolotl_focus.teacher.check_vocab_compat`. Returns the
+    configs only (no weights), with :func:`axolotl_focus.train.teacher.check_vocab_compat`. Returns the
     student's tokenizer and config vocabulary size."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .teacher import check_vocab_compat
+    from .train.teacher import check_vocab_compat
 
     paths, kw = (cfg.student, teacher_path), dict(trust_remote_code=cfg.trust_remote_code)
     tokenizers = [AutoTokenizer.from_pretrained(path, **kw) for path in paths]

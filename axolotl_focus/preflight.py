@@ -234,7 +234,7 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines,
     if not (student.readable and teacher_at.readable):
         account.say("vocabulary", "not checked (a model's files are not readable offline)")
         return
-    from .teacher import check_teacher_before_loading
+    from .train.teacher import check_teacher_before_loading
 
     tokenizer = cfg.get("tokenizer_config")
     try:
@@ -271,7 +271,7 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                          lines) -> None:
     """``focus_teacher_cache``: a complete cache (its cache.json and shard folders; no shard is
     read) built at ``focus_temperature`` for the student's vocabulary size and tokenizer."""
-    from .teacher_cache import FORMAT, META_FILE, VERSION, read_meta, tokenizer_digest
+    from .train.teacher_cache.format import FORMAT, META_FILE, VERSION, read_meta, tokenizer_digest
 
     key = "focus_teacher_cache"
     path = str(cfg[key])
@@ -357,7 +357,7 @@ def _plan(source: str, spec: FocusPruneArgs, account: Account, lines) -> None:
 
 
 def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
-    from .repair import check_pair_file
+    from .train.pair_dataset import check_pair_file
 
     skip = bool(cfg.get("focus_repair_skip_bad_rows"))
     for i, ds in enumerate(cfg.get("datasets") or []):
@@ -390,7 +390,7 @@ def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
 def _loss(cfg: Mapping, args: FocusArgs) -> str:
     if cfg.get("rl"):
         return f"{cfg['rl']} (axolotl/TRL) on the pairs, reference model = {args.focus_dpo_reference}"
-    from .repair import uses_repair
+    from .train.pair_dataset import uses_repair
 
     terms = [f"CE x{args.focus_ce_alpha}"]
     cached = " from the teacher cache" if args.focus_teacher_cache else ""

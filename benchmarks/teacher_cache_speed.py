@@ -12,12 +12,12 @@ Everything is measured side by side in one run:
   ``--seq-len`` (256) tokens; labels = input_ids, attention mask all ones (no padding). Step i
   trains on the i-th batch of ``--batch`` windows; the caches hold exactly the windows trained on.
 
-(1) Cache build: :func:`axolotl_focus.teacher_cache.build_cache` (teacher already loaded, batches of
+(1) Cache build: :func:`axolotl_focus.train.teacher_cache.build.build_cache` (teacher already loaded, batches of
     ``--build-batch``) for each k of ``--ks`` (32, 512) over the training windows, and for k = V
     over the first ``--v-sequences`` (2) windows only (a full-vocabulary cache is ~393 kB per
     position; build only, no training step; 0 skips it). Reported: build time per 1,000 trained
     positions (teacher forward, top-k, arrow write), the folder's size on disk
-    (:func:`axolotl_focus.teacher_cache.folder_size`: every file, cache.json and the datasets
+    (:func:`axolotl_focus.train.teacher_cache.cli.folder_size`: every file, cache.json and the datasets
     metadata included) per position and per million positions, next to the format's ``8k + 4``
     bytes per position.
 (2) One optimizer step (full fine-tuning of every student weight in fp32, AdamW lr 1e-5; no LoRA,
@@ -98,8 +98,8 @@ def _heavy_imports():
     import transformers  # noqa: F401
 
     import axolotl_focus  # noqa: F401  (registers the pruned LLaMA classes)
-    from axolotl_focus import teacher_cache  # noqa: F401
     from axolotl_focus.train import losses  # noqa: F401
+    from axolotl_focus.train.teacher_cache import build, reader  # noqa: F401
 
     return torch
 
@@ -127,8 +127,8 @@ def worker(spec_path: str) -> int:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from axolotl_focus.teacher_cache import TeacherCache
     from axolotl_focus.train.losses import IGNORE_INDEX, DistillSpec, fused_ce_distill_aux
+    from axolotl_focus.train.teacher_cache.reader import TeacherCache
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -284,7 +284,8 @@ def windows(tokenizer, seq_len: int, count: int):
 
 
 def build(teacher, tokenizer, teacher_path: str, data, k: int, folder: Path, build_batch: int) -> dict:
-    from axolotl_focus.teacher_cache import build_cache, folder_size
+    from axolotl_focus.train.teacher_cache.build import build_cache
+    from axolotl_focus.train.teacher_cache.cli import folder_size
 
     rows = [(r.tolist(), r.tolist()) for r in data]
     started = time.perf_counter()

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+LR = 0.5  # the learning rate of expected_params' SGD step
+
 
 def rows(tokenizer, n=4):
     """Rows of different lengths and prompt masks, so token counts differ across micro-batches."""
@@ -25,6 +27,16 @@ def rows(tokenizer, n=4):
         labels[: 2 + i] = [-100] * (2 + i)  # a "prompt" of varying length
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return out
+
+
+def pair_rows():
+    """Two RePAIR pair rows (prompt, chosen, rejected), one with a source_id."""
+    return [
+        {"prompt": "The cemetery is", "chosen": " a quiet place near the river .",
+         "rejected": " designed to be a peaceful place . The cemetery is designed to be", "source_id": "a"},
+        {"prompt": "In 1990 the band", "chosen": " released its second album",
+         "rejected": " the band the band the band"},
+    ]
 
 
 def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
@@ -48,6 +60,54 @@ def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
     return ce + alpha * d, int((labels != -100).sum()), hinges
 
 
+def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None, cache=None):
+    """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows
+    (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms; ``cache``: a
+    TeacherCache whose sparse rows replace the teacher's full distribution)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from axolotl_focus.train.losses import (
+        DistillSpec,
+        reference_aux_terms,
+        reference_ce_distill,
+        reference_ce_distill_sparse,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    if student is None:
+        student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(rows(tokenizer))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    zs = student(**inputs).logits[:, :-1]
+    with torch.no_grad():
+        zt = teacher(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    if cache is not None:
+        sparse = cache.sparse_for_batch(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        ce, d = reference_ce_distill_sparse(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), sparse,
+                                            DistillSpec(mode=distill))
+    else:
+        ce, d = reference_ce_distill(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
+                                     labels.reshape(-1), DistillSpec(mode=distill))
+    if aux is not None:
+        row_of = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
+        terms = reference_aux_terms(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), row_of, aux)
+        ce = terms.get("scalegrad", terms.get("tailr", ce)) + (aux.unlikelihood or 0.0) * terms.get("ul", 0.0)
+    n_tokens = (labels != -100).sum()
+    loss = (ce + alpha * d) / n_tokens
+    loss.backward()
+    params = {k: (p - LR * p.grad).detach() for k, p in student.named_parameters() if p.requires_grad}
+    return params, loss.item()
+
+
+def assert_params_equal(got, want, atol=2e-6):
+    """Parameter dicts equal key by key to float tolerance."""
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
 def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0.5, lora=False, max_steps=1,
                  **focus_kwargs):
     """FocusTrainer on the tiny student/teacher and the fixed 4 rows; SGD, no clipping.
@@ -58,7 +118,7 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from axolotl_focus.config import FocusTrainingArgsMixin
-    from axolotl_focus.trainer import FocusTrainer
+    from axolotl_focus.train.trainer import FocusTrainer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))

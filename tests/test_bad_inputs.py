@@ -81,7 +81,7 @@ def _cache(root: Path, models: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_focus.teacher_cache import build_cache
+    from axolotl_focus.train.teacher_cache.build import build_cache
 
     tokenizer = AutoTokenizer.from_pretrained(models["student"])
     teacher = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32)

@@ -40,7 +40,7 @@ def test_two_lines_suffice_and_paper_defaults(tiny_pair, tmp_path, plugin_manage
     assert os.path.samefile(cfg.focus_teacher_model, tiny_pair["teacher"])
 
     plugin = plugin_manager.plugins["axolotl_focus.FocusPlugin"]
-    from axolotl_focus.trainer import FocusTrainer
+    from axolotl_focus.train.trainer import FocusTrainer
 
     assert plugin.get_trainer_cls(cfg) is FocusTrainer
     args = plugin.get_training_args(cfg)

@@ -114,7 +114,7 @@ def tiny_teacher_cache(recipe: Path, env: dict, work: Path) -> str:
     from axolotl.integrations.base import PluginManager
 
     from axolotl_focus.cli import main
-    from axolotl_focus.teacher_cache import read_meta
+    from axolotl_focus.train.teacher_cache.format import read_meta
 
     command = next(line.lstrip("# ").split() for line in recipe.read_text().splitlines()
                    if line.lstrip("# ").startswith("axolotl-focus teacher-cache "))

@@ -8,7 +8,7 @@ import focus_step  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 import torch
 
-from axolotl_focus.ditto import is_ditto_step, prefix_and_unit, pseudo_rows, sentence_end_ids
+from axolotl_focus.train.ditto import is_ditto_step, prefix_and_unit, pseudo_rows, sentence_end_ids
 from axolotl_focus.train.losses import (
     AuxSpec,
     DistillSpec,
@@ -160,7 +160,7 @@ def test_trainer_step_logs_the_terms(tiny_pair, tmp_path, aux, distill):
 
 def test_trainer_step_is_exact_under_accumulation(tiny_pair, tmp_path):
     """UL + ScaleGrad + FOCUS, 2 x 2 micro-batches: one SGD step equals the dense global-mean step."""
-    from test_trainer import LR, assert_params_equal, expected_params
+    from focus_step import LR, assert_params_equal, expected_params
 
     tiny_dir = _tiny_dir(tiny_pair)
     want, want_loss = expected_params(tiny_dir, aux=AuxSpec(unlikelihood=0.5, scalegrad=0.5))
@@ -209,10 +209,10 @@ def test_aux_terms_with_repair_pairs(tiny_pair, tmp_path):
     nothing to the token terms); a DITTO step builds pseudo rows from the SFT row only."""
     import torch.nn.functional as F
     from axolotl.utils.dict import DictDefault
-    from test_repair import pair_rows
+    from focus_step import pair_rows
 
     from axolotl_focus.config import DittoArgs
-    from axolotl_focus.repair import RepairCollator, load
+    from axolotl_focus.train.pair_dataset import RepairCollator, load
 
     aux = {"unlikelihood": {"alpha": 0.5}, "tailr": {"gamma": 0.2, "min_weight": 0.3}}
     trainer = focus_step.make_trainer(_tiny_dir(tiny_pair), str(tmp_path), per_device=3, focus_aux_losses=aux)

@@ -1,7 +1,7 @@
 """DITTO (Xu et al., 2022): the self-reinforcement penalty on pseudo-repetition rows.
 
 A pseudo-repetition row is a prefix followed by copies of a unit of L tokens (built for the
-trainer by :mod:`axolotl_focus.ditto`). Every token t from the second copy on (the first one
+trainer by :mod:`axolotl_focus.train.ditto`). Every token t from the second copy on (the first one
 included) is compared with the same token one copy earlier, t - L:
 
 ``sum_t -log(clamp(1 - |p_t - lam * sg(p_{t-L})|, min=1e-20))``

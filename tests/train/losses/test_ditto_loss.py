@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from axolotl_focus.ditto import pseudo_rows
+from axolotl_focus.train.ditto import pseudo_rows
 from axolotl_focus.train.losses import (
     chunked_token_nll,
     ditto_loss,

@@ -6,7 +6,7 @@
 (``type: axolotl.integrations.kd.chat_template`` for rows with ``target_token_ids`` and float
 logprobs, or ``...kd.chat_template.load_legacy`` for vLLM's ``{"token": "token_id:N", "logprob":
 x}`` entries; ``logprobs_field``, ``temperature`` = the generation temperature ``T1``). axolotl's
-own loader tokenizes them (:func:`axolotl_focus.teacher_cache.rows_from_config`) into
+own loader tokenizes them (:func:`axolotl_focus.train.teacher_cache.rows.rows_from_config`) into
 ``input_ids``, ``labels``, ``target_token_ids`` ``[L, k]`` and ``target_logprobs`` ``[L, k]``;
 its KD strategy has already renormalized each row over its k tokens at ``T1`` and rescaled it to
 ``T2 = kd_temperature`` (``q^(T1/T2)`` renormalized; ``T2 = 1`` when the config has no
@@ -56,16 +56,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .teacher_cache import (
+from ...config import focus_default
+from ..losses import SparseTeacher
+from .format import (
     DEFAULT_SHARD_SIZE,
     CacheMeta,
     dataset_digest,
     sequence_key,
     tokenizer_digest,
     trained_positions,
-    write_cache,
 )
-from .train.losses import SparseTeacher
+from .shards import write_cache
 
 SOURCE = "axolotl KD logprobs"
 KD_COLUMNS = ("target_token_ids", "target_logprobs")
@@ -156,17 +157,11 @@ def import_kd_rows(rows: Sequence, path: str | os.PathLike, *, kd_temperature: f
                        lambda lo, hi: parts[lo:hi], restart)
 
 
-def check_kd_datasets(config_path: str | os.PathLike) -> None:
-    """One-line ValueError, before anything is loaded, unless every dataset of the config is an
-    axolotl KD dataset (its ``type`` under ``axolotl.integrations.kd``)."""
-    import yaml
-
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise ValueError(f"{config_path}: no such config file") from None
-    datasets = raw.get("datasets") if isinstance(raw, dict) else None
+def check_kd_datasets(config_path: str | os.PathLike, raw: dict) -> None:
+    """One-line ValueError unless every dataset of the config ``raw`` (the YAML as read, checked
+    before anything is loaded) is an axolotl KD dataset (its ``type`` under
+    ``axolotl.integrations.kd``)."""
+    datasets = raw.get("datasets")
     if not datasets:
         raise ValueError(f"{config_path}: datasets: none given")
     for i, ds in enumerate(datasets):
@@ -181,11 +176,12 @@ def run_import_cli(args) -> CacheMeta:
     """``axolotl-focus teacher-cache CONFIG --from-kd-logprobs``: see the module docstring."""
     from axolotl.loaders import load_tokenizer
 
-    from .teacher_cache import rows_from_config
+    from .rows import rows_from_config
 
-    check_kd_datasets(args.config)
-    rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS)
-    temperature = args.temperature if args.temperature is not None else (cfg.get("focus_temperature") or 2.0)
+    rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS,
+                                 check_raw=lambda raw: check_kd_datasets(args.config, raw))
+    temperature = args.temperature if args.temperature is not None else (
+        cfg.get("focus_temperature") or focus_default("focus_temperature"))
     kd_temperature = cfg.get("kd_temperature") or 1.0  # what axolotl's KD strategy rescaled the rows to
     tokenizer = load_tokenizer(cfg)
     from transformers import AutoConfig

@@ -4,12 +4,10 @@ batch against a dense reference (the loss formulas: tests/train/losses/test_marg
 import json
 import logging
 import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
+from focus_step import pair_rows
 
 
 @pytest.fixture
@@ -19,19 +17,10 @@ def tokenizer(tiny_pair):
     return AutoTokenizer.from_pretrained(tiny_pair["student"])
 
 
-def pair_rows():
-    return [
-        {"prompt": "The cemetery is", "chosen": " a quiet place near the river .",
-         "rejected": " designed to be a peaceful place . The cemetery is designed to be", "source_id": "a"},
-        {"prompt": "In 1990 the band", "chosen": " released its second album",
-         "rejected": " the band the band the band"},
-    ]
-
-
 def test_strategy_and_collator_mix_sft_and_pairs(tokenizer):
     from axolotl.utils.dict import DictDefault
 
-    from axolotl_focus.repair import RepairCollator, load
+    from axolotl_focus.train.pair_dataset import RepairCollator, load
 
     strategy = load(tokenizer, DictDefault(sequence_len=64), {"path": "in-memory"})
     encoded = [strategy.tokenize_prompt(r) for r in pair_rows()]
@@ -115,9 +104,9 @@ def test_skipped_rows_are_counted_in_one_warning_and_filtered(tokenizer, tmp_pat
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = DictDefault(sequence_len=24, focus_repair_skip_bad_rows=True)
-    with caplog.at_level(logging.WARNING, logger="axolotl_focus.repair"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus.train.pair_dataset"):
         strategy = load(tokenizer, cfg, {"path": str(path)})
-    warnings = [r.getMessage() for r in caplog.records if r.name == "axolotl_focus.repair"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "axolotl_focus.train.pair_dataset"]
     assert len(warnings) == 1
     assert f"skipping 3 bad RePAIR rows of {path} (focus_repair_skip_bad_rows)" in warnings[0]
     assert f"{path}:2 (missing field 'rejected')" in warnings[0]
@@ -145,7 +134,7 @@ def test_dataset_inputs_name_path_and_row_index(tokenizer, tmp_path, caplog):
     Dataset.from_list(rows).save_to_disk(str(folder))
     with pytest.raises(ValueError, match=rf"{folder}\[2\]: RePAIR pair row: prompt of \d+ tokens"):
         load(tokenizer, DictDefault(sequence_len=24), {"path": str(folder)})
-    with caplog.at_level(logging.WARNING, logger="axolotl_focus.repair"):
+    with caplog.at_level(logging.WARNING, logger="axolotl_focus.train.pair_dataset"):
         load(tokenizer, DictDefault(sequence_len=24, focus_repair_skip_bad_rows=True), {"path": str(folder)})
     assert any(f"skipping 1 bad RePAIR rows of {folder}" in r.getMessage() for r in caplog.records)
 
@@ -159,7 +148,7 @@ def test_trainer_loss_on_mixed_batch_matches_dense_reference(tiny_pair, tmp_path
     import focus_step
     from axolotl.utils.dict import DictDefault
 
-    from axolotl_focus.repair import RepairCollator, load
+    from axolotl_focus.train.pair_dataset import RepairCollator, load
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=3)

@@ -14,6 +14,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _VOCAB_SAMPLE = ("the", " the", "The", "\n", " of", ".", ",", " and", "0", " 1", "ing", " a")
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / DeepSpeed wrapper (``.module``), or ``module`` itself."""
+    return module.module if hasattr(module, "module") else module
+
+
 def resolve_dtype(name: str, bf16: bool, fp16: bool) -> torch.dtype:
     """``focus_teacher_dtype``: an explicit dtype, or 'auto' = the training dtype."""
     if name != "auto":
@@ -135,6 +140,15 @@ def gathered(*params: torch.nn.Parameter):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def check_config_teacher(cfg) -> None:
+    """Fail on a teacher/student vocabulary mismatch of an axolotl config before any weights are
+    loaded (the plugin's ``pre_model_load``). Nothing to check when no teacher model is loaded:
+    ``focus_distill: none``, ``rl``, or ``focus_teacher_cache`` (the trainer checks the cache's
+    vocabulary)."""
+    if cfg.focus_distill != "none" and cfg.focus_teacher_model and not cfg.rl and not cfg.focus_teacher_cache:
+        check_teacher_before_loading(cfg.base_model, cfg.tokenizer_config, cfg.focus_teacher_model)
 
 
 def use_teacher_as_reference(trainer, cfg) -> None:

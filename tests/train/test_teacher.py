@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from axolotl_focus.teacher import (
+from axolotl_focus.train.teacher import (
     check_teacher_before_loading,
     check_vocab_compat,
     place_teacher,

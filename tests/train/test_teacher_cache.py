@@ -1,4 +1,4 @@
-"""The teacher-logit cache (axolotl_focus.teacher_cache): format, lookups, resuming, CLI."""
+"""The teacher-logit cache (axolotl_focus.train.teacher_cache): format, lookups, resuming, CLI."""
 
 import hashlib
 import json
@@ -11,17 +11,11 @@ import torch.nn.functional as F
 import yaml
 from test_plugin import tiny_config
 
-from axolotl_focus.teacher_cache import (
-    FORMAT,
-    VERSION,
-    TeacherCache,
-    build_cache,
-    dataset_digest,
-    rows_from_config,
-    sequence_key,
-    trained_positions,
-)
 from axolotl_focus.train.losses import IGNORE_INDEX, sparse_teacher_from_logits
+from axolotl_focus.train.teacher_cache.build import build_cache
+from axolotl_focus.train.teacher_cache.format import FORMAT, VERSION, dataset_digest, sequence_key, trained_positions
+from axolotl_focus.train.teacher_cache.reader import TeacherCache
+from axolotl_focus.train.teacher_cache.rows import rows_from_config
 
 TAU = 2.0
 
@@ -318,7 +312,7 @@ def test_dataset_rows_skip_pair_rows_and_follow_the_indices():
     import datasets
     import numpy as np
 
-    from axolotl_focus.teacher_cache import dataset_sft_rows
+    from axolotl_focus.train.teacher_cache.rows import dataset_sft_rows
 
     rows = []
     for i in range(9):

@@ -11,41 +11,38 @@ import os
 import subprocess
 import sys
 
+import focus_step
 import pytest
 import torch
+from focus_step import LR, assert_params_equal, expected_params
 
-from axolotl_focus.train.losses import (
-    DistillSpec,
-    reference_aux_terms,
-    reference_ce_distill,
-    reference_ce_distill_sparse,
-)
-
-HERE = os.path.dirname(__file__)
-sys.path.insert(0, HERE)
-import focus_step  # noqa: E402
-
-LR = 0.5
 TEACHERS = ["model", "cache-V", "cache-8"]
 
 
-@pytest.fixture(scope="module")
-def teacher_caches(tiny_pair, tmp_path_factory):
-    """Teacher-logit caches of focus_step's 4 rows from the tiny teacher (fp32): k = V and k = 8."""
+def cache_inputs(tiny_pair):
+    """``(teacher, rows, build_cache options)`` of the caches built here: the tiny teacher (fp32,
+    eval), focus_step's 4 rows as (input_ids, labels), its name and the student's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from axolotl_focus.teacher_cache import build_cache
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
     teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32).eval()
     rows = [(r["input_ids"], r["labels"]) for r in focus_step.rows(tokenizer)]
+    options = {"progress": False, "teacher_name": os.path.join(tiny_dir, "teacher"), "tokenizer": tokenizer}
+    return teacher, rows, options
+
+
+@pytest.fixture(scope="module")
+def teacher_caches(tiny_pair, tmp_path_factory):
+    """Teacher-logit caches of focus_step's 4 rows from the tiny teacher (fp32): k = V and k = 8."""
+    from axolotl_focus.train.teacher_cache.build import build_cache
+
+    teacher, rows, options = cache_inputs(tiny_pair)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     root = tmp_path_factory.mktemp("teacher-caches")
     caches = {}
     for name, k in (("cache-V", vocab), ("cache-8", 8)):
-        build_cache(teacher, rows, root / name, k=k, temperature=2.0, batch_size=1, progress=False,
-                    teacher_name=os.path.join(tiny_dir, "teacher"), tokenizer=tokenizer)
+        build_cache(teacher, rows, root / name, k=k, temperature=2.0, batch_size=1, **options)
         caches[name] = str(root / name)
     return caches
 
@@ -54,52 +51,12 @@ def teacher_setup(kind, caches):
     """``(make_trainer keyword arguments, expected_params keyword arguments)`` of a TEACHERS kind."""
     if kind == "model":
         return {}, {}
-    from axolotl_focus.teacher_cache import TeacherCache
+    from axolotl_focus.train.teacher_cache.reader import TeacherCache
 
     # k = V is the full distribution: the in-process teacher's dense reference; k < V: the bucketed
     # reference on the very rows the trainer reads from the cache
     want = {} if kind == "cache-V" else {"cache": TeacherCache.open(caches[kind])}
     return {"focus_teacher_cache": caches[kind]}, want
-
-
-def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None, cache=None):
-    """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows
-    (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms; ``cache``: a
-    TeacherCache whose sparse rows replace the teacher's full distribution)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
-    if student is None:
-        student = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "student"), dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32)
-    batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(focus_step.rows(tokenizer))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    zs = student(**inputs).logits[:, :-1]
-    with torch.no_grad():
-        zt = teacher(**inputs).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    if cache is not None:
-        sparse = cache.sparse_for_batch(batch["input_ids"], batch["labels"], batch["attention_mask"])
-        ce, d = reference_ce_distill_sparse(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), sparse,
-                                            DistillSpec(mode=distill))
-    else:
-        ce, d = reference_ce_distill(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
-                                     labels.reshape(-1), DistillSpec(mode=distill))
-    if aux is not None:
-        rows = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
-        terms = reference_aux_terms(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1), rows, aux)
-        ce = terms.get("scalegrad", terms.get("tailr", ce)) + (aux.unlikelihood or 0.0) * terms.get("ul", 0.0)
-    n_tokens = (labels != -100).sum()
-    loss = (ce + alpha * d) / n_tokens
-    loss.backward()
-    params = {k: (p - LR * p.grad).detach() for k, p in student.named_parameters() if p.requires_grad}
-    return params, loss.item()
-
-
-def assert_params_equal(got, want, atol=2e-6):
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("teacher", TEACHERS)
@@ -132,7 +89,7 @@ def test_two_process_ddp_matches_single_process(tiny_pair, teacher_caches, tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     port = str(29517 + TEACHERS.index(teacher))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(HERE, "focus_step.py"), tiny_dir, str(out), "--per-device", "2"]
+           focus_step.__file__, tiny_dir, str(out), "--per-device", "2"]
     if run_kwargs:
         cmd += ["--teacher-cache", run_kwargs["focus_teacher_cache"]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -184,7 +141,7 @@ def test_repair_mean_over_the_step_not_diluted_by_pairless_micro_batches(tiny_pa
     from axolotl.utils.dict import DictDefault
     from transformers import AutoTokenizer
 
-    from axolotl_focus.repair import RepairCollator, load
+    from axolotl_focus.train.pair_dataset import RepairCollator, load
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
@@ -245,7 +202,7 @@ def test_zero3_teacher_runs_on_ranks_without_tokens(tiny_pair, tmp_path, monkeyp
     """Under ZeRO-3 (a partitioned teacher head: ``ds_id``) a micro-batch without SFT tokens
     still runs the teacher forward and enters the parameter gather, or the other ranks would wait
     forever in the teacher's collectives; with a plain teacher it skips both."""
-    import axolotl_focus.trainer as trainer_mod
+    import axolotl_focus.train.trainer as trainer_mod
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     trainer = focus_step.make_trainer(tiny_dir, str(tmp_path), per_device=2)
@@ -283,8 +240,8 @@ def test_training_from_the_cache_loads_no_teacher(tiny_pair, teacher_caches, tmp
     load_teacher raises, and from_pretrained sees the student only."""
     import transformers
 
-    import axolotl_focus.teacher as teacher_mod
-    import axolotl_focus.trainer as trainer_mod
+    import axolotl_focus.train.teacher as teacher_mod
+    import axolotl_focus.train.trainer as trainer_mod
 
     tiny_dir = os.path.dirname(tiny_pair["student"])
     teacher_dir = os.path.join(tiny_dir, "teacher")
@@ -331,16 +288,10 @@ def test_cache_must_fit_the_run_and_hold_every_row(tiny_pair, unfit_caches, tmp_
 @pytest.fixture(scope="module")
 def unfit_caches(tiny_pair, tmp_path_factory):
     """Two caches that do not fit focus_step's run: one of its first 3 rows only, one at tau 1."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from axolotl_focus.train.teacher_cache.build import build_cache
 
-    from axolotl_focus.teacher_cache import build_cache
-
-    tiny_dir = os.path.dirname(tiny_pair["student"])
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
-    teacher = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "teacher"), dtype=torch.float32).eval()
-    rows = [(r["input_ids"], r["labels"]) for r in focus_step.rows(tokenizer)]
+    teacher, rows, options = cache_inputs(tiny_pair)
     root = tmp_path_factory.mktemp("unfit-caches")
-    options = {"k": 8, "progress": False, "teacher_name": os.path.join(tiny_dir, "teacher"), "tokenizer": tokenizer}
-    build_cache(teacher, rows[:3], root / "partial", temperature=2.0, **options)
-    build_cache(teacher, rows, root / "cold", temperature=1.0, **options)
+    build_cache(teacher, rows[:3], root / "partial", k=8, temperature=2.0, **options)
+    build_cache(teacher, rows, root / "cold", k=8, temperature=1.0, **options)
     return str(root / "partial"), str(root / "cold")

@@ -1,4 +1,4 @@
-"""axolotl KD's offline top-k logprobs as a teacher cache (axolotl_focus.kd_import)."""
+"""axolotl KD's offline top-k logprobs as a teacher cache (axolotl_focus.train.teacher_cache.kd_import)."""
 
 import json
 import math
@@ -9,9 +9,11 @@ import torch
 import yaml
 from test_plugin import tiny_config
 
-from axolotl_focus.kd_import import import_kd_rows, sparse_from_kd_row
-from axolotl_focus.teacher_cache import TeacherCache, rows_from_config, sequence_key, trained_positions
 from axolotl_focus.train.losses import IGNORE_INDEX
+from axolotl_focus.train.teacher_cache.format import sequence_key, trained_positions
+from axolotl_focus.train.teacher_cache.kd_import import import_kd_rows, sparse_from_kd_row
+from axolotl_focus.train.teacher_cache.reader import TeacherCache
+from axolotl_focus.train.teacher_cache.rows import rows_from_config
 
 V, K, TAU = 40, 6, 2.0
 

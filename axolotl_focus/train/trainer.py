@@ -2,17 +2,17 @@
 
 The student runs through the (possibly DDP/DeepSpeed/PEFT-wrapped) model as usual, but asks for
 hidden states and only the last position's logits; CE and the distillation term are then computed
-together by :func:`axolotl_focus.losses.fused_ce_distill` from the final hidden states and the
+together by :func:`axolotl_focus.train.losses.fused_ce_distill` from the final hidden states and the
 lm_head weights, chunk by chunk, over the valid (label != -100) positions only.
 
 Teacher: an in-process model (``focus_teacher_model``, loaded once and placed for DDP / DeepSpeed),
 or, with ``focus_teacher_cache: DIR``, a precomputed teacher-logit cache
-(:mod:`axolotl_focus.teacher_cache`) and no teacher model at all. The cache is opened once at
+(:mod:`axolotl_focus.train.teacher_cache`) and no teacher model at all. The cache is opened once at
 init, checked against the run (``focus_temperature``, the student's lm_head rows, the tokenizer)
 and against the data: every SFT row of the train and eval datasets (RePAIR pair rows aside) must
 be in it, or the trainer stops before step one. Each micro-batch's rows are then looked up by
 their tokens (:meth:`TeacherCache.sparse_for_batch`, before the labels leave the inputs) and fed
-to the fused pass as a :class:`axolotl_focus.losses.SparseTeacher` (top-k ``log q`` + tail
+to the fused pass as a :class:`axolotl_focus.train.losses.SparseTeacher` (top-k ``log q`` + tail
 bucket; with k = V the same loss as the in-process teacher). Everything else below is the same
 for both.
 
@@ -29,10 +29,10 @@ are exact per-token (per-pair) means over the logging window.
 
 DITTO (``focus_aux_losses: {ditto: ...}``) maps onto axolotl's batches as follows: each optimizer
 step (``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` rows on every rank) is,
-with the configured probability, a DITTO-only step (:func:`axolotl_focus.ditto.is_ditto_step`,
+with the configured probability, a DITTO-only step (:func:`axolotl_focus.train.ditto.is_ditto_step`,
 seeded by ``(seed, global_step)``: all micro-batches and ranks agree). In a DITTO step every
 micro-batch is replaced by the pseudo-repetition rows built from its own SFT sequences
-(:func:`axolotl_focus.ditto.pseudo_rows`; RePAIR pair rows are left out) and its loss is the DITTO
+(:func:`axolotl_focus.train.ditto.pseudo_rows`; RePAIR pair rows are left out) and its loss is the DITTO
 loss only (no CE, distillation or RePAIR), the mean over that micro-batch's DITTO tokens divided by
 the accumulation steps: each micro-batch weighs the same, and DDP averages the ranks' gradients.
 A micro-batch without any SFT sequence has a zero loss in a DITTO step (it still runs forward and
@@ -49,11 +49,10 @@ import torch
 import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from .config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
+from ..config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
+from ..files import write_json
 from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
-from .files import write_json
-from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype
-from .train.losses import (
+from .losses import (
     IGNORE_INDEX,
     DistillSpec,
     chunked_token_nll,
@@ -62,6 +61,7 @@ from .train.losses import (
     fused_ditto_loss,
     repair_margin_loss,
 )
+from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype, unwrap
 
 LOG = logging.getLogger(__name__)
 _COUNT = "#count"  # suffix of the stored count that goes with a term's stored sum (see FocusTrainer.log)
@@ -93,10 +93,6 @@ def write_training_record(output_dir: str, focus_args) -> str:
     path = os.path.join(output_dir, TRAINING_RECORD)
     write_json(path, record, indent=2, sort_keys=True, default=str)
     return path
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
 
 
 class FocusTrainer(AxolotlTrainer):
@@ -159,7 +155,7 @@ class FocusTrainer(AxolotlTrainer):
             dtype = resolve_dtype(fa.focus_teacher_dtype, self.args.bf16, self.args.fp16)
             teacher = load_teacher(fa.focus_teacher_model, dtype)
         check_vocab_compat(
-            student_vocab=_unwrap(self.model).get_output_embeddings().weight.shape[0],
+            student_vocab=unwrap(self.model).get_output_embeddings().weight.shape[0],
             teacher_vocab=teacher.get_output_embeddings().weight.shape[0],
         )
         return place_teacher(teacher, self.accelerator)
@@ -167,11 +163,11 @@ class FocusTrainer(AxolotlTrainer):
     def _open_teacher_cache(self, path: str):
         """Open the teacher cache once, check that it fits this run (temperature, the student's
         lm_head rows, the tokenizer) and that it holds every SFT row of the train and eval data."""
-        from .teacher_cache import TeacherCache
+        from .teacher_cache.reader import TeacherCache
 
         cache = TeacherCache.open(path)
         cache.check_compatible(temperature=self.focus_args.focus_temperature,
-                               vocab_size=_unwrap(self.model).get_output_embeddings().weight.shape[0],
+                               vocab_size=unwrap(self.model).get_output_embeddings().weight.shape[0],
                                tokenizer=self.processing_class)
         self._check_cached_rows(cache)
         meta = cache.meta
@@ -184,7 +180,7 @@ class FocusTrainer(AxolotlTrainer):
         the cache, so that a missing sequence stops the run before step one, not in the middle."""
         import datasets
 
-        from .teacher_cache import dataset_sft_rows
+        from .teacher_cache.rows import dataset_sft_rows
 
         splits = [("train", self.train_dataset)]
         evals = self.eval_dataset
@@ -202,7 +198,7 @@ class FocusTrainer(AxolotlTrainer):
                 raise ValueError(f"{name} dataset: {exc}") from None
 
     def _teacher_hidden(self, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
-        decoder = _unwrap(self.teacher).get_decoder()
+        decoder = unwrap(self.teacher).get_decoder()
         with torch.no_grad():
             out = decoder(**{k: inputs[k][rows] for k in self._FOCUS_INPUT_KEYS if k in inputs}, use_cache=False)
         return out.last_hidden_state
@@ -237,7 +233,7 @@ class FocusTrainer(AxolotlTrainer):
             if local_tokens:
                 sparse = cached.rows(0, cached.ids.shape[0], device=hidden.device)
         elif self.teacher is not None:
-            head = _unwrap(self.teacher).get_output_embeddings().weight
+            head = unwrap(self.teacher).get_output_embeddings().weight
             if local_tokens:
                 teacher_hidden = self._teacher_hidden(inputs, sft_rows)[valid[sft_rows]]
                 teacher_head = gather_teacher = head
@@ -306,7 +302,7 @@ class FocusTrainer(AxolotlTrainer):
         return self.args.gradient_accumulation_steps if (model.training and num_items_in_batch is not None) else 1
 
     def _student_head(self, model) -> torch.Tensor:
-        head = _unwrap(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
+        head = unwrap(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
         if hasattr(head, "ds_id") and head.requires_grad:
             raise ValueError(
                 "axolotl_focus: a trainable lm_head under DeepSpeed ZeRO-3 is not supported by the "

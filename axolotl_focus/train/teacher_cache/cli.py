@@ -1,0 +1,75 @@
+"""The ``axolotl-focus teacher-cache`` command (options: :mod:`axolotl_focus.cli`): a cache from
+a teacher model (:mod:`~axolotl_focus.train.teacher_cache.build`) or from axolotl KD logprobs
+(:mod:`~axolotl_focus.train.teacher_cache.kd_import`), then a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ...config import focus_default
+from .build import build_cache
+from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
+from .rows import rows_from_config
+
+
+def folder_size(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
+    """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
+    started = time.monotonic()
+    if getattr(args, "from_kd_logprobs", False):
+        from .kd_import import run_import_cli
+
+        meta = run_import_cli(args)
+    else:
+        meta = _build_from_teacher(args, load_teacher_fn)
+    size = folder_size(args.output)
+    print(f"teacher cache: {args.output}")
+    print(f"sequences {meta.sequences:,}, positions {meta.positions:,}, k {meta.k}, temperature {meta.temperature}, "
+          f"teacher {meta.teacher} ({meta.dtype})")
+    print(f"size {size / 2**20:.1f} MiB ({size / max(meta.positions, 1):.0f} B per position), "
+          f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
+    from axolotl.loaders import load_tokenizer
+
+    from ...locations import resolve_model
+    from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
+
+    rows, cfg = rows_from_config(args.config)
+    teacher_name = args.teacher or cfg.get("focus_teacher_model")
+    if not teacher_name:
+        raise ValueError(f"--teacher: not given and {args.config} has no focus_teacher_model")
+    resolve_model(str(teacher_name), "--teacher" if args.teacher else "focus_teacher_model")
+    temperature = args.temperature if args.temperature is not None else (
+        cfg.get("focus_temperature") or focus_default("focus_temperature"))
+    if args.dtype:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    else:
+        dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
+                              bool(cfg.get("bf16")), bool(cfg.get("fp16")))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    tokenizer = load_tokenizer(cfg)
+    from transformers import AutoTokenizer
+
+    check_vocab_compat(tokenizer, AutoTokenizer.from_pretrained(str(teacher_name)))
+    existing = read_meta(args.output)
+    shard_size = args.shard_size or (existing.shard_size if existing is not None else DEFAULT_SHARD_SIZE)
+    return build_cache(lambda: (load_teacher_fn or load_teacher)(str(teacher_name), dtype), rows, args.output,
+                       k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
+                       progress=not args.no_progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
+                       shard_size=shard_size, restart=args.restart, source_config=str(args.config),
+                       dtype=dtype)
