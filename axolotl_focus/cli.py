@@ -22,6 +22,7 @@ import os
 import sys
 
 from . import __version__
+from .options import add_options, positive_int
 
 
 def _offline_env() -> None:
@@ -186,26 +187,6 @@ def cmd_teacher_cache(args) -> int:
     return run_teacher_cache_cli(args)
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --option per dataclass field, described by its ``metadata["help"]`` (and
-    ``metadata["choices"]``); None default = not given; booleans as --x / --no-x."""
-    import dataclasses
-
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".lstrip()
-        options = {"dest": f.name, "default": None, "help": help_text}
-        if kind.startswith("bool"):
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
-            if f.metadata.get("choices"):
-                options["choices"] = list(f.metadata["choices"])
-        parser.add_argument(flag, **options)
-
-
 THREADED = ("model", "prune", "pairs", "eval", "teacher-cache")  # long commands with --threads (demo has its own)
 
 
@@ -233,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model)
     p = sub.add_parser("tiny", help="build the tiny offline example (teacher, student, data)")
     p.add_argument("--out", default="examples/tiny/build", help="output folder (default: examples/tiny/build)")
-    p.add_argument("--steps", type=_threads_type, default=200, help="teacher pretraining steps (default: 200)")
+    p.add_argument("--steps", type=positive_int, default=200, help="teacher pretraining steps (default: 200)")
     p.set_defaults(func=cmd_tiny)
     p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)",
                        description="Options are the `focus_prune:` keys; with a CONFIG.yml they override its block.")
@@ -245,12 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .mining import MiningConfig
 
     p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
-    _add_dataclass_options(p, MiningConfig)
+    add_options(p, MiningConfig)
     p.set_defaults(func=cmd_pairs)
     from .evaluate import add_eval_arguments
 
-    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
     from .demo import add_demo_arguments
@@ -267,46 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "remaining mass (8k + 4 bytes per position). Resumable: a rerun with the same settings keeps "
                        "the shards already written. Format: axolotl_focus/train/teacher_cache/format.py.")
     p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
-    p.add_argument("--output", required=True, help="the cache folder (created; resumed when it holds an unfinished "
-                   "cache of the same settings)")
-    p.add_argument("--k", type=_threads_type, default=512, help="teacher tokens kept per position (default: 512, "
-                   "the k whose training effect the demo measured)")
-    p.add_argument("--teacher", default=None, help="teacher path or hub id (default: the config's "
-                   "focus_teacher_model, as the plugin resolves it)")
-    p.add_argument("--temperature", type=float, default=None, help="distillation temperature tau (default: the "
-                   "config's focus_temperature, 2.0)")
-    p.add_argument("--batch-size", type=_threads_type, default=8, help="sequences per teacher forward (default: 8)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="teacher compute dtype "
-                   "(default: the config's focus_teacher_dtype; auto = the training dtype)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where the teacher runs (default: cuda "
-                   "when available, else cpu)")
-    p.add_argument("--shard-size", type=_threads_type, default=None, help="sequences per shard folder, the unit of "
-                   "resuming (default: the existing cache's, else 1024)")
-    p.add_argument("--restart", action="store_true", help="delete an existing teacher cache in --output and build "
-                   "it again (a folder that is not a teacher cache is never deleted)")
-    p.add_argument("--from-kd-logprobs", action="store_true", help="no teacher: convert the top-k teacher "
-                   "logprobs of the config's axolotl KD datasets (type: axolotl.integrations.kd.chat_template...) "
-                   "into the cache, k = theirs; field mapping and temperatures: "
-                   "axolotl_focus/train/teacher_cache/kd_import.py")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .train.teacher_cache.cli import TeacherCacheOptions
+
+    add_options(p, TeacherCacheOptions, defaults=True)
     p.set_defaults(func=cmd_teacher_cache)
     for name, command in sub.choices.items():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error (default: one line, exit 2)")
     for name in THREADED:
-        sub.choices[name].add_argument("--threads", type=_threads_type, default=None,
+        sub.choices[name].add_argument("--threads", type=positive_int, default=None,
                                        help="torch threads (default: the cores not busy by the 1-minute load "
                                        "average, minus one, at least 1)")
     return parser
 
 
-
-
-def _threads_type(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def set_threads(threads: int | None) -> int:

@@ -3,9 +3,10 @@ decodings, and :class:`MetricUnavailable`, raised when a metric cannot run here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..degeneration import DEFAULT_THRESHOLD
+from ..options import opt
 
 EXTRA = "pip install 'axolotl-focus[eval]'"
 TASKS = ("open_ended", "instruction")
@@ -15,6 +16,9 @@ ZERO_SHOT_AVERAGE = ("arc_challenge", "piqa", "boolq", "openbookqa", "hellaswag"
 ZERO_SHOT_TASKS = ZERO_SHOT_AVERAGE + ("truthfulqa_mc2",)
 ZERO_SHOT_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm"}
 REP_NS = (3, 4, 5, 6)
+# option groups of `axolotl-focus eval --help`
+_OPEN_ENDED, _INSTRUCTION, _PPL = "open-ended generation", "instruction-based generation", "perplexity"
+_SIMILARITY, _DISTRIBUTION, _RUN = "MAUVE / BERTScore / zero-shot", "distribution study and plots", "run control"
 
 
 class MetricUnavailable(RuntimeError):
@@ -23,71 +27,77 @@ class MetricUnavailable(RuntimeError):
 
 @dataclass
 class EvalConfig:
-    """Settings of an evaluation run (defaults: the paper's where it states them)."""
+    """Settings of an evaluation run (defaults: the paper's where it states them); each field's help
+    is its ``axolotl-focus eval --help`` text (:mod:`axolotl_focus.options`)."""
 
-    output_dir: str = "eval_results"
-    tasks: tuple[str, ...] = TASKS
-    metrics: tuple[str, ...] = METRICS
-    decodings: tuple[str, ...] = DECODINGS
-    seeds: tuple[int, ...] = (0,)  # top-p generation seeds
-    top_p: float = 0.9
-    temperature: float = 1.0
-    batch_size: int = 16
-    threshold: float = DEFAULT_THRESHOLD  # CREP coverage threshold
-    # open-ended generation
-    documents: str | None = None  # None: WikiText-103 test from the hub (offline: embedded WikiText-2 test)
-    documents_config: str | None = None
-    documents_split: str = "test"
-    text_field: str | None = None
-    num_documents: int = 1000
-    data_seed: int = 0
-    prefix_tokens: int = 50
-    max_new_tokens: int = 100  # paper Table 3: 100 (Table 1: 200)
-    # instruction-based generation
-    instructions: str | None = None  # local JSONL (Self-Instruct style) or hub id; None: embedded 252
-    instructions_config: str | None = None
-    instructions_split: str = "train"
-    num_instructions: int = 1000
-    instruction_max_new_tokens: int = 256
-    chat_template: bool = True
-    # perplexity
-    ppl_data: str | None = None  # None: as documents (WikiText-103 test; offline: embedded WikiText-2 test)
-    ppl_config: str | None = None
-    ppl_split: str = "test"
-    ppl_text_field: str = "text"
-    ppl_window: int = 1024  # capped by the model's max_position_embeddings
-    ppl_stride: int = 512
-    ppl_max_tokens: int | None = None
-    # MAUVE
-    mauve_featurizer: str = "gpt2-large"
-    mauve_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
-    mauve_max_text_length: int = 1024
-    mauve_scaling_factor: float = 5.0
-    # BERTScore
-    bertscore_model: str = "roberta-large"
-    bertscore_layer: int | None = None  # None: bert-score's table (roberta-large: 17)
-    bertscore_rescale: bool = True
-    bertscore_baseline: str | None = None  # baseline .tsv; default: bert-score's for the model name
-    # zero-shot
-    zero_shot_tasks: tuple[str, ...] = ZERO_SHOT_TASKS
-    zero_shot_batch_size: str = "auto"
-    zero_shot_limit: float | None = None
-    zero_shot_include: str | None = None  # folder of extra lm-eval task YAMLs (local datasets)
-    # distribution study
-    teacher: str | None = None  # default: the first model's recorded focus_source_model
-    distribution_samples: int = 200
-    head_top_p: float = 0.9
-    # plots
-    plots: bool = True
-    focus_params: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (beta, gamma)
-    focus_toy: tuple[tuple[float, float], ...] = ((5.0, 1.0), (15.0, 1.0), (15.0, 3.0))
-    # run control
-    metrics_only: bool = False
-    regenerate: bool = False
-    device: str | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
+    output_dir: str = opt("eval_results", "results, generations and plots")
+    tasks: tuple[str, ...] = opt(TASKS, "open-ended WikiText continuation and/or instruction following", choices=TASKS)
+    metrics: tuple[str, ...] = opt(METRICS, "metric families to compute", choices=METRICS)
+    decodings: tuple[str, ...] = opt(DECODINGS, "top-p sampling and/or greedy", choices=DECODINGS)
+    seeds: tuple[int, ...] = opt((0,), "top-p generation seeds")
+    top_p: float = opt(0.9, "nucleus of top-p sampling")
+    temperature: float = opt(1.0, "sampling temperature of top-p decoding")
+    batch_size: int = opt(16, "prompts per generation batch")
+    threshold: float = opt(DEFAULT_THRESHOLD, "CREP coverage threshold")
+    documents: str | None = opt(None, "local text/JSONL file or hub dataset id (default: Salesforce/wikitext "
+                                "wikitext-103-raw-v1 test from the hub; offline: the embedded WikiText-2 test slice; "
+                                "`embedded`: that slice always)", group=_OPEN_ENDED)
+    documents_config: str | None = opt(None, "hub dataset configuration of --documents", group=_OPEN_ENDED)
+    documents_split: str = opt("test", "hub split of --documents", group=_OPEN_ENDED)
+    text_field: str | None = opt(None, "JSONL/hub field holding the text (default: text / prompt / instruction)",
+                                 group=_OPEN_ENDED)
+    num_documents: int = opt(1000, "documents to continue (seeded sample)", group=_OPEN_ENDED)
+    data_seed: int = opt(0, "seed of the document sample", group=_OPEN_ENDED)
+    prefix_tokens: int = opt(50, "prompt = the first N tokens of a document", group=_OPEN_ENDED)
+    max_new_tokens: int = opt(100, "continuation length (paper Table 3: 100; Table 1: 200)", group=_OPEN_ENDED)
+    instructions: str | None = opt(None, "Self-Instruct style JSONL or hub dataset id (default: the embedded 252 "
+                                   "user-oriented Self-Instruct instructions)", group=_INSTRUCTION)
+    instructions_config: str | None = opt(None, "hub dataset configuration of --instructions", group=_INSTRUCTION)
+    instructions_split: str = opt("train", "hub split of --instructions", group=_INSTRUCTION)
+    num_instructions: int = opt(1000, "instructions to answer (at most)", group=_INSTRUCTION)
+    instruction_max_new_tokens: int = opt(256, "answer length", group=_INSTRUCTION)
+    chat_template: bool = opt(True, "render instructions with the tokenizer's chat template when it has one",
+                              group=_INSTRUCTION)
+    ppl_data: str | None = opt(None, "text/JSONL file, hub dataset id or `embedded` (default: as --documents: "
+                               "WikiText-103 test; offline: the embedded WikiText-2 test)", group=_PPL)
+    ppl_config: str | None = opt(None, "hub dataset configuration of --ppl-data", group=_PPL)
+    ppl_split: str = opt("test", "hub split of --ppl-data", group=_PPL)
+    ppl_text_field: str = opt("text", "field holding the text", group=_PPL)
+    ppl_window: int = opt(1024, "tokens per window (capped by the model's max_position_embeddings)", group=_PPL)
+    ppl_stride: int = opt(512, "sliding-window stride", group=_PPL)
+    ppl_max_tokens: int | None = opt(None, "score at most N tokens (default: all)", group=_PPL)
+    mauve_featurizer: str = opt("gpt2-large", "local path or hub id", group=_SIMILARITY)
+    mauve_seeds: tuple[int, ...] = opt((1, 2, 3, 4, 5), "MAUVE k-means seeds (mean +- std)", group=_SIMILARITY)
+    mauve_max_text_length: int = opt(1024, "featurizer tokens per text", group=_SIMILARITY)
+    mauve_scaling_factor: float = opt(5.0, "MAUVE's c", group=_SIMILARITY)
+    bertscore_model: str = opt("roberta-large", "local path or hub id", group=_SIMILARITY)
+    bertscore_layer: int | None = opt(None, "hidden layer (default: bert-score's table for the model; "
+                                      "roberta-large: 17)", group=_SIMILARITY)
+    bertscore_rescale: bool = opt(True, "rescale with the baseline", group=_SIMILARITY)
+    bertscore_baseline: str | None = opt(None, "baseline .tsv for rescaling a local model (default: bert-score's "
+                                         "for the model name)", group=_SIMILARITY)
+    zero_shot_tasks: tuple[str, ...] = opt(ZERO_SHOT_TASKS, "lm-evaluation-harness tasks", group=_SIMILARITY)
+    zero_shot_batch_size: str = opt("auto", "lm-eval batch size or auto", group=_SIMILARITY)
+    zero_shot_limit: float | None = opt(None, "examples per task (a fraction if < 1; default: all)", group=_SIMILARITY)
+    zero_shot_include: str | None = opt(None, "folder of extra lm-eval task YAMLs (e.g. offline copies of local "
+                                        "datasets)", group=_SIMILARITY)
+    teacher: str | None = opt(None, "unpruned teacher (default: the first model's recorded focus_source_model)",
+                              group=_DISTRIBUTION)
+    distribution_samples: int = opt(200, "positions sampled for the teacher-probability study", group=_DISTRIBUTION)
+    head_top_p: float = opt(0.9, "nucleus defining the head tokens", group=_DISTRIBUTION)
+    plots: bool = opt(True, "write the plots", group=_DISTRIBUTION)
+    focus_params: dict[str, tuple[float, float]] = opt(
+        default_factory=dict, help="FOCUS beta/gamma per model for the beta/gamma plot (else read from the name)",
+        group=_DISTRIBUTION, type=str, nargs="+", metavar="NAME=BETA,GAMMA")
+    focus_toy: tuple[tuple[float, float], ...] = opt(((5.0, 1.0), (15.0, 1.0), (15.0, 3.0)),
+                                                    "(beta, gamma) curves of the weight-function plot",
+                                                    group=_DISTRIBUTION, type=str, metavar="BETA,GAMMA")
+    metrics_only: bool = opt(False, "never generate nor load a model: saved files only", group=_RUN)
+    regenerate: bool = opt(False, "ignore saved generations and caches", group=_RUN)
+    device: str | None = opt(None, "one process only (several: each rank uses its own device)", group=_RUN)
+    dtype: str = opt("auto", "weights dtype", group=_RUN, choices=("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = opt(False, "allow model code from the checkpoint", group=_RUN)
+    progress: bool = opt(True, "progress bars", group=_RUN)
 
     def validate(self) -> "EvalConfig":
         """Raise one ``ValueError`` naming every bad field."""

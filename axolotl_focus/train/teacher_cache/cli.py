@@ -1,4 +1,4 @@
-"""The ``axolotl-focus teacher-cache`` command (options: :mod:`axolotl_focus.cli`): a cache from
+"""The ``axolotl-focus teacher-cache`` command (its options: :class:`TeacherCacheOptions`): a cache from
 a teacher model (:mod:`~axolotl_focus.train.teacher_cache.build`) or from axolotl KD logprobs
 (:mod:`~axolotl_focus.train.teacher_cache.kd_import`), then a summary.
 """
@@ -8,14 +8,45 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ...config import focus_default
+from ...options import opt, positive_int
 from .build import build_cache
 from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
 from .rows import rows_from_config
+
+
+@dataclass
+class TeacherCacheOptions:
+    """Options of ``axolotl-focus teacher-cache`` (besides the config); each field's help is its
+    ``--help`` text (:mod:`axolotl_focus.options`)."""
+
+    output: str = opt(None, "the cache folder (created; resumed when it holds an unfinished cache of the same "
+                      "settings)", required=True)
+    k: int = opt(512, "teacher tokens kept per position (default: 512, the k whose training effect the demo "
+                 "measured)", type=positive_int)
+    teacher: str | None = opt(None, "teacher path or hub id (default: the config's focus_teacher_model, as the "
+                              "plugin resolves it)")
+    temperature: float | None = opt(None, "distillation temperature tau (default: the config's focus_temperature, "
+                                    "2.0)")
+    batch_size: int = opt(8, "sequences per teacher forward", type=positive_int)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = opt(None, "teacher compute dtype (default: the config's "
+                                                                  "focus_teacher_dtype; auto = the training dtype)")
+    device: Literal["cpu", "cuda"] | None = opt(None, "where the teacher runs (default: cuda when available, else cpu)")
+    shard_size: int | None = opt(None, "sequences per shard folder, the unit of resuming (default: the existing "
+                                 "cache's, else 1024)", type=positive_int)
+    restart: bool = opt(False, "delete an existing teacher cache in --output and build it again (a folder that is "
+                        "not a teacher cache is never deleted)", action="store_true")
+    from_kd_logprobs: bool = opt(False, "no teacher: convert the top-k teacher logprobs of the config's axolotl KD "
+                                 "datasets (type: axolotl.integrations.kd.chat_template...) into the cache, k = "
+                                 "theirs; field mapping and temperatures: "
+                                 "axolotl_focus/train/teacher_cache/kd_import.py", action="store_true")
+    progress: bool = opt(True, "progress bar")
 
 
 def folder_size(path: str | os.PathLike) -> int:
@@ -70,6 +101,6 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     shard_size = args.shard_size or (existing.shard_size if existing is not None else DEFAULT_SHARD_SIZE)
     return build_cache(lambda: (load_teacher_fn or load_teacher)(str(teacher_name), dtype), rows, args.output,
                        k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
-                       progress=not args.no_progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
+                       progress=args.progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
                        shard_size=shard_size, restart=args.restart, source_config=str(args.config),
                        dtype=dtype)
