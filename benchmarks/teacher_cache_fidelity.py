@@ -64,6 +64,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from axolotl_focus.files import write_json  # noqa: E402
 from axolotl_focus.train.losses import (  # noqa: E402
     DistillSpec,
     reference_distill_per_token,
@@ -402,8 +403,7 @@ def main(argv=None) -> int:
     }
     print(report(result), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json(args.json, result, indent=2)
     return 0
 
 

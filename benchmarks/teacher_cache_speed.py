@@ -517,8 +517,9 @@ def main(argv=None) -> int:
     }
     print(markdown(result), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        from axolotl_focus.files import write_json
+
+        write_json(args.json, result, indent=2)
     return 0
 
 
