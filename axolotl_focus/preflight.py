@@ -39,12 +39,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import FocusArgs, FocusAuxLosses, FocusPruneArgs, source_model_of
+from .config import FocusArgs, FocusAuxLosses, source_model_of
 from .locations import ModelLocation, looks_local, resolve_model
+from .prune.settings import PruneSettings
 
 PLUGIN = "axolotl_focus.FocusPlugin"
 REPAIR_TYPE = "axolotl_focus.repair"
-_NESTED = {"focus_prune": FocusPruneArgs, "focus_aux_losses": FocusAuxLosses,
+_NESTED = {"focus_prune": PruneSettings, "focus_aux_losses": FocusAuxLosses,
            **{f"focus_aux_losses.{name}": next(a for a in info.annotation.__args__ if a is not type(None))
               for name, info in FocusAuxLosses.model_fields.items()}}
 
@@ -59,10 +60,8 @@ class Account:
 
     def error(self, key: str, message: str, where: Mapping[str, int] | None = None, line_of: str = "") -> None:
         """Record ``file:line: key: message`` (the line of ``key``, or of ``line_of`` when the key is
-        not in the file); a message said already is not repeated."""
+        not in the file)."""
         message = message.removeprefix(f"{key}: ")
-        if any(e.endswith(f"{key}: {message}") or e.endswith(f": {message}") for e in self.errors):
-            return
         where = where or {}
         head = key.split(".")[0]
         line = where.get(key) or where.get(head) or where.get(head.split("[")[0]) or where.get(line_of)
@@ -205,12 +204,14 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines,
     student = _resolve(base, "base_model", account, lines, train)
     block = cfg.get("focus_prune")
     if block and not cfg.get("focus_pruned_from") and student is not None:
-        try:
-            spec = FocusPruneArgs.model_validate(block)
-        except ValidationError as exc:
-            for key, msg in validation_messages(exc, "focus_prune"):
-                account.error(key, msg, lines)
-        else:
+        # validated (and its errors reported) with FocusArgs; when another key failed, validate it alone
+        spec = args.focus_prune if args is not None else None
+        if args is None:
+            try:
+                spec = PruneSettings.model_validate(block)
+            except ValidationError:
+                pass  # reported by _focus_args
+        if spec is not None:
             _plan(base, spec, account, lines)
     if cfg.get("focus_teacher_cache") and not cfg.get("rl") and (cfg.get("focus_distill") or "focus") != "none":
         _check_teacher_cache(cfg, args, student, account, lines)
@@ -331,8 +332,8 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                     "compared by the trainer, before step one)")
 
 
-def _plan(source: str, spec: FocusPruneArgs, account: Account, lines) -> None:
-    from .preprocess import plan_prune
+def _plan(source: str, spec: PruneSettings, account: Account, lines) -> None:
+    from .prune.cache import plan_prune
 
     try:
         plan = plan_prune(source, spec)
