@@ -6,5 +6,5 @@ parameter counts), `calibration` (calibration texts and token windows), `importa
 block-wise importance), `width` (structured width pruning), `depth` (block removal), `report` (what
 pruning did), `checkpoint` (save/load of pruned checkpoints), `modeling_pruned_llama` (the
 self-contained model class of width-pruned checkpoints) and `cache` (the axolotl-time
-prune-into-cache of `focus_prune:`). Importing this package imports nothing heavy.
+prune-into-cache of `focus_prune:`). This file imports none of them.
 """

@@ -5,7 +5,7 @@ Texts: the embedded WikiText-2 valid slice by default, a local .txt (one paragra
 .jsonl file (`calibration_field` of each object), or a hub dataset, streamed (a seeded shuffle
 buffer of `STREAM_BUFFER` rows, at most `STREAM_MAX_ROWS` read). Windows: `calib_samples` seeded
 random windows of `calib_seq_len` tokens, one per text long enough, the rest cut from all texts
-concatenated. Imports torch only when windows are built.
+concatenated. The module imports torch only inside the functions that build windows.
 """
 
 from __future__ import annotations

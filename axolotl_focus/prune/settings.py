@@ -1,13 +1,12 @@
 """The pruning settings: ONE pydantic model for the `focus_prune:` YAML block, the options of
-`axolotl-focus prune` (one --flag per field, built from it by `cli.add_prune_options`) and the
+`axolotl-focus prune` (one --flag per field, built from it by `cli._add_prune_options`) and the
 prune functions (`prune_width`, `prune_depth`, `run_prune`, ...), which all take it.
 
 Field constraints (types, choices, open intervals) are checked by pydantic when the model is
 built; `PruneSettings.validate(model_config)` adds what needs the model: the architecture, the
 layer ranges, exactly one of num_blocks / block_fraction, that no layer loses all its heads or
 channels, and that depth pruning leaves removable blocks. It raises ValueError naming the option
-and value. Imports neither torch nor transformers (the plugin's `register` hook and config.py
-import it).
+and value. The module itself imports neither torch nor transformers (config.py imports it).
 
 Defaults follow LLM-Pruner's commands: 25% per-layer width ratio in layers [4, L-2), first-order
 Taylor importance, 10 calibration windows of 64 tokens. The field set and defaults are part of the
