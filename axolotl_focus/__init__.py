@@ -8,7 +8,7 @@ Enable in an axolotl config with::
 
 __version__ = "0.1.0"
 
-from .modeling_pruned_llama import register_auto_classes as _register_auto_classes
+from .prune.modeling_pruned_llama import register_auto_classes as _register_auto_classes
 
 # Pruned checkpoints (model_type `pruned_llama`) load through the Auto classes once imported.
 _register_auto_classes()

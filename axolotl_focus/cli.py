@@ -63,17 +63,17 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-_PRUNE_NOT_OPTIONS = ("wait_timeout",)  # FocusPruneArgs fields without a command-line option
+_PRUNE_NOT_OPTIONS = ("wait_timeout",)  # PruneSettings fields without a command-line option
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
-    """One --option per `focus_prune:` key (FocusPruneArgs), typed and described by the schema;
+    """One --option per `focus_prune:` key (prune.settings.PruneSettings), typed and described by the schema;
     None default = not given. Literals become choices, booleans --x / --no-x, layer ranges START END."""
     import typing
 
-    from .config import FocusPruneArgs
+    from .prune.settings import PruneSettings
 
-    for name, info in FocusPruneArgs.model_fields.items():
+    for name, info in PruneSettings.model_fields.items():
         if name in _PRUNE_NOT_OPTIONS:
             continue
         flag, kind = "--" + name.replace("_", "-"), info.annotation
@@ -101,10 +101,10 @@ def cmd_prune(args) -> int:
 
     from pydantic import ValidationError
 
-    from .config import FocusPruneArgs
-    from .preprocess import REPORT_FILE, ensure_pruned, plan_prune, run_prune
+    from .prune.cache import REPORT_FILE, ensure_pruned, plan_prune, run_prune
+    from .prune.settings import PruneSettings
 
-    given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in PruneSettings.model_fields and v is not None}
     if args.config:
         if args.model or args.output:
             raise ValueError("--model/--output prune without a config; a CONFIG.yml prunes its base_model into "
@@ -120,7 +120,7 @@ def cmd_prune(args) -> int:
             raise ValueError("give a CONFIG.yml, or --model and --output")
         source, block = args.model, given
     try:
-        spec = FocusPruneArgs.model_validate(block)
+        spec = PruneSettings.model_validate(block)
     except ValidationError as exc:
         from .preflight import validation_messages
 
@@ -133,11 +133,12 @@ def cmd_prune(args) -> int:
     undo = show_package_logs()
     try:
         if args.config:
-            cached = plan_prune(source, spec)["cached"]
-            path = ensure_pruned(source, spec)
+            plan = plan_prune(source, spec)  # the source's fingerprint is computed once, here
+            cached = plan["cached"]
+            path = ensure_pruned(source, spec, plan["fingerprint"])
             report = json.loads((path / REPORT_FILE).read_text())
             if cached:  # pruned by an earlier run: show what that run logged
-                from .pruning import PruneReport
+                from .prune.report import PruneReport
 
                 fields = {f.name: report[f.name] for f in dataclasses.fields(PruneReport) if f.name in report}
                 summary = PruneReport(**{**fields, "model": None}).summary()
@@ -146,7 +147,7 @@ def cmd_prune(args) -> int:
             path, report = args.output, run_prune(source, spec, args.output)
     finally:
         undo()
-    from .pruning import requested
+    from .prune.report import requested
 
     print(f"pruned checkpoint: {path}")
     print(f"params {report['params_before']:,} -> {report['params_after']:,} (requested "

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .prune.settings import PruneSettings
 from .train.losses import DISTILL_MODES
 
 TRAINING_RECORD = "focus_training.json"  # the trainer's record of its focus_* settings, in output_dir
@@ -53,50 +54,6 @@ def source_model_of(model_path: str | None) -> str | None:
     with open(config_file, encoding="utf-8") as handle:
         config = json.load(handle)
     return config.get(SOURCE_MODEL_KEY) or (config.get("pruning") or {}).get("source_model")
-
-
-class FocusPruneArgs(BaseModel):
-    """`focus_prune:` - prune `base_model` before training (LLM-Pruner width / Shortened-LLaMA depth).
-
-    Defaults follow LLM-Pruner's commands: 25% per-layer width ratio in layers [4, L-2),
-    first-order Taylor importance, 10 calibration windows of 64 tokens.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["width", "depth"] = "width"
-    ratio: float = Field(default=0.25, gt=0, lt=1, description=(
-        "nominal per-layer width ratio (LLM-Pruner's pruning ratio): the share of the attention heads or KV groups "
-        "(whole units, rounded down) and of the MLP channels removed in each layer of attn_layers / mlp_layers; "
-        "the parameter cut is smaller (embeddings, norms and the layers outside the ranges are not pruned)"))
-    target_param_reduction: float | None = Field(default=None, gt=0, lt=1, description=(
-        "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved for it "
-        "and ratio is ignored; default: unset, ratio is used"))
-    importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
-    attn_layers: list[int] | None = Field(
-        default=None, description="[start, end) of attention pruning; default [4, L-2)")
-    mlp_layers: list[int] | None = Field(default=None, description="[start, end) of MLP pruning; default [4, L-2)")
-    gqa_mode: Literal["group", "q_within_group"] = "group"
-    uniform: bool = Field(default=False, description="same vanilla shape in every layer (vLLM-servable; not the paper)")
-    num_blocks: int | None = Field(default=None, ge=1, description="depth: blocks to remove")
-    block_fraction: float | None = Field(default=None, gt=0, lt=1, description="depth: fraction of blocks to remove")
-    depth_score: Literal["taylor", "ppl"] = "taylor"
-    protected_first: int = Field(default=4, ge=0)
-    protected_last: int = Field(default=2, ge=0)
-    calibration: str | None = Field(default=None, description="hub dataset id or local .txt/.jsonl; "
-                                    "default: the embedded WikiText-2 slice")
-    calibration_split: str = "train"
-    calibration_field: str = "text"
-    calibration_config: str | None = Field(default=None, description="hub dataset configuration name, "
-                                           "e.g. wikitext-2-raw-v1 for calibration: wikitext")
-    calib_samples: int = Field(default=10, ge=1)
-    calib_seq_len: int = Field(default=64, ge=2)
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    cache_dir: str | None = Field(
-        default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
-    wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning")
 
 
 class _Term(BaseModel):
@@ -220,7 +177,7 @@ class FocusArgs(BaseModel):
         default=None,
         description="Baselines as extra loss terms: unlikelihood, scalegrad, tailr, ditto (see FocusAuxLosses).",
     )
-    focus_prune: FocusPruneArgs | None = Field(default=None, description="Prune base_model before training.")
+    focus_prune: PruneSettings | None = Field(default=None, description="Prune base_model before training.")
     focus_pruned_from: str | None = Field(default=None, description="Set by the plugin: the unpruned source.")
 
     @model_validator(mode="before")

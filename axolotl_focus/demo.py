@@ -13,7 +13,7 @@ for the paper's effects). Stages (each cached in its own folder of ``--out``):
 2. ``prune`` - 25% of all parameters removed by LLM-Pruner width pruning (first-order Taylor
    importance; whole KV groups on the micro model, q heads inside every KV group on SmolLM2, whose
    3 KV groups would lose a third or nothing) and depth pruning (whole blocks; 9 of 30 on SmolLM2,
-   about the same parameter cut), through :func:`axolotl_focus.preprocess.run_prune`; both
+   about the same parameter cut), through :func:`axolotl_focus.prune.cache.run_prune`; both
    checkpoints record the teacher as their source model.
 3. ``table1`` - the paper's Table 1: CREP and rep-n of the unpruned and pruned models, greedy and
    top-p 0.9 (:mod:`axolotl_focus.table1`). With ``table1_prompts = 0`` (the real-model presets)
@@ -611,17 +611,17 @@ class Demo:
 
     # 2. pruning ------------------------------------------------------------------------------
     def _run_prune(self, folder: Path):
-        from .config import FocusPruneArgs
-        from .preprocess import run_prune
+        from .prune.cache import run_prune
+        from .prune.settings import PruneSettings
 
         s = self.s
         layers = _num_layers(self.teacher)
         span = list(s.width_layers or (1, layers - 1))
         specs = {
-            "width": FocusPruneArgs(target_param_reduction=s.width_reduction, attn_layers=span, mlp_layers=span,
+            "width": PruneSettings(target_param_reduction=s.width_reduction, attn_layers=span, mlp_layers=span,
                                     gqa_mode=s.width_gqa_mode, calib_samples=s.calib_samples, seed=s.seed,
                                     device=self.device),
-            "depth": FocusPruneArgs(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
+            "depth": PruneSettings(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
                                     calib_samples=s.calib_samples, seed=s.seed, device=self.device),
         }
         data, parts = {}, []
@@ -881,7 +881,7 @@ def merge_lora(base: str, adapter: str, out: str) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .pruning import save_pruned
+    from .prune.checkpoint import save_pruned
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()

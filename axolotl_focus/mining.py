@@ -1212,7 +1212,7 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     process's device and call :func:`mine_pairs` with the student's tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from . import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
+    from .prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
     cfg.validate(models=True)
     prompts = load_prompts(

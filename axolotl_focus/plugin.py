@@ -17,7 +17,7 @@ class FocusPlugin(BasePlugin):
         # every check that needs no weights first (keys, models, vocabulary, pair rows), then
         # `focus_prune:` prunes base_model (or reuses the cache) before axolotl loads anything
         from .preflight import check_before_training
-        from .preprocess import apply_to_config, disable_attention_lora_kernels
+        from .prune.cache import apply_to_config, disable_attention_lora_kernels
 
         check_before_training(cfg)
         apply_to_config(cfg)

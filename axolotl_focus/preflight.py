@@ -39,12 +39,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import FocusArgs, FocusAuxLosses, FocusPruneArgs, source_model_of
+from .config import FocusArgs, FocusAuxLosses, source_model_of
 from .locations import ModelLocation, looks_local, resolve_model
+from .prune.settings import PruneSettings
 
 PLUGIN = "axolotl_focus.FocusPlugin"
 REPAIR_TYPE = "axolotl_focus.repair"
-_NESTED = {"focus_prune": FocusPruneArgs, "focus_aux_losses": FocusAuxLosses,
+_NESTED = {"focus_prune": PruneSettings, "focus_aux_losses": FocusAuxLosses,
            **{f"focus_aux_losses.{name}": next(a for a in info.annotation.__args__ if a is not type(None))
               for name, info in FocusAuxLosses.model_fields.items()}}
 
@@ -59,10 +60,8 @@ class Account:
 
     def error(self, key: str, message: str, where: Mapping[str, int] | None = None, line_of: str = "") -> None:
         """Record ``file:line: key: message`` (the line of ``key``, or of ``line_of`` when the key is
-        not in the file); a message said already is not repeated."""
+        not in the file)."""
         message = message.removeprefix(f"{key}: ")
-        if any(e.endswith(f"{key}: {message}") or e.endswith(f": {message}") for e in self.errors):
-            return
         where = where or {}
         head = key.split(".")[0]
         line = where.get(key) or where.get(head) or where.get(head.split("[")[0]) or where.get(line_of)
@@ -149,7 +148,10 @@ def _unknown_focus_keys(cfg: Mapping, account: Account, lines) -> None:
             account.error(key, f"unknown axolotl_focus key; {nearest(key, known)}", lines)
 
 
-def _focus_args(cfg: Mapping, account: Account, lines) -> FocusArgs | None:
+def _focus_args(cfg: Mapping, account: Account, lines) -> tuple[FocusArgs | None, PruneSettings | None]:
+    """The validated FocusArgs and `focus_prune` settings (None where invalid, the errors recorded).
+    `focus_prune` is validated once, on its own, so that its errors are said even when a check of
+    FocusArgs' own fails first."""
     from pydantic import ValidationError
 
     keys = set(FocusArgs.model_fields) | {"base_model", "rl", "datasets", "sample_packing", "eval_sample_packing",
@@ -159,14 +161,24 @@ def _focus_args(cfg: Mapping, account: Account, lines) -> FocusArgs | None:
     data = {k: v for k, v in cfg.items() if k in keys}
     if data.get("focus_prune") and not data.get("focus_teacher_model"):  # as apply_to_config sets it
         data["focus_teacher_model"] = data.get("base_model")
+    spec, prune_errors = None, []
+    if data.get("focus_prune"):
+        try:
+            spec = data["focus_prune"] = PruneSettings.model_validate(data["focus_prune"])
+        except ValidationError as exc:
+            prune_errors = validation_messages(exc, "focus_prune")
+            del data["focus_prune"]
+    args = None
     try:
-        return FocusArgs.model_validate(data)
+        args = FocusArgs.model_validate(data)
     except ValidationError as exc:
         for key, msg in validation_messages(exc):
             if key == "config":  # a model-level check: its message starts with the key
                 key, _, msg = msg.partition(": ")
             account.error(key, msg, lines)
-    return None
+    for key, msg in prune_errors:
+        account.error(key, msg, lines)
+    return args, spec
 
 
 def _resolve(name: str, key: str, account: Account, lines, train: bool) -> ModelLocation | None:
@@ -195,23 +207,15 @@ def _teacher_name(cfg: Mapping, args: FocusArgs | None) -> tuple[str | None, str
     return recorded, f"focus_source_model recorded by {cfg.get('base_model')}"
 
 
-def _check_models(cfg: Mapping, args: FocusArgs | None, account: Account, lines, train: bool) -> None:
-    from pydantic import ValidationError
-
+def _check_models(cfg: Mapping, args: FocusArgs | None, spec: PruneSettings | None, account: Account, lines,
+                  train: bool) -> None:
     base = cfg.get("base_model")
     if not base:
         account.error("base_model", "is required", lines)
         return
     student = _resolve(base, "base_model", account, lines, train)
-    block = cfg.get("focus_prune")
-    if block and not cfg.get("focus_pruned_from") and student is not None:
-        try:
-            spec = FocusPruneArgs.model_validate(block)
-        except ValidationError as exc:
-            for key, msg in validation_messages(exc, "focus_prune"):
-                account.error(key, msg, lines)
-        else:
-            _plan(base, spec, account, lines)
+    if spec is not None and not cfg.get("focus_pruned_from") and student is not None:
+        _plan(base, spec, account, lines)
     if cfg.get("focus_teacher_cache") and not cfg.get("rl") and (cfg.get("focus_distill") or "focus") != "none":
         _check_teacher_cache(cfg, args, student, account, lines)
         return
@@ -331,8 +335,8 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                     "compared by the trainer, before step one)")
 
 
-def _plan(source: str, spec: FocusPruneArgs, account: Account, lines) -> None:
-    from .preprocess import plan_prune
+def _plan(source: str, spec: PruneSettings, account: Account, lines) -> None:
+    from .prune.cache import plan_prune
 
     try:
         plan = plan_prune(source, spec)
@@ -419,8 +423,8 @@ def check_config(cfg: Mapping, path: str = "", *, train: bool, lines: Mapping[st
     if PLUGIN not in (cfg.get("plugins") or []) and not train:
         account.error("plugins", f"does not list {PLUGIN}; the focus_* keys would be ignored", lines)
     _unknown_focus_keys(cfg, account, lines)
-    args = _focus_args(cfg, account, lines)
-    _check_models(cfg, args, account, lines, train)
+    args, spec = _focus_args(cfg, account, lines)
+    _check_models(cfg, args, spec, account, lines, train)
     _dataset_files(cfg, account, lines)
     if args is not None:
         account.say("loss", _loss(cfg, args))

@@ -27,7 +27,8 @@ def worker(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from axolotl_focus.pruning import PruneConfig, compute_importance
+    from axolotl_focus.prune.importance import compute_importance
+    from axolotl_focus.prune.settings import PruneSettings
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -39,7 +40,7 @@ def worker(args) -> None:
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    cfg = PruneConfig(importance=args.importance)
+    cfg = PruneSettings(importance=args.importance)
     hold = args.worker == "all_grads"
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -10,7 +10,7 @@ teacher and a pruned student of the demo:
 * teacher: SmolLM2-135M-Instruct (:func:`axolotl_focus.embedded_model.materialize`, vocabulary
   49,152); student: the teacher width-pruned as the demo's ``prune`` stage does (LLM-Pruner,
   25% of all parameters, q heads inside every KV group, layers 3-27, 10 calibration windows, seed
-  0) through :func:`axolotl_focus.preprocess.ensure_pruned` (``run_prune`` into the package's
+  0) through :func:`axolotl_focus.prune.cache.ensure_pruned` (``run_prune`` into the package's
   pruning cache, reused when present; ``--prune depth``: the demo's 9-block depth pruning);
 * data: the demo's SFT text, the embedded WikiText-2 valid slice
   (:func:`axolotl_focus.micro.corpus_documents`), each document tokenized with the model's
@@ -86,13 +86,13 @@ QUICK_KS = ("4", "16", "64", "V")
 def prune_spec(kind: str, quick: bool, layers: int):
     """The demo's pruning settings (:meth:`axolotl_focus.demo.DemoRun._run_prune`) for the real
     model, or for the micro model with ``quick``."""
-    from axolotl_focus.config import FocusPruneArgs
+    from axolotl_focus.prune.settings import PruneSettings
 
     if kind == "depth":
-        return FocusPruneArgs(method="depth", num_blocks=1 if quick else 9, protected_first=1, protected_last=1,
+        return PruneSettings(method="depth", num_blocks=1 if quick else 9, protected_first=1, protected_last=1,
                               calib_samples=4 if quick else 10, seed=0, device="cpu")
     span = [1, layers - 1] if quick else [3, 28]
-    return FocusPruneArgs(target_param_reduction=0.25, attn_layers=span, mlp_layers=span,
+    return PruneSettings(target_param_reduction=0.25, attn_layers=span, mlp_layers=span,
                           gqa_mode="group" if quick else "q_within_group", calib_samples=4 if quick else 10,
                           seed=0, device="cpu")
 
@@ -102,7 +102,7 @@ def load_models(args, workdir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import axolotl_focus  # noqa: F401  (registers the pruned LLaMA classes)
-    from axolotl_focus.preprocess import REPORT_FILE, ensure_pruned, run_prune
+    from axolotl_focus.prune.cache import REPORT_FILE, ensure_pruned, run_prune
 
     started = time.perf_counter()
     if args.quick:

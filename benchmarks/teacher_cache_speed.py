@@ -6,7 +6,7 @@ Everything is measured side by side in one run:
   49,152, fp32); student: its width-pruned copy of the demo (the settings of
   ``benchmarks/teacher_cache_fidelity.py``'s :func:`prune_spec`: LLM-Pruner, 25% of all parameters,
   q heads inside every KV group, layers 3-27, 10 calibration windows, seed 0) through
-  :func:`axolotl_focus.preprocess.ensure_pruned` (reused when already in the pruning cache);
+  :func:`axolotl_focus.prune.cache.ensure_pruned` (reused when already in the pruning cache);
 * data: the embedded WikiText-2 valid slice (:func:`axolotl_focus.micro.corpus_documents`), each
   document tokenized with the model's tokenizer, all concatenated and cut into full windows of
   ``--seq-len`` (256) tokens; labels = input_ids, attention mask all ones (no padding). Step i
@@ -240,7 +240,7 @@ def models(args, workdir: Path) -> dict:
     from teacher_cache_fidelity import prune_spec  # the demo's pruning settings
     from transformers import AutoConfig
 
-    from axolotl_focus.preprocess import REPORT_FILE, ensure_pruned, run_prune
+    from axolotl_focus.prune.cache import REPORT_FILE, ensure_pruned, run_prune
 
     started = time.perf_counter()
     if args.quick:

@@ -32,9 +32,9 @@ def floats(text: str) -> list[float]:
 def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from axolotl_focus.config import FocusPruneArgs
     from axolotl_focus.micro import build_micro_teacher
-    from axolotl_focus.preprocess import run_prune
+    from axolotl_focus.prune.cache import run_prune
+    from axolotl_focus.prune.settings import PruneSettings
     from axolotl_focus.table1 import (
         decodings,
         markdown_table,
@@ -71,10 +71,10 @@ def main() -> None:
     models = {"unpruned": str(teacher)}
     last = AutoConfig.from_pretrained(teacher).num_hidden_layers - 1  # the first and last blocks keep their width
     settings = {("width" if args.ratios is None else f"width {ratio:.0%}"):
-                FocusPruneArgs(target_param_reduction=ratio, attn_layers=[1, last], mlp_layers=[1, last],
+                PruneSettings(target_param_reduction=ratio, attn_layers=[1, last], mlp_layers=[1, last],
                                seed=args.seed)
                 for ratio in args.ratios or [args.target_reduction]}
-    settings["depth"] = FocusPruneArgs(method="depth", num_blocks=2, protected_first=1, protected_last=1,
+    settings["depth"] = PruneSettings(method="depth", num_blocks=2, protected_first=1, protected_last=1,
                                        seed=args.seed)
     for name, spec in settings.items():
         path = work / f"{name.replace(' ', '-').replace('%', 'pct')}-pruned"

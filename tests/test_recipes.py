@@ -165,14 +165,14 @@ def test_prune_recipes_run_and_share_the_training_configs_cache(recipe_env, tmp_
     `axolotl-focus prune CONFIG`, prunes with the folder's settings, and lands in the same cache
     entry as the folder's training configs (step 1 of recipes/README.md is reused by step 3)."""
     from axolotl_focus.cli import main
-    from axolotl_focus.config import FocusPruneArgs
+    from axolotl_focus.prune.settings import PruneSettings
 
     prune_recipes = sorted((ROOT / "recipes").glob("*/p*/prune.yml"))
     assert len(prune_recipes) == 5
     cache = tmp_path / "cache"
     for recipe in prune_recipes:
         cfg = yaml.safe_load(recipe.read_text())
-        ratio = FocusPruneArgs(**cfg["focus_prune"]).ratio
+        ratio = PruneSettings(**cfg["focus_prune"]).ratio
         assert f"p{round(ratio * 100)}" == recipe.parent.name, recipe
         training = yaml.safe_load((recipe.parent / "focus-repair.yml").read_text())
         assert training["focus_prune"] == cfg["focus_prune"] and training["base_model"] == cfg["base_model"], recipe

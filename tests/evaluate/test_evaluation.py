@@ -604,11 +604,11 @@ def test_embedded_self_instruct_is_the_offline_default():
 def test_zero_shot_runs_lm_eval_on_a_pruned_checkpoint_offline(micro, tmp_path):
     """The real harness (HFLM + simple_evaluate) on a width-pruned checkpoint, with a local
     multiple-choice task in lm-eval's YAML format (the hub tasks cannot be fetched here)."""
-    from axolotl_focus.config import FocusPruneArgs
-    from axolotl_focus.preprocess import run_prune
+    from axolotl_focus.prune.cache import run_prune
+    from axolotl_focus.prune.settings import PruneSettings
 
     pruned = tmp_path / "pruned"
-    run_prune(micro["teacher_path"], FocusPruneArgs(ratio=0.5, attn_layers=[0, 2], mlp_layers=[0, 2],
+    run_prune(micro["teacher_path"], PruneSettings(ratio=0.5, attn_layers=[0, 2], mlp_layers=[0, 2],
                                                      calib_samples=2, device="cpu"), pruned)
     rows = [{"goal": f"The {w} is", "sol1": " a river .", "sol2": " the the the", "label": 0}
             for w in ("church", "state", "road", "album", "song", "city")]

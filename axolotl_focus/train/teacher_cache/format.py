@@ -22,7 +22,7 @@ then ``os.replace``)::
     format              "axolotl_focus.teacher_cache" (FORMAT)
     version             1 (VERSION)
     teacher             the teacher's path or hub id, as given
-    teacher_fingerprint axolotl_focus.preprocess.source_fingerprint(teacher) (config / tokenizer
+    teacher_fingerprint axolotl_focus.prune.cache.source_fingerprint(teacher) (config / tokenizer
                         sha256 and sampled weight hashes for a local folder; hub id + commit sha).
                         A cache imported from axolotl KD logprobs (kd_import) has instead
                         {"source": "axolotl KD logprobs", "logprobs_digest": hex blake2b
@@ -128,8 +128,8 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 
 def teacher_fingerprint(teacher: str) -> dict:
-    """:func:`axolotl_focus.preprocess.source_fingerprint` of a teacher path or hub id."""
-    from ...preprocess import source_fingerprint
+    """:func:`axolotl_focus.prune.cache.source_fingerprint` of a teacher path or hub id."""
+    from ...prune.cache import source_fingerprint
 
     return source_fingerprint(str(teacher))
 

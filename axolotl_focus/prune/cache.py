@@ -1,4 +1,4 @@
-"""The pruning preprocessor: `focus_prune:` in an axolotl config, cached by (source, settings).
+"""The axolotl-time pruning preprocessor: `focus_prune:` in an axolotl config, cached by (source, settings).
 
 `axolotl train cfg.yml` with a `focus_prune:` block prunes `base_model` once, in the plugin's
 `register` hook (before axolotl validates the config or loads anything), stores the checkpoint
@@ -29,6 +29,11 @@ them by hand.
 (a local folder, the hub cache, or a download of that one file when online), validates the
 settings against it, checks the calibration source and reports the cache folder, whether it is
 cached, and the closed-form parameter counts; it loads no weights and writes nothing.
+
+Also here: `run_prune` (load, prune, write a checkpoint atomically), `prune` (width or depth, per
+the settings), and the `register`-hook helpers `apply_to_config` and
+`disable_attention_lora_kernels`. The settings are `settings.PruneSettings`; the calibration
+texts come from `calibration.load_calibration_texts`.
 """
 from __future__ import annotations
 
@@ -41,21 +46,13 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import FocusPruneArgs
-from .locations import cached_hub_file, hub_offline
+from ..locations import cached_hub_file, hub_offline
+from .calibration import calibration_source, load_calibration_texts
+from .settings import PruneSettings
 
 LOG = logging.getLogger(__name__)
 
 REPORT_FILE = "pruning_report.json"
-_PRUNE_KEYS = tuple(
-    k for k in FocusPruneArgs.model_fields if k not in ("calibration", "calibration_split", "calibration_field",
-                                                        "calibration_config", "cache_dir", "dtype", "device",
-                                                        "wait_timeout")
-)
-# hub calibration datasets are streamed: seeded shuffle in a buffer of this many rows, then rows are
-# read until enough texts are long enough for the windows (at most _STREAM_MAX_ROWS)
-_STREAM_BUFFER = 10_000
-_STREAM_MAX_ROWS = 100_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt")
@@ -64,80 +61,6 @@ _BLOCK, _BLOCKS = 1 << 16, 64  # weight files are sampled in _BLOCKS + 1 blocks 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AXOLOTL_FOCUS_CACHE", Path.home() / ".cache" / "axolotl_focus")) / "pruned"
-
-
-def load_calibration_texts(spec: FocusPruneArgs) -> tuple[list[str], str]:
-    """Calibration texts and a description: the embedded WikiText-2 slice by default, a local
-    .txt (one paragraph per line) / .jsonl file, or a hub dataset (`datasets.load_dataset` with
-    `calibration_config`, streamed: a seeded shuffle buffer, then non-empty texts are read until
-    `calib_samples` of them have at least `calib_seq_len` words, so at least as many tokens)."""
-    from .micro import corpus_documents
-
-    kind, path = _calibration_source(spec)
-    if kind == "embedded":
-        return corpus_documents("valid"), "embedded WikiText-2 valid slice (CC BY-SA 3.0)"
-    if kind == "file" and path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)[spec.calibration_field])
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise ValueError(
-                        f"focus_prune.calibration: {path}:{lineno}: expected a JSON object with a "
-                        f"{spec.calibration_field!r} field ({exc})"
-                    ) from exc
-        return texts, f"{path} (field {spec.calibration_field})"
-    if kind == "file":
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return [line for line in lines if line], str(path)
-    source = spec.calibration
-    import datasets  # a hub dataset id
-
-    name = f"{source} ({spec.calibration_config})" if spec.calibration_config else source
-    data = datasets.load_dataset(source, spec.calibration_config, split=spec.calibration_split, streaming=True)
-    data = data.shuffle(seed=spec.seed, buffer_size=_STREAM_BUFFER).take(_STREAM_MAX_ROWS)
-    texts, long_enough = [], 0
-    for row in data:
-        if spec.calibration_field not in row:
-            raise ValueError(f"focus_prune.calibration_field: {name} [{spec.calibration_split}] has no "
-                             f"{spec.calibration_field!r} column (columns: {', '.join(row)})")
-        text = row[spec.calibration_field]
-        if isinstance(text, str) and text.strip():
-            texts.append(text)
-            long_enough += len(text.split()) >= spec.calib_seq_len
-            if long_enough >= spec.calib_samples:
-                break
-    if not texts:
-        raise ValueError(f"focus_prune.calibration: {name} [{spec.calibration_split}] field "
-                         f"{spec.calibration_field!r} holds no text")
-    return texts, (f"{name} [{spec.calibration_split}] field {spec.calibration_field}: {len(texts)} texts "
-                   f"streamed (shuffle seed {spec.seed}, buffer {_STREAM_BUFFER})")
-
-
-def _calibration_source(spec: FocusPruneArgs) -> tuple[str, Path | None]:
-    """("embedded" | "file" | "hub", the file); a local file that does not exist is an error."""
-    source = spec.calibration
-    if not source:
-        return "embedded", None
-    path = Path(source)
-    if path.is_file():
-        return "file", path
-    if path.suffix in (".txt", ".jsonl", ".json") or source.startswith(("/", "./", "../")):
-        raise ValueError(f"focus_prune.calibration: file {source} does not exist")
-    return "hub", None
-
-
-def prune_config(spec: FocusPruneArgs):
-    from .pruning import PruneConfig
-
-    values = {k: getattr(spec, k) for k in _PRUNE_KEYS}
-    for key in ("attn_layers", "mlp_layers"):
-        if values[key] is not None:
-            values[key] = tuple(values[key])
-    return PruneConfig(**values)
 
 
 def _sha256(path: Path) -> str:
@@ -205,7 +128,7 @@ def _changed(old: dict, new: dict) -> list[str]:
     return names
 
 
-def cache_path(source: str, spec: FocusPruneArgs, fingerprint: dict | None = None) -> Path:
+def cache_path(source: str, spec: PruneSettings, fingerprint: dict | None = None) -> Path:
     """Where the checkpoint for (source, its fingerprint, settings, calibration) lives; the
     fingerprint is computed when not given."""
     source_id = os.path.abspath(source) if os.path.isdir(source) else source
@@ -222,7 +145,7 @@ def cache_path(source: str, spec: FocusPruneArgs, fingerprint: dict | None = Non
     return root / f"{name}-{spec.method}-{tag}-{digest}"
 
 
-def _resolve(source: str, spec: FocusPruneArgs, fingerprint: dict) -> Path:
+def _resolve(source: str, spec: PruneSettings, fingerprint: dict) -> Path:
     """The cache folder to use: cache_path, unless it holds a checkpoint of another version of the
     source (stored fingerprint differs), then its sibling `<folder>-<fingerprint digest>`."""
     path = cache_path(source, spec, fingerprint)
@@ -244,7 +167,16 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike, fingerprint: dict | None = None) -> dict:
+def prune(model, tokenizer, texts, settings: PruneSettings, **kwargs):
+    """`width.prune_width` or `depth.prune_depth`, per `settings.method`; returns the PruneReport."""
+    if settings.method == "width":
+        from .width import prune_width as method
+    else:
+        from .depth import prune_depth as method
+    return method(model, tokenizer, texts, settings, **kwargs)
+
+
+def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fingerprint: dict | None = None) -> dict:
     """Load `source`, prune it per `spec`, and write the checkpoint to `output` atomically.
 
     The settings are validated against the model's config before any weights are loaded.
@@ -254,17 +186,18 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike, fing
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .pruning import prune, report_dict, save_pruned
+    from .checkpoint import save_pruned
+    from .report import report_dict
 
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
-    cfg = prune_config(spec).validate(AutoConfig.from_pretrained(source))
+    spec.validate(AutoConfig.from_pretrained(source))
     fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
     texts, calibration = load_calibration_texts(spec)
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device)
-    report = prune(model, tokenizer, texts, cfg, source_model=source, calibration_name=calibration)  # logs the summary
+    report = prune(model, tokenizer, texts, spec, source_model=source, calibration_name=calibration)  # logs the summary
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
@@ -282,9 +215,10 @@ def run_prune(source: str, spec: FocusPruneArgs, output: str | os.PathLike, fing
     return data
 
 
-def ensure_pruned(source: str, spec: FocusPruneArgs) -> Path:
-    """The cached pruned checkpoint of this version of `source`, pruning it first if needed (rank 0 only)."""
-    fingerprint = source_fingerprint(source)
+def ensure_pruned(source: str, spec: PruneSettings, fingerprint: dict | None = None) -> Path:
+    """The cached pruned checkpoint of this version of `source`, pruning it first if needed (rank 0
+    only); `fingerprint`: the source's, when the caller computed it already (`plan_prune`'s)."""
+    fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
     path = _resolve(source, spec, fingerprint)
     if (path / REPORT_FILE).is_file():
         LOG.info("focus_prune: reusing cached pruned checkpoint %s", path)
@@ -301,7 +235,7 @@ def ensure_pruned(source: str, spec: FocusPruneArgs) -> Path:
     return path
 
 
-def plan_prune(source: str, spec: FocusPruneArgs) -> dict:
+def plan_prune(source: str, spec: PruneSettings) -> dict:
     """The dry run of pruning `source` per `spec`: loads no weights, writes nothing (offline, a hub
     id not in the local hub cache is not checked: `config` None and a `note`). Raises ValueError
     (prefixed `focus_prune`) for settings the model's config rejects and a missing calibration file.
@@ -310,7 +244,7 @@ def plan_prune(source: str, spec: FocusPruneArgs) -> dict:
     note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
     from transformers import AutoConfig
 
-    from .pruning import count_params, plan_width
+    from .shapes import count_params, plan_width
 
     def checked(call, *args):
         try:
@@ -335,10 +269,9 @@ def plan_prune(source: str, spec: FocusPruneArgs) -> dict:
             raise ValueError(f"focus_prune: base_model {source}: cannot read its config.json ({exc})") from exc
     elif config_file is None:
         note = f"{source} is not in the local hub cache and the hub is offline: its config was not checked"
-    cfg = prune_config(spec)
     model_config = checked(AutoConfig.from_pretrained, config_file) if config_file else None
-    checked(cfg.validate, model_config)
-    kind, path = _calibration_source(spec)
+    checked(spec.validate, model_config)
+    kind, path = calibration_source(spec)
     calibration = {"embedded": "embedded WikiText-2 valid slice", "file": str(path)}.get(kind) or (
         f"hub dataset {spec.calibration} [{spec.calibration_split}] field {spec.calibration_field} (not read)")
     fingerprint = source_fingerprint(source)
@@ -347,13 +280,13 @@ def plan_prune(source: str, spec: FocusPruneArgs) -> dict:
             "cache_path": str(target), "cached": (target / REPORT_FILE).is_file(), "calibration": calibration,
             "params_before": None, "params_after": None, "reduction": None, "note": note}
     if spec.method == "width":
-        width = plan_width(model_config, cfg) if model_config is not None else None
+        width = plan_width(model_config, spec) if model_config is not None else None
         plan.update(ratio=width and width.ratio, width_notes=width and width.notes)
         if width:
             plan.update(params_before=width.params_before, params_after=width.params_after)
     else:
         layers = model_config and model_config.num_hidden_layers
-        plan["num_blocks"] = layers and cfg.blocks_to_remove(layers)
+        plan["num_blocks"] = layers and spec.blocks_to_remove(layers)
         if model_config is not None:
             shorter = copy.deepcopy(model_config)
             shorter.num_hidden_layers = layers - plan["num_blocks"]
@@ -393,7 +326,7 @@ def apply_to_config(cfg: dict) -> None:
     block = cfg.get("focus_prune")
     if not block or cfg.get("focus_pruned_from"):  # absent, or already applied
         return
-    spec = FocusPruneArgs.model_validate(block)
+    spec = PruneSettings.model_validate(block)
     source = cfg.get("base_model")
     if not source:
         raise ValueError("focus_prune: needs `base_model` (the unpruned model to prune)")

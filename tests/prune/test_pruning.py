@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -25,8 +26,18 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from axolotl_focus import pruning as P
-from axolotl_focus.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register_auto_classes
+from axolotl_focus.prune import importance as importance_module
+from axolotl_focus.prune import width
+from axolotl_focus.prune.cache import prune
+from axolotl_focus.prune.calibration import build_calibration
+from axolotl_focus.prune.checkpoint import load_pruned, save_pruned
+from axolotl_focus.prune.depth import block_scores, prune_depth
+from axolotl_focus.prune.importance import ATTN_PROJ, MLP_PROJ, compute_importance, gradient_pass, projection, salience
+from axolotl_focus.prune.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register_auto_classes
+from axolotl_focus.prune.report import PruneReport, report_dict
+from axolotl_focus.prune.settings import PruneSettings
+from axolotl_focus.prune.shapes import count_params, layer_shapes_for_ratio, plan_width
+from axolotl_focus.prune.width import prune_width
 
 ATOL = 1e-5
 WORDS = [f"w{i}" for i in range(120)]
@@ -98,7 +109,7 @@ def greedy(model, ids, use_cache):
 
 
 WIDTH_CASES = {
-    # name: (layout, PruneConfig kwargs, expected shape of pruned attention layers, of pruned MLP layers)
+    # name: (layout, PruneSettings kwargs, expected shape of pruned attention layers, of pruned MLP layers)
     "mha-default-ranges": ("mha", dict(), (2, 2), 64),
     "gqa-group": ("gqa", dict(gqa_mode="group", attn_layers=(1, 7), mlp_layers=(2, 6)), (4, 1), 64),
     "gqa-q-within-group": ("gqa", dict(gqa_mode="q_within_group", attn_layers=(1, 7), mlp_layers=(2, 6)), (4, 2), 64),
@@ -109,8 +120,8 @@ def prune_case(name, tokenizer, texts, **extra):
     layout, kwargs, _, _ = WIDTH_CASES[name]
     model = tiny_model(layout)
     original = copy.deepcopy(model)
-    cfg = P.PruneConfig(ratio=0.5, calib_samples=4, calib_seq_len=16, **{**kwargs, **extra})
-    return original, P.prune_width(model, tokenizer, texts, cfg, source_model="tiny/source")
+    cfg = PruneSettings(ratio=0.5, calib_samples=4, calib_seq_len=16, **{**kwargs, **extra})
+    return original, prune_width(model, tokenizer, texts, cfg, source_model="tiny/source")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +148,7 @@ LLAMA3_8B = dict(LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_
 )
 def test_closed_form_reproduces_llm_pruner_reductions(arch, ratio, layers, expected):
     config = LlamaConfig(**arch)
-    plan = P.plan_width(config, P.PruneConfig(ratio=ratio, attn_layers=layers, mlp_layers=layers))
+    plan = plan_width(config, PruneSettings(ratio=ratio, attn_layers=layers, mlp_layers=layers))
     assert round(plan.reduction, 3) == expected
     assert plan.params_before == (6_738_415_616 if arch is LLAMA2_7B else 8_030_261_248)
     if ratio == 0.25 and layers == (4, 30):
@@ -154,7 +165,7 @@ def test_closed_form_reproduces_llm_pruner_reductions(arch, ratio, layers, expec
 
 
 def test_gqa_granularity_is_floored():
-    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(ratio=0.35))
+    plan = plan_width(LlamaConfig(**LLAMA3_8B), PruneSettings(ratio=0.35))
     assert plan.layer_shapes[4]["num_key_value_heads"] == 6  # 0.35 still removes only 2 of 8 groups
     assert plan.layer_shapes[4]["num_attention_heads"] == 24
     assert plan.short == ["attention"] and "floor(8*0.35)=2 groups -> 25.0% of its weights" in plan.notes["attention"]
@@ -167,7 +178,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 def test_gqa_group_rounding_is_explained():
     """SmolLM2-135M at ratio 0.25: 3 KV groups x 0.25 floors to 0 groups, only the MLP is pruned (11.8%)."""
     config = LlamaConfig(**SMOLLM2_135M)
-    plan = P.plan_width(config, P.PruneConfig(ratio=0.25))
+    plan = plan_width(config, PruneSettings(ratio=0.25))
     assert plan.params_before == 134_515_008  # the tied embedding matrix counted once
     assert round(plan.reduction, 3) == 0.118 and plan.short == ["attention"]
     attention = plan.notes["attention"]
@@ -180,36 +191,36 @@ def test_gqa_group_rounding_is_explained():
                                  "-> 25.0% of its weights in these layers")
     assert "hold 63.1% of all parameters" in plan.notes["scope"] and "= 15.8% of all parameters" in plan.notes["scope"]
     # what the note suggests does prune attention
-    assert P.plan_width(config, P.PruneConfig(ratio=0.3334)).layer_shapes[4]["num_key_value_heads"] == 2
-    solved = P.plan_width(config, P.PruneConfig(target_param_reduction=0.25))
+    assert plan_width(config, PruneSettings(ratio=0.3334)).layer_shapes[4]["num_key_value_heads"] == 2
+    solved = plan_width(config, PruneSettings(target_param_reduction=0.25))
     assert abs(solved.reduction - 0.25) < 1e-3 and solved.layer_shapes[4]["num_key_value_heads"] == 2
     assert solved.short == []  # the solved ratio is what was asked for: no warning
     # 2 groups of 4 q heads: q_within_group removes 1 q head per group where group mode removes nothing
-    gqa = P.plan_width(tiny_config("gqa"), P.PruneConfig(ratio=0.25)).notes["attention"]
+    gqa = plan_width(tiny_config("gqa"), PruneSettings(ratio=0.25)).notes["attention"]
     assert "-> attention unpruned" in gqa
     assert "--gqa-mode q_within_group (removes 1 of the 4 q heads in every group)" in gqa
-    exact = P.plan_width(LlamaConfig(**LLAMA3_8B), P.PruneConfig(ratio=0.25))
+    exact = plan_width(LlamaConfig(**LLAMA3_8B), PruneSettings(ratio=0.25))
     assert exact.short == [] and exact.notes["attention"].endswith("floor(8*0.25)=2 groups -> 25.0% of its weights "
                                                                    "in these layers")
 
 
 def test_target_param_reduction_solves_the_ratio():
-    plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(target_param_reduction=0.20))
+    plan = plan_width(LlamaConfig(**LLAMA2_7B), PruneSettings(target_param_reduction=0.20))
     assert abs(plan.reduction - 0.20) < 1e-3 and 0.25 < plan.ratio < 0.27
-    cfg = P.PruneConfig(target_param_reduction=0.20, gqa_mode="q_within_group")
-    plan = P.plan_width(LlamaConfig(**LLAMA3_8B), cfg)
+    cfg = PruneSettings(target_param_reduction=0.20, gqa_mode="q_within_group")
+    plan = plan_width(LlamaConfig(**LLAMA3_8B), cfg)
     assert abs(plan.reduction - 0.20) < 1e-3
 
 
 def test_target_param_reduction_on_a_model(tokenizer, texts):
     model = tiny_model("mha")
-    cfg = P.PruneConfig(
+    cfg = PruneSettings(
         target_param_reduction=0.2, attn_layers=(0, 8), mlp_layers=(0, 8), calib_samples=2, calib_seq_len=8
     )
     config = model.config
-    report = P.prune_width(model, tokenizer, texts, cfg)
+    report = prune_width(model, tokenizer, texts, cfg)
     # tiny model: coarse steps (1 of 4 heads); the solver picks the step closest to the target
-    reachable = [P.count_params(config, P.layer_shapes_for_ratio(config, cfg, r / 1000)) for r in range(1, 750)]
+    reachable = [count_params(config, layer_shapes_for_ratio(config, cfg, r / 1000)) for r in range(1, 750)]
     best = min(abs(1 - n / report.params_before - 0.2) for n in reachable)
     assert abs(report.achieved_reduction - 0.2) == pytest.approx(best) and best < 0.04
     assert report.metadata["ratio"] == report.ratio and report.metadata["target_param_reduction"] == 0.2
@@ -227,7 +238,7 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
     assert isinstance(model, PrunedLlamaForCausalLM) and model.config.model_type == "pruned_llama"
 
     # shapes: narrowed only inside the ranges, hidden size untouched
-    (a0, a1), (m0, m1) = P.PruneConfig(**kwargs).layer_ranges(8)
+    (a0, a1), (m0, m1) = PruneSettings(**kwargs).layer_ranges(8)
     head_dim, full = original.config.head_dim, original.config
     for i, layer in enumerate(model.model.layers):
         q, kv = (q_heads, kv_heads) if a0 <= i < a1 else (full.num_attention_heads, full.num_key_value_heads)
@@ -244,13 +255,13 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
 
     # closed-form parameter count == real count; the unpruned count of the source
     actual = sum(p.numel() for p in model.parameters())
-    assert actual == report.params_after == P.count_params(model.config, model.config.layer_shapes)
+    assert actual == report.params_after == count_params(model.config, model.config.layer_shapes)
     assert report.params_before == sum(p.numel() for p in original.parameters())
     assert report.metadata["achieved_param_reduction"] == pytest.approx(1 - actual / report.params_before)
 
     # the pruned units are the lowest-scoring ones
-    cfg = P.PruneConfig(ratio=0.5, calib_samples=4, calib_seq_len=16, **kwargs)
-    imp = P.compute_importance(copy.deepcopy(original), tokenizer, texts, cfg)
+    cfg = PruneSettings(ratio=0.5, calib_samples=4, calib_seq_len=16, **kwargs)
+    imp = compute_importance(copy.deepcopy(original), tokenizer, texts, cfg)
     for i, scores in imp.attn.items():
         k = report.kept[i]
         units = k["heads"] if layout == "mha" or cfg.gqa_mode == "q_within_group" else k["kv_heads"]
@@ -276,7 +287,7 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
 
     # checkpoint round trip
     path = tmp_path / "ckpt"
-    P.save_pruned(model, tokenizer, path)
+    save_pruned(model, tokenizer, path)
     files = set(os.listdir(path))
     assert {"model.safetensors", "config.json", "modeling_pruned_llama.py", "tokenizer.json"} <= files
     config = json.loads((path / "config.json").read_text())
@@ -290,7 +301,7 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
     assert meta["attn_layers"] == [a0, a1] and meta["mlp_layers"] == [m0, m1]
     assert meta["kept"] == {str(i): k for i, k in report.kept.items()}
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seq_len"] == 16
-    loaded = P.load_pruned(path)
+    loaded = load_pruned(path)
     assert type(loaded) is PrunedLlamaForCausalLM
     assert (logits(loaded) - expected).abs().max() < ATOL
     assert torch.equal(greedy(loaded, ids, True), greedy(model, ids, False))
@@ -300,7 +311,7 @@ def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
     """A process that never imports axolotl_focus loads every variant through auto_map."""
     for case in WIDTH_CASES:
         original, report = prune_case(case, tokenizer, texts)
-        P.save_pruned(report.model, tokenizer, tmp_path / case)
+        save_pruned(report.model, tokenizer, tmp_path / case)
         expected = logits(zero_pruned_units(original, report.kept))
         torch.save({"ids": inputs(), "logits": expected}, tmp_path / f"{case}.pt")
     script = textwrap.dedent(
@@ -332,8 +343,8 @@ def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
 def test_uniform_saves_a_vanilla_llama_checkpoint(tokenizer, texts, tmp_path):
     model = tiny_model("gqa")
     original = copy.deepcopy(model)
-    cfg = P.PruneConfig(ratio=0.5, uniform=True, calib_samples=2, calib_seq_len=8)
-    report = P.prune_width(model, tokenizer, texts, cfg)
+    cfg = PruneSettings(ratio=0.5, uniform=True, calib_samples=2, calib_seq_len=8)
+    report = prune_width(model, tokenizer, texts, cfg)
     assert type(report.model) is LlamaForCausalLM
     c = report.model.config
     assert (c.model_type, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.head_dim) == (
@@ -341,7 +352,7 @@ def test_uniform_saves_a_vanilla_llama_checkpoint(tokenizer, texts, tmp_path):
     assert sorted(report.kept) == list(range(8))  # every layer
     expected = logits(zero_pruned_units(original, report.kept))
     assert (logits(report.model) - expected).abs().max() < ATOL
-    P.save_pruned(report.model, tokenizer, tmp_path / "u")
+    save_pruned(report.model, tokenizer, tmp_path / "u")
     assert "modeling_pruned_llama.py" not in os.listdir(tmp_path / "u")
     saved = json.loads((tmp_path / "u" / "config.json").read_text())
     assert saved["model_type"] == "llama" and "auto_map" not in saved and saved["pruning"]["uniform"] is True
@@ -357,12 +368,12 @@ def test_uniform_head_counts_divide_hidden_size():
         LlamaConfig(hidden_size=64, num_attention_heads=3, head_dim=16)
     config = LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=8, num_attention_heads=6)
     for ratio in (0.2, 0.3, 0.4, 0.6, 0.8):
-        shapes = P.plan_width(config, P.PruneConfig(ratio=ratio, uniform=True)).layer_shapes
+        shapes = plan_width(config, PruneSettings(ratio=ratio, uniform=True)).layer_shapes
         assert len({tuple(s.values()) for s in shapes}) == 1
         assert 96 % shapes[0]["num_attention_heads"] == 0
-    assert P.plan_width(config, P.PruneConfig(ratio=0.4, uniform=True)).layer_shapes[0]["num_attention_heads"] == 4
+    assert plan_width(config, PruneSettings(ratio=0.4, uniform=True)).layer_shapes[0]["num_attention_heads"] == 4
     # LLaMA-2-7B at 0.25: 24 heads are not expressible (4096 % 24); nearest divisor, ties keep more -> 32
-    plan = P.plan_width(LlamaConfig(**LLAMA2_7B), P.PruneConfig(ratio=0.25, uniform=True))
+    plan = plan_width(LlamaConfig(**LLAMA2_7B), PruneSettings(ratio=0.25, uniform=True))
     assert plan.layer_shapes[0] == {"num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8256}
 
 
@@ -393,13 +404,13 @@ TIED_CASES = {
 
 
 def prune_tied(case, tokenizer, texts):
-    cfg = P.PruneConfig(calib_samples=2, calib_seq_len=8, **TIED_CASES[case])
-    return P.prune(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
+    cfg = PruneSettings(calib_samples=2, calib_seq_len=8, **TIED_CASES[case])
+    return prune(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
 
 
 def test_report_states_requested_achieved_and_why(tokenizer, texts, monkeypatch):
     warnings = []
-    monkeypatch.setattr(P.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setattr(width.log, "warning", lambda msg, *args: warnings.append(msg % args))
     report = prune_tied("width-0.25", tokenizer, texts)
     assert len(warnings) == 1 and "floor(3*0.25)=0 groups -> attention unpruned" in warnings[0]
     assert all(s["num_attention_heads"] == 9 and s["num_key_value_heads"] == 3 for s in report.layer_shapes)
@@ -410,15 +421,15 @@ def test_report_states_requested_achieved_and_why(tokenizer, texts, monkeypatch)
     assert lines[1:4] == ["  " + report.notes[part] for part in ("attention", "mlp", "scope")]
     assert report.notes["mlp"].startswith("MLP (layers 1-4): 96 channels; ratio 0.25 removes ceil(96*0.25)=24")
     # pruning_report.json carries the notes; a report rebuilt from it (the CLI's cached path) says the same
-    saved = json.loads(json.dumps(P.report_dict(report), default=str))
+    saved = json.loads(json.dumps(report_dict(report), default=str))
     assert saved["notes"] == report.notes
-    fields = {f.name: saved[f.name] for f in dataclasses.fields(P.PruneReport) if f.name in saved}
-    assert P.PruneReport(**{**fields, "model": None}).summary() == report.summary()
+    fields = {f.name: saved[f.name] for f in dataclasses.fields(PruneReport) if f.name in saved}
+    assert PruneReport(**{**fields, "model": None}).summary() == report.summary()
 
     warnings.clear()
-    cfg = P.PruneConfig(target_param_reduction=0.2, attn_layers=(1, 5), mlp_layers=(1, 5), calib_samples=2,
+    cfg = PruneSettings(target_param_reduction=0.2, attn_layers=(1, 5), mlp_layers=(1, 5), calib_samples=2,
                         calib_seq_len=8)
-    solved = P.prune_width(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
+    solved = prune_width(tied_gqa_model(), tokenizer, texts, cfg, source_model="tiny/source")
     assert warnings == [] and (f"requested target_param_reduction 20.00% of all parameters, solved nominal "
                                f"per-layer ratio {solved.ratio:.4g}; achieved reduction") in solved.summary()
     depth = prune_tied("depth", tokenizer, texts)
@@ -430,23 +441,23 @@ def test_tied_embeddings_stay_tied_and_count_once(case, tokenizer, texts, tmp_pa
     config = tied_gqa_config()
     untied = copy.deepcopy(config)
     untied.tie_word_embeddings = False
-    assert P.count_params(untied) - P.count_params(config) == 128 * 72
+    assert count_params(untied) - count_params(config) == 128 * 72
     report = prune_tied(case, tokenizer, texts)
     model = report.model
     assert is_tied(model) and model.config.tie_word_embeddings
-    assert report.params_before == P.count_params(config) == sum(p.numel() for p in tied_gqa_model().parameters())
+    assert report.params_before == count_params(config) == sum(p.numel() for p in tied_gqa_model().parameters())
     shapes = getattr(model.config, "layer_shapes", None)
-    assert report.params_after == sum(p.numel() for p in model.parameters()) == P.count_params(model.config, shapes)
+    assert report.params_after == sum(p.numel() for p in model.parameters()) == count_params(model.config, shapes)
 
     path = tmp_path / case
-    P.save_pruned(model, tokenizer, path)
+    save_pruned(model, tokenizer, path)
     assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         stored = {key: f.get_tensor(key) for key in f.keys()}
     embed = stored["model.embed_tokens.weight"]
     assert torch.equal(stored.get("lm_head.weight", embed), embed)  # no separate lm_head that differs
     assert sum(t.numel() for key, t in stored.items() if key != "lm_head.weight") == report.params_after
-    loaded = P.load_pruned(path).eval()
+    loaded = load_pruned(path).eval()
     assert is_tied(loaded) and (logits(loaded) - logits(model)).abs().max() < ATOL
 
 
@@ -456,10 +467,10 @@ def test_lora_merge_keeps_tied_embeddings(case, tokenizer, texts, tmp_path):
     model: one SGD step, merge_and_unload, save, reload."""
     from peft import LoraConfig, get_peft_model
 
-    P.save_pruned(prune_tied(case, tokenizer, texts).model, tokenizer, tmp_path / "pruned")
-    base = P.load_pruned(tmp_path / "pruned")
+    save_pruned(prune_tied(case, tokenizer, texts).model, tokenizer, tmp_path / "pruned")
+    base = load_pruned(tmp_path / "pruned")
     before = logits(base)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(P.ATTN_PROJ + P.MLP_PROJ))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(ATTN_PROJ + MLP_PROJ))
     peft_model = get_peft_model(base, lora)
     trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name and "lm_head" not in name for name in trainable)
@@ -472,8 +483,8 @@ def test_lora_merge_keeps_tied_embeddings(case, tokenizer, texts, tmp_path):
     assert is_tied(merged) and not [name for name, _ in merged.named_modules() if "lora" in name]
     expected = logits(merged)
     assert (expected - before).abs().max() > 1e-3  # the step changed the model
-    P.save_pruned(merged, tokenizer, tmp_path / "merged")
-    reloaded = P.load_pruned(tmp_path / "merged").eval()
+    save_pruned(merged, tokenizer, tmp_path / "merged")
+    reloaded = load_pruned(tmp_path / "merged").eval()
     assert is_tied(reloaded) and reloaded.config.tie_word_embeddings
     assert (logits(reloaded) - expected).abs().max() < ATOL
 
@@ -530,19 +541,19 @@ def reference_scores(model, ids, importance, layers):
 @pytest.mark.parametrize("importance", ["param_first", "vectorize", "param_second", "param_mix", "l1", "l2"])
 def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, texts, monkeypatch):
     model = tiny_model("gqa")
-    cfg = P.PruneConfig(
+    cfg = PruneSettings(
         importance=importance, attn_layers=(2, 4), mlp_layers=(3, 5), calib_samples=3, calib_seq_len=8
     )
-    ids, _ = P.build_calibration(tokenizer, texts, 3, 8, 0)
+    ids, _ = build_calibration(tokenizer, texts, 3, 8, 0)
 
     live = []  # how many parameters hold a gradient whenever a score is computed
-    real = P._salience
+    real = salience
     def counting(*args, **kwargs):
         live.append(sum(p.grad is not None for p in model.parameters()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_salience", counting)
-    imp = P.compute_importance(model, None, ids, cfg)
+    monkeypatch.setattr(importance_module, "salience", counting)
+    imp = compute_importance(model, None, ids, cfg)
     assert set(imp.attn) == {2, 3} and set(imp.mlp) == {3, 4}
     if importance not in ("l1", "l2"):
         assert max(live) == 1  # each gradient is reduced and freed before the next one exists
@@ -553,7 +564,7 @@ def test_hook_importance_matches_full_gradient_reference(importance, tokenizer, 
         assert torch.allclose(value, expected[key].float(), rtol=1e-4, atol=1e-9), key
     # holding all gradients (LLM-Pruner's way, used by the memory benchmark) gives the same scores
     live.clear()
-    held = P.compute_importance(model, None, ids, cfg, hold_grads=True)
+    held = compute_importance(model, None, ids, cfg, hold_grads=True)
     for key, value in held.raw.items():
         assert torch.allclose(value, imp.raw[key], rtol=1e-5, atol=1e-9)
     if importance not in ("l1", "l2"):
@@ -587,35 +598,35 @@ class _Bar:
     ("param_mix", [("weight", 14), ("batch", 3)]),
 ])
 def test_importance_progress_bars_tick_over_the_calibration(importance, bars, monkeypatch):
-    monkeypatch.setattr(P, "tqdm", _Bar)
+    monkeypatch.setattr(importance_module, "tqdm", _Bar)
     monkeypatch.setattr(_Bar, "bars", [])
-    cfg = P.PruneConfig(importance=importance, attn_layers=(2, 4), mlp_layers=(2, 4))
+    cfg = PruneSettings(importance=importance, attn_layers=(2, 4), mlp_layers=(2, 4))
     ids = torch.randint(3, 123, (3, 12), generator=torch.Generator().manual_seed(0))
-    P.compute_importance(tiny_model("gqa"), None, ids, cfg)
+    compute_importance(tiny_model("gqa"), None, ids, cfg)
     assert [(b.unit, b.total) for b in _Bar.bars] == bars
     assert all(b.n == b.total for b in _Bar.bars)
 
 
 def test_depth_taylor_ticks_per_sample_and_matches_one_batch(tokenizer, texts, monkeypatch):
-    monkeypatch.setattr(P, "tqdm", _Bar)
+    monkeypatch.setattr(importance_module, "tqdm", _Bar)
     monkeypatch.setattr(_Bar, "bars", [])
-    cfg = P.PruneConfig(method="depth", num_blocks=1, protected_first=1, protected_last=1,
+    cfg = PruneSettings(method="depth", num_blocks=1, protected_first=1, protected_last=1,
                         calib_samples=3, calib_seq_len=16)
     model = tiny_model("mha")
-    scores, _ = P.block_scores(model, tokenizer, texts, cfg)
+    scores, _ = block_scores(model, tokenizer, texts, cfg)
     assert [(b.unit, b.total, b.n) for b in _Bar.bars] == [("batch", 3, 3)]
     # the per-sample passes add up to the gradient of the mean loss over the whole batch
-    ids, _ = P.build_calibration(tokenizer, texts, 3, 16, 0)
-    targets = {(i, p): (P._proj(model.model.layers[i], p).weight, 1) for i in scores for p in P.ATTN_PROJ + P.MLP_PROJ}
-    whole = P._gradient_pass(model, [ids], targets, lambda k, w, g: (w.double() * g.double()).sum(), False, "x")
+    ids, _ = build_calibration(tokenizer, texts, 3, 16, 0)
+    targets = {(i, p): (projection(model.model.layers[i], p).weight, 1) for i in scores for p in ATTN_PROJ + MLP_PROJ}
+    whole = gradient_pass(model, [ids], targets, lambda k, w, g: (w.double() * g.double()).sum(), False, "x")
     for i, value in scores.items():
-        assert value == pytest.approx(float(sum(whole[(i, p)].abs() for p in P.ATTN_PROJ + P.MLP_PROJ)), rel=1e-6)
+        assert value == pytest.approx(float(sum(whole[(i, p)].abs() for p in ATTN_PROJ + MLP_PROJ)), rel=1e-6)
 
 
 def test_gqa_group_scores_aggregate_contiguous_heads():
     model = tiny_model("gqa")
     ids = inputs()
-    imp = P.compute_importance(model, None, ids, P.PruneConfig(attn_layers=(0, 2), mlp_layers=(0, 1)))
+    imp = compute_importance(model, None, ids, PruneSettings(attn_layers=(0, 2), mlp_layers=(0, 1)))
     for i in (0, 1):
         per_q = imp.raw[(i, "q_proj")] + imp.raw[(i, "o_proj")]
         for g in range(2):
@@ -624,19 +635,19 @@ def test_gqa_group_scores_aggregate_contiguous_heads():
         # LLM-Pruner's strided fold ({g, g+2, g+4, g+6}) is a different quantity
         strided = per_q.view(4, 2).sum(0) + imp.raw[(i, "k_proj")] + imp.raw[(i, "v_proj")]
         assert not torch.allclose(strided, imp.attn[i])
-    cfg = P.PruneConfig(gqa_mode="q_within_group", attn_layers=(0, 1), mlp_layers=(0, 1))
-    q_imp = P.compute_importance(model, None, ids, cfg)
+    cfg = PruneSettings(gqa_mode="q_within_group", attn_layers=(0, 1), mlp_layers=(0, 1))
+    q_imp = compute_importance(model, None, ids, cfg)
     assert q_imp.attn[0].shape == (8,)
 
 
 def test_random_importance_is_seeded(tokenizer, texts):
     def kept(seed):
-        cfg = P.PruneConfig(importance="random", seed=seed, ratio=0.5, attn_layers=(0, 8), mlp_layers=(0, 8))
-        return P.prune_width(tiny_model("mha"), tokenizer, texts, cfg).kept
+        cfg = PruneSettings(importance="random", seed=seed, ratio=0.5, attn_layers=(0, 8), mlp_layers=(0, 8))
+        return prune_width(tiny_model("mha"), tokenizer, texts, cfg).kept
 
     assert kept(0) == kept(0) and kept(0) != kept(1)
-    cfg = P.PruneConfig(importance="l2", attn_layers=(0, 1), mlp_layers=(0, 1))
-    report = P.prune_width(tiny_model("mha"), None, None, cfg)
+    cfg = PruneSettings(importance="l2", attn_layers=(0, 1), mlp_layers=(0, 1))
+    report = prune_width(tiny_model("mha"), None, None, cfg)
     assert report.metadata["calibration"] is None  # magnitude importance needs no calibration data
 
 
@@ -645,19 +656,19 @@ def test_random_importance_is_seeded(tokenizer, texts):
 # ----------------------------------------------------------------------------------------------
 def test_calibration_windows_are_seeded_and_recorded(tokenizer, texts):
     long_texts = [" ".join(WORDS[(i + j) % 120] for j in range(100)) for i in range(12)]
-    ids, info = P.build_calibration(tokenizer, long_texts)  # defaults: 10 samples x 64 tokens
+    ids, info = build_calibration(tokenizer, long_texts)  # defaults: 10 samples x 64 tokens
     assert ids.shape == (10, 64) and ids.dtype == torch.long
-    again, _ = P.build_calibration(tokenizer, long_texts)
-    other, _ = P.build_calibration(tokenizer, long_texts, seed=1)
+    again, _ = build_calibration(tokenizer, long_texts)
+    other, _ = build_calibration(tokenizer, long_texts, seed=1)
     assert torch.equal(ids, again) and not torch.equal(ids, other)
     assert (info["samples"], info["seq_len"], info["num_texts"], info["from_concatenation"]) == (10, 64, 12, 0)
     for (text_idx, start), row in zip(info["windows"], ids):
         assert row.tolist() == tokenizer(long_texts[text_idx])["input_ids"][start : start + 64]
 
-    short = P.build_calibration(tokenizer, texts, 4, 100)[1]  # no text has 100 words: windows of the joined texts
+    short = build_calibration(tokenizer, texts, 4, 100)[1]  # no text has 100 words: windows of the joined texts
     assert short["from_concatenation"] == 4
     with pytest.raises(ValueError, match="calib_seq_len=10000"):
-        P.build_calibration(tokenizer, texts[:2], 2, 10000)
+        build_calibration(tokenizer, texts[:2], 2, 10000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,15 +688,15 @@ def logits_without_blocks(model, removed, ids=None):
 def test_depth_pruning(score, tokenizer, texts, tmp_path):
     model = tiny_model("mha")
     original = copy.deepcopy(model)
-    cfg = P.PruneConfig(method="depth", depth_score=score, num_blocks=2, protected_first=1, protected_last=1,
+    cfg = PruneSettings(method="depth", depth_score=score, num_blocks=2, protected_first=1, protected_last=1,
                         calib_samples=3, calib_seq_len=16)
-    report = P.prune_depth(model, tokenizer, texts, cfg, source_model="tiny/source")
+    report = prune_depth(model, tokenizer, texts, cfg, source_model="tiny/source")
     scores = report.block_scores
     assert sorted(scores) == [1, 2, 3, 4, 5, 6]  # protected blocks 0 and 7 are never candidates
     assert report.removed_blocks == sorted(sorted(scores, key=scores.get)[:2])
 
     # the scores themselves, against an independent reference
-    ids, _ = P.build_calibration(tokenizer, texts, 3, 16, 0)
+    ids, _ = build_calibration(tokenizer, texts, 3, 16, 0)
     ref = copy.deepcopy(original)
     if score == "taylor":
         ref(input_ids=ids, labels=ids).loss.backward()
@@ -707,11 +718,11 @@ def test_depth_pruning(score, tokenizer, texts, tmp_path):
     assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(6))
     expected = logits_without_blocks(original, report.removed_blocks)
     assert (logits(pruned) - expected).abs().max() < ATOL
-    assert report.params_after == sum(p.numel() for p in pruned.parameters()) == P.count_params(pruned.config)
+    assert report.params_after == sum(p.numel() for p in pruned.parameters()) == count_params(pruned.config)
     ids = inputs()[:1]
     assert torch.equal(greedy(pruned, ids, True), greedy(pruned, ids, False))
 
-    P.save_pruned(pruned, tokenizer, tmp_path / "d")
+    save_pruned(pruned, tokenizer, tmp_path / "d")
     saved = json.loads((tmp_path / "d" / "config.json").read_text())
     assert saved["model_type"] == "llama" and saved["num_hidden_layers"] == 6
     assert saved["pruning"]["removed_blocks"] == report.removed_blocks
@@ -722,8 +733,8 @@ def test_depth_pruning(score, tokenizer, texts, tmp_path):
 
 
 def test_depth_default_protection_and_fraction(tokenizer, texts):
-    cfg = P.PruneConfig(method="depth", block_fraction=0.25, calib_samples=2, calib_seq_len=8)
-    report = P.prune_depth(tiny_model("gqa"), tokenizer, texts, cfg)
+    cfg = PruneSettings(method="depth", block_fraction=0.25, calib_samples=2, calib_seq_len=8)
+    report = prune_depth(tiny_model("gqa"), tokenizer, texts, cfg)
     assert report.removed_blocks == [4, 5]  # 8 layers: blocks 0-3 and the last two are protected
     assert report.model.config.num_hidden_layers == 6
 
@@ -732,33 +743,45 @@ def test_depth_default_protection_and_fraction(tokenizer, texts):
 # bad input
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(ratio=0), r"ratio\n.*greater than 0 .*input_value=0\b"),
+        (dict(ratio=1.5), r"ratio\n.*less than 1 .*input_value=1.5"),
+        (dict(ratio=-0.2), r"ratio\n.*input_value=-0.2"),
+        (dict(importance="taylor"), r"importance\n.*input_value='taylor'"),
+        (dict(gqa_mode="strided"), r"gqa_mode\n.*input_value='strided'"),
+        (dict(calib_samples=0), r"calib_samples\n.*input_value=0"),
+        (dict(method="depth", num_blocks=1, depth_score="loss"), r"depth_score\n.*input_value='loss'"),
+    ],
+)
+def test_bad_values_are_refused_by_the_settings_model(kwargs, match):
+    """Types, choices and ranges are the settings model's field constraints (the same for YAML,
+    CLI and code): they fail when the settings are built, naming the option and the value."""
+    with pytest.raises(ValidationError, match=match):
+        PruneSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
     "kwargs,layers,match",
     [
-        (dict(ratio=0), 8, r"ratio=0\b"),
-        (dict(ratio=1.5), 8, r"ratio=1.5"),
-        (dict(ratio=-0.2), 8, r"ratio=-0.2"),
         (dict(attn_layers=(4, 12)), 8, r"attn_layers=\[4, 12\].*8 layers"),
         (dict(mlp_layers=(5, 5)), 8, r"mlp_layers=\[5, 5\]"),
         (dict(attn_layers=(0, 2)), 4, r"mlp_layers: the default range"),
         (dict(ratio=0.99), 8, r"ratio=0.99: removes every"),
         (dict(target_param_reduction=0.95), 8, r"target_param_reduction=0.95: not reachable"),
-        (dict(importance="taylor"), 8, r"importance='taylor'"),
-        (dict(gqa_mode="strided"), 8, r"gqa_mode='strided'"),
-        (dict(calib_samples=0), 8, r"calib_samples=0"),
         (dict(method="depth"), 8, r"num_blocks=None, block_fraction=None"),
         (dict(method="depth", num_blocks=3), 8, r"num_blocks=3: removes 3 blocks, but only 2"),
         (dict(method="depth", block_fraction=0.1), 8, r"block_fraction=0.1: removes no block"),
-        (dict(method="depth", num_blocks=1, depth_score="loss"), 8, r"depth_score='loss'"),
     ],
 )
 def test_bad_options_raise_before_any_work(kwargs, layers, match):
     model = tiny_model("mha", layers=layers)
     with pytest.raises(ValueError, match=match):
-        P.PruneConfig(**kwargs).validate(model.config)
-    fn = P.prune_depth if kwargs.get("method") == "depth" else P.prune_width
+        PruneSettings(**kwargs).validate(model.config)
+    fn = prune_depth if kwargs.get("method") == "depth" else prune_width
     weights = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):  # no tokenizer/texts needed to fail: validation runs first
-        fn(model, None, None, P.PruneConfig(**kwargs))
+        fn(model, None, None, PruneSettings(**kwargs))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
@@ -766,9 +789,9 @@ def test_unsupported_architecture():
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
                            num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="unsupported architecture: model_type='mistral'"):
-        P.PruneConfig().validate(config)
+        PruneSettings().validate(config)
     with pytest.raises(ValueError, match="unsupported architecture: model_type='mistral'"):
-        P.prune_width(MistralForCausalLM(config), None, None, P.PruneConfig())
+        prune_width(MistralForCausalLM(config), None, None, PruneSettings())
 
 
 def test_pruned_config_and_registration():
@@ -781,3 +804,13 @@ def test_pruned_config_and_registration():
     with pytest.raises(ValueError, match="heads % kv_heads"):
         PrunedLlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
                           layer_shapes=[dict(shape, num_key_value_heads=3)])
+
+
+def test_former_modeling_module_path_reexports_the_classes():
+    """Earlier checkpoints and user code import `axolotl_focus.modeling_pruned_llama`."""
+    import axolotl_focus.modeling_pruned_llama as former
+    from axolotl_focus.prune import modeling_pruned_llama as current
+
+    assert former.PrunedLlamaConfig is current.PrunedLlamaConfig is PrunedLlamaConfig
+    assert former.PrunedLlamaForCausalLM is current.PrunedLlamaForCausalLM
+    assert former.register_auto_classes is current.register_auto_classes

@@ -10,14 +10,14 @@ import textwrap
 import pytest
 from pydantic import ValidationError
 
-from axolotl_focus.config import FocusPruneArgs
-from axolotl_focus.preprocess import REPORT_FILE, apply_to_config, cache_path, ensure_pruned, run_prune
+from axolotl_focus.prune.cache import REPORT_FILE, apply_to_config, cache_path, ensure_pruned, run_prune
+from axolotl_focus.prune.settings import PruneSettings
 
 TINY_RANGES = {"attn_layers": [1, 3], "mlp_layers": [1, 3]}
 
 
 def spec(tmp_path, **kw):
-    return FocusPruneArgs(**{"ratio": 0.5, "cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | TINY_RANGES | kw)
+    return PruneSettings(**{"ratio": 0.5, "cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | TINY_RANGES | kw)
 
 
 @pytest.fixture
@@ -198,14 +198,14 @@ def test_cli_prune_options_come_from_the_schema():
                                       "--protected-first", "2", "--protected-last", "1", "--calibration-split",
                                       "validation", "--calibration-field", "body", "--calibration-config", "c",
                                       "--attn-layers", "1", "3", "--no-uniform", "--importance", "vectorize"])
-    given = {k: v for k, v in vars(args).items() if k in FocusPruneArgs.model_fields and v is not None}
-    assert FocusPruneArgs.model_validate(given).model_dump(exclude_defaults=True) == {
+    given = {k: v for k, v in vars(args).items() if k in PruneSettings.model_fields and v is not None}
+    assert PruneSettings.model_validate(given).model_dump(exclude_defaults=True) == {
         "dtype": "bfloat16", "protected_first": 2, "protected_last": 1, "calibration_split": "validation",
         "calibration_field": "body", "calibration_config": "c", "attn_layers": [1, 3], "importance": "vectorize",
     }
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prune", "--dtype", "float64"])
-    missing = {k for k in FocusPruneArgs.model_fields if k not in vars(args)}
+    missing = {k for k in PruneSettings.model_fields if k not in vars(args)}
     assert missing == {"wait_timeout"}
 
 
@@ -231,7 +231,7 @@ class FakeStream:
 
 def test_hub_calibration_is_streamed_with_its_config(tiny_pair, tmp_path, monkeypatch):
     from axolotl_focus.micro import corpus_documents
-    from axolotl_focus.preprocess import load_calibration_texts
+    from axolotl_focus.prune.calibration import load_calibration_texts
 
     docs = [d for d in corpus_documents("valid") if len(d.split()) >= 64]
     rows = [{"text": ""}, {"text": "short"}] + [{"text": d} for d in docs] * 50
@@ -267,7 +267,7 @@ def test_cache_is_reused_and_keyed_by_settings(tiny_pair, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("pruned again")
 
-    monkeypatch.setattr("axolotl_focus.preprocess.run_prune", boom)
+    monkeypatch.setattr("axolotl_focus.prune.cache.run_prune", boom)
     assert ensure_pruned(tiny_pair["teacher"], spec(tmp_path)) == first
     assert cache_path(tiny_pair["teacher"], spec(tmp_path, ratio=0.25)) != first
     assert cache_path(tiny_pair["teacher"], spec(tmp_path, seed=1)) != first
@@ -302,7 +302,7 @@ def test_apply_to_config_rewrites_base_model_and_teacher(tiny_pair, tmp_path):
 ])
 def test_bad_prune_options_are_rejected_by_the_schema(block, match):
     with pytest.raises(ValidationError, match=match):
-        FocusPruneArgs.model_validate(block)
+        PruneSettings.model_validate(block)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -325,7 +325,7 @@ def test_unsupported_architecture(tmp_path):
     MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path / "mistral")
     with pytest.raises(ValueError, match="unsupported architecture"):
-        run_prune(str(tmp_path / "mistral"), FocusPruneArgs(), tmp_path / "out")
+        run_prune(str(tmp_path / "mistral"), PruneSettings(), tmp_path / "out")
 
 
 def test_calibration_jsonl_errors_name_file_and_line(tiny_pair, tmp_path):
@@ -342,7 +342,7 @@ def test_attention_lora_kernels_are_turned_off_for_pruned_llama(tmp_path):
 
     import pytest
 
-    from axolotl_focus.preprocess import disable_attention_lora_kernels
+    from axolotl_focus.prune.cache import disable_attention_lora_kernels
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "pruned_llama"}))
     cfg = {"base_model": str(tmp_path), "adapter": "lora"}
@@ -371,7 +371,7 @@ def test_changed_source_is_pruned_again(tiny_pair, tmp_path, caplog):
 
     from safetensors.torch import load_file
 
-    from axolotl_focus.preprocess import source_fingerprint
+    from axolotl_focus.prune.cache import source_fingerprint
 
     src = tmp_path / "src"
     shutil.copytree(tiny_pair["teacher"], src)
@@ -411,7 +411,7 @@ def test_fingerprint_samples_without_loading_weights(tmp_path, monkeypatch):
     import hashlib
     import time
 
-    from axolotl_focus.preprocess import source_fingerprint
+    from axolotl_focus.prune.cache import source_fingerprint
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")
@@ -443,7 +443,7 @@ def test_fingerprint_samples_without_loading_weights(tmp_path, monkeypatch):
     changed = source_fingerprint(str(folder))
     assert changed["weights"]["model.safetensors"]["sample"] != entry["sample"]
     assert changed["weights"]["model.safetensors"]["header"] == entry["header"] and changed["config"] == first["config"]
-    spec_ = FocusPruneArgs(cache_dir=str(tmp_path / "cache"))
+    spec_ = PruneSettings(cache_dir=str(tmp_path / "cache"))
     assert cache_path(str(folder), spec_, first) != cache_path(str(folder), spec_) == cache_path(str(folder), spec_)
     (folder / "config.json").write_text('{"model_type": "llama", "x": 1}')
     assert source_fingerprint(str(folder))["config"] != first["config"]
@@ -466,7 +466,7 @@ def test_hub_fingerprint_and_plan(tiny_pair, tmp_path, monkeypatch, caplog):
     import huggingface_hub
     from huggingface_hub import constants
 
-    from axolotl_focus.preprocess import plan_prune, source_fingerprint
+    from axolotl_focus.prune.cache import plan_prune, source_fingerprint
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -494,7 +494,7 @@ def test_hub_fingerprint_and_plan(tiny_pair, tmp_path, monkeypatch, caplog):
 def test_plan_prune_is_a_dry_run(tiny_pair, tmp_path, monkeypatch, kw):
     from pathlib import Path
 
-    from axolotl_focus.preprocess import plan_prune
+    from axolotl_focus.prune.cache import plan_prune
 
     def files():
         return sorted(str(p) for root in (tmp_path, tiny_pair["teacher"]) for p in Path(root).rglob("*"))
@@ -525,14 +525,14 @@ def test_plan_prune_is_a_dry_run(tiny_pair, tmp_path, monkeypatch, kw):
     ({"calibration": "/no/such/calib.jsonl"}, "focus_prune.calibration: file /no/such/calib.jsonl does not exist"),
 ])
 def test_plan_prune_rejects_bad_settings(tiny_pair, tmp_path, kw, match):
-    from axolotl_focus.preprocess import plan_prune
+    from axolotl_focus.prune.cache import plan_prune
 
     with pytest.raises(ValueError, match=match):
         plan_prune(tiny_pair["teacher"], spec(tmp_path, **kw))
 
 
 def test_plan_prune_does_not_read_hub_calibration_or_missing_folders(tiny_pair, tmp_path, monkeypatch):
-    from axolotl_focus.preprocess import plan_prune
+    from axolotl_focus.prune.cache import plan_prune
 
     def no_dataset(*a, **k):
         raise AssertionError("a hub dataset was read")

@@ -1,0 +1,104 @@
+"""LLaMA with per-layer attention-head and MLP widths (the output of block-wise width pruning).
+
+Self-contained on purpose (imports only torch and transformers): `save_pruned` copies this file
+into every width-pruned checkpoint and sets `auto_map`, so that
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works in a process that never
+imported `axolotl_focus` (lm-eval-harness, plain scripts).
+
+`PrunedLlamaConfig` keeps the ORIGINAL global sizes (so LlamaConfig's validation passes, e.g.
+hidden_size % num_attention_heads == 0) and adds `layer_shapes`: one dict per decoder layer with
+its `num_attention_heads`, `num_key_value_heads` and `intermediate_size`. `head_dim` is always
+explicit. `PrunedLlamaForCausalLM` builds the vanilla model, then swaps each narrowed layer's
+q/k/v/o and gate/up/down Linear modules for correctly shaped ones. Hidden size, embeddings,
+norms and lm_head are never pruned. The KV cache (DynamicCache) sizes each layer lazily, so
+per-layer KV widths work with `generate(use_cache=True)`.
+"""
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    """LlamaConfig + per-layer widths (`layer_shapes`) + pruning metadata (`pruning`)."""
+
+    model_type = "pruned_llama"
+
+    # One {num_attention_heads, num_key_value_heads, intermediate_size} dict per layer (None: unpruned).
+    layer_shapes: list | None = None
+    # How the checkpoint was made: source model, method, ratio, ranges, importance, kept indices, ...
+    pruning: dict | None = None
+    # The unpruned source model (teacher); also in pruning["source_model"].
+    focus_source_model: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.layer_shapes is None:
+            return
+        if len(self.layer_shapes) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_shapes has {len(self.layer_shapes)} entries, num_hidden_layers is {self.num_hidden_layers}"
+            )
+        for i, shape in enumerate(self.layer_shapes):
+            heads, kv_heads, inter = (int(shape[k]) for k in SHAPE_KEYS)
+            if min(heads, kv_heads, inter) < 1 or heads % kv_heads:
+                raise ValueError(f"layer_shapes[{i}]={shape}: need >= 1 of each and heads % kv_heads == 0")
+
+    def layer_shape(self, idx: int) -> dict:
+        """Widths of decoder layer `idx` (the global sizes when the layer is not pruned)."""
+        if self.layer_shapes is None:
+            return {k: getattr(self, k) for k in SHAPE_KEYS}
+        return {k: int(self.layer_shapes[idx][k]) for k in SHAPE_KEYS}
+
+
+def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+
+
+def resize_decoder_layer(
+    layer: nn.Module, num_attention_heads: int, num_key_value_heads: int, intermediate_size: int
+) -> None:
+    """Replace a LlamaDecoderLayer's projections with (uninitialised) ones of the given widths."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hidden, head_dim = attn.q_proj.in_features, attn.head_dim
+    num_heads, num_kv_heads = num_attention_heads, num_key_value_heads
+    if attn.q_proj.out_features != num_heads * head_dim or attn.k_proj.out_features != num_kv_heads * head_dim:
+        attn.q_proj = _linear_like(attn.q_proj, hidden, num_heads * head_dim)
+        attn.k_proj = _linear_like(attn.k_proj, hidden, num_kv_heads * head_dim)
+        attn.v_proj = _linear_like(attn.v_proj, hidden, num_kv_heads * head_dim)
+        attn.o_proj = _linear_like(attn.o_proj, num_heads * head_dim, hidden)
+    # Used by repeat_kv (eager) and the SDPA/flash paths to map q heads onto kv heads.
+    attn.num_key_value_groups = num_heads // num_kv_heads
+    if mlp.gate_proj.out_features != intermediate_size:
+        mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, intermediate_size)
+        mlp.up_proj = _linear_like(mlp.up_proj, hidden, intermediate_size)
+        mlp.down_proj = _linear_like(mlp.down_proj, intermediate_size, hidden)
+    mlp.intermediate_size = intermediate_size
+
+
+class PrunedLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose decoder layers have the widths listed in `config.layer_shapes`."""
+
+    config_class = PrunedLlamaConfig
+    config: PrunedLlamaConfig
+
+    def __init__(self, config: PrunedLlamaConfig):
+        super().__init__(config)
+        if config.layer_shapes is not None:
+            for idx, layer in enumerate(self.model.layers):
+                resize_decoder_layer(layer, **config.layer_shape(idx))
+            self.post_init()  # initialise the replaced modules like the rest of the model
+
+
+def register_auto_classes() -> None:
+    """Make `pruned_llama` loadable through AutoConfig / AutoModelForCausalLM (idempotent)."""
+    AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PrunedLlamaConfig, PrunedLlamaForCausalLM, exist_ok=True)
+
+
+# save_pretrained then copies this file into the checkpoint and writes `auto_map` (trust_remote_code).
+PrunedLlamaConfig.register_for_auto_class()
+PrunedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
