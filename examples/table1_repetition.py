@@ -33,15 +33,15 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from axolotl_focus.config import FocusPruneArgs
-    from axolotl_focus.micro import build_micro_teacher
-    from axolotl_focus.preprocess import run_prune
-    from axolotl_focus.table1 import (
+    from axolotl_focus.evaluate.table1 import (
         decodings,
         markdown_table,
         measure,
         prefixes,
         summarize,
     )
+    from axolotl_focus.micro import build_micro_teacher
+    from axolotl_focus.preprocess import run_prune
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="examples/table1/build")
