@@ -4,19 +4,18 @@ top-p sampling (:func:`sample_top_p`), stable row seeds (:func:`row_seed`), the 
 ids (:func:`decode_text`, :func:`continuation_text`) and the accelerate process state the callers
 run under (:func:`process_state`).
 
-In RePAIR mining (:mod:`axolotl_focus.mine.run`):
-Generation is batched (``batch_size`` prompts) by :func:`generate_batch`, our own KV-cache
-decoding loop with LEFT padding built by hand (the shared tokenizer's ``padding_side`` is never
-touched); per-row EOS, budgets and loop detection run in one :class:`RowStopper`, and rows that
-ended are removed from the batch (and its KV cache). Sampling is pure top-p (``top_k=0``; the
-models' own generation defaults such as a repetition penalty play no part). Seeds: every row
-draws from its own ``torch.Generator``; the student's sample of a prompt is seeded by
-``(seed, source_id)`` and the teacher's ``attempt``-th positive by ``(seed, source_id, attempt)``
-(:func:`student_row_seed`, :func:`teacher_row_seed`), never by the batch, so a pair does not
-depend on which prompts share its batch, on ``batch_size``, on the number of processes, or on a
-resume (up to float rounding of the forward pass under different padding). The global torch RNG
-is not used.
-
+Decoding: the prompts (token ids) are LEFT padded by hand (a shared tokenizer's ``padding_side``
+is never touched), with an attention mask and ``position_ids = cumsum(mask) - 1``; per-row EOS,
+budgets and an optional :class:`~axolotl_focus.degeneration.LoopDetector` per row run in one
+:class:`RowStopper`, and rows that ended are removed from the batch (and its KV cache). Sampling
+is pure top-p (``top_k=0``; the models' own generation defaults such as a repetition penalty play
+no part), or greedy. Every row draws from its own CPU ``torch.Generator`` seeded by
+``row_seed(seed, row_seeds[i])``, so a row's continuation depends only on its prompt and seeds,
+not on the other rows of its batch (up to float rounding of a forward pass under different
+padding); the global torch RNG is not used. How the callers seed their rows: RePAIR mining by
+source id (:mod:`axolotl_focus.mine.run`), the evaluation by batch
+(:mod:`axolotl_focus.evaluate.generation`), Table 1 by prompt index
+(:mod:`axolotl_focus.evaluate.table1`).
 
 Text boundary: :func:`continuation_text` cuts a continuation's text from ONE decode of the whole
 sequence (``decode(context + segment)[k:]``, ``k`` the length of the common prefix with

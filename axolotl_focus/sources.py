@@ -6,8 +6,8 @@ documents, instructions and perplexity text.
   (the rules: its docstring).
 * :func:`read_json_rows`: the rows of a JSON-lines file (1-based line numbers) or a JSON array
   (0-based positions).
-* :func:`load_hub_dataset`: ``datasets.load_dataset(name, config, split=split)``, the one place a
-  hub dataset is loaded (so tests can replace it).
+* :func:`load_hub_dataset`: ``datasets.load_dataset(name, config, split=split)`` (optionally
+  streamed), the one place a hub dataset is loaded (so tests can replace it).
 * :func:`offline_env`: which of ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set, if any.
 
 The embedded WikiText-2 slices (the default documents when the hub cannot be used) are in
@@ -34,10 +34,13 @@ def offline_env() -> str | None:
                  if os.environ.get(v, "").strip().upper() in _TRUE), None)
 
 
-def load_hub_dataset(name: str, config: str | None, split: str):
-    """``datasets.load_dataset(name, config, split=split)`` (one place, so tests can replace it)."""
+def load_hub_dataset(name: str, config: str | None, split: str, *, streaming: bool = False):
+    """``datasets.load_dataset(name, config, split=split)`` (one place, so tests can replace it);
+    ``streaming=True``: the ``IterableDataset`` (rows read lazily, nothing downloaded up front)."""
     import datasets
 
+    if streaming:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     return datasets.load_dataset(name, config, split=split)
 
 

@@ -29,7 +29,7 @@ def _opt(default: Any, text: str, **extra: Any) -> Any:
 
 @dataclass
 class MiningConfig:
-    """Settings of a mining run (defaults: the paper's; see the module docstring). Each field's
+    """Settings of a mining run (defaults: the paper's; see :mod:`axolotl_focus.mine.run`). Each field's
     ``metadata["help"]`` (and ``metadata["choices"]``) is its ``axolotl-focus pairs --help`` text."""
 
     prompts: str = _opt("", "Prompt source: a local JSON-lines (.jsonl) or JSON-array (.json) file, a plain text "

@@ -36,6 +36,21 @@ least two copies of the segment. ``y_hat`` with exactly two copies (prefix = jun
 rejected = copy 2 + a partial copy) passes the paper's test but not this one; a row stopped
 early (3 clean copies by default) normally keeps 2 copies in rejected and passes.
 
+Generation is batched (``batch_size`` prompts) by :func:`generate_batch`, our own KV-cache
+decoding loop with LEFT padding built by hand (the shared tokenizer's ``padding_side`` is never
+touched); per-row EOS, budgets and loop detection run in one ``RowStopper``, and rows that
+ended are removed from the batch (and its KV cache). Sampling is pure top-p (``top_k=0``; the
+models' own generation defaults such as a repetition penalty play no part). Seeds: every row
+draws from its own ``torch.Generator``; the student's sample of a prompt is seeded by
+``(seed, source_id)`` and the teacher's ``attempt``-th positive by ``(seed, source_id, attempt)``
+(:func:`student_row_seed`, :func:`teacher_row_seed`), never by the batch, so a pair does not
+depend on which prompts share its batch, on ``batch_size``, on the number of processes, or on a
+resume (up to float rounding of the forward pass under different padding). The global torch RNG
+is not used.
+
+The pairs file (its rows, the text boundary, the state, summary and run-record files, resume and
+restart): :mod:`axolotl_focus.mine.pairs_file`. The settings: :class:`~axolotl_focus.mine.config.MiningConfig`.
+
 Several processes (``accelerate launch``): the remaining prompts are split with
 ``PartialState().split_between_processes``; rank ``i`` writes ``<output stem>.rank{i}.jsonl``
 (and its ``.state``) and rank 0 merges the shards into ``output`` at the end (deduplicated by
@@ -172,7 +187,7 @@ def _teacher_pass(teacher, tokenizer, negatives: list[_Negative], cfg: MiningCon
 
 
 def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], cfg: MiningConfig) -> dict:
-    """The output row of a negative with its positive (fields: see the module docstring)."""
+    """The output row of a negative with its positive (fields: see :mod:`axolotl_focus.mine.pairs_file`)."""
     toks, text, cov_chosen, attempt = neg.chosen
     return {
         "prompt": neg.text + continuation_text(tokenizer, neg.ids, neg.out[: neg.onset]),
@@ -230,7 +245,7 @@ def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningC
 
 
 def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg: MiningConfig) -> MiningSummary:
-    """Mine RePAIR pairs from ``prompts`` into ``cfg.output`` (resumable; see module docstring).
+    """Mine RePAIR pairs from ``prompts`` into ``cfg.output`` (resumable; see :mod:`axolotl_focus.mine.pairs_file`).
 
     ``student``/``teacher``: causal LMs sharing ``tokenizer``, already on their devices.
     ``prompts``: :class:`Prompt` objects (or plain strings, whose ids are their indices).
