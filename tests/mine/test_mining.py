@@ -16,7 +16,7 @@ from axolotl_focus.generation import RowStopper, generate_batch
 from axolotl_focus.mine.config import DTYPES, MODES, MiningConfig
 from axolotl_focus.mine.prompts import encode_prompt
 from axolotl_focus.mine.run import mine_pairs, run_mining
-from axolotl_focus.sources import TEXT_UNITS, Prompt, load_prompts
+from axolotl_focus.sources import TEXT_UNITS, load_prompts
 
 THRESHOLD = 0.3
 DPO_FIELDS = ("prompt", "chosen", "rejected")
@@ -124,35 +124,6 @@ def test_validate_paths_before_loading_models(tmp_path):
     (plain / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"teacher: not given and the student records no focus_source_model"):
         MiningConfig(prompts=__file__, output=str(tmp_path / "o.jsonl"), student=str(plain)).validate(models=True)
-
-
-def test_load_prompts_jsonl_and_text(tmp_path):
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text(
-        json.dumps({"text": "first doc"}) + "\n\n"
-        + json.dumps({"instruction": "Translate.", "input": "bonjour"}) + "\n"
-        + json.dumps({"instruction": "Say hi.", "input": ""}) + "\n"
-    )
-    got = load_prompts(str(jsonl))
-    assert got == [Prompt("1", "first doc"), Prompt("3", "Translate.\n\nbonjour"), Prompt("4", "Say hi.")]
-    assert load_prompts(str(jsonl), limit=2)[-1].source_id == "3"
-    with pytest.raises(ValueError, match=r"text_field: .*p\.jsonl:1 has no field 'prompt'"):
-        load_prompts(str(jsonl), text_field="prompt")
-    with pytest.raises(ValueError, match=r"id_field: .* has no field 'uid'"):
-        load_prompts(str(jsonl), id_field="uid")
-    dup = tmp_path / "dup.jsonl"
-    dup.write_text("".join(json.dumps({"id": 7, "prompt": p}) + "\n" for p in ("a", "b")))
-    with pytest.raises(ValueError, match=r"id_field: duplicate source id '7'"):
-        load_prompts(str(dup), id_field="id")
-
-    array = tmp_path / "a.json"
-    array.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "input": "z"}]))
-    assert load_prompts(str(array)) == [Prompt("0", "x"), Prompt("1", "y\n\nz")]
-
-    text = tmp_path / "docs.txt"
-    text.write_text("para one\ncontinues\n\n\npara two\n")
-    assert load_prompts(str(text)) == [Prompt("1", "para one continues"), Prompt("5", "para two")]
-    assert [p.text for p in load_prompts(str(text), text_unit="line")] == ["para one", "continues", "para two"]
 
 
 def test_empty_prompt_source_is_an_error(micro, tmp_path, no_weights):
