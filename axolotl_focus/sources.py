@@ -8,6 +8,8 @@ documents, instructions and perplexity text.
   (0-based positions).
 * :func:`load_hub_dataset`: ``datasets.load_dataset(name, config, split=split)`` (optionally
   streamed), the one place a hub dataset is loaded (so tests can replace it).
+* :func:`missing_file`: whether a name is meant as a local file that is not there (then the
+  caller says so instead of asking the hub).
 * :func:`offline_env`: which of ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set, if any.
 
 The embedded WikiText-2 slices (the default documents when the hub cannot be used) are in
@@ -21,11 +23,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Prompt", "TEXT_FIELDS", "TEXT_UNITS", "load_hub_dataset", "load_prompts", "offline_env", "read_json_rows"]
+__all__ = ["Prompt", "TEXT_FIELDS", "TEXT_UNITS", "load_hub_dataset", "load_prompts", "missing_file", "offline_env",
+           "read_json_rows"]
 
 TEXT_UNITS = ("paragraph", "line")  # how a plain text file is split into prompts
 TEXT_FIELDS = ("text", "prompt", "instruction")  # tried in this order when text_field is None
+FILE_SUFFIXES = (".txt", ".jsonl", ".json")  # a source name ending so is a local file, never a hub id
 _TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def missing_file(source: str) -> bool:
+    """Whether ``source`` is no existing file but names one: a :data:`FILE_SUFFIXES` suffix or a
+    path starting with ``/``, ``./`` or ``../`` (a hub dataset id has neither)."""
+    return not os.path.isfile(source) and (source.endswith(FILE_SUFFIXES) or source.startswith(("/", "./", "../")))
 
 
 def offline_env() -> str | None:

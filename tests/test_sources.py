@@ -61,3 +61,11 @@ def test_hub_prompts_go_through_load_hub_dataset(monkeypatch):
     assert calls == [("org/data", "cfg", "test")]
     with pytest.raises(ValueError, match=r"id_field: org/data\[test\]\[0\] has no field 'uid'"):
         load_prompts("org/data", split="test", id_field="uid")
+
+
+def test_missing_file(tmp_path):
+    there = tmp_path / "p.jsonl"
+    there.write_text("{}\n")
+    assert not sources.missing_file(str(there))
+    assert all(sources.missing_file(name) for name in ("nope.txt", "nope.jsonl", "a/nope.json", "/x/y", "./d", "../d"))
+    assert not any(sources.missing_file(name) for name in ("Salesforce/wikitext", "wikitext", "org/name"))

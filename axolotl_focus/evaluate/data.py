@@ -123,7 +123,7 @@ def embedded_instructions() -> str:
 def _rows_of(source: str, config: str | None, split: str) -> list[tuple[Any, dict]]:
     if os.path.isfile(source):
         return [(default_id, row) for default_id, _, row in sources.read_json_rows(source, "instructions")]
-    if source.endswith((".jsonl", ".json")) or source.startswith(("/", "./", "../")):
+    if sources.missing_file(source):
         raise FileNotFoundError(f"instructions: {source} not found")
     return list(enumerate(sources.load_hub_dataset(source, config, split)))
 
