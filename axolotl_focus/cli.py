@@ -159,7 +159,8 @@ def cmd_pairs(args) -> int:
     import dataclasses
     import logging
 
-    from .mining import MiningConfig, run_mining
+    from .mine.config import MiningConfig
+    from .mine.run import run_mining
 
     logging.basicConfig(level=logging.INFO)
     fields = {f.name for f in dataclasses.fields(MiningConfig)}
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (without a config)")
     _add_prune_options(p)
     p.set_defaults(func=cmd_prune)
-    from .mining import MiningConfig
+    from .mine.config import MiningConfig
 
     p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
     add_options(p, MiningConfig)

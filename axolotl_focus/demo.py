@@ -641,13 +641,13 @@ class Demo:
     def _table1_prompts(self):
         from transformers import AutoTokenizer
 
-        from .table1 import prefixes
+        from .evaluate.table1 import prefixes
 
         tokenizer = AutoTokenizer.from_pretrained(self.teacher)
         return prefixes(tokenizer, self.s.table1_prompts, self.s.table1_prefix_tokens)
 
     def _run_table1(self, folder: Path):
-        from .table1 import measure
+        from .evaluate.table1 import measure
 
         s = self.s
         if not s.table1_prompts:
@@ -666,7 +666,8 @@ class Demo:
     # 4. pairs --------------------------------------------------------------------------------
     def _run_pairs(self, folder: Path):
         from .micro import corpus_documents
-        from .mining import MiningConfig, run_mining
+        from .mine.config import MiningConfig
+        from .mine.run import run_mining
 
         s = self.s
         prompts = folder / "prompts.jsonl"
@@ -834,7 +835,7 @@ class Demo:
 
     def _run_eval(self, folder: Path):
         from .evaluate import evaluate_models
-        from .table1 import measure
+        from .evaluate.table1 import measure
 
         s = self.s
         results = evaluate_models(self.eval_models(), self.eval_config(folder))
@@ -1318,7 +1319,7 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     # Table 1 ----------------------------------------------------------------------------------
     t1 = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
     if t1:
-        from .table1 import markdown_table
+        from .evaluate.table1 import markdown_table
 
         rows = list(t1["rows"])
         ft = read_json(demo.dir("eval") / "table1_finetuned.json") if marks["eval"] else None

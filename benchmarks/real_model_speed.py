@@ -2,7 +2,7 @@
 vocabulary 49,152; materialized offline by :func:`axolotl_focus.embedded_model.materialize`),
 everything measured side by side in one run:
 
-(a) Generation throughput of the unpruned model (greedy, :func:`axolotl_focus.mining.generate_batch`)
+(a) Generation throughput of the unpruned model (greedy, :func:`axolotl_focus.generation.generate_batch`)
     at batch 1, 16 and 64, for each ``--threads`` value (``torch.set_num_threads``) and three
     numeric modes: ``fp32``; ``bf16`` = the weights cast with ``model.to(torch.bfloat16)``;
     ``autocast`` = fp32 weights under ``torch.autocast(device, dtype=torch.bfloat16)``. Tokens/s =
@@ -20,7 +20,7 @@ everything measured side by side in one run:
     The FOCUS / CE time ratio is printed next to its limit ``1 + teacher forward / CE step`` (the
     teacher's decoder forward added to the student's forward + backward), the teacher forward
     timed in the same run; the rest of the excess is the fused loss's teacher head and softmaxes.
-(c) RePAIR mining's student pass (as ``mining._student_pass`` calls it: open-ended prompts of the
+(c) RePAIR mining's student pass (as ``axolotl_focus.mine.run._student_pass`` calls it: open-ended prompts of the
     first 50 tokens of WikiText-2 validation documents, top-p 0.9, temperature 0.7, 128 new
     tokens, the loop detector on, row seeds from the source ids) on 32 prompts: batched (16) with
     the shrinking loop, batched with ended rows kept as padding (``shrink=False``, the cost of HF
@@ -58,13 +58,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from axolotl_focus.mining import (  # noqa: E402
-    MiningConfig,
-    Prompt,
-    encode_prompt,
-    generate_batch,
-    student_row_seed,
-)
+from axolotl_focus.generation import generate_batch  # noqa: E402
+from axolotl_focus.mine.config import MiningConfig  # noqa: E402
+from axolotl_focus.mine.prompts import encode_prompt  # noqa: E402
+from axolotl_focus.mine.run import student_row_seed  # noqa: E402
+from axolotl_focus.sources import Prompt  # noqa: E402
 
 MODES = ("fp32", "bf16", "autocast")
 

@@ -5,7 +5,7 @@
 Does the width-pruned student (``<demo-out>/2_prune/width``) loop at top-p 0.9 and temperature 1,
 or only below it? Continues the 50-token prefixes of the first ``--prompts`` valid documents for
 100 tokens with the unpruned teacher and the pruned student at each ``--temperatures`` value and
-prints CREP and rep-n (:func:`axolotl_focus.table1.measure`). The demo mines and evaluates at the
+prints CREP and rep-n (:func:`axolotl_focus.evaluate.table1.measure`). The demo mines and evaluates at the
 temperature chosen here; its report is on the *test* split.
 """
 
@@ -21,7 +21,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from axolotl_focus.embedded_model import default_path
-    from axolotl_focus.table1 import decodings, markdown_table, measure, prefixes
+    from axolotl_focus.evaluate.table1 import decodings, markdown_table, measure, prefixes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-out", default="demo_out", help="a finished real-model demo folder (its prune stage)")

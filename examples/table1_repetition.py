@@ -32,16 +32,16 @@ def floats(text: str) -> list[float]:
 def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from axolotl_focus.micro import build_micro_teacher
-    from axolotl_focus.prune.cache import run_prune
-    from axolotl_focus.prune.settings import PruneSettings
-    from axolotl_focus.table1 import (
+    from axolotl_focus.evaluate.table1 import (
         decodings,
         markdown_table,
         measure,
         prefixes,
         summarize,
     )
+    from axolotl_focus.micro import build_micro_teacher
+    from axolotl_focus.prune.cache import run_prune
+    from axolotl_focus.prune.settings import PruneSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="examples/table1/build")

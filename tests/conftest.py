@@ -70,7 +70,7 @@ def looping_micro(tmp_path_factory):
     with open(prompts_file, "w", encoding="utf-8") as handle:
         for i, doc in enumerate(docs[200:224]):
             handle.write(json.dumps({"id": f"doc-{i}", "text": doc}) + "\n")
-    from axolotl_focus.mining import load_prompts
+    from axolotl_focus.sources import load_prompts
 
     prompts = load_prompts(str(prompts_file), id_field="id")
     return dict(tokenizer=tokenizer, teacher=teacher, student=student, prompts=prompts,

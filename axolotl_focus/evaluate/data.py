@@ -11,7 +11,7 @@ Tasks (paper section 5.1)
   least ``prefix_tokens + max_new_tokens`` model tokens; ``num_documents`` of them drawn with ``data_seed``
   (kept in corpus order).
   Prompt = the first ``prefix_tokens`` (50) tokens, re-encoded with BOS exactly as RePAIR mining
-  does (:func:`~axolotl_focus.mining.encode_prompt`); reference continuation = the next
+  does (:func:`~axolotl_focus.mine.prompts.encode_prompt`); reference continuation = the next
   ``max_new_tokens`` (100) document tokens (the "human" row and MAUVE's p).
 * ``instruction``: Self-Instruct style JSONL (``instruction`` + ``instances[{input, output}]``,
   one prompt per instance; or flat rows with ``instruction``/``prompt``, ``input`` and
@@ -23,7 +23,6 @@ Tasks (paper section 5.1)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,7 +30,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..mining import MiningConfig, Prompt, continuation_text, encode_prompt, load_prompts
+from .. import sources
+from ..generation import continuation_text
+from ..mine.config import MiningConfig
+from ..mine.prompts import encode_prompt
+from ..sources import Prompt, load_prompts
 from .config import EvalConfig
 
 LOG = logging.getLogger(__name__)
@@ -40,21 +43,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_DATASET = ("Salesforce/wikitext", "wikitext-103-raw-v1", "test")  # the paper's open-ended / PPL data
 EMBEDDED = "embedded:wikitext-2/test"
 EMBEDDED_NAMES = ("embedded", EMBEDDED)  # --documents / --ppl-data value choosing the embedded slice
-_TRUE = ("1", "ON", "YES", "TRUE")
-
-
-def _offline_env() -> str | None:
-    """The name of the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable, if any."""
-    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                 if os.environ.get(v, "").strip().upper() in _TRUE), None)
-
-
-def _load_hub_dataset(name: str, config: str | None, split: str):
-    """``datasets.load_dataset(name, config, split=split)`` (one place, so tests can replace it)."""
-    import datasets
-
-    return datasets.load_dataset(name, config, split=split)
-
 
 def default_wikitext() -> tuple[list[str] | None, dict]:
     """Rows (``text``) of the default dataset, WikiText-103 test from the hub, and where they came
@@ -65,13 +53,13 @@ def default_wikitext() -> tuple[list[str] | None, dict]:
     name, config, split = DEFAULT_DATASET
     hub = {"source": f"hub:{name}/{config}/{split}", "dataset": name, "config": config, "split": split}
     embedded = _embedded()[1]
-    var = _offline_env()
+    var = sources.offline_env()
     if var:
         LOG.info("%s is set: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
                  "for the default open-ended documents and perplexity text", var, name, config, split)
         return None, embedded | {"fallback": f"{var} is set"}
     try:
-        rows = list(_load_hub_dataset(name, config, split)["text"])
+        rows = list(sources.load_hub_dataset(name, config, split)["text"])
     except Exception as err:  # noqa: BLE001 - no network, a hub/httpx error, a missing cache, ...
         why = f"{type(err).__name__}: {str(err)[:200]}"
         LOG.warning("could not load the hub dataset %s (%s, %s split): %s. Falling back to the embedded WikiText-2 "
@@ -134,16 +122,10 @@ def embedded_instructions() -> str:
 
 def _rows_of(source: str, config: str | None, split: str) -> list[tuple[Any, dict]]:
     if os.path.isfile(source):
-        with open(source, encoding="utf-8") as handle:
-            content = handle.read()
-        if content.lstrip().startswith("["):
-            return list(enumerate(json.loads(content)))
-        return [(n, json.loads(line)) for n, line in enumerate(content.split("\n"), 1) if line.strip()]
-    if source.endswith((".jsonl", ".json")) or source.startswith(("/", "./", "../")):
+        return [(default_id, row) for default_id, _, row in sources.read_json_rows(source, "instructions")]
+    if sources.missing_file(source):
         raise FileNotFoundError(f"instructions: {source} not found")
-    import datasets
-
-    return list(enumerate(datasets.load_dataset(source, config, split=split)))
+    return list(enumerate(sources.load_hub_dataset(source, config, split)))
 
 
 def load_instructions(source: str, *, config: str | None = None, split: str = "train",
@@ -204,4 +186,4 @@ def _ppl_text(cfg: EvalConfig) -> str:
         return Path(cfg.ppl_data).read_text(encoding="utf-8")
     if os.path.isfile(cfg.ppl_data):
         return "\n\n".join(p.text for p in load_prompts(cfg.ppl_data, text_field=cfg.ppl_text_field, input_field=None))
-    return "\n\n".join(_load_hub_dataset(cfg.ppl_data, cfg.ppl_config, cfg.ppl_split)[cfg.ppl_text_field])
+    return "\n\n".join(sources.load_hub_dataset(cfg.ppl_data, cfg.ppl_config, cfg.ppl_split)[cfg.ppl_text_field])

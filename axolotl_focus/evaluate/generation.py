@@ -2,7 +2,7 @@
 generated token ids.
 
 Decodings: top-p (0.9, pure nucleus, ``top_k=0``) under each seed of ``seeds``, and greedy.
-Generation is batched with the KV cache through :func:`~axolotl_focus.mining.generate_batch`
+Generation is batched with the KV cache through :func:`~axolotl_focus.generation.generate_batch`
 (batch ``b`` = prompts ``b * batch_size ...``; under seed ``s`` row ``i`` of batch ``b`` samples from
 its own generator seeded by ``row_seed(s * 100003 + b, i)``); a row ends at EOS (excluded) or at its
 budget and then leaves the batch (the decoding loop drops ended rows). Several processes share
@@ -28,7 +28,7 @@ from typing import Callable
 
 from ..degeneration import DEFAULT_THRESHOLD, repetition_metrics, serving_degeneration
 from ..files import read_json
-from ..mining import continuation_text
+from ..generation import continuation_text
 from .config import REP_NS, EvalConfig, MetricUnavailable
 from .files import jsonable, write_json
 from .runner import get_ranks

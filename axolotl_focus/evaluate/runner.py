@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..mining import generate_batch
+from ..generation import generate_batch, process_state
 from .config import EvalConfig, MetricUnavailable
 from .lm_harness import zero_shot
 
@@ -32,8 +32,6 @@ class Ranks:
     hours, so the other ranks can wait while rank 0 computes PPL, MAUVE or BERTScore."""
 
     def __init__(self):
-        from ..mining import process_state
-
         self.state = process_state()
         self.size, self.rank = self.state.num_processes, self.state.process_index
         self.group = None

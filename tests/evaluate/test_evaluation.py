@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from axolotl_focus import evaluate as ev
+from axolotl_focus import sources
 from axolotl_focus.degeneration import crep, ead, rep_n, rep_ns, serving_degeneration
 from axolotl_focus.evaluate import (
     EvalConfig,
@@ -35,7 +36,7 @@ from axolotl_focus.evaluate import (
 from axolotl_focus.evaluate import data as ev_data
 from axolotl_focus.evaluate import models as ev_models
 from axolotl_focus.evaluate import runner as ev_runner
-from axolotl_focus.mining import Prompt
+from axolotl_focus.sources import Prompt
 from axolotl_focus.train.losses import focus_weights
 
 HAS = {m: importlib.util.find_spec(m) is not None for m in ("mauve", "bert_score", "matplotlib", "lm_eval")}
@@ -401,7 +402,7 @@ def test_default_data_is_the_embedded_slice_offline(monkeypatch, caplog, var):
     for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(ev_data, "_load_hub_dataset", _no_hub)
+    monkeypatch.setattr(sources, "load_hub_dataset", _no_hub)
     with caplog.at_level("INFO", logger="axolotl_focus.evaluate"):
         docs, info = ev_data.load_documents(EvalConfig())
     assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test",
@@ -434,7 +435,7 @@ def test_default_data_comes_from_the_hub_when_online(micro, featurizers, tmp_pat
         calls.append((name, config, split))
         return {"text": texts}
 
-    monkeypatch.setattr(ev_data, "_load_hub_dataset", fake_hub)
+    monkeypatch.setattr(sources, "load_hub_dataset", fake_hub)
     docs, info = ev_data.load_documents(EvalConfig())
     assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1", "test")]
     assert info == {"source": "hub:Salesforce/wikitext/wikitext-103-raw-v1/test", "dataset": "Salesforce/wikitext",
@@ -462,7 +463,7 @@ def test_default_data_falls_back_when_the_hub_fails(monkeypatch, caplog):
     def unreachable(name, config, split):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(ev_data, "_load_hub_dataset", unreachable)
+    monkeypatch.setattr(sources, "load_hub_dataset", unreachable)
     with caplog.at_level("WARNING", logger="axolotl_focus.evaluate"):
         docs, info = ev_data.load_documents(EvalConfig())
     assert info["source"] == "embedded:wikitext-2/test" and docs[0].source_id == "wikitext2-test-0"
@@ -475,7 +476,7 @@ def test_default_data_falls_back_when_the_hub_fails(monkeypatch, caplog):
 def test_explicit_sources_are_used_as_given(tmp_path, monkeypatch):
     for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(v, raising=False)
-    monkeypatch.setattr(ev_data, "_load_hub_dataset", _no_hub)
+    monkeypatch.setattr(sources, "load_hub_dataset", _no_hub)
     for name in ("embedded", "embedded:wikitext-2/test"):  # the embedded slice, online too, no fallback note
         docs, info = ev_data.load_documents(EvalConfig(documents=name))
         assert info == {"source": "embedded:wikitext-2/test", "dataset": None, "config": None, "split": "test"}

@@ -12,19 +12,11 @@ import pytest
 import torch
 
 from axolotl_focus.degeneration import coverage, loop_at_tail
-from axolotl_focus.mining import (
-    DTYPES,
-    MODES,
-    TEXT_UNITS,
-    MiningConfig,
-    Prompt,
-    RowStopper,
-    encode_prompt,
-    generate_batch,
-    load_prompts,
-    mine_pairs,
-    run_mining,
-)
+from axolotl_focus.generation import RowStopper, generate_batch
+from axolotl_focus.mine.config import DTYPES, MODES, MiningConfig
+from axolotl_focus.mine.prompts import encode_prompt
+from axolotl_focus.mine.run import mine_pairs, run_mining
+from axolotl_focus.sources import TEXT_UNITS, load_prompts
 
 THRESHOLD = 0.3
 DPO_FIELDS = ("prompt", "chosen", "rejected")
@@ -132,35 +124,6 @@ def test_validate_paths_before_loading_models(tmp_path):
     (plain / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"teacher: not given and the student records no focus_source_model"):
         MiningConfig(prompts=__file__, output=str(tmp_path / "o.jsonl"), student=str(plain)).validate(models=True)
-
-
-def test_load_prompts_jsonl_and_text(tmp_path):
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text(
-        json.dumps({"text": "first doc"}) + "\n\n"
-        + json.dumps({"instruction": "Translate.", "input": "bonjour"}) + "\n"
-        + json.dumps({"instruction": "Say hi.", "input": ""}) + "\n"
-    )
-    got = load_prompts(str(jsonl))
-    assert got == [Prompt("1", "first doc"), Prompt("3", "Translate.\n\nbonjour"), Prompt("4", "Say hi.")]
-    assert load_prompts(str(jsonl), limit=2)[-1].source_id == "3"
-    with pytest.raises(ValueError, match=r"text_field: .*p\.jsonl:1 has no field 'prompt'"):
-        load_prompts(str(jsonl), text_field="prompt")
-    with pytest.raises(ValueError, match=r"id_field: .* has no field 'uid'"):
-        load_prompts(str(jsonl), id_field="uid")
-    dup = tmp_path / "dup.jsonl"
-    dup.write_text("".join(json.dumps({"id": 7, "prompt": p}) + "\n" for p in ("a", "b")))
-    with pytest.raises(ValueError, match=r"id_field: duplicate source id '7'"):
-        load_prompts(str(dup), id_field="id")
-
-    array = tmp_path / "a.json"
-    array.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "input": "z"}]))
-    assert load_prompts(str(array)) == [Prompt("0", "x"), Prompt("1", "y\n\nz")]
-
-    text = tmp_path / "docs.txt"
-    text.write_text("para one\ncontinues\n\n\npara two\n")
-    assert load_prompts(str(text)) == [Prompt("1", "para one continues"), Prompt("5", "para two")]
-    assert [p.text for p in load_prompts(str(text), text_unit="line")] == ["para one", "continues", "para two"]
 
 
 def test_empty_prompt_source_is_an_error(micro, tmp_path, no_weights):
@@ -346,7 +309,7 @@ def test_top_p_keeps_exactly_the_nucleus():
     TopPLogitsWarper's set), with the renormalised probabilities; temperature applies first."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from axolotl_focus.mining import sample_top_p
+    from axolotl_focus.generation import sample_top_p
 
     probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])  # sorted: 0.4 0.3 0.15 | 0.1 0.05
     logits = probs.log()
@@ -465,7 +428,7 @@ def test_resumed_run_writes_the_pairs_of_an_uninterrupted_run(micro, tmp_path, m
     """Seeds depend on (seed, source id) only: a run killed after its first batch and resumed, a
     run stopped by its target and resumed with a higher one, and a run with another batch size
     write the very pairs (and state rows) of one uninterrupted run."""
-    import axolotl_focus.mining as mining
+    import axolotl_focus.mine.run as mining
 
     tok, prompts = micro["tokenizer"], micro["prompts"][:12]
     models = (micro["student"], micro["teacher"], tok, prompts)
@@ -608,7 +571,7 @@ def test_changed_settings_are_refused_and_restart_starts_over(micro, tmp_path, c
         assert _files(tmp_path) == before
 
     (tmp_path / "pairs.rank1.jsonl").write_text(json.dumps({"source_id": "x", "temperature": 1.0}) + "\n")
-    with caplog.at_level("WARNING", logger="axolotl_focus.mining"):
+    with caplog.at_level("WARNING", logger="axolotl_focus.mine"):
         summary = mine_pairs(*models, replace(cfg, temperature=0.7, restart=True))
     assert "restart: removed" in caplog.text and "pairs.rank1.jsonl" in caplog.text
     rows = _rows(cfg.output)
@@ -748,7 +711,8 @@ def test_two_process_mining_merges_shards(micro, tmp_path):
                progress=False, dtype="float32")
     script = tmp_path / "mine.py"
     script.write_text(
-        "import json, sys\nfrom axolotl_focus.mining import MiningConfig, run_mining\n"
+        "import json, sys\nfrom axolotl_focus.mine.config import MiningConfig\n"
+        "from axolotl_focus.mine.run import run_mining\n"
         f"run_mining(MiningConfig(**json.loads({json.dumps(json.dumps(cfg))})))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")

@@ -4,7 +4,7 @@ Held-out documents (the embedded WikiText-2 test slice) are cut to ``prefix_toke
 prefixes (BOS included, as the tokenizer encodes them); every model continues each prefix for
 ``new_tokens`` tokens with greedy decoding and with pure top-p sampling (``top_k = 0``,
 temperature 1; :func:`decodings` adds other temperatures), batched through
-:func:`~axolotl_focus.mining.generate_batch` (prompt ``i`` samples with its own generator, row
+:func:`~axolotl_focus.generation.generate_batch` (prompt ``i`` samples with its own generator, row
 seed ``(seed, i)``, so a continuation does not depend on the batch size). Per model and decoding:
 CREP (% of continuations with coverage >= 0.3, r = 4..16) and rep-n (per continuation
 ``1 - unique/total`` n-grams, averaged, x100) on the generated token ids. :func:`summarize`
@@ -32,7 +32,7 @@ def decodings(temperatures: Sequence[float] = (), greedy: bool = True) -> tuple:
 def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test") -> list[list[int]]:
     """The first ``prefix_tokens`` ids of the first ``count`` documents of the embedded slice
     that have at least ``prefix_tokens + 10`` tokens."""
-    from .micro import corpus_documents
+    from ..micro import corpus_documents
 
     out = []
     for doc in corpus_documents(split):
@@ -47,7 +47,7 @@ def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test") -> 
 def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens: int, *, do_sample: bool,
                   seed: int = 0, batch: int = 32, top_p: float = 0.9, temperature: float = 1.0) -> list[list[int]]:
     """Generated ids (EOS excluded) for every prompt, in order."""
-    from .mining import generate_batch
+    from ..generation import generate_batch
 
     out = []
     for start in range(0, len(prompts), batch):
@@ -61,7 +61,7 @@ def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens
 
 def repetition_row(texts: Sequence[Sequence[int]], ns: Sequence[int] = REP_NS) -> dict[str, float]:
     """``crep`` and ``rep-n`` for ``ns`` of a list of generated token-id lists."""
-    from .degeneration import crep, rep_ns
+    from ..degeneration import crep, rep_ns
 
     return {"crep": crep(texts), **{f"rep-{n}": v for n, v in rep_ns(texts, ns).items()}}
 
@@ -75,7 +75,7 @@ def measure(models: dict[str, str], prompts: Sequence[Sequence[int]], new_tokens
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
+    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
 
     rows = []
     bar = tqdm(total=len(models) * len(decodings), desc="Table 1 generations", unit="run", disable=not progress)
