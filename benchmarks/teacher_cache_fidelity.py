@@ -83,7 +83,7 @@ QUICK_KS = ("4", "16", "64", "V")
 
 
 def prune_spec(kind: str, quick: bool, layers: int):
-    """The demo's pruning settings (:meth:`axolotl_focus.demo.DemoRun._run_prune`) for the real
+    """The demo's pruning settings (:meth:`axolotl_focus.demo.stages.Demo._run_prune`) for the real
     model, or for the micro model with ``quick``."""
     from axolotl_focus.config import FocusPruneArgs
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_focus import demo as demo_mod
 from axolotl_focus.demo import (
     RUNS,
     STAGES,
     Demo,
     DemoSettings,
+    add_demo_arguments,
+    claims,
     demo_settings,
     logged_dicts,
     read_json,
@@ -211,7 +212,7 @@ def test_force_redoes_a_stage_and_everything_downstream(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    demo_mod.add_demo_arguments(parser)
+    add_demo_arguments(parser)
     assert parser.parse_args(["--jobs", "2", "--threads", "1"]).jobs == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--threads", "0"])
@@ -262,7 +263,7 @@ def test_paper_checks_compare_in_the_papers_direction():
                      "DPO": {"rep-3": 1.0}, "CE": {"rep-3": 0.5}}}
     t1 = {"rows": [{"model": "unpruned", "decoding": "greedy", "crep": 10.0},
                    {"model": "width pruned", "decoding": "greedy", "crep": 20.0}]}
-    rows = demo_mod._paper_checks(conds, t1)
+    rows = claims.paper_checks(conds, t1)
     text = "\n".join(rows)
     assert ("| pruning increases repetition (Table 1) | CREP | width pruned, greedy | "
             "20.0 vs unpruned 10.0 | holds |") in text
