@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..files import read_json
 from .claims import cache_comparison, final_term, paper_checks, real_claims
 from .plots import has_matplotlib, make_demo_plots
-from .settings import RUNS, STAGES, fmt_time
+from .settings import RUNS, STAGES, DemoSettings, fmt_time
 
 if TYPE_CHECKING:
     from .stages import Demo
@@ -72,12 +72,23 @@ def _load_results(demo: Demo) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
-# (claim, model A, model B, metrics where A should be lower than B)
 def render_report(demo: Demo, total_s: float | None = None) -> str:
     """``demo_report.md`` from the stage outputs in ``demo.out`` (and the plots under ``plots/``)."""
-    s, out = demo.s, demo.out
-    scale = "real model" if s.real else "micro"
     marks = {st: demo.marker(st) or {} for st in STAGES}
+    tr = marks["train"].get("data", {})
+    t1 = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
+    lines = _header(demo, marks) + _setup_models(demo, marks) + _setup_runs(demo, marks)
+    lines += _table1_section(demo, marks, t1)
+    results, low_results = _load_results(demo)
+    if results:
+        lines += _generation_sections(demo, marks, results, low_results)
+    lines += _training_section(tr) + _plots_section(demo, results, t1, tr) + _timing_section(demo, marks, total_s)
+    return "\n".join(lines)
+
+
+def _header(demo: Demo, marks: dict[str, dict]) -> list[str]:
+    """The title, how and where the report was made, the scale caveat and the unfinished stages."""
+    s, out = demo.s, demo.out
     missing = [st for st in STAGES if not marks[st]]
     lines = [f"# axolotl-focus demo report ({s.model if s.real else 'micro model'}, {s.preset} preset)", ""]
     lines += [
@@ -95,11 +106,14 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
            "differences between rows are within noise."), ""]
     if missing:
         lines += [f"Stages not finished yet: {', '.join(missing)} (their sections are left out).", ""]
+    return lines
 
-    # setup -----------------------------------------------------------------------------------
-    t, p, mi, tr = marks["teacher"].get("data", {}), marks["prune"].get("data", {}), \
-        marks["pairs"].get("data", {}), marks["train"].get("data", {})
-    lines += ["## Setup", ""]
+
+def _setup_models(demo: Demo, marks: dict[str, dict]) -> list[str]:
+    """The start of ``## Setup``: the teacher, the pruning and the mined pairs."""
+    s = demo.s
+    t, p, mi = marks["teacher"].get("data", {}), marks["prune"].get("data", {}), marks["pairs"].get("data", {})
+    lines = ["## Setup", ""]
     if t and s.real:
         rec = t.get("record") or {}
         lines.append(
@@ -137,6 +151,12 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
             + f"): **{mi['pairs_total']} pairs** kept "
             f"(target {st['target_pairs']}), {mi['positives_rejected_looping']} teacher samples rejected for looping, "
             f"{mi['pairs_dropped_no_positive'] + mi['negatives_dropped']} pairs dropped.")
+    return lines
+
+
+def _setup_runs(demo: Demo, marks: dict[str, dict]) -> list[str]:
+    """The rest of ``## Setup``: the fine-tuning runs, the evaluation and the seeds."""
+    s, tr, lines = demo.s, marks["train"].get("data", {}), []
     if tr:
         lines.append(
             f"- **Fine-tuning**: `axolotl train <run>.yml --launcher python` in a subprocess per run (configs and "
@@ -169,125 +189,161 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
                  + "; generation seeds as stated per condition. Intervals: 95% percentile bootstrap over documents "
                  "(2,000 resamples; a document keeps all its generation seeds).")
     lines.append("")
+    return lines
 
-    # Table 1 ----------------------------------------------------------------------------------
-    t1 = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
-    if t1:
-        from ..table1 import markdown_table
 
-        rows = list(t1["rows"])
-        ft = read_json(demo.dir("eval") / "table1_finetuned.json") if marks["eval"] else None
-        rows += (ft or {}).get("rows", [])
-        lines += ["## Table 1 (micro): repetition before and after pruning", "",
-                  f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; "
-                  "CREP (%) and rep-n (x100) on the generated tokens.", "", markdown_table(rows)]
-        lines.append("The paper's Table 1 pruned rows are fine-tuned (on Alpaca); here the pruned rows are measured "
-                     "right after pruning; the 'width pruned + CE fine-tuning' rows (when present) are the "
-                     "width-pruned student after the CE run of stage 5, the paper's condition.")
-        crep = {(r["model"], r["decoding"]): r["crep"] for r in rows}
+def _table1_section(demo: Demo, marks: dict[str, dict], t1: dict | None) -> list[str]:
+    """The micro model's Table 1 (stage 3, plus the CE-fine-tuned rows of stage 6)."""
+    if not t1:
+        return []
+    lines = []
+    from ..table1 import markdown_table
+
+    rows = list(t1["rows"])
+    ft = read_json(demo.dir("eval") / "table1_finetuned.json") if marks["eval"] else None
+    rows += (ft or {}).get("rows", [])
+    lines += ["## Table 1 (micro): repetition before and after pruning", "",
+              f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; "
+              "CREP (%) and rep-n (x100) on the generated tokens.", "", markdown_table(rows)]
+    lines.append("The paper's Table 1 pruned rows are fine-tuned (on Alpaca); here the pruned rows are measured "
+                 "right after pruning; the 'width pruned + CE fine-tuning' rows (when present) are the "
+                 "width-pruned student after the CE run of stage 5, the paper's condition.")
+    crep = {(r["model"], r["decoding"]): r["crep"] for r in rows}
+    said = []
+    for dec in ("top-p 0.9", "greedy"):
+        base = crep.get(("unpruned", dec))
+        for m in ("width pruned", "depth pruned", "width pruned + CE fine-tuning"):
+            if (m, dec) in crep and base is not None:
+                said.append(f"{m} {crep[(m, dec)]:.1f}")
+        if base is not None:
+            lines.append(f"Measured CREP ({dec}): unpruned {base:.1f} vs " + ", ".join(said) + ".")
         said = []
-        for dec in ("top-p 0.9", "greedy"):
-            base = crep.get(("unpruned", dec))
-            for m in ("width pruned", "depth pruned", "width pruned + CE fine-tuning"):
-                if (m, dec) in crep and base is not None:
-                    said.append(f"{m} {crep[(m, dec)]:.1f}")
-            if base is not None:
-                lines.append(f"Measured CREP ({dec}): unpruned {base:.1f} vs " + ", ".join(said) + ".")
-            said = []
-        lines.append("")
+    lines.append("")
+    return lines
 
-    # Tables 3 and 5 ---------------------------------------------------------------------------
-    results, low_results = _load_results(demo)
+
+def _conditions_of(s: DemoSettings, results: list[dict], low_results: list[dict]):
+    """The decoding conditions of Tables 3 and 5: ``{condition: {model: flat metrics}}`` and each one's title."""
+    top, low_t = decoding_key(results), s.eval_low_temperature
+    conds = {"T=1": {r["model"]: flat_metrics(r, top) for r in results},
+             "greedy": {r["model"]: flat_metrics(r, "greedy") for r in results}}
+    if low_results:
+        conds[f"T={low_t:g}"] = {r["model"]: flat_metrics(r, decoding_key(low_results)) | {
+            "ppl": conds["T=1"].get(r["model"], {}).get("ppl")} for r in low_results}
+    cond_titles = {"T=1": "top-p 0.9, temperature 1 (the paper's decoding)", "greedy": "greedy decoding",
+                   f"T={low_t:g}": f"top-p 0.9, temperature {low_t:g} (not in the paper: the regime where the "
+                   f"{'pruned' if s.real else 'micro'} models loop part of the time)"}
+    return conds, cond_titles
+
+
+def _table3_methods(s: DemoSettings) -> list[str]:
+    return [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair", "kd-cached", "focus-cached", "focus-seed1")
+            if r in s.runs]
+
+
+def _table5_methods(s: DemoSettings) -> list[str]:
+    return [RUNS[r][0] for r in ("ce", "ce-repair", "dpo", "focus-repair") if r in s.runs]
+
+
+def _method_tables(s: DemoSettings, results: list[dict], conds: dict, cond_titles: dict) -> list[str]:
+    """Tables 3 and 5, one table per decoding condition."""
+    scale = "real model" if s.real else "micro"
+    human = results[0].get("open_ended", {}).get("reference", {})
+    rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
+    cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
+        [("EAD-1 ↑", "ead", 3)]
+    t3, t5 = _table3_methods(s), _table5_methods(s)
+    refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
+    n_docs = results[0]["open_ended"]["prompts"]
+    lines = [f"## Table 3 ({scale}): open-ended generation", "",
+              f"{n_docs} held-out documents (one CREP step = {100 / n_docs:.1f} points). Methods (all fine-tuned "
+              "from the width-pruned checkpoint) first; then, for reference, the teacher, the pruned models "
+              "before fine-tuning and the human continuations. PPL does not depend on the decoding.", ""]
+    for cond, flat in conds.items():
+        rows = [(m, flat[m]) for m in t3 + refs if m in flat]
+        if cond == "T=1":
+            rows.append(("human continuation", human))
+        lines += [f"**{cond_titles[cond]}**", "", _table(rows, cols3)]
+
+    cols5 = [("PPL ↓", "ppl", 2)] + rep_cols + [("CREP ↓", "crep", 2), ("MAUVE ↑", "mauve", 3)]
+    lines += [f"## Table 5 ({scale}): CE vs RePAIR vs DPO on the same pairs", "",
+              "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
+              "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
+              "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " This preset skips the CE + RePAIR run."),
+              ""]
+    for cond, flat in conds.items():
+        lines += [f"**{cond_titles[cond]}**", "", _table([(m, flat[m]) for m in t5 if m in flat], cols5)]
+    return lines
+
+
+def _notes(s: DemoSettings, conds: dict, low_results: list[dict]) -> list[str]:
+    """Notes on the numbers of Tables 3 and 5 (PPL below the teacher's, pairs mined at the low temperature)."""
+    low_t = s.eval_low_temperature
+    notes = []
+    teacher_ppl = conds["T=1"].get("teacher (unpruned)", {}).get("ppl")
+    below = [m for m in _table3_methods(s) + _table5_methods(s) if isinstance(teacher_ppl, float)
+             and (conds["T=1"].get(m, {}).get("ppl") or math.inf) < teacher_ppl]
+    if below:
+        notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): "
+                     "the micro "
+                     "teacher is not trained to convergence and the fine-tuning data is its own pretraining text, "
+                     "so fine-tuning also continues its pretraining. The paper's teacher is a finished model.")
+    if low_results and math.isclose(low_t, s.mining_temperature):
+        notes.append(f"The pairs were mined at temperature {s.mining_temperature:g}, the temperature of the "
+                     "low-temperature condition: RePAIR and DPO were trained on this very regime.")
+    if notes:
+        return ["Notes on these numbers:", ""] + [f"- {n}" for n in notes] + [""]
+    return []
+
+
+def _generation_sections(demo: Demo, marks: dict[str, dict], results: list[dict],
+                         low_results: list[dict]) -> list[str]:
+    """Everything read from the evaluation: Tables 1 (real model), 3 and 5, the claims and checks."""
+    s, lines = demo.s, []
+    n_docs = results[0]["open_ended"]["prompts"]
     claims: list[str] = []
-    if results and s.real:
+    if s.real:
         table1, claims = real_claims(demo)
         lines += table1
-    if results:
-        top = decoding_key(results)
-        low_t = s.eval_low_temperature
-        conds = {"T=1": {r["model"]: flat_metrics(r, top) for r in results},
-                 "greedy": {r["model"]: flat_metrics(r, "greedy") for r in results}}
-        if low_results:
-            conds[f"T={low_t:g}"] = {r["model"]: flat_metrics(r, decoding_key(low_results)) | {
-                "ppl": conds["T=1"].get(r["model"], {}).get("ppl")} for r in low_results}
-        cond_titles = {"T=1": "top-p 0.9, temperature 1 (the paper's decoding)", "greedy": "greedy decoding",
-                       f"T={low_t:g}": f"top-p 0.9, temperature {low_t:g} (not in the paper: the regime where the "
-                       f"{'pruned' if s.real else 'micro'} models loop part of the time)"}
-        human = results[0].get("open_ended", {}).get("reference", {})
-        rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
-        cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
-            [("EAD-1 ↑", "ead", 3)]
-        t3 = [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair", "kd-cached", "focus-cached", "focus-seed1")
-              if r in s.runs]
-        refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
-        n_docs = results[0]["open_ended"]["prompts"]
-        lines += [f"## Table 3 ({scale}): open-ended generation", "",
-                  f"{n_docs} held-out documents (one CREP step = {100 / n_docs:.1f} points). Methods (all fine-tuned "
-                  "from the width-pruned checkpoint) first; then, for reference, the teacher, the pruned models "
-                  "before fine-tuning and the human continuations. PPL does not depend on the decoding.", ""]
-        for cond, flat in conds.items():
-            rows = [(m, flat[m]) for m in t3 + refs if m in flat]
-            if cond == "T=1":
-                rows.append(("human continuation", human))
-            lines += [f"**{cond_titles[cond]}**", "", _table(rows, cols3)]
+    conds, cond_titles = _conditions_of(s, results, low_results)
+    lines += _method_tables(s, results, conds, cond_titles) + _notes(s, conds, low_results)
+    t1_all = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
+    if t1_all:
+        ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
+        t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
+    checks = [] if s.real else paper_checks(conds, t1_all)
+    lines += claims + cache_comparison(demo)
+    if checks:
+        lines += ["## Does the paper's pattern show up here?", "",
+                  "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
+                  "has the paper's sign; \"tie\" = equal at the table's precision). With one seed and "
+                  f"{n_docs} documents, small differences are noise.", "",
+                  "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
+        lines += checks + [""]
+    unavailable = {f"{r['model']}: {k}": v for r in results + low_results
+                   for k, v in r.get("unavailable", {}).items()}
+    if unavailable:
+        lines += ["Metrics that could not run:", ""] + [f"- {k}: {v}" for k, v in unavailable.items()] + [""]
+    return lines
 
-        t5 = [RUNS[r][0] for r in ("ce", "ce-repair", "dpo", "focus-repair") if r in s.runs]
-        cols5 = [("PPL ↓", "ppl", 2)] + rep_cols + [("CREP ↓", "crep", 2), ("MAUVE ↑", "mauve", 3)]
-        lines += [f"## Table 5 ({scale}): CE vs RePAIR vs DPO on the same pairs", "",
-                  "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
-                  "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
-                  "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " This preset skips the CE + RePAIR run."),
-                  ""]
-        for cond, flat in conds.items():
-            lines += [f"**{cond_titles[cond]}**", "", _table([(m, flat[m]) for m in t5 if m in flat], cols5)]
 
-        notes = []
-        teacher_ppl = conds["T=1"].get("teacher (unpruned)", {}).get("ppl")
-        below = [m for m in t3 + t5 if isinstance(teacher_ppl, float)
-                 and (conds["T=1"].get(m, {}).get("ppl") or math.inf) < teacher_ppl]
-        if below:
-            notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): "
-                         "the micro "
-                         "teacher is not trained to convergence and the fine-tuning data is its own pretraining text, "
-                         "so fine-tuning also continues its pretraining. The paper's teacher is a finished model.")
-        if low_results and math.isclose(low_t, s.mining_temperature):
-            notes.append(f"The pairs were mined at temperature {s.mining_temperature:g}, the temperature of the "
-                         "low-temperature condition: RePAIR and DPO were trained on this very regime.")
-        if notes:
-            lines += ["Notes on these numbers:", ""] + [f"- {n}" for n in notes] + [""]
+def _training_section(tr: dict) -> list[str]:
+    if not tr:
+        return []
+    lines = ["## Fine-tuning runs", "", "Final values are means over the last 10% of the logged steps; the loss "
+              "of a cached row holds the top-k FOCUS/KD term, which is not comparable with the in-process one "
+              "(its CE is).", "", "| run | method | steps | final loss | final CE (`loss/ce`) | time |",
+              "|---|---|---|---|---|---|"]
+    for run, rec in tr["runs"].items():
+        ce = final_term(rec, "loss/ce")
+        lines.append(f"| {run} | {RUNS[run][1]} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
+                     f"{'-' if ce is None else f'{ce:.3f}'} | {rec['elapsed_s']:.0f} s |")
+    lines.append("")
+    return lines
 
-        t1_all = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
-        if t1_all:
-            ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
-            t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
-        checks = [] if s.real else paper_checks(conds, t1_all)
-        lines += claims + cache_comparison(demo)
-        if checks:
-            lines += ["## Does the paper's pattern show up here?", "",
-                      "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
-                      "has the paper's sign; \"tie\" = equal at the table's precision). With one seed and "
-                      f"{n_docs} documents, small differences are noise.", "",
-                      "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
-            lines += checks + [""]
-        unavailable = {f"{r['model']}: {k}": v for r in results + low_results
-                       for k, v in r.get("unavailable", {}).items()}
-        if unavailable:
-            lines += ["Metrics that could not run:", ""] + [f"- {k}: {v}" for k, v in unavailable.items()] + [""]
 
-    # training --------------------------------------------------------------------------------
-    if tr:
-        lines += ["## Fine-tuning runs", "", "Final values are means over the last 10% of the logged steps; the loss "
-                  "of a cached row holds the top-k FOCUS/KD term, which is not comparable with the in-process one "
-                  "(its CE is).", "", "| run | method | steps | final loss | final CE (`loss/ce`) | time |",
-                  "|---|---|---|---|---|---|"]
-        for run, rec in tr["runs"].items():
-            ce = final_term(rec, "loss/ce")
-            lines.append(f"| {run} | {RUNS[run][1]} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
-                         f"{'-' if ce is None else f'{ce:.3f}'} | {rec['elapsed_s']:.0f} s |")
-        lines.append("")
-
-    # plots -----------------------------------------------------------------------------------
-    plots = make_demo_plots(demo, results, t1, tr)
+def _plots_section(demo: Demo, results: list[dict], t1: dict | None, tr: dict) -> list[str]:
+    lines, plots = [], make_demo_plots(demo, results, t1, tr)
     if plots:
         lines += ["## Plots", ""] + [f"- `{p}`" + (f": {d}" if d else "") for p, d in plots] + [""]
         lines += [f"![{Path(p).stem}]({p})" for p, _ in plots if p.endswith(".png")] + [""]
@@ -296,8 +352,11 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
         demo.echo(note)
         lines += ["## Plots", "", note[0].upper() + note[1:] + ".", ""]
 
-    # timing ----------------------------------------------------------------------------------
-    lines += ["## Wall time", "", "| stage | this invocation | wall time when it ran | torch threads |",
+    return lines
+
+
+def _timing_section(demo: Demo, marks: dict[str, dict], total_s: float | None) -> list[str]:
+    lines = ["## Wall time", "", "| stage | this invocation | wall time when it ran | torch threads |",
               "|---|---|---|---|"]
     for st in STAGES:
         m = marks[st]
@@ -306,4 +365,4 @@ def render_report(demo: Demo, total_s: float | None = None) -> str:
     if total_s is not None:
         lines += ["", f"This invocation: {fmt_time(total_s)}."]
     lines.append("")
-    return "\n".join(lines)
+    return lines
