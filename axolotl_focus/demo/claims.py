@@ -112,19 +112,37 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
     claims checked with seeds and intervals: (a) Table 1, pruned + fine-tuned repeats more than
     unpruned; (b) Table 3, FOCUS + RePAIR cuts CREP and rep-3 by >= 30% relative vs KD and vs CE at
     <= +10% PPL; (c) Table 5, RePAIR at or below DPO's rep-3 on the same pairs."""
-    from ..intervals import bootstrap_ci, paired_difference, paired_reduction
-
     s = demo.s
     conds = _conditions(s)
-    n_docs = s.eval_documents
     ppl = {}
     for name in demo.eval_models():
         res = read_json(_model_dir_of(demo, "main", name) / "results.json") or {}
         ppl[name] = (res.get("perplexity") or {}).get("ppl")
+    table = _real_table1(demo, conds)
+    rows = _claim_a(demo, conds) + _claim_b(demo, conds, ppl) + _claim_c(demo, conds, ppl)
+    if not rows:
+        return table, []
+    claims = ["## The paper's claims on this real model", "",
+              "Each claim checked on this run's generations: paired by document (the same prefixes and generation "
+              "seeds for both models), with the 95% bootstrap interval of the difference (points) or of the "
+              "relative change in brackets. \"holds\" needs the paper's direction with an interval that "
+              f"excludes 0 (and for (b) a cut of at least {MIN_REDUCTION:.0%} at no more than "
+              f"+{MAX_PPL_INCREASE:.0%} PPL); one training seed per method, so training noise is not in the "
+              "intervals.", "", "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
+    return table, claims + rows + [""]
 
-    def values(name, which, key, seeds, metric):
-        return _doc_values(demo, which, name, key, seeds, metric)
 
+
+def _values(demo: Demo, name: str, which: str, key: str, seeds: list[int | None], metric: str):
+    return _doc_values(demo, which, name, key, seeds, metric)
+
+
+def _real_table1(demo: Demo, conds: list) -> list[str]:
+    """The real model's Table 1 rows: CREP and rep-3 with bootstrap intervals per model and condition."""
+    from ..intervals import bootstrap_ci
+
+    s = demo.s
+    n_docs = s.eval_documents
     table = ["## Table 1 (real model): repetition before and after pruning", "",
              f"{n_docs} held-out WikiText-2 test prefixes of {s.eval_prefix_tokens} tokens, {s.eval_new_tokens} new "
              "tokens; CREP (%) and rep-3 (x100): mean over the documents and generation seeds, 95% bootstrap "
@@ -136,36 +154,53 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
         for cond, which, key, seeds in conds:
             cells = []
             for metric in CLAIM_METRICS:
-                v = values(model, which, key, seeds, metric)
+                v = _values(demo, model, which, key, seeds, metric)
                 cells.append("-" if v is None else f"{np.nanmean(v):.1f} {_ci(*bootstrap_ci(v))}")
             if cells != ["-", "-"]:
                 table.append(f"| {label} | {cond} | {len([x for x in seeds if x is not None]) or 1} | "
                              + " | ".join(cells) + " |")
     table.append("")
+    return table
+
+
+def _verdict_more(d: float, lo: float, hi: float) -> str:
+    """Claim (a)'s verdict: A repeats more than B by ``d`` points, interval ``[lo, hi]``."""
+    if not math.isfinite(d):
+        return "n/a"
+    if d > 0:
+        return "holds" if lo > 0 else "holds in direction (interval includes 0)"
+    return "does not hold" if hi < 0 or d < 0 else "tie"
+
+
+def _claim_a(demo: Demo, conds: list) -> list[str]:
+    """Claim (a), Table 1: the pruned + fine-tuned (CE) model repeats more than the unpruned one."""
+    from ..intervals import paired_difference
 
     rows = []
-
-    def verdict_more(d, lo, hi):  # claim: A repeats more than B
-        if not math.isfinite(d):
-            return "n/a"
-        if d > 0:
-            return "holds" if lo > 0 else "holds in direction (interval includes 0)"
-        return "does not hold" if hi < 0 or d < 0 else "tie"
-
     for cond, which, key, seeds in conds:
         for metric in CLAIM_METRICS:
-            a, b = values("CE", which, key, seeds, metric), values("teacher (unpruned)", which, key, seeds, metric)
+            a = _values(demo, "CE", which, key, seeds, metric)
+            b = _values(demo, "teacher (unpruned)", which, key, seeds, metric)
             if a is None or b is None:
                 continue
             d, lo, hi = paired_difference(a, b)
             rows.append("| (a) Table 1: pruned + fine-tuned repeats more than unpruned | "
                         f"{_METRIC_NAMES.get(metric, metric)} "
                         f"| {cond} | CE-tuned {np.nanmean(a):.1f} vs unpruned {np.nanmean(b):.1f}: {d:+.1f} "
-                        f"{_ci(lo, hi)} | {verdict_more(d, lo, hi)} |")
+                        f"{_ci(lo, hi)} | {_verdict_more(d, lo, hi)} |")
+    return rows
+
+
+def _claim_b(demo: Demo, conds: list, ppl: dict) -> list[str]:
+    """Claim (b), Table 3: FOCUS + RePAIR cuts CREP and rep-3 by >= 30% vs KD and CE at <= +10% PPL."""
+    from ..intervals import paired_reduction
+
+    rows = []
     for cond, which, key, seeds in conds:
         for ref in ("KD", "CE"):
             for metric in CLAIM_METRICS:
-                a, b = values("FOCUS + RePAIR", which, key, seeds, metric), values(ref, which, key, seeds, metric)
+                a = _values(demo, "FOCUS + RePAIR", which, key, seeds, metric)
+                b = _values(demo, ref, which, key, seeds, metric)
                 if a is None or b is None:
                     continue
                 red, lo, hi = paired_reduction(a, b)
@@ -186,9 +221,17 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
                             f"{_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(a):.1f} vs "
                             f"{np.nanmean(b):.1f}: "
                             f"{-red:+.0%} {_ci(-hi, -lo, pct=True)}; PPL {dppl:+.1%} | {verdict} |")
+    return rows
+
+
+def _claim_c(demo: Demo, conds: list, ppl: dict) -> list[str]:
+    """Claim (c), Table 5: RePAIR at or below DPO's rep-3 on the same pairs."""
+    from ..intervals import paired_difference
+
+    rows = []
     for cond, which, key, seeds in conds:
         for name in ("CE + RePAIR", "FOCUS + RePAIR"):
-            a, b = values(name, which, key, seeds, "rep-3"), values("DPO", which, key, seeds, "rep-3")
+            a, b = _values(demo, name, which, key, seeds, "rep-3"), _values(demo, "DPO", which, key, seeds, "rep-3")
             if a is None or b is None:
                 continue
             d, lo, hi = paired_difference(a, b)
@@ -198,17 +241,7 @@ def real_claims(demo: Demo) -> tuple[list[str], list[str]]:
             cost = f"; PPL {pa:.1f} vs DPO {pb:.1f}" if pa and pb else ""
             rows.append(f"| (c) Table 5: {name} at or below DPO's rep-3 (same pairs) | rep-3 | {cond} | "
                         f"{np.nanmean(a):.1f} vs DPO {np.nanmean(b):.1f}: {d:+.1f} {_ci(lo, hi)}{cost} | {verdict} |")
-    if not rows:
-        return table, []
-    claims = ["## The paper's claims on this real model", "",
-              "Each claim checked on this run's generations: paired by document (the same prefixes and generation "
-              "seeds for both models), with the 95% bootstrap interval of the difference (points) or of the "
-              "relative change in brackets. \"holds\" needs the paper's direction with an interval that "
-              f"excludes 0 (and for (b) a cut of at least {MIN_REDUCTION:.0%} at no more than "
-              f"+{MAX_PPL_INCREASE:.0%} PPL); one training seed per method, so training noise is not in the "
-              "intervals.", "", "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
-    return table, claims + rows + [""]
-
+    return rows
 
 def final_term(record: dict, term: str) -> float | None:
     """Mean of a logged term over the last 10% of a run's steps (None if never logged)."""
