@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..evaluate import metrics
 from ..files import read_json
 from .settings import CACHE_PAIRS, RUNS, DemoSettings, fmt_time
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from .stages import Demo
 
 
-# (claim, model A, model B, metrics where A should be lower than B)
+# (claim, model A, model B, metrics where A should be better than B: the registry's direction, here
+# less repetition)
 _CLAIMS = [
     ("FOCUS repeats less than KD", "FOCUS", "KD", ("crep", "rep-3")),
     ("RePAIR reduces repetition (FOCUS + RePAIR vs FOCUS)", "FOCUS + RePAIR", "FOCUS", ("crep", "rep-3")),
@@ -29,13 +31,14 @@ _CLAIMS = [
 ]
 
 
-_METRIC_NAMES = {"crep": "CREP", "mauve": "MAUVE", "ppl": "PPL", "ead": "EAD-1"}
-
-
-def _verdict(a: float, b: float, dec: int = 2) -> str:
+def _verdict(a: float, b: float, metric: str, dec: int | None = None, a_better: bool = True) -> str:
+    """``holds`` when A is better than B on ``metric`` (the registry's direction; with
+    ``a_better=False``: when A is worse), ``tie`` when equal at ``dec`` decimals (default: the metric's)."""
+    m = metrics.get(metric)
+    dec = m.decimals if dec is None else dec
     if round(a, dec) == round(b, dec):
         return "tie"
-    return "holds" if a < b else "does not hold"
+    return "holds" if m.better(a, b) == a_better else "does not hold"
 
 
 def paper_checks(conds: dict[str, dict[str, dict]], t1: dict | None) -> list[str]:
@@ -47,20 +50,19 @@ def paper_checks(conds: dict[str, dict[str, dict]], t1: dict | None) -> list[str
             for dec in ("top-p 0.9", "greedy"):
                 a, b = crep.get((pruned, dec)), crep.get(("unpruned", dec))
                 if a is not None and b is not None:
-                    verdict = "tie" if round(a, 1) == round(b, 1) else "holds" if a > b else "does not hold"
+                    verdict = _verdict(a, b, "crep", dec=1, a_better=False)  # at Table 1's precision
                     rows.append(f"| pruning increases repetition (Table 1) | CREP | {pruned}, {dec} | "
                                 f"{a:.1f} vs unpruned {b:.1f} | {verdict} |")
-    for claim, a_name, b_name, metrics in _CLAIMS:
+    for claim, a_name, b_name, keys in _CLAIMS:
         for cond, flat in conds.items():
             a, b = flat.get(a_name), flat.get(b_name)
             if not a or not b:
                 continue
-            for metric in metrics:
-                va, vb = a.get(metric), b.get(metric)
+            for metric in keys:
+                va, vb, dec = a.get(metric), b.get(metric), metrics.get(metric).decimals
                 if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
-                    rows.append(f"| {claim} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {a_name} {va:.2f} vs "
-                                f"{b_name} {vb:.2f} | "
-                                f"{_verdict(va, vb)} |")
+                    rows.append(f"| {claim} | {metrics.label(metric)} | {cond} | {a_name} {va:.{dec}f} vs "
+                                f"{b_name} {vb:.{dec}f} | {_verdict(va, vb, metric)} |")
     return rows
 
 
@@ -185,7 +187,7 @@ def _claim_a(demo: Demo, conds: list) -> list[str]:
                 continue
             d, lo, hi = paired_difference(a, b)
             rows.append("| (a) Table 1: pruned + fine-tuned repeats more than unpruned | "
-                        f"{_METRIC_NAMES.get(metric, metric)} "
+                        f"{metrics.label(metric)} "
                         f"| {cond} | CE-tuned {np.nanmean(a):.1f} vs unpruned {np.nanmean(b):.1f}: {d:+.1f} "
                         f"{_ci(lo, hi)} | {_verdict_more(d, lo, hi)} |")
     return rows
@@ -207,7 +209,7 @@ def _claim_b(demo: Demo, conds: list, ppl: dict) -> list[str]:
                 pa, pb = ppl.get("FOCUS + RePAIR"), ppl.get(ref)
                 dppl = (pa / pb - 1) if pa and pb else math.nan
                 if not math.isfinite(red):
-                    verdict = f"n/a ({ref} has {_METRIC_NAMES.get(metric, metric)} 0)"
+                    verdict = f"n/a ({ref} has {metrics.label(metric)} 0)"
                 elif red >= MIN_REDUCTION and lo > 0 and dppl <= MAX_PPL_INCREASE:
                     verdict = "holds"
                 elif red > 0:
@@ -218,7 +220,7 @@ def _claim_b(demo: Demo, conds: list, ppl: dict) -> list[str]:
                 else:
                     verdict = "does not hold"
                 rows.append(f"| (b) Table 3: FOCUS + RePAIR cuts repetition >= 30% vs {ref}, PPL <= +10% | "
-                            f"{_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(a):.1f} vs "
+                            f"{metrics.label(metric)} | {cond} | {np.nanmean(a):.1f} vs "
                             f"{np.nanmean(b):.1f}: "
                             f"{-red:+.0%} {_ci(-hi, -lo, pct=True)}; PPL {dppl:+.1%} | {verdict} |")
     return rows
@@ -298,7 +300,7 @@ def cache_comparison(demo: Demo) -> list[str]:
                     continue
                 d, lo, hi = paired_difference(va, vb)
                 verdict = "n/a" if not math.isfinite(d) else "within noise" if lo <= 0 <= hi else "differs"
-                lines.append(f"| {la} vs {lb} | {_METRIC_NAMES.get(metric, metric)} | {cond} | {np.nanmean(va):.1f} "
+                lines.append(f"| {la} vs {lb} | {metrics.label(metric)} | {cond} | {np.nanmean(va):.1f} "
                              f"vs {np.nanmean(vb):.1f}: {d:+.1f} {_ci(lo, hi)} | {verdict} |")
     return lines + [""]
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..evaluate import metrics
+from ..evaluate.report import flat_metrics as evaluate_flat_metrics
 from ..files import read_json
 from .claims import cache_comparison, final_term, paper_checks, real_claims
 from .plots import has_matplotlib, make_demo_plots
@@ -24,20 +26,17 @@ def decoding_key(results: list[dict]) -> str:
 
 
 def flat_metrics(res: dict, decoding: str) -> dict:
-    out = dict(res.get("open_ended", {}).get("decodings", {}).get(decoding, {}).get("mean", {}))
-    if "perplexity" in res:
-        out["ppl"] = res["perplexity"]["ppl"]
-    return out
+    """One model's open-ended means under ``decoding`` plus its PPL
+    (:func:`axolotl_focus.evaluate.report.flat_metrics`)."""
+    return evaluate_flat_metrics(res, "open_ended", decoding)
 
 
-def _cell(value, dec: int) -> str:
-    return f"{value:.{dec}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-
-
-def _table(rows: list[tuple[str, dict]], cols: list[tuple[str, str, int]]) -> str:
-    lines = ["| Method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+def _table(rows: list[tuple[str, dict]], keys: tuple[str, ...]) -> str:
+    """A Markdown table, one row per method, the registry's metrics ``keys`` as columns (``PPL ↓``)."""
+    cols = [metrics.get(key) for key in keys]
+    lines = ["| Method | " + " | ".join(f"{m.label} {m.arrow}" for m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, vals in rows:
-        lines.append(f"| {label} | " + " | ".join(_cell(vals.get(key), dec) for _, key, dec in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(m.format(vals.get(m.key)) for m in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,9 +248,7 @@ def _method_tables(s: DemoSettings, results: list[dict], conds: dict, cond_title
     """Tables 3 and 5, one table per decoding condition."""
     scale = "real model" if s.real else "micro"
     human = results[0].get("open_ended", {}).get("reference", {})
-    rep_cols = [(f"rep-{n} ↓", f"rep-{n}", 2) for n in (3, 4, 5, 6)]
-    cols3 = [("PPL ↓", "ppl", 2), ("MAUVE ↑", "mauve", 3), ("CREP ↓", "crep", 2)] + rep_cols + \
-        [("EAD-1 ↑", "ead", 3)]
+    cols3 = ("ppl", "mauve", "crep", *metrics.REP_KEYS, "ead")
     t3, t5 = _table3_methods(s), _table5_methods(s)
     refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
     n_docs = results[0]["open_ended"]["prompts"]
@@ -265,7 +262,7 @@ def _method_tables(s: DemoSettings, results: list[dict], conds: dict, cond_title
             rows.append(("human continuation", human))
         lines += [f"**{cond_titles[cond]}**", "", _table(rows, cols3)]
 
-    cols5 = [("PPL ↓", "ppl", 2)] + rep_cols + [("CREP ↓", "crep", 2), ("MAUVE ↑", "mauve", 3)]
+    cols5 = ("ppl", *metrics.REP_KEYS, "crep", "mauve")
     lines += [f"## Table 5 ({scale}): CE vs RePAIR vs DPO on the same pairs", "",
               "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
               "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
