@@ -23,15 +23,16 @@ import sys
 
 from . import __version__
 from .options import add_options, positive_int
+from .options import given as options_given
 
 
-def _offline_env() -> None:
+def _no_telemetry() -> None:
     # axolotl's telemetry retries for minutes without network; never let it block a command.
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 
 
 def cmd_validate(args) -> int:
-    _offline_env()
+    _no_telemetry()
     from .preflight import validate_file
 
     account = validate_file(args.config)
@@ -63,38 +64,6 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-_PRUNE_NOT_OPTIONS = ("wait_timeout",)  # PruneSettings fields without a command-line option
-
-
-def _add_prune_options(parser: argparse.ArgumentParser) -> None:
-    """One --option per `focus_prune:` key (prune.settings.PruneSettings), typed and described by the schema;
-    None default = not given. Literals become choices, booleans --x / --no-x, layer ranges START END."""
-    import typing
-
-    from .prune.settings import PruneSettings
-
-    for name, info in PruneSettings.model_fields.items():
-        if name in _PRUNE_NOT_OPTIONS:
-            continue
-        flag, kind = "--" + name.replace("_", "-"), info.annotation
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if args and typing.get_origin(kind) is not typing.Literal and typing.get_origin(kind) is not list:
-            kind = args[0]  # X | None -> X
-        help_text = info.description or ""
-        if "default" not in help_text:  # the schema's descriptions of None defaults say what they mean
-            help_text += ("; " if help_text else "") + f"default {info.default}"
-        options = {"dest": name, "default": None, "help": help_text}
-        if typing.get_origin(kind) is typing.Literal:
-            options.update(choices=list(typing.get_args(kind)))
-        elif kind is bool:
-            options.update(action=argparse.BooleanOptionalAction)
-        elif typing.get_origin(kind) is list:
-            options.update(type=typing.get_args(kind)[0], nargs=2, metavar=("START", "END"))
-        else:
-            options.update(type=kind)
-        parser.add_argument(flag, **options)
-
-
 def cmd_prune(args) -> int:
     import dataclasses
     import logging
@@ -104,7 +73,7 @@ def cmd_prune(args) -> int:
     from .prune.cache import REPORT_FILE, ensure_pruned, plan_prune, run_prune
     from .prune.settings import PruneSettings
 
-    given = {k: v for k, v in vars(args).items() if k in PruneSettings.model_fields and v is not None}
+    given = options_given(args, PruneSettings)
     if args.config:
         if args.model or args.output:
             raise ValueError("--model/--output prune without a config; a CONFIG.yml prunes its base_model into "
@@ -183,7 +152,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_teacher_cache(args) -> int:
-    _offline_env()
+    _no_telemetry()
     from .train.teacher_cache.cli import run_teacher_cache_cli
 
     return run_teacher_cache_cli(args)
@@ -223,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="axolotl config with base_model and focus_prune:")
     p.add_argument("--model", help="hub id or path of the model to prune (without a config)")
     p.add_argument("--output", help="output folder (without a config)")
-    _add_prune_options(p)
+    from .prune.settings import PruneSettings
+
+    add_options(p, PruneSettings)
     p.set_defaults(func=cmd_prune)
     from .mine.config import MiningConfig
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -58,6 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from axolotl_focus.files import write_json  # noqa: E402
 from axolotl_focus.generation import generate_batch  # noqa: E402
 from axolotl_focus.mine.config import MiningConfig  # noqa: E402
 from axolotl_focus.mine.prompts import encode_prompt  # noqa: E402
@@ -476,10 +476,8 @@ def main(argv=None) -> int:
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     print()
     print(markdown(result))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path} ({result['elapsed_s']} s)")
+    write_json(args.json, result, indent=2, newline=True)
+    print(f"wrote {args.json} ({result['elapsed_s']} s)")
     return 0
 
 

@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -63,6 +62,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu import cpu_name  # noqa: E402
 
 from axolotl_focus.files import write_json  # noqa: E402
 from axolotl_focus.train.losses import (  # noqa: E402
@@ -84,7 +86,7 @@ QUICK_KS = ("4", "16", "64", "V")
 
 
 def prune_spec(kind: str, quick: bool, layers: int):
-    """The demo's pruning settings (:meth:`axolotl_focus.demo.DemoRun._run_prune`) for the real
+    """The demo's pruning settings (:meth:`axolotl_focus.demo.stages.Demo._run_prune`) for the real
     model, or for the micro model with ``quick``."""
     from axolotl_focus.prune.settings import PruneSettings
 
@@ -346,16 +348,6 @@ def report(result: dict) -> str:
     lines += ["", f"Dense teacher logits for comparison: bf16 {_mb(2 * h['vocab'])}, fp32 {_mb(4 * h['vocab'])} "
               "per million positions (uint16 ids need V <= 65,536).", ""]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

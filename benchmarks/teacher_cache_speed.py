@@ -68,7 +68,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -82,6 +81,7 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from cpu import cpu_name  # noqa: E402
 from peak_rss import status_kb  # noqa: E402
 
 MIB = 2**20
@@ -316,16 +316,6 @@ def run_worker(spec: dict, workdir: Path, label: str) -> dict:
     result = json.loads(Path(spec["out"]).read_text(encoding="utf-8"))
     result["wall_s"] = time.perf_counter() - started
     return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import math
 
-from .config import REP_NS, ZERO_SHOT_TASKS
+from .config import ZERO_SHOT_TASKS
+from .metrics import REP_KEYS, columns, get
 
-# (header, key, higher_is_better (None: no ranking), decimals)
-_SERVING = [("Serving deg. %", "serving_rate", False, 2), ("Serving tokens %", "serving_token_share", False, 2)]
-_OPEN = [("PPL", "ppl", False, 2), ("0-shot", "zero_shot", True, 2), ("MAUVE", "mauve", True, 3),
-         ("CREP", "crep", False, 2)] + [(f"rep-{n}", f"rep-{n}", False, 2) for n in REP_NS] + _SERVING
-_INSTR = [("PPL", "ppl", False, 2), ("0-shot", "zero_shot", True, 2), ("CREP", "crep", False, 2),
-          ("EAD-1", "ead", True, 3), ("BERTScore", "bertscore", True, 3)] + _SERVING + [
-          ("EOS %", "eos_rate", None, 1), ("mean length", "mean_length", None, 1)]
-_DIST = [("AR_head", "ar_head", True, 3), ("AR_tail", "ar_tail", True, 3), ("COR_head", "cor_head", True, 3),
-         ("COR_tail", "cor_tail", True, 3), ("count_head", "count_head", None, 1),
-         ("count_head (teacher)", "count_head_teacher", None, 1)]
-_ZS_NAMES = {"arc_challenge": "Arc.c", "piqa": "PIQA", "boolq": "BoolQ", "openbookqa": "OpenQA",
-             "hellaswag": "Hellaswag", "winogrande": "Winogrande", "truthfulqa_mc2": "TruthfulQA-MC2"}
-
+# the columns of each table: (label, key, higher_is_better (None: no ranking), decimals) from the registry
+_SERVING = ("serving_rate", "serving_token_share")
+_OPEN = columns("ppl", "zero_shot", "mauve", "crep", *REP_KEYS, *_SERVING)
+_INSTR = columns("ppl", "zero_shot", "crep", "ead", "bertscore", *_SERVING, "eos_rate", "mean_length")
+_DIST = columns("ar_head", "ar_tail", "cor_head", "cor_tail", "count_head", "count_head_teacher")
 
 def _markdown_table(title: str, rows: list[tuple[str, dict]], cols: list[tuple],
                     extra: list[tuple[str, dict]] = ()) -> str:
     """Rows = models; the best value per ranked column in bold (ties all bold); ``extra`` rows
     (the human reference) are shown but never ranked."""
-    head = [f"{h} ({'↑' if hib else '↓'})" if hib is not None else h for h, _, hib, _ in cols]
+    head = [f"{h} ({get(key).arrow})" if hib is not None else h for h, key, hib, _ in cols]
     lines = [f"### {title}", "", "| Method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
     best = {}
     for _, key, hib, dec in cols:
@@ -35,12 +28,9 @@ def _markdown_table(title: str, rows: list[tuple[str, dict]], cols: list[tuple],
     for label, vals, ranked in [(lbl, v, True) for lbl, v in rows] + [(lbl, v, False) for lbl, v in extra]:
         cells = []
         for _, key, _, dec in cols:
-            v = vals.get(key)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                cells.append("-")
-                continue
-            text = f"{v:.{dec}f}"
-            cells.append(f"**{text}**" if ranked and key in best and round(v, dec) == best[key] else text)
+            v, text = vals.get(key), get(key).format(vals.get(key))
+            cells.append(f"**{text}**" if ranked and key in best and text != "-" and round(v, dec) == best[key]
+                         else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -94,9 +84,8 @@ def _generation_tables(results: list[dict]) -> list[str]:
 
 def _zero_shot_table(zs: list[dict]) -> str:
     tasks = [t for t in ZERO_SHOT_TASKS if any(t in r["zero_shot"]["tasks"] for r in zs)]
-    cols = [(_ZS_NAMES.get(t, t), t, True, 2) for t in tasks if t != "truthfulqa_mc2"]
-    cols += [("Average", "average", True, 2)]
-    cols += [("TruthfulQA-MC2", "truthfulqa_mc2", True, 2)] if "truthfulqa_mc2" in tasks else []
+    cols = columns(*[t for t in tasks if t != "truthfulqa_mc2"], "average")
+    cols += columns("truthfulqa_mc2") if "truthfulqa_mc2" in tasks else []
     rows = [(r["model"], {t: v["value"] for t, v in r["zero_shot"]["tasks"].items()} | r["zero_shot"]) for r in zs]
     return _markdown_table("Zero-shot accuracy (Table 6)", rows, cols)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..degeneration import DEFAULT_THRESHOLD
 from ..locations import looks_local
+from ..options import opt
 from ..sources import TEXT_UNITS
 
 __all__ = ["DTYPES", "MODES", "MiningConfig", "MiningSummary"]
@@ -22,78 +23,73 @@ MODES = ("open_ended", "instruction")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _opt(default: Any, text: str, **extra: Any) -> Any:
-    """A dataclass field with its ``--help`` text (and ``choices``) in the metadata (TRL style)."""
-    return field(default=default, metadata={"help": text, **extra})
-
-
 @dataclass
 class MiningConfig:
     """Settings of a mining run (defaults: the paper's; see :mod:`axolotl_focus.mine.run`). Each field's
     ``metadata["help"]`` (and ``metadata["choices"]``) is its ``axolotl-focus pairs --help`` text."""
 
-    prompts: str = _opt("", "Prompt source: a local JSON-lines (.jsonl) or JSON-array (.json) file, a plain text "
+    prompts: str = opt("", "Prompt source: a local JSON-lines (.jsonl) or JSON-array (.json) file, a plain text "
                         "file (split by --text-unit), or a Hugging Face hub dataset id (datasets.load_dataset).")
-    output: str = _opt("repair_pairs.jsonl", "Pairs file (JSON lines), appended to batch by batch and resumed on a "
+    output: str = opt("repair_pairs.jsonl", "Pairs file (JSON lines), appended to batch by batch and resumed on a "
                        "rerun. Beside it: <output>.state (tried prompts without a pair), <output>.summary.json (the "
                        "last run's counts) and <output>.run.json (the settings that decide the pairs; a rerun with "
                        "other settings is refused, see --restart).")
-    student: str | None = _opt(None, "The pruned student (model folder or hub id): samples the looping negatives; "
+    student: str | None = opt(None, "The pruned student (model folder or hub id): samples the looping negatives; "
                                "its tokenizer is the one both models share.")
-    teacher: str | None = _opt(None, "The unpruned teacher (model folder or hub id) that samples the positives; it "
+    teacher: str | None = opt(None, "The unpruned teacher (model folder or hub id) that samples the positives; it "
                                "must share the student's vocabulary. Default: the focus_source_model recorded in "
                                "the student's config.json.")
-    mode: str = _opt("open_ended", "open_ended: the prompt is the first --prefix-tokens tokens of each text "
+    mode: str = opt("open_ended", "open_ended: the prompt is the first --prefix-tokens tokens of each text "
                      "(decoded and re-encoded with BOS), which the student continues; instruction: the whole text "
                      "(plus --input-field) is one instruction, rendered with the tokenizer's chat template when it "
                      "has one and --chat-template is on, else the raw text with BOS.", choices=MODES)
-    text_field: str | None = _opt(None, "JSON / hub rows: the field holding the prompt text. Default: the first of "
+    text_field: str | None = opt(None, "JSON / hub rows: the field holding the prompt text. Default: the first of "
                                   "text, prompt, instruction that the row has.")
-    input_field: str | None = _opt("input", "JSON / hub rows: a field appended to the text after a blank line when "
+    input_field: str | None = opt("input", "JSON / hub rows: a field appended to the text after a blank line when "
                                    "the row has it non-empty (an instruction's input); empty string: none.")
-    id_field: str | None = _opt(None, "JSON / hub rows: the field holding a stable id per prompt (the resume key). "
+    id_field: str | None = opt(None, "JSON / hub rows: the field holding a stable id per prompt (the resume key). "
                                 "Default: the 1-based line number (JSON lines, text files), the 0-based position "
                                 "(JSON array) or the row index (hub).")
-    text_unit: str = _opt("paragraph", "How a plain text file is split into prompts: paragraph = each run of "
+    text_unit: str = opt("paragraph", "How a plain text file is split into prompts: paragraph = each run of "
                           "non-blank lines up to the next blank line, joined with spaces; line = each non-blank "
                           "line. Lines are stripped; the source id is the prompt's first line number.",
                           choices=TEXT_UNITS)
-    dataset_config: str | None = _opt(None, "Hub dataset: configuration name (e.g. wikitext-103-raw-v1).")
-    split: str = _opt("train", "Hub dataset: split.")
-    max_prompts: int | None = _opt(None, "Use only the first N non-empty prompts of the source. Default: all.")
-    prefix_tokens: int = _opt(50, "open_ended mode: prompt length k in tokens (paper: 50).")
-    max_new_tokens: int = _opt(200, "The student's token budget per sample (paper: 200).")
-    chosen_max_new_tokens: int | None = _opt(None, "The teacher's token budget per positive. Default: the length of "
+    dataset_config: str | None = opt(None, "Hub dataset: configuration name (e.g. wikitext-103-raw-v1).")
+    split: str = opt("train", "Hub dataset: split.")
+    max_prompts: int | None = opt(None, "Use only the first N non-empty prompts of the source. Default: all.")
+    prefix_tokens: int = opt(50, "open_ended mode: prompt length k in tokens (paper: 50).")
+    max_new_tokens: int = opt(200, "The student's token budget per sample (paper: 200).")
+    chosen_max_new_tokens: int | None = opt(None, "The teacher's token budget per positive. Default: the length of "
                                              "the rejected continuation it replaces.")
-    top_p: float = _opt(0.9, "Nucleus (top-p) sampling of student and teacher (no top-k).")
-    temperature: float = _opt(1.0, "The student's sampling temperature.")
-    teacher_temperature: float | None = _opt(None, "The teacher's sampling temperature for the positives. Default: "
+    top_p: float = opt(0.9, "Nucleus (top-p) sampling of student and teacher (no top-k).")
+    temperature: float = opt(1.0, "The student's sampling temperature.")
+    teacher_temperature: float | None = opt(None, "The teacher's sampling temperature for the positives. Default: "
                                              "--temperature.")
-    seed: int = _opt(0, "Run seed: with a prompt's source id it seeds the student's sample and the teacher's "
+    seed: int = opt(0, "Run seed: with a prompt's source id it seeds the student's sample and the teacher's "
                      "attempts, so a pair does not depend on batching, processes or resuming.")
-    threshold: float = _opt(DEFAULT_THRESHOLD, "Coverage threshold: a continuation is degenerate (loops) when the "
+    threshold: float = opt(DEFAULT_THRESHOLD, "Coverage threshold: a continuation is degenerate (loops) when the "
                             "share of it covered by repeats is at least this.")
-    target_pairs: int = _opt(12000, "Stop once the output holds this many pairs (paper: 12000); pairs already in "
+    target_pairs: int = opt(12000, "Stop once the output holds this many pairs (paper: 12000); pairs already in "
                              "it count.")
-    batch_size: int = _opt(16, "Prompts the student samples together (and negatives the teacher continues "
+    batch_size: int = opt(16, "Prompts the student samples together (and negatives the teacher continues "
                            "together).")
-    positive_attempts: int = _opt(3, "Teacher samples per negative (each with a new seed) before the pair is "
+    positive_attempts: int = opt(3, "Teacher samples per negative (each with a new seed) before the pair is "
                                   "dropped.")
-    require_rejected_degenerate: bool = _opt(True, "Also require the rejected part (from the loop onset on) to be "
+    require_rejected_degenerate: bool = opt(True, "Also require the rejected part (from the loop onset on) to be "
                                              "degenerate on its own, i.e. hold two copies of the loop (stricter "
                                              "than the paper, which tests the whole continuation only).")
-    early_stop: bool = _opt(True, "Stop a student sample as soon as its loop is confirmed (--detector-min-repeats "
+    early_stop: bool = opt(True, "Stop a student sample as soon as its loop is confirmed (--detector-min-repeats "
                             "clean copies) instead of generating the whole budget.")
-    detector_min_tokens: int = _opt(16, "Early stop: generated tokens needed before a loop can be confirmed.")
-    detector_min_repeats: int = _opt(3, "Early stop: consecutive copies of the repeated segment that confirm a "
+    detector_min_tokens: int = opt(16, "Early stop: generated tokens needed before a loop can be confirmed.")
+    detector_min_repeats: int = opt(3, "Early stop: consecutive copies of the repeated segment that confirm a "
                                      "loop (>= 2).")
-    chat_template: bool = _opt(True, "instruction mode: render the prompt with the tokenizer's chat template when "
+    chat_template: bool = opt(True, "instruction mode: render the prompt with the tokenizer's chat template when "
                                "it has one (--no-chat-template: the raw text with BOS).")
-    dtype: str = _opt("auto", "Weights dtype of both models (auto: the checkpoint's).", choices=DTYPES)
-    device: str | None = _opt(None, "Device of both models. Default: this process's accelerator, else CPU.")
-    trust_remote_code: bool = _opt(False, "Allow custom model / tokenizer code shipped with the checkpoints.")
-    progress: bool = _opt(True, "Show a progress bar.")
-    restart: bool = _opt(False, "Start the output over: delete it and its .state, .summary.json, .run.json and "
+    dtype: str = opt("auto", "Weights dtype of both models (auto: the checkpoint's).", choices=DTYPES)
+    device: str | None = opt(None, "Device of both models. Default: this process's accelerator, else CPU.")
+    trust_remote_code: bool = opt(False, "Allow custom model / tokenizer code shipped with the checkpoints.")
+    progress: bool = opt(True, "Show a progress bar.")
+    restart: bool = opt(False, "Start the output over: delete it and its .state, .summary.json, .run.json and "
                          "leftover rank shards before mining (only when it is a pairs file). Needed to change the "
                          "settings of an output that already holds rows.")
 

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..sources import load_hub_dataset, missing_file
 from .settings import PruneSettings
 
 if TYPE_CHECKING:
@@ -56,11 +57,9 @@ def load_calibration_texts(spec: PruneSettings) -> tuple[list[str], str]:
     if kind == "file":
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return [line for line in lines if line], str(path)
-    source = spec.calibration
-    import datasets  # a hub dataset id
-
+    source = spec.calibration  # a hub dataset id
     name = f"{source} ({spec.calibration_config})" if spec.calibration_config else source
-    data = datasets.load_dataset(source, spec.calibration_config, split=spec.calibration_split, streaming=True)
+    data = load_hub_dataset(source, spec.calibration_config, spec.calibration_split, streaming=True)
     data = data.shuffle(seed=spec.seed, buffer_size=STREAM_BUFFER).take(STREAM_MAX_ROWS)
     texts, long_enough = [], 0
     for row in data:
@@ -88,7 +87,7 @@ def calibration_source(spec: PruneSettings) -> tuple[str, Path | None]:
     path = Path(source)
     if path.is_file():
         return "file", path
-    if path.suffix in (".txt", ".jsonl", ".json") or source.startswith(("/", "./", "../")):
+    if missing_file(source):
         raise ValueError(f"focus_prune.calibration: file {source} does not exist")
     return "hub", None
 

@@ -46,8 +46,10 @@ class PruneSettings(BaseModel):
         "and ratio is ignored; default: unset, ratio is used"))
     importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
     attn_layers: list[int] | None = Field(
-        default=None, description="[start, end) of attention pruning; default [4, L-2)")
-    mlp_layers: list[int] | None = Field(default=None, description="[start, end) of MLP pruning; default [4, L-2)")
+        default=None, description="[start, end) of attention pruning; default [4, L-2)",
+        json_schema_extra={"cli": {"nargs": 2, "metavar": ("START", "END")}})
+    mlp_layers: list[int] | None = Field(default=None, description="[start, end) of MLP pruning; default [4, L-2)",
+                                         json_schema_extra={"cli": {"nargs": 2, "metavar": ("START", "END")}})
     gqa_mode: Literal["group", "q_within_group"] = "group"
     uniform: bool = Field(default=False, description="same vanilla shape in every layer (vLLM-servable; not the paper)")
     num_blocks: int | None = Field(default=None, ge=1, description="depth: blocks to remove")
@@ -68,7 +70,8 @@ class PruneSettings(BaseModel):
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', ...")
     cache_dir: str | None = Field(
         default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
-    wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning")
+    wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning",
+                                json_schema_extra={"cli": {"cli": False}})
 
     def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """The (attention, MLP) layer ranges [start, end) that width pruning touches."""

@@ -123,7 +123,7 @@ def test_cli_prune_help_tells_ratio_from_target(capsys):
         build_parser().parse_args(["prune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--ratio RATIO nominal per-layer width ratio (LLM-Pruner's pruning ratio)" in text
-    assert "the parameter cut is smaller" in text and "default 0.25" in text
+    assert "the parameter cut is smaller" in text and "(default: 0.25)" in text
     assert "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved" in text
 
 
