@@ -10,8 +10,9 @@ metadata (a pydantic field's ``json_schema_extra["cli"]``) may override ``type``
 ``action="store_true"`` (a flag without ``--no-x``) and ``cli: False`` (no option).
 
 ``defaults=False`` (commands whose options override a config block, or whose code applies the
-schema's defaults itself): every option defaults to None, "not given", and the help ends with
-the schema's default. ``defaults=True``: the option's default is the schema's (a tuple as a list).
+schema's defaults itself): every option defaults to None, "not given". ``defaults=True``: the
+option's default is the schema's (a tuple as a list). Either way the help ends with the schema's
+default, unless the help already speaks of it or it is None or empty.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def option_kwargs(kind, extra: dict) -> dict:
 
 
 def _help(text: str, default) -> str:
-    if "default" in text.lower() or default in ((), [], {}):  # the help says what the default means, or none
+    if "default" in text.lower() or default is None or default in ((), [], {}):  # said in the help, or unset
         return text
     shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else default
     return f"{text} (default: {shown})".lstrip()

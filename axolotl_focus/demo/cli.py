@@ -6,36 +6,41 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
-from ..options import positive_int
+from ..options import add_options, opt, positive_int
 from .settings import MODELS, PRESETS, STAGES, DemoError, demo_settings
 from .stages import Demo
 
 
+@dataclass
+class DemoOptions:
+    """Options of ``axolotl-focus demo`` (the sizes of each preset are :class:`DemoSettings`); each
+    field's help is its ``--help`` text (:mod:`axolotl_focus.options`)."""
+
+    out: str = opt("demo_out", "output folder")
+    model: Literal[MODELS] = opt("smollm2", "smollm2: the embedded real model SmolLM2-135M-Instruct (default); "
+                                 "micro: a micro LLaMA pretrained in stage 1 (minutes; the paper's effects do not show "
+                                 "at that size)")
+    quick: bool = opt(False, "the small preset, same stages (real model: <= 12 min on 2 cores; micro: ~2 min)",
+                      action="store_true")
+    preset: Literal[PRESETS] | None = opt(None, "full / quick / smoke (smoke: the smallest real-model run of every "
+                                          "stage, as CI runs it); overrides --quick")
+    device: Literal["cpu", "cuda"] = opt("cpu", "where pruning, mining, evaluation and axolotl train run")
+    force: tuple[str, ...] | None = opt(None, "redo every stage, or only the named ones (and what depends on them): "
+                                        f"{', '.join(STAGES)}", nargs="*", metavar="STAGE", choices=STAGES)
+    seed: int = opt(0, "seed of calibration, mining and training (micro model: also the teacher and Table 1); "
+                    "evaluation seeds are fixed per condition")
+    threads: int | None = opt(None, "torch threads (default: the cores not busy by the 1-minute load average, minus "
+                              "one, at least 1)", type=positive_int)
+    jobs: int | None = opt(None, "axolotl train runs at a time (default: 2 with two cores or more, else 1)",
+                           type=positive_int)
+    progress: bool = opt(True, "progress bars")
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
-    parser.add_argument("--model", choices=MODELS, default="smollm2",
-                        help="smollm2: the embedded real model SmolLM2-135M-Instruct (default); micro: a micro LLaMA "
-                        "pretrained in stage 1 (minutes; the paper's effects do not show at that size)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the small preset, same stages (real model: <= 12 min on 2 cores; micro: ~2 min)")
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help="full / quick / smoke (smoke: the smallest real-model run of every stage, as CI runs "
-                        "it); overrides --quick")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where pruning, mining, evaluation and axolotl train run (default %(default)s)")
-    parser.add_argument("--force", nargs="*", metavar="STAGE", choices=STAGES, default=None,
-                        help="redo every stage, or only the named ones (and what depends on them): "
-                        f"{', '.join(STAGES)}")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of calibration, mining and training (micro model: also "
-                        "the teacher and Table 1); evaluation seeds are fixed per condition (default 0)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (default: the cores not busy by the 1-minute load average, minus one, "
-                        "at least 1)")
-    parser.add_argument("--jobs", type=positive_int, default=None,
-                        help="axolotl train runs at a time (default: 2 with two cores or more, else 1)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_options(parser, DemoOptions, defaults=True)
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
