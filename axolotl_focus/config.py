@@ -185,7 +185,7 @@ class FocusArgs(BaseModel):
     def _check_focus(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        mode = data.get("focus_distill") or "focus"
+        mode = data.get("focus_distill") or cls.model_fields["focus_distill"].default
         if data.get("rl") and data.get("focus_dpo_reference", "teacher") == "student":
             mode = "none"  # preference training with the student as reference needs no teacher
         if mode not in DISTILL_MODES:

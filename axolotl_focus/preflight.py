@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import FocusArgs, FocusAuxLosses, source_model_of
+from .config import FocusArgs, FocusAuxLosses, focus_default, source_model_of
 from .locations import ModelLocation, looks_local, resolve_model
 from .prune.settings import PruneSettings
 
@@ -197,7 +197,7 @@ def _teacher_name(cfg: Mapping, args: FocusArgs | None) -> tuple[str | None, str
     """The teacher and where it comes from (None: no teacher needed)."""
     if cfg.get("rl") and cfg.get("focus_dpo_reference", "teacher") == "student":
         return None, "DPO reference = the initial student; no teacher"
-    if not cfg.get("rl") and (cfg.get("focus_distill") or "focus") == "none":
+    if not cfg.get("rl") and (cfg.get("focus_distill") or focus_default("focus_distill")) == "none":
         return None, "focus_distill: none; no teacher"
     if cfg.get("focus_teacher_model"):
         return cfg["focus_teacher_model"], "focus_teacher_model"
@@ -216,7 +216,8 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, spec: PruneSettings | No
     student = _resolve(base, "base_model", account, lines, train)
     if spec is not None and not cfg.get("focus_pruned_from") and student is not None:
         _plan(base, spec, account, lines)
-    if cfg.get("focus_teacher_cache") and not cfg.get("rl") and (cfg.get("focus_distill") or "focus") != "none":
+    distill = cfg.get("focus_distill") or focus_default("focus_distill")
+    if cfg.get("focus_teacher_cache") and not cfg.get("rl") and distill != "none":
         _check_teacher_cache(cfg, args, student, account, lines)
         return
     teacher, origin = _teacher_name(cfg, args)
