@@ -28,7 +28,7 @@ import random
 
 import torch
 
-IGNORE_INDEX = -100
+from .losses import IGNORE_INDEX
 
 
 def sentence_end_ids(tokenizer) -> frozenset[int]:

@@ -37,9 +37,11 @@ import torch
 from axolotl.prompt_tokenizers import PromptTokenizingStrategy
 from axolotl.utils.collators import DataCollatorForSeq2Seq
 
+from .losses import IGNORE_INDEX
+
 LOG = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+
 PROMPT, CHOSEN, REJECTED = 1, 2, 3
 FIELDS = ("prompt", "chosen", "rejected")
 MIN_CONTINUATION = 1
