@@ -9,7 +9,7 @@ see :mod:`axolotl_focus.plugin`), so this module is the plugin's public schema.
 Every default and help text is written once, on the :class:`FocusArgs` field (``description``).
 :class:`FocusTrainingArgsMixin` is generated from those fields (:data:`TRAINER_KEYS`, same
 default, ``metadata={"help": description}`` as ``TrainingArguments`` fields carry), plus
-``focus_ditto_max_length``, which the plugin fills from ``sequence_len``.
+``focus_sequence_len``, which the plugin fills from ``sequence_len``.
 """
 
 from __future__ import annotations
@@ -168,6 +168,18 @@ class FocusArgs(BaseModel):
     )
     focus_repair_skip_bad_rows: bool = Field(default=False, description="Skip (and count) bad pair rows "
                                              "instead of stopping with the file and line.")
+    focus_repair_pairs: str | None = Field(
+        default=None,
+        description="A RePAIR pairs file (JSON lines from `axolotl-focus pairs`; or a hub dataset id / folder with "
+        "a train split) drawn as its own stream, apart from `datasets:`: every optimizer step adds the margin loss "
+        "over focus_repair_pairs_per_step pairs in a seeded order, and the SFT data are sampled exactly as "
+        "without pairs. (The other way: list the file in `datasets:` with `type: axolotl_focus.repair`.)",
+    )
+    focus_repair_pairs_per_step: int = Field(
+        default=4, gt=0,
+        description="Pairs of focus_repair_pairs per optimizer step (all accumulation micro-batches and "
+        "data-parallel ranks together): the RePAIR dose, whatever the size of the SFT data.",
+    )
     focus_dpo_reference: Literal["teacher", "student"] = Field(
         default="teacher",
         description="rl: dpo on RePAIR pairs: reference model = the unpruned teacher (paper, section 6) "
@@ -205,13 +217,7 @@ class FocusArgs(BaseModel):
                     "config, or set `focus_distill: none` to train with CE only."
                 )
             data["focus_teacher_model"] = inferred
-        if data.get("sample_packing") and any(
-            isinstance(d, dict) and d.get("type") == "axolotl_focus.repair" for d in data.get("datasets") or []
-        ):
-            raise ValueError(
-                "sample_packing: RePAIR pair datasets (type: axolotl_focus.repair) need one pair per row; "
-                "set `sample_packing: false`"
-            )
+        _check_repair_use(data)
         for key in _CONFLICTING_LOSS_KEYS:
             if data.get(key):
                 raise ValueError(
@@ -219,6 +225,22 @@ class FocusArgs(BaseModel):
                     "CE and distillation in its own fused chunked pass. Remove the key."
                 )
         return data
+
+
+def _check_repair_use(data: dict) -> None:
+    """RePAIR pairs (a ``type: axolotl_focus.repair`` dataset or the ``focus_repair_pairs`` stream) need
+    one pair per row, and the stream is read by FocusTrainer only."""
+    stream = data.get("focus_repair_pairs")
+    if "focus_repair_pairs_per_step" in data and not stream:
+        raise ValueError("focus_repair_pairs_per_step: set, but focus_repair_pairs (the pairs file it draws from) "
+                         "is not; add `focus_repair_pairs: <pairs.jsonl>` or remove the key")
+    if stream and data.get("rl"):
+        raise ValueError(f"focus_repair_pairs: rl: {data['rl']} trains with axolotl's preference trainer, which does "
+                         "not read the pair stream; list the pairs file in `datasets:` for DPO instead")
+    typed = any(isinstance(d, dict) and d.get("type") == "axolotl_focus.repair" for d in data.get("datasets") or [])
+    if data.get("sample_packing") and (typed or stream):
+        what = "focus_repair_pairs" if stream else "RePAIR pair datasets (type: axolotl_focus.repair)"
+        raise ValueError(f"sample_packing: {what} need one pair per row; set `sample_packing: false`")
 
 
 def _check_teacher_cache_use(data: dict, mode: str) -> None:
@@ -244,7 +266,8 @@ def _check_teacher_cache_use(data: dict, mode: str) -> None:
 # the FocusArgs keys that reach the trainer through TrainingArguments, in this order
 TRAINER_KEYS = ("focus_distill", "focus_teacher_model", "focus_teacher_dtype", "focus_teacher_cache", "focus_alpha",
                 "focus_ce_alpha", "focus_temperature", "focus_beta", "focus_gamma", "focus_chunk_size",
-                "focus_repair_alpha", "focus_repair_margin", "focus_aux_losses")
+                "focus_repair_alpha", "focus_repair_margin", "focus_repair_skip_bad_rows", "focus_repair_pairs",
+                "focus_repair_pairs_per_step", "focus_aux_losses")
 
 
 def focus_default(key: str) -> Any:
@@ -268,8 +291,9 @@ def _training_field(key: str) -> tuple[str, Any, dataclasses.Field]:
 FocusTrainingArgsMixin = dataclasses.make_dataclass(
     "FocusTrainingArgsMixin",
     [*(_training_field(key) for key in TRAINER_KEYS),
-     ("focus_ditto_max_length", int | None, dataclasses.field(default=None, metadata={
-         "help": "Length of DITTO's pseudo-repetition rows; filled by the plugin from axolotl's sequence_len."}))],
+     ("focus_sequence_len", int | None, dataclasses.field(default=None, metadata={
+         "help": "axolotl's sequence_len, filled by the plugin: the length of DITTO's pseudo-repetition rows and "
+                 "the row the pairs of focus_repair_pairs are fitted into."}))],
 )
 FocusTrainingArgsMixin.__module__ = __name__
 FocusTrainingArgsMixin.__doc__ = """The ``focus_*`` values as they reach the trainer through ``TrainingArguments``
@@ -281,10 +305,10 @@ TRAINING_ARG_KEYS = tuple(FocusTrainingArgsMixin.__dataclass_fields__)
 def training_args(cfg) -> dict:
     """The training-arguments kwargs of an axolotl config (the plugin's ``get_training_args``): its
     set :data:`TRAINING_ARG_KEYS`, ``focus_aux_losses`` as a plain dict (not axolotl's
-    ``DictDefault``), and ``focus_ditto_max_length`` = ``sequence_len`` unless given."""
+    ``DictDefault``), and ``focus_sequence_len`` = ``sequence_len`` unless given."""
     args = {key: cfg[key] for key in TRAINING_ARG_KEYS if cfg.get(key) is not None}
     if args.get("focus_aux_losses") is not None:
         args["focus_aux_losses"] = json.loads(json.dumps(args["focus_aux_losses"]))
-    if cfg.get("sequence_len") and "focus_ditto_max_length" not in args:
-        args["focus_ditto_max_length"] = int(cfg.sequence_len)
+    if cfg.get("sequence_len") and "focus_sequence_len" not in args:
+        args["focus_sequence_len"] = int(cfg.sequence_len)
     return args

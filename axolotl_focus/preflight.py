@@ -392,6 +392,35 @@ def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
             account.say("dataset", f"[{i}] {path} ({label}): local, loaded by axolotl")
 
 
+def _pair_stream(cfg: Mapping, account: Account, lines) -> None:
+    """``focus_repair_pairs``: a local pairs file must exist and its rows pass the dataset type's checks."""
+    from .train.pair_dataset import check_pair_file
+
+    path = cfg.get("focus_repair_pairs")
+    if not path:
+        return
+    path = str(path)
+    per_step = cfg.get("focus_repair_pairs_per_step") or focus_default("focus_repair_pairs_per_step")
+    if not looks_local(path):
+        account.say("pairs", f"{path}: hub dataset (train split), {per_step} pairs per optimizer step")
+        return
+    if not os.path.isfile(path):
+        what = "is a directory; give the JSON-lines pairs file" if os.path.isdir(path) else "does not exist"
+        account.error("focus_repair_pairs", f"{path} {what} (mine it first: axolotl-focus pairs)", lines)
+        return
+    try:
+        bad = check_pair_file(path, bool(cfg.get("focus_repair_skip_bad_rows")))
+    except ValueError as exc:
+        account.error("focus_repair_pairs", str(exc), lines)
+        return
+    rows = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+    if rows - bad <= 0:
+        account.error("focus_repair_pairs", f"{path} holds no usable RePAIR pair", lines)
+        return
+    account.say("pairs", f"{path}: {rows - bad} pairs checked" + (f" ({bad} bad ones skipped)" if bad else "")
+                + f", drawn {per_step} per optimizer step apart from the SFT data")
+
+
 def _loss(cfg: Mapping, args: FocusArgs) -> str:
     if cfg.get("rl"):
         return f"{cfg['rl']} (axolotl/TRL) on the pairs, reference model = {args.focus_dpo_reference}"
@@ -404,8 +433,9 @@ def _loss(cfg: Mapping, args: FocusArgs) -> str:
                      f"gamma {args.focus_gamma}){cached}")
     elif args.focus_distill == "kd":
         terms.append(f"KD x{args.focus_alpha} (T {args.focus_temperature}){cached}")
-    if uses_repair(cfg):
-        terms.append(f"RePAIR x{args.focus_repair_alpha} (margin {args.focus_repair_margin})")
+    if uses_repair(cfg) or args.focus_repair_pairs:
+        stream = f", {args.focus_repair_pairs_per_step} pairs per step" if args.focus_repair_pairs else ""
+        terms.append(f"RePAIR x{args.focus_repair_alpha} (margin {args.focus_repair_margin}{stream})")
     aux = args.focus_aux_losses
     for name in FocusAuxLosses.model_fields:
         term = getattr(aux, name, None) if aux else None
@@ -427,6 +457,7 @@ def check_config(cfg: Mapping, path: str = "", *, train: bool, lines: Mapping[st
     args, spec = _focus_args(cfg, account, lines)
     _check_models(cfg, args, spec, account, lines, train)
     _dataset_files(cfg, account, lines)
+    _pair_stream(cfg, account, lines)
     if args is not None:
         account.say("loss", _loss(cfg, args))
     return account

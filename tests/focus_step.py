@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/focus_step.py TINY_DIR OUT.pt --per-device 2 --accum 1
     ... --teacher-cache DIR    # the teacher from a teacher-logit cache of the rows (none loaded)
+    ... --pairs FILE --pairs-per-step 3   # plus the RePAIR pair stream (margin 5)
 
 Writes the updated parameters and the logged losses to OUT.pt (rank 0).
 """
@@ -60,10 +61,29 @@ def reference_batch_terms(model, teacher, batch, margin, alpha=0.05):
     return ce + alpha * d, int((labels != -100).sum()), hinges
 
 
-def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None, cache=None):
+def pair_hinges(model, pairs, margin):
+    """Dense reference of RePAIR's hinge per pair: ``max(0, m + l+ - l-)`` with ``l+`` / ``l-`` the
+    model's mean token NLL of the chosen / rejected continuation after the prompt, one pair at a time
+    (``pairs``: (prompt, chosen, rejected) token ids)."""
+    import torch.nn.functional as F
+
+    out = []
+    for prompt, chosen, rejected in pairs:
+        nll = []
+        for cont in (chosen, rejected):
+            ids = torch.tensor([list(prompt) + list(cont)])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            nll.append(F.cross_entropy(logits, torch.tensor(cont)))
+        out.append((margin + nll[0] - nll[1]).clamp(min=0))
+    return torch.stack(out)
+
+
+def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=None, cache=None, pairs=None,
+                    margin=1.0):
     """One SGD step on the dense reference loss averaged over all valid tokens of the 4 rows
     (``aux``: an AuxSpec whose terms replace / add to CE, see reference_aux_terms; ``cache``: a
-    TeacherCache whose sparse rows replace the teacher's full distribution)."""
+    TeacherCache whose sparse rows replace the teacher's full distribution; ``pairs``: the step's
+    RePAIR pairs as token ids, whose mean hinge (margin ``margin``, alpha_2 1) is added)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from axolotl_focus.train.losses import (
@@ -96,6 +116,8 @@ def expected_params(tiny_dir, distill="focus", alpha=0.05, student=None, aux=Non
         ce = terms.get("scalegrad", terms.get("tailr", ce)) + (aux.unlikelihood or 0.0) * terms.get("ul", 0.0)
     n_tokens = (labels != -100).sum()
     loss = (ce + alpha * d) / n_tokens
+    if pairs:
+        loss = loss + pair_hinges(student, pairs, margin).mean()
     loss.backward()
     params = {k: (p - LR * p.grad).detach() for k, p in student.named_parameters() if p.requires_grad}
     return params, loss.item()
@@ -165,8 +187,39 @@ def make_trainer(tiny_dir, out_dir, per_device=4, accum=1, distill="focus", lr=0
     )
 
 
-def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5, teacher_cache=None):
+def write_pairs(path):
+    """:func:`pair_rows` as a JSON-lines pairs file (plus a third pair); returns ``path``."""
+    import json
+
+    rows = pair_rows() + [{"prompt": "The album was", "chosen": " well received by critics",
+                           "rejected": " released released released released"}]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def stream_kwargs(pairs_file, per_step, margin=5.0):
+    """FocusTrainingArgsMixin fields of a pair stream (margin 5: every tiny pair's hinge is active)."""
+    return {"focus_repair_pairs": pairs_file, "focus_repair_pairs_per_step": per_step, "focus_repair_margin": margin,
+            "focus_sequence_len": 64}
+
+
+def stream_step_pairs(tiny_dir, pairs_file, per_step, step=0):
+    """Token ids of the pairs the stream draws at ``step`` (training seed 0), for the reference."""
+    from transformers import AutoTokenizer
+
+    from axolotl_focus.train.pair_stream import PairStream
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "student"))
+    stream = PairStream.load(pairs_file, tokenizer, 64, per_step, seed=0)
+    return [stream.pairs[i] for i in stream.step_pairs(step)]
+
+
+def run(tiny_dir, out_path, per_device, accum, distill="focus", lr=0.5, teacher_cache=None, pairs_file=None,
+        pairs_per_step=3):
     extra = {"focus_teacher_cache": teacher_cache} if teacher_cache else {}
+    if pairs_file:
+        extra |= stream_kwargs(pairs_file, pairs_per_step)
     trainer = make_trainer(tiny_dir, os.path.dirname(out_path), per_device, accum, distill, lr, **extra)
     trainer.train()
     if trainer.accelerator.is_main_process:
@@ -183,5 +236,8 @@ if __name__ == "__main__":
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--distill", default="focus")
     parser.add_argument("--teacher-cache", default=None)
+    parser.add_argument("--pairs", default=None, help="a pairs file drawn as the RePAIR pair stream")
+    parser.add_argument("--pairs-per-step", type=int, default=3)
     a = parser.parse_args()
-    sys.exit(run(a.tiny_dir, a.out, a.per_device, a.accum, a.distill, teacher_cache=a.teacher_cache))
+    sys.exit(run(a.tiny_dir, a.out, a.per_device, a.accum, a.distill, teacher_cache=a.teacher_cache,
+                 pairs_file=a.pairs, pairs_per_step=a.pairs_per_step))

@@ -1,7 +1,7 @@
 """DITTO (Xu et al., 2022): pseudo-repetition rows built from the SFT rows of a micro-batch.
 
 A pseudo-repetition row is ``prefix + unit + unit + ...`` up to the maximum length (axolotl's
-``sequence_len``, passed to the trainer as ``focus_ditto_max_length``; without it, the width of the
+``sequence_len``, passed to the trainer as ``focus_sequence_len``; without it, the width of the
 micro-batch), the last copy cut short. Labels cover the copies, not the prefix; the DITTO loss
 (:func:`axolotl_focus.train.losses.ditto_loss`) compares every token of copy k >= 2 with the same token
 of copy k - 1. Per sequence of the micro-batch (rows of packed batches are split where

@@ -77,6 +77,13 @@ def pair_ids(tokenizer, row) -> tuple[list[int], list[int], list[int]]:
                       for k in ("chosen", "rejected")))
 
 
+def fit_pair(prompt, chosen, rejected, sequence_len: int) -> tuple[list[int], list[int], list[int]]:
+    """The pair cut to fit ``sequence_len``: each continuation keeps at most
+    ``(sequence_len - len(prompt)) // 2`` tokens, so ``prompt + chosen + rejected`` fits one row."""
+    room = (sequence_len - len(prompt)) // 2
+    return list(prompt), list(chosen[:room]), list(rejected[:room])
+
+
 def pair_problem(row, tokenizer, sequence_len: int | None) -> str | None:
     """:func:`row_problem` including the prompt length, measured as :meth:`RepairPairStrategy.tokenize_prompt`
     measures it (so a row passing here never fails there)."""
@@ -86,7 +93,7 @@ def pair_problem(row, tokenizer, sequence_len: int | None) -> str | None:
     return row_problem(row, sequence_len, len(pair_ids(tokenizer, row)[0]))
 
 
-def _check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad_rows: bool) -> int:
+def check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad_rows: bool) -> int:
     """Check ``(where, row, parse_error)`` triples; raise on the first bad row unless
     ``skip_bad_rows`` (a parse error always raises), else log one warning with the count of bad
     rows. Returns that count."""
@@ -104,7 +111,8 @@ def _check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad
     return bad
 
 
-def _file_rows(path: str):
+def file_rows(path: str):
+    """``(path:line, row, parse error)`` of every non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if line.strip():
@@ -121,7 +129,7 @@ def check_pair_file(path: str, skip_bad_rows: bool, tokenizer=None, sequence_len
     Raises ``ValueError`` naming ``path:line`` of the first bad row unless ``skip_bad_rows`` (invalid
     JSON always raises); else logs one warning with the count. Returns the number of bad rows.
     """
-    return _check_rows(_file_rows(path), path, tokenizer, sequence_len if tokenizer is not None else None,
+    return check_rows(file_rows(path), path, tokenizer, sequence_len if tokenizer is not None else None,
                        skip_bad_rows)
 
 
@@ -135,7 +143,7 @@ def _is_json_lines(path: str) -> bool:
     return False
 
 
-def _dataset_rows(cfg, ds_cfg: Mapping):
+def dataset_rows(cfg, ds_cfg: Mapping):
     """``(where, row, None)`` over the dataset axolotl's own loader returns for ``ds_cfg``, or None when
     it cannot be loaded here (then the tokenize-time check applies) or the split is ambiguous."""
     if cfg.get("streaming") or ds_cfg.get("streaming"):
@@ -201,9 +209,7 @@ class RepairPairStrategy(PromptTokenizingStrategy):
             LOG.warning("skipping a bad RePAIR row of %s: %s (%d skipped at tokenization in this process; "
                         "focus_repair_skip_bad_rows)", self._where(row), problem, self.skipped)
             return {"input_ids": [], "attention_mask": [], "labels": []}
-        room = (self.sequence_len - len(prompt)) // 2
-        chosen, rejected = list(chosen[:room]), list(rejected[:room])
-        prompt = list(prompt)
+        prompt, chosen, rejected = fit_pair(prompt, chosen, rejected, self.sequence_len)
         return {
             "input_ids": prompt + chosen + rejected,
             "attention_mask": [PROMPT] * len(prompt) + [CHOSEN] * len(chosen) + [REJECTED] * len(rejected),
@@ -221,9 +227,9 @@ def load(tokenizer, cfg, ds_cfg=None):
     if path and os.path.isfile(path) and _is_json_lines(path):
         check_pair_file(path, skip, tokenizer, cfg.sequence_len)
     elif path:
-        rows = _dataset_rows(cfg, ds_cfg)
+        rows = dataset_rows(cfg, ds_cfg)
         if rows is not None:
-            _check_rows(rows, str(path), tokenizer, cfg.sequence_len, skip)
+            check_rows(rows, str(path), tokenizer, cfg.sequence_len, skip)
     return RepairPairStrategy(tokenizer, cfg.sequence_len, skip_bad_rows=skip, source=path)
 
 

@@ -130,6 +130,15 @@ class FocusTrainer(AxolotlTrainer):
             self.teacher_cache = self._open_teacher_cache(fa.focus_teacher_cache)
         elif self.distill_spec.mode != "none":
             self.teacher = self._prepare_teacher(teacher_model)
+        self.pair_stream = None
+        if fa.focus_repair_pairs:
+            from .pair_stream import PairStream
+
+            self.pair_stream = PairStream.load(fa.focus_repair_pairs, self.processing_class, fa.focus_sequence_len,
+                                               fa.focus_repair_pairs_per_step, self.args.seed,
+                                               fa.focus_repair_skip_bad_rows)
+            LOG.info("axolotl_focus: RePAIR pair stream %s: %d pairs, %d per optimizer step", fa.focus_repair_pairs,
+                     len(self.pair_stream.pairs), fa.focus_repair_pairs_per_step)
 
     # -- saving -------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -277,9 +286,21 @@ class FocusTrainer(AxolotlTrainer):
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """HF's prefetch of an optimizer step's micro-batches; also counts the RePAIR pairs of the
-        whole step on every rank (``self._pairs_in_step``), for the margin loss's mean."""
+        """HF's prefetch of an optimizer step's micro-batches (the SFT rows, counted for
+        ``num_items_in_batch``); then the step's pairs of the pair stream are appended to them
+        (:mod:`.pair_stream`), and the RePAIR pairs of the whole step on every rank are counted
+        (``self._pairs_in_step``), for the margin loss's mean."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.pair_stream is not None and batch_samples:
+            from .pair_stream import append_pairs
+
+            tokenizer, count = self.processing_class, len(batch_samples)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            batch_samples = [
+                append_pairs(batch, self.pair_stream.for_micro_batch(self.state.global_step, micro, count,
+                                                                     self.args.process_index, self.args.world_size),
+                             pad, tokenizer.padding_side)
+                for micro, batch in enumerate(batch_samples)]
         pairs = sum(int(b["repair_chosen"].numel()) for b in batch_samples if "repair_chosen" in b)
         if self.args.world_size > 1:
             pairs = int(self.accelerator.gather(torch.tensor([pairs], device=device)).sum())
@@ -316,7 +337,7 @@ class FocusTrainer(AxolotlTrainer):
         if self._sentence_ends is None:
             self._sentence_ends = sentence_end_ids(tokenizer)
         sft = {k: v for k, v in inputs.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
-        max_length = self.focus_args.focus_ditto_max_length or inputs["input_ids"].shape[1]
+        max_length = self.focus_args.focus_sequence_len or inputs["input_ids"].shape[1]
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return pseudo_rows(sft, self._sentence_ends, max_length, pad_id, stop_ids)

@@ -126,7 +126,7 @@ def test_config_through_axolotl_and_plugin(tiny_pair, tmp_path, plugin_manager):
     args = plugin_manager.plugins["axolotl_focus.FocusPlugin"].get_training_args(cfg)
     assert type(args["focus_aux_losses"]) is dict
     assert args["focus_aux_losses"]["unlikelihood"] == {"alpha": 0.25}
-    assert args["focus_ditto_max_length"] == cfg.sequence_len == 128
+    assert args["focus_sequence_len"] == cfg.sequence_len == 128
     with pytest.raises(Exception, match="focus_aux_losses"):
         load(tiny_config(tiny_pair, tmp_path, focus_aux_losses={"scalegrad": {}, "tailr": {}}), tmp_path)
     with pytest.raises(Exception, match="focus_aux_losses"):
@@ -175,7 +175,7 @@ def test_ditto_step_value_and_alternation(tiny_pair, tmp_path):
     tiny_dir = _tiny_dir(tiny_pair)
     # forced DITTO step: the logged loss is the DITTO mean over the pseudo rows of the 4 rows
     trainer = focus_step.make_trainer(tiny_dir, str(tmp_path / "a"), per_device=4, distill="none",
-                                      focus_aux_losses={"ditto": {"probability": 1.0}}, focus_ditto_max_length=48)
+                                      focus_aux_losses={"ditto": {"probability": 1.0}}, focus_sequence_len=48)
     from transformers import DataCollatorForSeq2Seq
 
     batch = DataCollatorForSeq2Seq(trainer.processing_class, padding=True)(focus_step.rows(trainer.processing_class))
@@ -194,7 +194,7 @@ def test_ditto_step_value_and_alternation(tiny_pair, tmp_path):
     # probability 0.5 over 6 steps (seed 0): both kinds happen, each step logs its own terms
     trainer = focus_step.make_trainer(tiny_dir, str(tmp_path / "b"), per_device=2, accum=2, distill="kd",
                                       lr=0.01, max_steps=6, focus_aux_losses={"ditto": {}, "unlikelihood": {}},
-                                      focus_ditto_max_length=48)
+                                      focus_sequence_len=48)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     kinds = [is_ditto_step(0, step, 0.5) for step in range(6)]
