@@ -64,6 +64,7 @@ __all__ = [
     "CoverageResult",
     "coverage",
     "crep",
+    "loop_unit",
     "LoopDetector",
     "tail_loop",
     "loop_at_tail",
@@ -178,6 +179,17 @@ def coverage(
             best_cov, best = cov, (r, tuple(p), s1, s2)
     r_best, seg, s1, s2 = best
     return CoverageResult(best_cov, r_best, seg, s1, s2, best_cov >= threshold)
+
+
+def loop_unit(tokens: Sequence[int] | Any, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, ...] | None:
+    """The loop of a degenerate text: its repeated segment (:func:`coverage`) as the smallest of its
+    cyclic rotations, so that the same loop entered at another phase (``a b c a b c`` / ``b c a b c a``)
+    gives the same unit; None when the text is not degenerate."""
+    result = coverage(tokens, threshold=threshold)
+    if not result.is_degenerate:
+        return None
+    seg = result.segment
+    return min(seg[i:] + seg[:i] for i in range(len(seg)))
 
 
 def crep(

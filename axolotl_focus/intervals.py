@@ -16,6 +16,23 @@ document together) gives a cluster bootstrap that respects the pairing by prefix
   model B on the same documents, with its percentile interval from the same resampled documents
   for both (draws where ``mean(B) == 0`` are left out; when B's mean is 0 the reduction is
   undefined and returned as ``nan``).
+
+Across training seeds (the experiment of :mod:`axolotl_focus.demo.experiment`): model A and B are
+trained once per seed, and ``a[s, d]`` / ``b[s, d]`` are the document values of seed ``s``'s models
+on the same documents ``d``.
+
+- :func:`seed_effects`: per seed, ``mean_d(a) - mean_d(b)`` (``relative``: ``mean_d(a) / mean_d(b) - 1``),
+  means over the documents where both have a value.
+- :func:`t_interval`: the mean of the per-seed effects and its two-sided Student-t interval,
+  ``mean +- t_{(1+level)/2, n-1} * sd / sqrt(n)`` (sd with ``n - 1``): the interval across seeds.
+- :func:`two_level_bootstrap`: the cross-check: ``resamples`` draws of ``n`` seeds with replacement,
+  then, within each drawn seed, of its documents with replacement (the same documents for A and B);
+  the statistic of a draw is the mean over the drawn seeds of their effects; percentile interval.
+- :func:`min_detectable_effect`: the effect a two-sided t-test at ``1 - level`` detects with
+  probability ``power`` from ``n`` seeds with that sd, ``(t_{(1+level)/2, n-1} + t_{power, n-1}) * sd / sqrt(n)``.
+- :func:`verdict`: the rule fixed before the run: **holds** when the interval excludes 0 on the
+  side of the paper's effect; else **refuted** when it excludes the paper's effect (it lies wholly
+  on the other side of it, towards or past 0); else **not decided**.
 """
 
 from __future__ import annotations
@@ -102,3 +119,86 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, level
     means = diff[_draws(diff.size, resamples, seed)].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(diff.mean()), float(lo), float(hi)
+
+
+def seed_effects(a: np.ndarray, b: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Per seed (rows of ``a`` / ``b``, documents as columns): the effect of A against B."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same seeds and documents ({a.shape} vs {b.shape})")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ma, mb = np.nanmean(np.where(keep, a, np.nan), axis=1), np.nanmean(np.where(keep, b, np.nan), axis=1)
+        return np.where(mb > 0, ma / mb - 1.0, np.nan) if relative else ma - mb
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, lower, upper)`` of the finite ``values`` (Student t, ``n - 1`` degrees of freedom);
+    the bounds are ``nan`` with fewer than two values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
+def min_detectable_effect(values, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest effect (in the values' unit) the seeds ``values`` detect with ``power`` (nan
+    with fewer than two finite values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return math.nan
+    df = v.size - 1
+    return float((stats.t.ppf((1 + level) / 2, df) + stats.t.ppf(power, df)) * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def two_level_bootstrap(a: np.ndarray, b: np.ndarray, relative: bool = True, resamples: int = 2000,
+                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean per-seed effect, resampling seeds, then documents within each
+    drawn seed (module docstring)."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same seeds and documents ({a.shape} vs {b.shape})")
+    seeds, docs = a.shape
+    if seeds == 0 or docs == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, seeds, size=(resamples, seeds))
+    rows = rng.integers(0, docs, size=(resamples, seeds, docs))
+    ra, rb = a[pick[..., None], rows], b[pick[..., None], rows]
+    keep = ~(np.isnan(ra) | np.isnan(rb))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ma, mb = np.nanmean(np.where(keep, ra, np.nan), axis=2), np.nanmean(np.where(keep, rb, np.nan), axis=2)
+        effect = np.where(mb > 0, ma / mb - 1.0, np.nan) if relative else ma - mb
+        stat = np.nanmean(effect, axis=1)
+    stat = stat[np.isfinite(stat)]
+    if stat.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+VERDICTS = ("holds", "refuted", "not decided")
+
+
+def verdict(lower: float, upper: float, effect: float) -> str:
+    """The verdict on a claimed effect ``effect`` (signed; e.g. -0.3 for a 30% cut) from the interval
+    ``[lower, upper]`` of the measured effect (module docstring)."""
+    if not (math.isfinite(lower) and math.isfinite(upper)) or effect == 0:
+        return "not decided"
+    if (upper < 0) if effect < 0 else (lower > 0):
+        return "holds"
+    if (lower > effect) if effect < 0 else (upper < effect):
+        return "refuted"
+    return "not decided"

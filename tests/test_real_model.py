@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from axolotl_focus import embedded_model
-from axolotl_focus.demo import STAGES, read_json
+from axolotl_focus.demo import STAGES
+from axolotl_focus.files import read_json
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +88,9 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
 
 @pytest.mark.slow
 def test_smoke_demo_on_the_real_model(tmp_path, real_model):
-    """Materialize, prune (width + depth), mine one batch, a few FOCUS + RePAIR LoRA steps through
-    the real `axolotl train`, merge, evaluate a few documents, write the report."""
+    """Materialize, prune (width + depth), a few CE LoRA steps (the sft stage), mine one batch from
+    that tuned student, CE + RePAIR through the pair stream, DPO after the SFT and FOCUS from a
+    teacher cache, all through the real `axolotl train`, merged; evaluate a few documents, the report."""
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                AXOLOTL_FOCUS_CACHE=str(real_model.parent.parent), OMP_NUM_THREADS="1",
@@ -103,21 +105,23 @@ def test_smoke_demo_on_the_real_model(tmp_path, real_model):
     prune = read_json(out / "2_prune" / "done.json")["data"]
     assert abs(prune["width"]["reduction"] - 0.25) < 0.02  # q heads inside every group, MLP channels
     assert prune["depth"]["removed_blocks"]
-    pairs = read_json(out / "4_pairs" / "done.json")["data"]
+    pairs = read_json(out / "5_pairs" / "done.json")["data"]
     assert pairs["pairs_total"] > 0 and pairs["settings"]["teacher_temperature"] == 1.0
-    rec = read_json(out / "5_train" / "focus-repair.done.json")
-    assert any("loss/repair" in row and "loss/focus" in row for row in rec["logs"])
-    merged = out / "5_train" / "focus-repair" / "merged"
+    assert pairs["mine_from"] == "tuned" and pairs["student"].endswith("ce-s0/merged")  # the model being repaired
+    rec = read_json(out / "6_train" / "ce-repair-s0.done.json")  # the pair stream through the real axolotl train
+    assert all("loss/repair" in row for row in rec["logs"])
+    ce = read_json(out / "4_sft" / "ce-s0.done.json")
+    assert [r["loss/ce"] for r in rec["logs"]][:1] == pytest.approx([r["loss/ce"] for r in ce["logs"]][:1], rel=1e-4)
+    merged = out / "6_train" / "ce-repair-s0" / "merged"
     assert (merged / "model.safetensors").is_file()
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
-    cached = read_json(out / "5_train" / "focus-cached.done.json")  # FOCUS from the teacher cache (k 32)
-    cache = read_json(out / "5_train" / "teacher_cache.done.json")
-    assert cache["k"] == 32 and cache["positions"] > 0 and cache["runs"] == ["focus-cached"]
+    dpo = (out / "6_train" / "dpo-s0.yml").read_text()
+    assert f"base_model: {out / '4_sft' / 'ce-s0' / 'merged'}" in dpo  # DPO after the SFT of its seed
+    cached = read_json(out / "6_train" / "focus-cached-s0.done.json")  # FOCUS from the teacher cache (k 32)
+    cache = read_json(out / "6_train" / "teacher_cache.done.json")
+    assert cache["k"] == 32 and cache["positions"] > 0 and cache["runs"] == ["focus-cached-s0"]
     assert any("loss/focus" in row and "loss/ce" in row for row in cached["logs"])
-    assert "axolotl_focus: loading teacher" not in (out / "5_train" / "focus-cached.log").read_text()
-    assert "axolotl_focus: loading teacher" in (out / "5_train" / "focus.log").read_text()
+    assert "axolotl_focus: loading teacher" not in (out / "6_train" / "focus-cached-s0.log").read_text()
     report = (out / "demo_report.md").read_text()
-    assert "## FOCUS and KD from the teacher cache vs the in-process teacher" in report
-    assert "| FOCUS (cache) vs FOCUS | CREP | greedy |" in report
-    assert "## Table 1 (real model)" in report and "SmolLM2-135M-Instruct" in report
-    assert "| width pruned | greedy | 1 |" in report
+    assert "## The paper's claims: verdicts" in report and "SmolLM2-135M-Instruct" in report
+    assert "## Held-out pair margins" in report and "## Loop kinds" in report

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..options import add_options, opt, positive_int
-from .settings import MODELS, PRESETS, STAGES, DemoError, demo_settings
-from .stages import Demo
+from .pipeline import Demo
+from .report import write_report
+from .settings import MODELS, PRESETS, DemoError, demo_settings
+from .stages import STAGES, TABLE
 
 
 @dataclass
@@ -23,15 +25,18 @@ class DemoOptions:
     model: Literal[MODELS] = opt("smollm2", "smollm2: the embedded real model SmolLM2-135M-Instruct (default); "
                                  "micro: a micro LLaMA pretrained in stage 1 (minutes; the paper's effects do not show "
                                  "at that size)")
-    quick: bool = opt(False, "the small preset, same stages (real model: <= 12 min on 2 cores; micro: ~2 min)",
+    quick: bool = opt(False, "the small preset: same stages, 2 training seeds (real model: <= 12 min on 2 cores)",
                       action="store_true")
-    preset: Literal[PRESETS] | None = opt(None, "full / quick / smoke (smoke: the smallest real-model run of every "
-                                          "stage, as CI runs it); overrides --quick")
+    preset: Literal[PRESETS] | None = opt(None, "full: the experiment; quick; smoke: the smallest real-model run of "
+                                          "every stage, as CI runs it; cache: KD and FOCUS from the teacher cache "
+                                          "beside their in-process twins. Overrides --quick")
     device: Literal["cpu", "cuda"] = opt("cpu", "where pruning, mining, evaluation and axolotl train run")
     force: tuple[str, ...] | None = opt(None, "redo every stage, or only the named ones (and what depends on them): "
                                         f"{', '.join(STAGES)}", nargs="*", metavar="STAGE", choices=STAGES)
-    seed: int = opt(0, "seed of calibration, mining and training (micro model: also the teacher and Table 1); "
-                    "evaluation seeds are fixed per condition")
+    until: str | None = opt(None, "run the stages up to this one, then write the report of what has finished",
+                            metavar="STAGE", choices=STAGES)
+    seed: int = opt(0, "seed of calibration, mining and the held-out split; the training seeds are seed + the "
+                    "preset's offsets (micro model: also the teacher and Table 1)")
     threads: int | None = opt(None, "torch threads (default: the cores not busy by the 1-minute load average, minus "
                               "one, at least 1)", type=positive_int)
     jobs: int | None = opt(None, "axolotl train runs at a time (default: 2 with two cores or more, else 1)",
@@ -62,8 +67,8 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"axolotl-focus demo: {err}", file=sys.stderr)
         return 2
-    demo = Demo(args.out, settings, force=force, progress=args.progress, threads=args.threads, jobs=args.jobs,
-                device=args.device)
+    demo = Demo(args.out, settings, TABLE, report=write_report, force=force, until=args.until, progress=args.progress,
+                threads=args.threads, jobs=args.jobs, device=args.device)
     try:
         demo.run()
     except DemoError as err:

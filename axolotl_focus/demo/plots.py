@@ -1,15 +1,21 @@
-"""The demo report's plots under ``plots/`` (matplotlib, optional)."""
+"""The demo report's plots (matplotlib, optional): each a function that returns a figure from plain
+numbers, so that a test can render it and read its text boxes.
+
+* :func:`repetition_figure`: every model's rep-3 and CREP under each decoding the claims are judged
+  on (one panel per metric x condition), a dot per training seed and the mean with its 95% interval
+  (across seeds for the arms, over documents for the references); horizontal, so long model names
+  stay readable.
+* :func:`effects_figure`: each comparison's per-seed effect, its mean and 95% t interval, 0 and the
+  paper's effect, one row per comparison and metric, one panel per condition.
+* :func:`training_figure`: ``loss/ce`` of every run (the term all arms share), and the extra terms
+  (FOCUS / KD / RePAIR margin / DPO's loss) in a second panel.
+"""
 
 from __future__ import annotations
 
-import shutil
-from typing import TYPE_CHECKING
+from typing import Sequence
 
-from ..files import read_json
-from .settings import RUNS
-
-if TYPE_CHECKING:
-    from .stages import Demo
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
 def has_matplotlib() -> bool:
@@ -20,53 +26,127 @@ def has_matplotlib() -> bool:
     return True
 
 
-def make_demo_plots(demo: Demo, results: list[dict], t1: dict | None, tr: dict | None) -> list[tuple[str, str]]:
-    """``plots/table1.png``, ``plots/training_loss.png`` and the evaluation's plots (copied); returns
-    ``(relative path, description)`` pairs of the plots that exist."""
-    if not has_matplotlib():
-        return []
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = demo.out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    if t1:
-        rows = list(t1["rows"]) + (read_json(demo.dir("eval") / "table1_finetuned.json") or {}).get("rows", [])
-        models = list(dict.fromkeys(r["model"] for r in rows))
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key in zip(axes, ("crep", "rep-2")):
-            for k, dec in enumerate(("greedy", "top-p 0.9")):
-                vals = [next((r[key] for r in rows if r["model"] == m and r["decoding"] == dec), float("nan"))
-                        for m in models]
-                ax.bar([i + 0.4 * k for i in range(len(models))], vals, 0.4, label=dec)
-            ax.set_xticks([i + 0.2 for i in range(len(models))], models, rotation=20, fontsize=8)
-            ax.set_title(f"{'CREP (%)' if key == 'crep' else 'rep-2'}, {t1['new_tokens']} new tokens")
-            ax.legend()
-        fig.suptitle("Table 1 (micro): repetition before / after pruning")
-        fig.tight_layout()
-        fig.savefig(folder / "table1.png", dpi=110)
-        plt.close(fig)
-        made.append(("plots/table1.png", "Table 1: CREP and rep-2 per model and decoding"))
-    if tr:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        styles = ("-", "--", ":", "-.")
-        for k, (run, rec) in enumerate(tr["runs"].items()):  # styles: runs that overlap stay visible
-            ax.plot([r["loss"] for r in rec["logs"]], styles[k % len(styles)], label=RUNS[run][0], alpha=0.85)
-        ax.set_xlabel("step")
-        ax.set_ylabel("logged training loss")
-        ax.set_title("axolotl train runs (each run's own objective; not comparable across methods)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "training_loss.png", dpi=110)
-        plt.close(fig)
-        made.append(("plots/training_loss.png", "logged loss per step of every fine-tuning run"))
-    eval_plots = demo.dir("eval") / "plots"
-    for name, desc in (("repetition.png", "CREP and rep-n per model (evaluation, top-p)"),
-                       ("focus_reweighting.png", "FOCUS's reweighted target q~ against q (toy Zipf)")):
-        if results and (eval_plots / name).is_file():
-            shutil.copyfile(eval_plots / name, folder / name)
-            made.append((f"plots/{name}", desc))
-    return made
+    return plt
+
+
+def _height(rows: int) -> float:
+    return 1.2 + 0.34 * max(rows, 3)
+
+
+def repetition_figure(panels: Sequence[tuple[str, list[dict]]]):
+    """``panels``: ``(title, rows)``; a row is ``{"label", "mean", "lower", "upper", "seeds": [...]}``
+    (``seeds`` may be empty). One horizontal dot-and-whisker panel per title, models top to bottom."""
+    plt = _pyplot()
+    labels = [r["label"] for r in panels[0][1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 2.2, _height(len(labels))), sharey=True,
+                             squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        for y, row in enumerate(rows):
+            color = COLORS[y % len(COLORS)]
+            if row.get("seeds"):
+                ax.plot(row["seeds"], [y] * len(row["seeds"]), "o", ms=3, alpha=0.45, color=color)
+            if row.get("lower") is not None and row["lower"] == row["lower"]:
+                ax.plot([row["lower"], row["upper"]], [y, y], "-", lw=2, color=color)
+            ax.plot([row["mean"]], [y], "D", ms=6, color=color)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Repetition per model: diamond = mean; bar = 95% interval (arms: across training seeds, dots = the "
+                 "seeds; references: over documents)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def effects_figure(panels: Sequence[tuple[str, list[dict]]]):
+    """``panels``: ``(condition, rows)``; a row is ``{"label", "mean", "lower", "upper", "per_seed",
+    "effect", "verdict"}`` (relative effects). One panel per condition, rows top to bottom."""
+    plt = _pyplot()
+    labels = [r["label"] for r in panels[0][1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 3.2, _height(len(labels))), sharey=True,
+                             squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        ax.axvline(0, color="black", lw=0.8)
+        for y, row in enumerate(rows):
+            seeds = [100 * v for v in row["per_seed"] if v is not None]
+            ax.plot(seeds, [y] * len(seeds), "o", ms=3, alpha=0.5, color="#555555")
+            if row["lower"] == row["lower"]:
+                ax.plot([100 * row["lower"], 100 * row["upper"]], [y, y], "-", lw=2, color="#1f77b4")
+            if row["mean"] == row["mean"]:
+                ax.plot([100 * row["mean"]], [y], "D", ms=6, color="#1f77b4")
+            ax.plot([100 * row["effect"]], [y], "|", ms=14, mew=2, color="#d62728")
+            ax.annotate(row["verdict"], (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("relative change of A vs B (%)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Effects across training seeds: dots = seeds, diamond + bar = mean and 95% t interval, "
+                 "red tick = the paper's effect", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def training_figure(runs: dict[str, list[dict]], groups: dict[str, str]):
+    """``runs``: ``{run: logged step dicts}``; ``groups``: ``{run: arm label}`` (one color per arm,
+    every seed a line). Left: ``loss/ce``; right: the arm's extra terms."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    arms = list(dict.fromkeys(groups.values()))
+    extra_terms = ("loss/focus", "loss/kd", "loss/repair")
+    for run, logs in runs.items():
+        color = COLORS[arms.index(groups[run]) % len(COLORS)]
+        ce = [row["loss/ce"] for row in logs if "loss/ce" in row]
+        if ce:
+            left.plot(ce, color=color, alpha=0.7, lw=1)
+        for style, term in zip(("-", "--", ":"), extra_terms):
+            values = [row[term] for row in logs if term in row]
+            if values:
+                right.plot(values, style, color=color, alpha=0.7, lw=1)
+        if not ce and logs:  # preference training: its own loss
+            right.plot([row["loss"] for row in logs], "-.", color=color, alpha=0.7, lw=1)
+    for i, arm in enumerate(arms):
+        left.plot([], [], color=COLORS[i % len(COLORS)], label=arm)
+    right.plot([], [], "k-", label="FOCUS term")
+    right.plot([], [], "k--", label="KD term")
+    right.plot([], [], "k:", label="RePAIR margin")
+    right.plot([], [], "k-.", label="DPO loss")
+    left.set_title("loss/ce of every run (one line per training seed)", fontsize=9)
+    right.set_title("the extra terms (each arm's own, not comparable across arms)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    plt = _pyplot()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of tick labels of one axis of ``fig`` whose drawn boxes overlap (matplotlib's own
+    text extents after a draw)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    clashes = []
+    for ax in fig.axes:
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            shown = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks if t.get_visible() and t.get_text()]
+            for i in range(len(shown)):
+                for j in range(i + 1, len(shown)):
+                    if shown[i][1].overlaps(shown[j][1]):
+                        clashes.append((shown[i][0], shown[j][0]))
+    return clashes

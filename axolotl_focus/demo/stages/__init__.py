@@ -1,19 +1,22 @@
-"""The demo pipeline: :class:`Demo` runs (or reuses) the six stages into its output folder (see
-:mod:`axolotl_focus.demo`); its frame is :class:`~.base.DemoBase` (settings, paths, stage cache, run
-loop) and each stage is a mixin in its own module: :mod:`.model` (1, teacher), :mod:`.prune` (2),
-:mod:`.table1` (3), :mod:`.pairs` (4), :mod:`.train` (5, ``axolotl train``), :mod:`.eval` (6)."""
+"""The demo's stages, one module each, listed in :data:`TABLE` (see :mod:`axolotl_focus.demo.pipeline`):
+each a function ``run(settings, ctx, folder, records) -> (data, summary)``, with the stages whose
+records it reads."""
 
-from .base import DemoBase
-from .eval import EvalStage
-from .model import TeacherStage
-from .pairs import PairsStage
-from .prune import PruneStage
-from .table1 import Table1Stage
-from .train import TrainStage, merge_lora
+from ..pipeline import Stage
+from . import eval, pairs, prune, sft, table1, teacher, train
+from .train import merge_lora
 
+TABLE = (
+    Stage("teacher", "teacher model", (), teacher.run),
+    Stage("prune", "width + depth pruning", ("teacher",), prune.run),
+    Stage("table1", "Table 1: repetition before/after pruning", ("prune",), table1.run),
+    Stage("sft", "the CE run of every training seed (`axolotl train`)", ("prune",), sft.run, resumable=True),
+    Stage("pairs", "RePAIR pair mining from the model being repaired", ("prune", "sft"), pairs.run),
+    Stage("train", "the other arms under every training seed (`axolotl train`)", ("sft", "pairs"), train.run,
+          resumable=True),
+    Stage("eval", "evaluation of every model, verdict inputs and diagnostics", ("train", "sft", "pairs", "table1"),
+          eval.run, resumable=True),
+)
+STAGES = tuple(st.name for st in TABLE)
 
-class Demo(TeacherStage, PruneStage, Table1Stage, PairsStage, TrainStage, EvalStage, DemoBase):
-    """Runs the stages into ``out`` (see :mod:`axolotl_focus.demo`)."""
-
-
-__all__ = ["Demo", "DemoBase", "merge_lora"]
+__all__ = ["STAGES", "TABLE", "merge_lora"]

@@ -1,78 +1,151 @@
-"""Stage 6, ``eval``: every model through :func:`axolotl_focus.evaluate.evaluate_models`."""
+"""Stage 7, ``eval``: every model through :func:`axolotl_focus.evaluate.evaluate_models`, and the
+experiment's two diagnostics.
+
+Models: the teacher, the width- and depth-pruned checkpoints, and every run (arm x training
+seed). Conditions: top-p 0.9 at ``eval_temperature`` under ``eval_seeds`` (primary: the decoding the
+claims are judged on, chosen on the valid split) and greedy decoding (secondary); PPL and MAUVE
+(the teacher as featurizer) beside them. The documents are the held-out WikiText-2 test slice,
+detokenized like the training text (``documents.jsonl``, and ``ppl.txt`` for perplexity).
+
+Diagnostics (``diagnostics.json``): the held-out pair margin of every model
+(:mod:`axolotl_focus.evaluate.pair_margin` on ``pairs.heldout.jsonl``), and the loop kinds: the
+loop units (:func:`axolotl_focus.degeneration.loop_unit`) of the training pairs' rejected
+continuations and of every model's primary-condition generations, counted and decoded.
+"""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
-from ..report import decoding_key, flat_metrics
-from ..settings import (
-    RUNS,
-    write_json,
-)
+from ..pipeline import Context
+from ..settings import ARMS, DemoSettings, run_id, run_label, write_json
+from . import table1
+
+REFERENCES = ("teacher (unpruned)", "width pruned", "depth pruned")
+TOP_LOOPS = 8  # loop units kept per model
 
 
-class EvalStage:
-    """Stage 6 of :class:`axolotl_focus.demo.stages.Demo`."""
+def models(s: DemoSettings, records: dict) -> dict[str, str]:
+    """``{name: path}`` of every evaluated model: the references, then each arm's runs by seed."""
+    out = {"teacher (unpruned)": records["teacher"]["path"], "width pruned": records["prune"]["width"]["path"],
+           "depth pruned": records["prune"]["depth"]["path"]}
+    runs = {**records["sft"]["runs"], **(records.get("train") or {}).get("runs", {})}
+    for arm in s.arms:
+        for k in s.train_seeds:
+            out[run_label(arm, k)] = runs[run_id(arm, k)]["model"]
+    return out
 
-    def eval_models(self) -> dict[str, str]:
-        models = {"teacher (unpruned)": self.teacher, "width pruned": self.pruned("width"),
-                  "depth pruned": self.pruned("depth")}
-        for run in self.s.runs:
-            models[RUNS[run][0]] = self.trained(run)
-        return models
 
-    def eval_config(self, folder: Path):
-        from ...evaluate import EvalConfig
+def eval_config(s: DemoSettings, ctx: Context, folder: Path, teacher: str):
+    from ...evaluate import EvalConfig
 
-        s = self.s
-        return EvalConfig(
-            output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"),
-            documents="embedded", ppl_data="embedded",  # offline whatever HF_HUB_OFFLINE says
-            decodings=("top_p", "greedy"), seeds=tuple(s.seed + k for k in s.eval_seeds), batch_size=32,
-            num_documents=s.eval_documents,
-            data_seed=s.seed, prefix_tokens=s.eval_prefix_tokens, max_new_tokens=s.eval_new_tokens,
-            ppl_window=256, ppl_stride=128, ppl_max_tokens=s.ppl_max_tokens, mauve_featurizer=self.teacher,
-            mauve_seeds=tuple(s.mauve_seeds), mauve_max_text_length=256, device=self.device, progress=self.progress,
-        )
+    docs, ppl = (str(folder / "documents.jsonl"), str(folder / "ppl.txt")) if s.detokenize else ("embedded",) * 2
+    return EvalConfig(
+        output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"), documents=docs,
+        ppl_data=ppl, decodings=("top_p", "greedy"), seeds=tuple(s.seed + k for k in s.eval_seeds),
+        temperature=s.eval_temperature, batch_size=48, num_documents=s.eval_documents, data_seed=s.seed,
+        prefix_tokens=s.eval_prefix_tokens, max_new_tokens=s.eval_new_tokens, ppl_window=256, ppl_stride=128,
+        ppl_max_tokens=s.ppl_max_tokens, mauve_featurizer=teacher, mauve_seeds=tuple(s.mauve_seeds),
+        mauve_max_text_length=256, plots=False, device=ctx.device, progress=ctx.progress,
+    )
 
-    def low_eval_config(self, folder: Path):
-        """Top-p 0.9 at ``eval_low_temperature`` (repetition and MAUVE only), or None."""
-        from dataclasses import replace
 
-        t = self.s.eval_low_temperature
-        if not t:
-            return None
-        return replace(self.eval_config(folder), output_dir=str(folder / f"temperature{t:g}"),
-                       metrics=("repetition", "mauve"), decodings=("top_p",), temperature=t, plots=False,
-                       seeds=tuple(self.s.seed + k for k in self.s.eval_low_seeds))
+def _write_documents(folder: Path) -> None:
+    from ...micro import corpus_documents
 
-    def _run_eval(self, folder: Path):
-        from ...evaluate import evaluate_models
-        from ...evaluate.table1 import measure
+    docs = corpus_documents("test", detokenized=True)
+    with open(folder / "documents.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"id": f"wikitext2-test-{i}", "text": d}) + "\n" for i, d in enumerate(docs))
+    (folder / "ppl.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
 
-        s = self.s
-        results = evaluate_models(self.eval_models(), self.eval_config(folder))
-        low = self.low_eval_config(folder)
-        low_results = evaluate_models(self.eval_models(), low) if low else []
-        # Table 1's condition in the paper: the pruned model after fine-tuning (here: the CE run)
-        extra = []
-        if "ce" in s.runs and s.table1_prompts:
-            extra = measure({"width pruned + CE fine-tuning": self.run_dir("ce")}, self._table1_prompts(),
-                            s.table1_new_tokens, seed=s.seed, batch=32, progress=self.progress)
-        write_json(folder / "table1_finetuned.json", {"rows": extra})
-        methods = [RUNS[r][0] for r in s.runs]
-        parts = []
-        for label, res in (("T=1", results), (f"T={s.eval_low_temperature:g}", low_results)):
-            if res:
-                flat = {r["model"]: flat_metrics(r, decoding_key(res)) for r in res}
-                parts.append(f"top-p {label} CREP % " + ", ".join(
-                    f"{m} {flat[m].get('crep', float('nan')):.1f}" for m in methods if m in flat))
-        unavailable = sorted({k for r in results + low_results for k in r.get("unavailable", {})})
-        summary = f"{len(results)} models, {results[0]['open_ended']['prompts']} documents; " + "; ".join(parts)
-        summary = summary.replace("top-p T=1", f"top-p T=1 (seeds {list(s.eval_seeds)})").replace(
-            f"top-p T={s.eval_low_temperature:g}",
-            f"top-p T={s.eval_low_temperature:g} (seeds {list(s.eval_low_seeds)})")
-        if unavailable:
-            summary += f"; unavailable: {', '.join(unavailable)}"
-        return {"models": self.eval_models(), "unavailable": unavailable}, summary
+
+def _read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def generations(cfg, name: str, decoding: str) -> list[list[dict]]:
+    """The saved generations of model ``name`` under ``decoding`` (``top_p``: one list per seed)."""
+    from ...evaluate import model_dir
+
+    folder = model_dir(cfg, name) / "generations"
+    if decoding == "greedy":
+        return [_read_jsonl(folder / "open_ended.greedy.jsonl")]
+    return [_read_jsonl(folder / f"open_ended.top_p0.9.seed{seed}.jsonl") for seed in cfg.seeds]
+
+
+def loop_counts(token_lists) -> tuple[Counter, dict, int]:
+    """``(Counter of loop units, {unit: its segment as first generated}, number of texts)``: a unit
+    is :func:`axolotl_focus.degeneration.loop_unit` (one rotation for every phase of a loop); it is
+    shown as the segment the text actually repeated."""
+    from ...degeneration import coverage, loop_unit
+
+    units, shown, n = Counter(), {}, 0
+    for toks in token_lists:
+        n += 1
+        unit = loop_unit(toks)
+        if unit is not None:
+            units[unit] += 1
+            shown.setdefault(unit, coverage(toks).segment)
+    return units, shown, n
+
+
+def top_loops(units: Counter, shown: dict, n: int, tokenizer) -> dict:
+    return {"texts": n, "degenerate": sum(units.values()),
+            "top": [[tokenizer.decode(list(shown[u])), c, list(u)] for u, c in units.most_common(TOP_LOOPS)]}
+
+
+def diagnostics(s: DemoSettings, cfg, names: dict[str, str], records: dict, progress: bool) -> dict:
+    """Held-out pair margins and loop kinds (module docstring)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ...evaluate.pair_margin import pair_margins
+    from ...prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
+
+    pairs = records.get("pairs") or {}
+    tokenizer = AutoTokenizer.from_pretrained(names["teacher (unpruned)"])
+    out = {"margins": {}, "loops": {}}
+    if pairs.get("train_file"):
+        counted = loop_counts(r["rejected_tokens"] for r in _read_jsonl(pairs["train_file"]))
+        out["loops"]["training pairs (rejected)"] = top_loops(*counted, tokenizer)
+    for name in names:
+        counted = loop_counts(r["tokens"] for rows in generations(cfg, name, "top_p") for r in rows)
+        out["loops"][name] = top_loops(*counted, tokenizer)
+    held = _read_jsonl(pairs["heldout_file"]) if pairs.get("heldout_file") else []
+    if held:
+        for name, path in tqdm(names.items(), desc="held-out pair margins", disable=not progress):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            out["margins"][name] = pair_margins(model, tokenizer, held)
+            del model
+    return out
+
+
+def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
+    from ...evaluate import evaluate_models
+    from ...evaluate.table1 import measure
+
+    teacher = records["teacher"]["path"]
+    if s.detokenize:
+        _write_documents(folder)
+    cfg = eval_config(s, ctx, folder, teacher)
+    names = models(s, records)
+    results = evaluate_models(names, cfg)
+    diag = diagnostics(s, cfg, names, records, ctx.progress)
+    write_json(folder / "diagnostics.json", diag)
+    if s.table1_prompts:  # the micro Table 1's fine-tuned row: the CE run of the first seed
+        rows = measure({"width pruned + CE fine-tuning": records["sft"]["runs"][run_id("ce", s.train_seeds[0])][
+            "model"]}, table1.prompts(s, teacher), s.table1_new_tokens, seed=s.seed, batch=32, progress=ctx.progress)
+        write_json(folder / "table1_finetuned.json", {"rows": rows})
+    unavailable = sorted({k for r in results for k in r.get("unavailable", {})})
+    data = {"models": names, "documents": results[0]["open_ended"]["prompts"], "unavailable": unavailable,
+            "arms": {arm: ARMS[arm].label for arm in s.arms}}
+    summary = (f"{len(results)} models ({len(s.arms)} arms x {len(s.train_seeds)} seeds + 3 references), "
+               f"{data['documents']} documents, top-p 0.9 at T {s.eval_temperature:g} (seeds "
+               f"{list(cfg.seeds)}) and greedy; held-out margins on {len(next(iter(diag['margins'].values()), []))} "
+               "pairs" + (f"; unavailable: {', '.join(unavailable)}" if unavailable else ""))
+    return data, summary
 

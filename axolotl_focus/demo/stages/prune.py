@@ -3,42 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
-class PruneStage:
-    """Stage 2 of :class:`axolotl_focus.demo.stages.Demo`."""
-
-    def _run_prune(self, folder: Path):
-        from ...prune.cache import run_prune
-        from ...prune.settings import PruneSettings
-
-        s = self.s
-        layers = _num_layers(self.teacher)
-        span = list(s.width_layers or (1, layers - 1))
-        specs = {
-            "width": PruneSettings(target_param_reduction=s.width_reduction, attn_layers=span, mlp_layers=span,
-                                    gqa_mode=s.width_gqa_mode, calib_samples=s.calib_samples, seed=s.seed,
-                                    device=self.device),
-            "depth": PruneSettings(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
-                                    calib_samples=s.calib_samples, seed=s.seed, device=self.device),
-        }
-        data, parts = {}, []
-        for kind, spec in specs.items():
-            report = run_prune(self.teacher, spec, folder / kind)
-            data[kind] = {"path": str(folder / kind), "params_before": report["params_before"],
-                          "params_after": report["params_after"], "reduction": report["achieved_reduction"],
-                          "removed_blocks": report.get("removed_blocks"), "layer_shapes": report.get("layer_shapes"),
-                          "spec": spec.model_dump(exclude={"cache_dir", "wait_timeout"})}
-            extra = f", blocks {report['removed_blocks']} removed" if report.get("removed_blocks") else \
-                f", layers {span[0]}-{span[1] - 1}"
-            parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} "
-                         f"fewer{extra})")
-        return data, "; ".join(parts)
+from ..pipeline import Context
+from ..settings import DemoSettings
 
 
-def _num_layers(path: str | os.PathLike) -> int:
-    return int(json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
+    from ...prune.cache import run_prune
+    from ...prune.settings import PruneSettings
 
-
+    teacher = records["teacher"]["path"]
+    layers = int(json.loads((Path(teacher) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    span = list(s.width_layers or (1, layers - 1))
+    specs = {
+        "width": PruneSettings(target_param_reduction=s.width_reduction, attn_layers=span, mlp_layers=span,
+                               gqa_mode=s.width_gqa_mode, calib_samples=s.calib_samples, seed=s.seed,
+                               device=ctx.device),
+        "depth": PruneSettings(method="depth", num_blocks=s.depth_blocks, protected_first=1, protected_last=1,
+                               calib_samples=s.calib_samples, seed=s.seed, device=ctx.device),
+    }
+    data, parts = {}, []
+    for kind, spec in specs.items():
+        report = run_prune(teacher, spec, folder / kind)
+        data[kind] = {"path": str(folder / kind), "params_before": report["params_before"],
+                      "params_after": report["params_after"], "reduction": report["achieved_reduction"],
+                      "removed_blocks": report.get("removed_blocks"), "layer_shapes": report.get("layer_shapes"),
+                      "spec": spec.model_dump(exclude={"cache_dir", "wait_timeout"})}
+        extra = f", blocks {report['removed_blocks']} removed" if report.get("removed_blocks") else \
+            f", layers {span[0]}-{span[1] - 1}"
+        parts.append(f"{kind} {report['params_after'] / 1e6:.2f} M ({report['achieved_reduction']:.1%} fewer{extra})")
+    return data, "; ".join(parts)
