@@ -26,16 +26,16 @@ def corpus_text(split: str = "valid") -> str:
     return resources.files("axolotl_focus").joinpath(f"data/wikitext-2/{split}.txt").read_text("utf-8")
 
 
-def corpus_documents(split: str = "valid", min_chars: int = 200, detokenized: bool = False) -> list[str]:
-    """Paragraphs of the slice (headings dropped), whitespace-normalized; with ``detokenized``,
-    WikiText's markup undone (:func:`axolotl_focus.wikitext.detokenize`)."""
-    from .wikitext import detokenize
+def corpus_documents(split: str = "valid", min_chars: int = 200, clean: bool = False) -> list[str]:
+    """Paragraphs of the slice (headings dropped), whitespace-normalized; with ``clean``, WikiText's
+    markup undone and its ``<unk>`` dropped (:func:`axolotl_focus.wikitext.clean`)."""
+    from .wikitext import clean as clean_text
 
     docs = []
     for line in corpus_text(split).split("\n"):
         line = line.strip()
         if len(line) >= min_chars and not re.match(r"^=.*=$", line):
-            docs.append(detokenize(line) if detokenized else line)
+            docs.append(clean_text(line) if clean else line)
     return docs
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from axolotl_focus.micro import corpus_documents
-from axolotl_focus.wikitext import detokenize
+from axolotl_focus.wikitext import clean, detokenize
 
 
 @pytest.mark.parametrize("raw,clean", [
@@ -36,3 +36,12 @@ def test_the_embedded_slice_has_no_markup_left_and_keeps_its_words():
             assert not re.search(r" @[-,.]@ | [,.;:!?%)] | 's\b", " " + clean + " ")
             words = lambda t: re.sub(r"[^\w<>]", "", t)  # noqa: E731 - only spacing and escapes change
             assert words(clean) == words(doc.replace("@-@", "").replace("@,@", "").replace("@.@", ""))
+
+
+def test_clean_also_drops_unk_and_what_it_leaves_empty():
+    raw = 'a large <unk> , with a body ( <unk> ) , " <unk> " said <unk> <unk> . <unk>'
+    assert clean(raw) == "a large, with a body, said."
+    assert clean("no rare words here .") == detokenize("no rare words here .")
+    docs = corpus_documents("valid", clean=True)
+    assert docs and not any("<unk>" in d for d in docs)
+    assert all(clean(d) == d for d in docs[:200])  # idempotent

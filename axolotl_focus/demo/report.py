@@ -116,9 +116,9 @@ def _setup(v: View) -> list[str]:
                      f"{w['params_before']:,} -> {w['params_after']:,} parameters ({w['reduction']:.1%} fewer); "
                      f"depth: blocks {d.get('removed_blocks')} removed ({d['reduction']:.1%} fewer). Both record the "
                      "teacher as `focus_source_model`.")
-    if s.detokenize:
-        lines.append("- **Text**: WikiText-2 with its markup undone (`axolotl_focus.wikitext.detokenize`: ` @-@ ` "
-                     "-> `-`, no space before punctuation, clitics attached, quotes paired) in the SFT rows, the "
+    if s.clean_text:
+        lines.append("- **Text**: WikiText-2 cleaned (`axolotl_focus.wikitext.clean`: ` @-@ ` -> `-`, no space "
+                     "before punctuation, clitics attached, quotes paired, `<unk>` dropped) in the SFT rows, the "
                      "mining prompts and the evaluation documents.")
     if "sft" in r:
         tuning = f"LoRA r {s.train_lora_r} on every linear layer (merged)" if s.train_lora_r else "full fine-tuning"

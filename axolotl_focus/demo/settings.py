@@ -92,9 +92,9 @@ class DemoSettings:
     table1_prompts: int = 64
     table1_prefix_tokens: int = 50
     table1_new_tokens: int = 200
-    # the text: WikiText's markup (@-@, spaces before punctuation) undone in the SFT rows, the
-    # mining prompts and the evaluation documents (axolotl_focus.wikitext)
-    detokenize: bool = True
+    # the text: WikiText's markup (@-@, spaces before punctuation) undone and its <unk> dropped in the
+    # SFT rows, the mining prompts and the evaluation documents (axolotl_focus.wikitext.clean)
+    clean_text: bool = True
     # 4. sft: the CE run of every training seed (LoRA or full fine-tuning from the width-pruned checkpoint)
     sft_chunk_tokens: int = 128
     sft_max_rows: int | None = None  # None: the whole slice
@@ -149,12 +149,12 @@ class DemoSettings:
 
     def stage_settings(self, stage: str) -> dict:
         """The settings a stage's outputs depend on."""
-        train = ("sft_", "sequence_len", "micro_batch_size", "train_", "learning_rate", "detokenize")
+        train = ("sft_", "sequence_len", "micro_batch_size", "train_", "learning_rate", "clean_text")
         prefix = {"teacher": ("teacher_", "vocab_size", "model"), "prune": ("width_", "depth_", "calib_"),
                   "table1": ("table1_",), "sft": train,
-                  "pairs": ("mine_from", "mining_", "target_pairs", "heldout_", "detokenize", "runs"),
+                  "pairs": ("mine_from", "mining_", "target_pairs", "heldout_", "clean_text", "runs"),
                   "train": train + ("runs", "pairs_per_step", "dpo_", "cache_"),
-                  "eval": ("eval_", "ppl_", "mauve_", "table1_prompts", "runs", "train_seeds", "detokenize")}[stage]
+                  "eval": ("eval_", "ppl_", "mauve_", "table1_prompts", "runs", "train_seeds", "clean_text")}[stage]
         return {k: v for k, v in asdict(self).items() if k.startswith(prefix)} | {"seed": self.seed}
 
 
@@ -190,8 +190,8 @@ def demo_settings(quick: bool = False, seed: int = 0, model: str = "smollm2",
         model=model, preset=preset, quick=preset != "full", seed=seed, width_gqa_mode="q_within_group",
         width_layers=(3, 28), depth_blocks=9, calib_samples=10, table1_prompts=0, mining_prompts=603,
         mining_prefix_tokens=50, mining_new_tokens=96, mining_temperature=0.7, mining_teacher_temperature=1.0,
-        target_pairs=160, sft_chunk_tokens=128, sft_max_rows=None, sequence_len=256, micro_batch_size=4,
-        train_steps=30, learning_rate=1e-3, dpo_learning_rate=2e-4, train_lora_r=16, pairs_per_step=4,
+        target_pairs=120, sft_chunk_tokens=128, sft_max_rows=None, sequence_len=256, micro_batch_size=4,
+        train_steps=30, learning_rate=1e-3, dpo_learning_rate=2e-4, train_lora_r=16, pairs_per_step=2,
         train_seeds=(0, 1, 2, 3), runs=("ce", "kd", "focus", "ce-repair", "focus-repair", "dpo"),
         eval_documents=48, eval_temperature=0.7, eval_seeds=(0,), ppl_max_tokens=4096, mauve_seeds=(1,),
         cache_k=512,

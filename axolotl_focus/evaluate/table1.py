@@ -29,13 +29,15 @@ def decodings(temperatures: Sequence[float] = (), greedy: bool = True) -> tuple:
                                           for t in temperatures)
 
 
-def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test") -> list[list[int]]:
+def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test", clean: bool = False
+             ) -> list[list[int]]:
     """The first ``prefix_tokens`` ids of the first ``count`` documents of the embedded slice
-    that have at least ``prefix_tokens + 10`` tokens."""
+    (cleaned with ``clean``: :func:`axolotl_focus.wikitext.clean`) that have at least ``prefix_tokens + 10``
+    tokens."""
     from ..micro import corpus_documents
 
     out = []
-    for doc in corpus_documents(split):
+    for doc in corpus_documents(split, clean=clean):
         ids = tokenizer(doc)["input_ids"]
         if len(ids) >= prefix_tokens + 10:
             out.append(ids[:prefix_tokens])

@@ -10,7 +10,7 @@ from axolotl_focus.demo.settings import SFT_ARM, run_id
 def test_the_full_real_preset_is_the_experiment():
     full = demo_settings(preset="full")
     assert set(full.runs) == {"ce", "kd", "focus", "ce-repair", "focus-repair", "dpo"}
-    assert len(full.train_seeds) >= 4 and full.mine_from == "tuned" and full.detokenize
+    assert len(full.train_seeds) >= 4 and full.mine_from == "tuned" and full.clean_text
     assert full.eval_temperature == 0.7 and 0 < full.heldout_share <= 0.2
     sft, train = full.runs_of("sft"), full.runs_of("train")
     assert set(sft) == {run_id("ce", k) for k in full.train_seeds}
@@ -36,7 +36,7 @@ def test_stage_keys_follow_the_settings_they_depend_on():
     other.pairs_per_step += 1  # a train setting: not the sft stage's
     assert other.stage_settings("sft") == s.stage_settings("sft")
     assert other.stage_settings("train") != s.stage_settings("train")
-    other.detokenize = False  # the text changes every stage that reads it
+    other.clean_text = False  # the text changes every stage that reads it
     assert all(other.stage_settings(st) != s.stage_settings(st) for st in ("sft", "pairs", "train", "eval"))
 
 

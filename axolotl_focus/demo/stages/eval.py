@@ -5,7 +5,7 @@ Models: the teacher, the width- and depth-pruned checkpoints, and every run (arm
 seed). Conditions: top-p 0.9 at ``eval_temperature`` under ``eval_seeds`` (primary: the decoding the
 claims are judged on, chosen on the valid split) and greedy decoding (secondary); PPL and MAUVE
 (the teacher as featurizer) beside them. The documents are the held-out WikiText-2 test slice,
-detokenized like the training text (``documents.jsonl``, and ``ppl.txt`` for perplexity).
+cleaned like the training text (``documents.jsonl``, and ``ppl.txt`` for perplexity).
 
 Diagnostics (``diagnostics.json``): the held-out pair margin of every model
 (:mod:`axolotl_focus.evaluate.pair_margin` on ``pairs.heldout.jsonl``), and the loop kinds: the
@@ -41,7 +41,7 @@ def models(s: DemoSettings, records: dict) -> dict[str, str]:
 def eval_config(s: DemoSettings, ctx: Context, folder: Path, teacher: str):
     from ...evaluate import EvalConfig
 
-    docs, ppl = (str(folder / "documents.jsonl"), str(folder / "ppl.txt")) if s.detokenize else ("embedded",) * 2
+    docs, ppl = (str(folder / "documents.jsonl"), str(folder / "ppl.txt")) if s.clean_text else ("embedded",) * 2
     return EvalConfig(
         output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"), documents=docs,
         ppl_data=ppl, decodings=("top_p", "greedy"), seeds=tuple(s.seed + k for k in s.eval_seeds),
@@ -55,7 +55,7 @@ def eval_config(s: DemoSettings, ctx: Context, folder: Path, teacher: str):
 def _write_documents(folder: Path) -> None:
     from ...micro import corpus_documents
 
-    docs = corpus_documents("test", detokenized=True)
+    docs = corpus_documents("test", clean=True)
     with open(folder / "documents.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"id": f"wikitext2-test-{i}", "text": d}) + "\n" for i, d in enumerate(docs))
     (folder / "ppl.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
@@ -129,7 +129,7 @@ def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dic
     from ...evaluate.table1 import measure
 
     teacher = records["teacher"]["path"]
-    if s.detokenize:
+    if s.clean_text:
         _write_documents(folder)
     cfg = eval_config(s, ctx, folder, teacher)
     names = models(s, records)

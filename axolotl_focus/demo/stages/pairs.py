@@ -3,8 +3,8 @@
 The student is the model being repaired: with ``mine_from: tuned`` (the default) the CE run of the
 first training seed (stage ``sft``), whose loops are the ones the fine-tuned arms make; with
 ``pruned`` the width-pruned checkpoint before fine-tuning. The teacher is the student's recorded
-source (the unpruned model). Prompts: the training slice (WikiText-2 valid, detokenized with
-``detokenize``). A seeded share ``heldout_share`` of the mined pairs is kept out of training
+source (the unpruned model). Prompts: the training slice (WikiText-2 valid, cleaned with
+``clean_text``). A seeded share ``heldout_share`` of the mined pairs is kept out of training
 (``pairs.heldout.jsonl``: the held-out margin diagnostic); the rest is ``pairs.train.jsonl``."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dic
 
     prompts = folder / "prompts.jsonl"
     _write_rows(prompts, [{"id": f"wikitext2-valid-{i}", "text": doc} for i, doc in
-                          enumerate(corpus_documents("valid", detokenized=s.detokenize)[: s.mining_prompts])])
+                          enumerate(corpus_documents("valid", clean=s.clean_text)[: s.mining_prompts])])
     extra = {}
     if s.mining_teacher_temperature is not None:
         extra["teacher_temperature"] = s.mining_teacher_temperature

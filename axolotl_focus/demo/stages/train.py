@@ -22,7 +22,7 @@ from ..settings import ARMS, SFT_ARM, DemoError, DemoSettings, cache_dir, fmt_ti
 
 def write_sft(s: DemoSettings, tokenizer_path: str, path: Path) -> int:
     """The SFT data: the training text (the WikiText-2 valid slice, detokenized with
-    ``s.detokenize``) in chunks of at most ``sft_chunk_tokens`` tokens. Returns the row count."""
+    ``s.clean_text``) in chunks of at most ``sft_chunk_tokens`` tokens. Returns the row count."""
     from transformers import AutoTokenizer
 
     from ...micro import corpus_documents
@@ -30,7 +30,7 @@ def write_sft(s: DemoSettings, tokenizer_path: str, path: Path) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     n = 0
     with open(path, "w", encoding="utf-8") as handle:
-        for doc in corpus_documents("valid", detokenized=s.detokenize):
+        for doc in corpus_documents("valid", clean=s.clean_text):
             ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
             for start in range(0, len(ids), s.sft_chunk_tokens):
                 text = tokenizer.decode(ids[start : start + s.sft_chunk_tokens]).strip()
