@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -139,6 +140,24 @@ def validation_messages(exc, prefix: str = "") -> list[tuple[str, str]]:
             msg += f" (got {err['input']!r})"
         out.append((key, msg))
     return out
+
+
+def _nonfinite_values(cfg: Mapping, account: Account, lines) -> None:
+    """Every number in the config is finite: ``.inf`` / ``.nan`` in any key (axolotl's too; the
+    ``focus_*`` keys are checked by their schema) is an error."""
+    def walk(value, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            account.error(key, f"must be a finite number (got {value})", lines)
+        elif isinstance(value, Mapping):
+            for sub, item in value.items():
+                walk(item, f"{key}.{sub}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+
+    for key, value in cfg.items():
+        if not str(key).startswith("focus_"):
+            walk(value, str(key))
 
 
 def _unknown_focus_keys(cfg: Mapping, account: Account, lines) -> None:
@@ -424,6 +443,7 @@ def check_config(cfg: Mapping, path: str = "", *, train: bool, lines: Mapping[st
     if PLUGIN not in (cfg.get("plugins") or []) and not train:
         account.error("plugins", f"does not list {PLUGIN}; the focus_* keys would be ignored", lines)
     _unknown_focus_keys(cfg, account, lines)
+    _nonfinite_values(cfg, account, lines)
     args, spec = _focus_args(cfg, account, lines)
     _check_models(cfg, args, spec, account, lines, train)
     _dataset_files(cfg, account, lines)

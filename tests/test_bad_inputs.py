@@ -33,7 +33,7 @@ class Case:
     argv: list[str]  # {root}, {teacher}, {student}, ... are filled in; "train" first: load_cfg(argv[1])
     code: int  # exit code (train: 2 means "raises ValueError")
     words: tuple[str, ...]  # all must appear in the error (case-insensitive)
-    files: dict[str, object] = field(default_factory=dict)  # name -> text / dict (YAML) / list (JSONL)
+    files: dict[str, object] = field(default_factory=dict)  # name -> text / bytes / dict (YAML) / list (JSONL)
     setup: Callable[[Path, dict], None] | None = None
 
 
@@ -236,6 +236,31 @@ CASES = [
     Case("eval-top-p", ["eval", "{student}", "--top-p", "2", "--output-dir", "{root}/e"], 2, ("top_p",)),
     Case("tiny-steps", ["tiny", "--out", "{root}/t", "--steps", "0"], 2, ("--steps", "at least 1")),
     Case("demo-preset", ["demo", "--preset", "huge", "--out", "{root}/d"], 2, ("--preset", "invalid choice")),
+    # --- class 1: non-finite or out-of-range numbers (one finite-float type: FocusArgs, PruneSettings, the CLIs) ---
+    Case("temperature-inf", ["validate", "{root}/c.yml"], 1, ("c.yml:15", "focus_temperature", "finite number", "inf"),
+         {"c.yml": config(focus_temperature=float("inf"))}),
+    Case("temperature-inf-train", ["train", "{root}/c.yml"], 2, ("focus_temperature", "finite number"),
+         {"c.yml": config(focus_temperature=float("inf"))}),
+    Case("alpha-nan", ["validate", "{root}/c.yml"], 1, ("focus_alpha", "finite number"),
+         {"c.yml": config(focus_alpha=float("nan"))}),
+    Case("aux-alpha-inf", ["validate", "{root}/c.yml"], 1, ("focus_aux_losses.unlikelihood.alpha", "finite number"),
+         {"c.yml": config(focus_aux_losses={"unlikelihood": {"alpha": float("inf")}})}),
+    Case("prune-ratio-nan", ["validate", "{root}/c.yml"], 1, ("focus_prune.ratio", "finite number"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "ratio": float("nan")})}),
+    Case("axolotl-key-inf", ["validate", "{root}/c.yml"], 1, ("c.yml:13", "learning_rate", "finite number"),
+         {"c.yml": config(learning_rate=float("inf"))}),
+    Case("axolotl-key-inf-train", ["train", "{root}/c.yml"], 2, ("learning_rate", "finite number"),
+         {"c.yml": config(learning_rate=float("inf"))}),
+    Case("teacher-cache-temperature-inf", ["teacher-cache", "{root}/c.yml", "--output", "{root}/tc", "--temperature",
+                                           "inf"], 2, ("--temperature", "finite number"), {"c.yml": config()}),
+    Case("pairs-temperature-inf", [*PAIRS, "--temperature", "inf"], 2, ("--temperature", "finite number")),
+    Case("pairs-threshold-nan", [*PAIRS, "--threshold", "nan"], 2, ("--threshold", "finite number")),
+    Case("prune-ratio-inf-cli", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--ratio", "inf"], 2,
+         ("--ratio", "finite number")),
+    Case("eval-temperature-zero", ["eval", "{student}", "--temperature", "0", "--output-dir", "{root}/e"], 2,
+         ("temperature", "must be > 0")),
+    Case("eval-seeds-twice", ["eval", "{student}", "--seeds", "1", "1", "--output-dir", "{root}/e"], 2,
+         ("seeds", "twice")),
 ]
 
 
@@ -275,6 +300,9 @@ def _write(root: Path, files: dict, names: dict) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         content = _fill(content, names)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+            continue
         if isinstance(content, dict):
             content = yaml.safe_dump(content, sort_keys=False)
         elif isinstance(content, list):

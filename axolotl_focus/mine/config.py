@@ -14,7 +14,7 @@ from typing import Any
 
 from ..degeneration import DEFAULT_THRESHOLD
 from ..locations import looks_local
-from ..options import opt
+from ..options import nonfinite_fields, opt
 from ..sources import TEXT_UNITS
 
 __all__ = ["DTYPES", "MODES", "MiningConfig", "MiningSummary"]
@@ -100,10 +100,11 @@ class MiningConfig:
         ``prompts``: also check the prompt source (a local-looking path must exist);
         ``models``: also check that a student is given and a teacher is given or recorded.
         """
-        errors: list[str] = []
+        errors: list[str] = nonfinite_fields(self)
 
         def bad(name: str, msg: str) -> None:
-            errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
+            if not any(e.startswith(f"{name}: ") for e in errors):
+                errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
 
         if self.mode not in MODES:
             bad("mode", f"must be one of {MODES}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random")
 GRADIENT_IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix")
@@ -37,11 +37,11 @@ class PruneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["width", "depth"] = "width"
-    ratio: float = Field(default=0.25, gt=0, lt=1, description=(
+    ratio: FiniteFloat = Field(default=0.25, gt=0, lt=1, description=(
         "nominal per-layer width ratio (LLM-Pruner's pruning ratio): the share of the attention heads or KV groups "
         "(whole units, rounded down) and of the MLP channels removed in each layer of attn_layers / mlp_layers; "
         "the parameter cut is smaller (embeddings, norms and the layers outside the ranges are not pruned)"))
-    target_param_reduction: float | None = Field(default=None, gt=0, lt=1, description=(
+    target_param_reduction: FiniteFloat | None = Field(default=None, gt=0, lt=1, description=(
         "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved for it "
         "and ratio is ignored; default: unset, ratio is used"))
     importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
@@ -53,7 +53,8 @@ class PruneSettings(BaseModel):
     gqa_mode: Literal["group", "q_within_group"] = "group"
     uniform: bool = Field(default=False, description="same vanilla shape in every layer (vLLM-servable; not the paper)")
     num_blocks: int | None = Field(default=None, ge=1, description="depth: blocks to remove")
-    block_fraction: float | None = Field(default=None, gt=0, lt=1, description="depth: fraction of blocks to remove")
+    block_fraction: FiniteFloat | None = Field(default=None, gt=0, lt=1,
+                                               description="depth: fraction of blocks to remove")
     depth_score: Literal["taylor", "ppl"] = "taylor"
     protected_first: int = Field(default=4, ge=0)
     protected_last: int = Field(default=2, ge=0)
@@ -70,7 +71,7 @@ class PruneSettings(BaseModel):
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', ...")
     cache_dir: str | None = Field(
         default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
-    wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning",
+    wait_timeout: FiniteFloat = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning",
                                 json_schema_extra={"cli": {"cli": False}})
 
     def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -131,8 +131,8 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
     temperature = float(temperature)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")
     lazy = callable(teacher) and not isinstance(teacher, torch.nn.Module)
