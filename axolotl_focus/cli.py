@@ -95,8 +95,10 @@ def cmd_prune(args) -> int:
 
         raise ValueError("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune"))) from None
     from .locations import resolve_model
+    from .options import resolve_device
 
-    resolve_model(source, "base_model" if args.config else "--model")  # a missing model: one line, exit 2
+    resolve_model(source, "base_model" if args.config else "--model")  # a missing or damaged model: one line
+    resolve_device(spec.device, "--device")  # gpu0, or cuda on a machine without CUDA: before any work
     from .logs import show_package_logs
 
     undo = show_package_logs()
@@ -263,8 +265,13 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-# errors a user's input causes: one line and exit 2 (anything else is a bug: one line, exit 1)
+# errors a user's input or machine causes: one line and exit 2 (anything else is a bug: one line, exit 1);
+# safetensors' own error (a damaged or unwritable weights file) is one of them
 _INPUT_ERRORS = (ValueError, OSError, TimeoutError)
+
+
+def _input_error(exc: BaseException) -> bool:
+    return isinstance(exc, _INPUT_ERRORS) or type(exc).__name__ == "SafetensorError"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"axolotl-focus {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _INPUT_ERRORS as exc:
-        print(f"axolotl-focus {args.command}: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback with --debug
+        if _input_error(exc):
+            print(f"axolotl-focus {args.command}: {_one_line(exc)}", file=sys.stderr)
+            return 2
         print(f"axolotl-focus {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1

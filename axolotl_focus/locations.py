@@ -5,12 +5,15 @@ A name *looks local* when it exists, ends in a file suffix (``.jsonl``, ``.json`
 ``.text``), starts with ``/``, ``./``, ``../`` or ``~``, or has more than one ``/`` (a hub id is
 ``name`` or ``namespace/name``). Everything else is taken as a hub id. ``resolve_model`` says,
 for a model, which of these it is and where its ``config.json`` is (the folder, or the local hub
-cache), and raises a ``ValueError`` naming the config field when a local model is missing. The hub
-is offline when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value.
+cache), and raises a ``ValueError`` naming the config field when a local model is missing or its
+weights are damaged (:func:`check_weight_files`: every ``*.safetensors`` file as long as its header
+says, every file of a sharded index present; no weights are read). The hub is offline when
+``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -43,6 +46,47 @@ def cached_hub_file(repo_id: str, filename: str = "config.json") -> str | None:
     except Exception:  # not a valid repo id
         return None
     return found if isinstance(found, str) else None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """Why the safetensors file ``path`` is damaged (header unreadable, file shorter than its
+    header says), or None. Reads the header only."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < length <= size - 8:
+            return f"{size} bytes, not a whole safetensors file (truncated?)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its safetensors header is not valid (damaged file?)"
+    if 8 + length + end > size:
+        return f"{size:,} bytes, but its header describes {8 + length + end:,} (truncated: an interrupted copy?)"
+    return None
+
+
+def check_weight_files(folder: str, field: str) -> None:
+    """Raise ``ValueError("<field>: <file>: ...")`` when a weight file of the model folder is
+    damaged: a ``*.safetensors`` file shorter than its header says (or without a valid header), or
+    a file named by ``*.index.json`` that is missing. Cheap: headers and sizes only."""
+    names = sorted(os.listdir(folder))
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            problem = _safetensors_problem(path)
+            if problem:
+                raise ValueError(f"{field}: {path}: {problem}; copy or download the model again")
+        elif name.endswith(".index.json"):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    shards = set((json.load(handle).get("weight_map") or {}).values())
+            except (ValueError, AttributeError):
+                raise ValueError(f"{field}: {path}: not a valid JSON weight index") from None
+            missing = sorted(s for s in shards if not os.path.isfile(os.path.join(folder, s)))
+            if missing:
+                raise ValueError(f"{field}: {folder}: {name} names missing weight files ({', '.join(missing[:3])})")
 
 
 @dataclass(frozen=True)
@@ -80,6 +124,7 @@ def resolve_model(name: str, field: str, *, check_online: bool = True) -> ModelL
         config = os.path.join(path, "config.json")
         if not os.path.isfile(config):
             raise ValueError(f"{field}: {name} has no config.json (not a Hugging Face model folder)")
+        check_weight_files(path, field)
         return ModelLocation(path, "local", config)
     cached = cached_hub_file(name)
     if cached:

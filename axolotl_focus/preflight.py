@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import yaml
 
 from .config import FocusArgs, FocusAuxLosses, focus_default, source_model_of
+from .files import read_lines, read_text
 from .locations import ModelLocation, looks_local, resolve_model
 from .prune.settings import PruneSettings
 
@@ -91,10 +92,10 @@ def nearest(name: str, known) -> str:
     return f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
 
 
-def key_lines(path: str) -> dict[str, int]:
-    """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)."""
-    with open(path, encoding="utf-8") as handle:
-        root = yaml.compose(handle)
+def key_lines(path: str, text: str | None = None) -> dict[str, int]:
+    """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)
+    (``text``: the file's content, when read already)."""
+    root = yaml.compose(read_text(path, "config") if text is None else text)
     lines: dict[str, int] = {}
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
@@ -112,10 +113,10 @@ def read_config(path: str) -> tuple[dict, dict[str, int]]:
     """The YAML mapping of ``path`` and its key lines; ``ValueError`` naming file:line otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such config file")
+    text = read_text(path, "config")  # not UTF-8: the line of the first bad byte
     try:
-        with open(path, encoding="utf-8") as handle:
-            cfg = yaml.safe_load(handle)
-        lines = key_lines(path)
+        cfg = yaml.safe_load(text)
+        lines = key_lines(path, text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -295,7 +296,7 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                          lines) -> None:
     """``focus_teacher_cache``: a complete cache (its cache.json and shard folders; no shard is
     read) built at ``focus_temperature`` for the student's vocabulary size and tokenizer."""
-    from .train.teacher_cache.format import FORMAT, META_FILE, VERSION, read_meta, tokenizer_digest
+    from .train.teacher_cache.format import FORMAT, META_FILE, VERSION, read_meta, shard_problems, tokenizer_digest
 
     key = "focus_teacher_cache"
     path = str(cfg[key])
@@ -312,12 +313,15 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
         account.error(key, f"{path}: teacher cache version {meta.version} (this axolotl_focus reads version "
                       f"{VERSION}); rebuild it: {build} --restart", lines)
         return
-    shards = [os.path.join(path, f"shard-{i:05d}") for i in range(meta.shards)]
-    done = sum(os.path.isdir(s) for s in shards)
-    if not meta.complete or done < meta.shards:
-        what = "is incomplete" if not meta.complete else "misses shard folders"
-        account.error(key, f"{path}: the teacher cache {what} ({done} of {meta.shards} shards); finish it by running "
-                      f"axolotl-focus teacher-cache again with the same settings", lines)
+    damaged = shard_problems(path, meta)  # sizes of the files each shard was written with; no data read
+    if not meta.complete:
+        done = sum(os.path.isdir(os.path.join(path, f"shard-{i:05d}")) for i in range(meta.shards))
+        account.error(key, f"{path}: the teacher cache is incomplete ({done} of {meta.shards} shards); finish it by "
+                      "running axolotl-focus teacher-cache again with the same settings", lines)
+        return
+    if damaged:
+        account.error(key, f"{path}: the teacher cache is damaged ({'; '.join(damaged[:3])}); rerun axolotl-focus "
+                      "teacher-cache with the same settings to write those shards again", lines)
         return
     account.say("teacher", f"cache {path} (k={meta.k}, teacher {meta.teacher}, {meta.sequences} sequences, "
                 f"{meta.positions} positions); no teacher weights loaded")
@@ -404,7 +408,7 @@ def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
             except ValueError as exc:
                 account.error(f"{key}.path", str(exc), lines)
                 continue
-            rows = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+            rows = sum(1 for line in read_lines(path) if line.strip())
             account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked" + (f", {bad} bad ones skipped"
                                                                                       if bad else ""))
         else:
@@ -510,7 +514,7 @@ def check_before_training(cfg: Any) -> None:
     if path and os.path.isfile(path):
         try:
             lines = key_lines(path)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             pass
     account = check_config(cfg, path, train=True, lines=lines)
     account.raise_errors()

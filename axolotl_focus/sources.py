@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .files import read_lines, read_text
+
 __all__ = ["Prompt", "TEXT_FIELDS", "TEXT_UNITS", "load_hub_dataset", "load_prompts", "missing_file", "offline_env",
            "read_json_rows"]
 
@@ -58,10 +60,13 @@ def read_json_rows(path: str, field: str) -> list[tuple[int, str, Any]]:
     """``(default id, where, row)`` of each row of a JSON array (0-based position, ``path[i]``) or
     of each non-blank line of a JSON-lines file (1-based line number, ``path:line``). A line that
     is not valid JSON raises ``ValueError("<field>: <path>:<line> is not valid JSON (...)")``."""
-    with open(path, encoding="utf-8") as handle:
-        content = handle.read()
+    content = read_text(path, field)
     if content.lstrip().startswith("["):  # a JSON array: ids are 0-based positions
-        return [(i, f"{path}[{i}]", row) for i, row in enumerate(json.loads(content))]
+        try:
+            rows = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{field}: {path}:{err.lineno} is not valid JSON ({err.msg})") from None
+        return [(i, f"{path}[{i}]", row) for i, row in enumerate(rows)]
     records = []
     for lineno, line in enumerate(content.split("\n"), 1):
         if line.strip():
@@ -100,6 +105,7 @@ def load_prompts(
     split: str = "train",
     dataset_config: str | None = None,
     limit: int | None = None,
+    field: str = "prompts",
 ) -> list[Prompt]:
     """Prompts from a JSONL file, a plain text file, or a hub dataset (``datasets.load_dataset``).
 
@@ -109,7 +115,8 @@ def load_prompts(
     number (array: the 0-based position). Plain text: one document
     per paragraph (blank-line separated) or per line (``text_unit``), id = its first line number.
     Hub: same fields, id = ``id_field`` or the row index. Empty prompts are skipped; duplicate ids
-    raise, and so does a source without any prompt. ``limit`` keeps the first N prompts.
+    raise, and so does a source without any prompt. ``limit`` keeps the first N prompts. ``field``:
+    the option named by errors about the source (``prompts``, ``documents``, ...).
     """
     out: list[Prompt] = []
 
@@ -126,14 +133,13 @@ def load_prompts(
         return row[id_field]
 
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
-        records = read_json_rows(source, "prompts")
+        records = read_json_rows(source, field)
         for default_id, where, row in records:
             if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field)):
                 break
         why = f"all {len(records)} rows have an empty text" if records else "no JSON rows"
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8") as handle:
-            lines = handle.read().split("\n")
+        lines = read_lines(source, field)
         start, buf = None, []
         for lineno, line in enumerate(lines + [""], 1):
             if line.strip():
@@ -152,7 +158,7 @@ def load_prompts(
                 break
         why = f"split {split!r}: " + (f"all {len(data)} rows have an empty text" if len(data) else "no rows")
     if not out:
-        raise ValueError(f"prompts: {source} holds no prompts ({why})")
+        raise ValueError(f"{field}: {source} holds no prompts ({why})")
     ids = [p.source_id for p in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

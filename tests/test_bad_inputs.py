@@ -98,7 +98,16 @@ def _incomplete_cache(root: Path, models: dict) -> None:
     shutil.rmtree(root / "cache" / "shard-00001")
 
 
+def _truncated_student(root: Path, models: dict) -> None:
+    """root/trunc: a copy of the student whose model.safetensors lost its last 100 bytes."""
+    shutil.copytree(models["student"], root / "trunc")
+    weights = root / "trunc" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+
+
 CACHED = "{root}/cache"
+LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": not UTF-8
 
 CASES = [
     # --- config keys and values (validate: exit 1 and the account; train: raises in register) ---
@@ -261,6 +270,48 @@ CASES = [
          ("temperature", "must be > 0")),
     Case("eval-seeds-twice", ["eval", "{student}", "--seeds", "1", "1", "--output-dir", "{root}/e"], 2,
          ("seeds", "twice")),
+    # --- class 3: input / environment problems: exit 2, one line naming the file (line) or option ---
+    Case("config-not-utf8", ["validate", "{root}/c.yml"], 2, ("c.yml:2", "not UTF-8", "0xe9"),
+         {"c.yml": b"base_model: x\n# " + LATIN1 + b"\nplugins: []\n"}),
+    Case("pairs-file-not-utf8", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:2", "not UTF-8"),
+         {"c.yml": config(datasets=REPAIR_DATA),
+          "pairs.jsonl": json.dumps(PAIR).encode() + b"\n" + json.dumps(PAIR).encode().replace(b"cat", LATIN1, 1)}),
+    Case("pairs-file-not-utf8-train", ["train", "{root}/c.yml"], 2, ("pairs.jsonl:2", "not UTF-8"),
+         {"c.yml": config(datasets=REPAIR_DATA),
+          "pairs.jsonl": json.dumps(PAIR).encode() + b"\n" + json.dumps(PAIR).encode().replace(b"cat", LATIN1, 1)}),
+    Case("prompts-not-utf8", [*PAIRS[:4], "{root}/p.jsonl", *PAIRS[5:]], 2, ("prompts", "p.jsonl:3", "not UTF-8"),
+         {"p.jsonl": b'{"text": "a b c"}\n\n{"text": "' + LATIN1 + b'"}\n'}),
+    Case("prompts-text-not-utf8", [*PAIRS[:4], "{root}/p.txt", *PAIRS[5:]], 2, ("prompts", "p.txt:1", "0xe9"),
+         {"p.txt": LATIN1 + b" au lait\n"}),
+    Case("calibration-not-utf8", ["validate", "{root}/c.yml"], 1, ("focus_prune.calibration", "cal.txt:2", "UTF-8"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "calibration": "{root}/cal.txt"}),
+          "cal.txt": b"one line\n" + LATIN1 + b"\n"}),
+    Case("calibration-not-utf8-prune", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "1",
+                                        "3", "--mlp-layers", "1", "3", "--calibration", "{root}/cal.jsonl"], 2,
+         ("focus_prune.calibration", "cal.jsonl:1", "not UTF-8"), {"cal.jsonl": b'{"text": "' + LATIN1 + b'"}\n'}),
+    Case("eval-documents-not-utf8", ["eval", "{student}", "--documents", "{root}/d.txt", "--output-dir", "{root}/e"],
+         2, ("documents", "d.txt:2", "not UTF-8"), {"d.txt": b"first paragraph\n" + LATIN1 + b"\n"}),
+    Case("eval-documents-missing", ["eval", "{student}", "--documents", "{root}/d.txt", "--output-dir", "{root}/e"],
+         2, ("documents", "d.txt", "not found")),
+    Case("student-truncated", ["validate", "{root}/c.yml"], 1, ("base_model", "model.safetensors", "truncated"),
+         {"c.yml": config(base_model="{root}/trunc")}, _truncated_student),
+    Case("student-truncated-train", ["train", "{root}/c.yml"], 2, ("base_model", "model.safetensors", "truncated"),
+         {"c.yml": config(base_model="{root}/trunc")}, _truncated_student),
+    Case("prune-model-truncated", ["prune", "--model", "{root}/trunc", "--output", "{root}/p"], 2,
+         ("--model", "model.safetensors", "truncated"), setup=_truncated_student),
+    Case("pairs-student-truncated", [*PAIRS[:2], "{root}/trunc", *PAIRS[3:], "--teacher", "{teacher}"], 2,
+         ("student", "model.safetensors", "truncated"), setup=_truncated_student),
+    Case("eval-model-truncated", ["eval", "t={root}/trunc", "--output-dir", "{root}/e"], 2,
+         ("t", "model.safetensors", "truncated"), setup=_truncated_student),
+    Case("prune-device-gpu0", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "1", "3",
+                               "--mlp-layers", "1", "3", "--device", "gpu0"], 2, ("--device", "gpu0", "not a device")),
+    Case("prune-device-missing", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "1", "3",
+                                  "--mlp-layers", "1", "3", "--device", "cuda:7"], 2, ("--device", "cuda:7")),
+    Case("pairs-device-gpu0", [*PAIRS, "--device", "gpu0"], 2, ("--device", "gpu0", "not a device")),
+    Case("eval-device-missing", ["eval", "{student}", "--device", "cuda:7", "--output-dir", "{root}/e"], 2,
+         ("--device", "cuda:7")),
+    Case("teacher-cache-device", ["teacher-cache", "{root}/c.yml", "--output", "{root}/tc", "--device", "gpu0"], 2,
+         ("--device", "invalid choice"), {"c.yml": config()}),
 ]
 
 
@@ -412,3 +463,24 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         main(["--debug", "prune", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="does not exist"):
         main(["prune", "--debug", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p")])
+
+
+def test_disk_full_while_pruning_is_one_line_and_keeps_nothing(models, tmp_path, capsys, monkeypatch, one_thread):
+    """Class 3: the disk fills up while the pruned checkpoint is written (safetensors' own error, as
+    save_pretrained raises it): exit 2, one line naming the output, no temporary folder left."""
+    from axolotl_focus.cli import main
+    from axolotl_focus.prune import checkpoint
+
+    class SafetensorError(Exception):  # safetensors' error type, by name
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_pruned", full)
+    argv = ["prune", "--model", models["teacher"], "--output", str(tmp_path / "p"), "--attn-layers", "1", "3",
+            "--mlp-layers", "1", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "writing the pruned checkpoint" in err and str(tmp_path / "p") in err and "StorageFull" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -10,9 +10,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..locations import looks_local
+from ..locations import check_weight_files, looks_local
 from ..options import add_options
 from .config import METRICS, EvalConfig
+from .data import check_local_data
+from .models import eval_device
 from .orchestrate import evaluate_models, model_specs
 from .runner import get_ranks
 
@@ -51,12 +53,17 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args).validate()
         specs = model_specs(args.models)
+        missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
+        if missing:
+            raise ValueError(f"model directory not found: {', '.join(missing)}")
+        for name, path in specs + ([("--teacher", cfg.teacher)] if cfg.teacher else []):
+            if os.path.isdir(path):
+                check_weight_files(path, name)
+        if not cfg.metrics_only and get_ranks().size == 1:
+            eval_device(cfg)  # --device gpu0 / cuda without CUDA: said before any work
+        check_local_data(cfg)  # local documents / instructions / PPL text: read before any model work
     except (ValueError, TypeError) as err:
         print(f"axolotl-focus eval: {err}", file=sys.stderr)
-        return 2
-    missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
-    if missing:
-        print(f"axolotl-focus eval: model directory not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     evaluate_models(dict(specs), cfg)
     if not main:

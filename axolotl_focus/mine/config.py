@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..degeneration import DEFAULT_THRESHOLD
-from ..locations import looks_local
+from ..locations import check_weight_files, looks_local
 from ..options import nonfinite_fields, opt
 from ..sources import TEXT_UNITS
 
@@ -148,6 +148,13 @@ class MiningConfig:
                 bad("teacher", "not given and the student records no focus_source_model in config.json")
             elif self.teacher and looks_local(self.teacher) and not os.path.isdir(self.teacher):
                 bad("teacher", "model directory not found")
+            for name in ("student", "teacher"):
+                path = self.student if name == "student" else self.teacher_path()
+                if path and os.path.isdir(path) and not any(e.startswith(f"{name}: ") for e in errors):
+                    try:
+                        check_weight_files(path, name)
+                    except ValueError as err:
+                        errors.append(str(err))
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -63,13 +63,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..files import write_json
+from ..files import read_lines, write_json
 from .config import MiningConfig
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
     "append_rows",
+    "discard_new_record",
+    "has_rows",
     "first_line",
     "merge_shards",
     "parse_row",
@@ -146,14 +148,13 @@ def read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                row, why = parse_row(line)
-                if row is None:
-                    raise ValueError(f"output: {path}:{lineno} is not a pairs row ({why}); remove that line, "
-                                     "or pick another --output")
-                rows.append(row)
+    for lineno, line in enumerate(read_lines(path, "output"), 1):
+        if line.strip():
+            row, why = parse_row(line)
+            if row is None:
+                raise ValueError(f"output: {path}:{lineno} is not a pairs row ({why}); remove that line, "
+                                 "or pick another --output")
+            rows.append(row)
     return rows
 
 
@@ -227,12 +228,26 @@ def merge_shards(output: str, target: int) -> None:
 _ROW_SETTINGS = ("student", "teacher", "seed", "top_p", "temperature", "teacher_temperature")  # in every pair row
 
 
-def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
+def has_rows(output: str) -> bool:
+    """Whether the output, its rank shards or their state files hold a complete line."""
+    pair_files = [output] + shard_paths(output)
+    return any((line := first_line(path)) and line[2] for path in pair_files + [state_path(p) for p in pair_files])
+
+
+def discard_new_record(output: str) -> None:
+    """After a run that failed before writing any row: remove the run record it wrote, so that a
+    corrected rerun (other settings) is not refused."""
+    if not has_rows(output) and os.path.isfile(record_path(output)):
+        os.remove(record_path(output))
+
+
+def prepare_output(cfg: MiningConfig, record: dict, state) -> bool:
     """Before mining; every rank reads, rank 0 writes, then all wait. Refuse an ``output`` that is
     not a pairs file, and (unless ``cfg.restart``) one whose rows were mined with settings other
     than ``record``: the ``.run.json`` record, or for files of older versions what their first
     pair row records. Then on rank 0: with ``restart`` remove the output's files; keep ``record``
-    in ``<output>.run.json``."""
+    in ``<output>.run.json``. Returns whether the output holds no rows yet (then a run that fails
+    before its first row calls :func:`discard_new_record`)."""
     output, run_path = cfg.output, record_path(cfg.output)
     first = first_line(output)
     if first and (first[2] or not first[1].startswith("{")):  # a partial "{..." line only: repaired later
@@ -242,7 +257,7 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
                              f"({why}); refusing to append to it - pick another --output")
     pair_files = [output] + shard_paths(output)
     lines = {path: first_line(path) for path in pair_files + [state_path(path) for path in pair_files]}
-    has_rows = any(line and line[2] for line in lines.values())
+    rows = any(line and line[2] for line in lines.values())
     try:
         saved = json.loads(Path(run_path).read_text(encoding="utf-8")) if os.path.isfile(run_path) else None
     except json.JSONDecodeError as err:
@@ -253,7 +268,7 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
         pair = next((parse_row(lines[path][1])[0] for path in pair_files if lines[path] and lines[path][2]), None)
         stored = {k: pair[k] for k in _ROW_SETTINGS if k in pair} if pair else None
     diff = [k for k in record if k in (stored or {}) and stored[k] != record[k]]
-    if has_rows and diff and not cfg.restart:
+    if rows and diff and not cfg.restart:
         was, now = (", ".join(f"{k}={r[k]}" for k in diff) for r in (stored, record))
         raise ValueError(f"output: {output} was mined with {was} (now {now}); rerun with --restart to start it "
                          "over, or pick another --output")
@@ -268,3 +283,4 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
         if cfg.restart or saved != record:
             write_json(run_path, record, indent=2)
     state.wait_for_everyone()
+    return cfg.restart or not rows

@@ -72,9 +72,19 @@ import torch
 from ..degeneration import coverage
 from ..files import write_json
 from ..generation import continuation_text, generate_batch, process_state, row_seed
+from ..options import resolve_device
 from ..sources import Prompt, load_prompts
 from .config import MiningConfig, MiningSummary
-from .pairs_file import append_rows, merge_shards, prepare_output, read_rows, repair_tail, shard_path, state_path
+from .pairs_file import (
+    append_rows,
+    discard_new_record,
+    merge_shards,
+    prepare_output,
+    read_rows,
+    repair_tail,
+    shard_path,
+    state_path,
+)
 from .prompts import encode_prompt
 
 LOG = logging.getLogger(__name__)
@@ -362,6 +372,7 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
     cfg.validate(models=True)
+    device = resolve_device(cfg.device, "--device") if cfg.device else None  # before reading anything
     prompts = load_prompts(
         cfg.prompts, text_field=cfg.text_field, input_field=cfg.input_field, id_field=cfg.id_field,
         text_unit=cfg.text_unit, split=cfg.split, dataset_config=cfg.dataset_config, limit=cfg.max_prompts,
@@ -369,13 +380,18 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     teacher_path = cfg.teacher_path()
     tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
     state = process_state()
-    prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
-    device = torch.device(cfg.device) if cfg.device else state.device
+    empty = prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
+    device = device or state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
     def load(path: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return model.to(device).eval()
 
-    student, teacher = load(cfg.student), load(teacher_path)
-    return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
+    try:
+        student, teacher = load(cfg.student), load(teacher_path)
+        return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
+    except BaseException:
+        if empty and state.is_main_process:  # failed before its first row: leave no run record behind
+            discard_new_record(cfg.output)
+        raise

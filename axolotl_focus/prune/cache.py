@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from ..locations import cached_hub_file, hub_offline
+from ..options import resolve_device
 from .calibration import calibration_source, load_calibration_texts
 from .settings import PruneSettings
 
@@ -191,10 +192,10 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
+    device = resolve_device(spec.device, "focus_prune.device")
     spec.validate(AutoConfig.from_pretrained(source))
     fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
     texts, calibration = load_calibration_texts(spec)
-    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device)
     report = prune(model, tokenizer, texts, spec, source_model=source, calibration_name=calibration)  # logs the summary
@@ -210,6 +211,11 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
             json.dump(data, handle, indent=2, default=str)
         output.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, output)
+    except Exception as exc:
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # a full disk, no permission
+            raise OSError(f"focus_prune: writing the pruned checkpoint {output} failed ({exc}); nothing was kept "
+                          "(free some disk space, or choose another output)") from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data
@@ -238,7 +244,8 @@ def ensure_pruned(source: str, spec: PruneSettings, fingerprint: dict | None = N
 def plan_prune(source: str, spec: PruneSettings) -> dict:
     """The dry run of pruning `source` per `spec`: loads no weights, writes nothing (offline, a hub
     id not in the local hub cache is not checked: `config` None and a `note`). Raises ValueError
-    (prefixed `focus_prune`) for settings the model's config rejects and a missing calibration file.
+    (prefixed `focus_prune`) for settings the model's config rejects and a local calibration file that
+    is missing or unreadable (it is read: not UTF-8, a bad JSON line).
     Returns {source, method, config (the config.json read, or None), fingerprint, cache_path (the
     folder ensure_pruned would use), cached, calibration, params_before, params_after, reduction,
     note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
@@ -272,6 +279,8 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     model_config = checked(AutoConfig.from_pretrained, config_file) if config_file else None
     checked(spec.validate, model_config)
     kind, path = calibration_source(spec)
+    if kind == "file":
+        load_calibration_texts(spec)  # a local file is read now, as pruning would read it
     calibration = {"embedded": "embedded WikiText-2 valid slice", "file": str(path)}.get(kind) or (
         f"hub dataset {spec.calibration} [{spec.calibration_split}] field {spec.calibration_field} (not read)")
     fingerprint = source_fingerprint(source)

@@ -37,6 +37,7 @@ import torch
 from axolotl.prompt_tokenizers import PromptTokenizingStrategy
 from axolotl.utils.collators import DataCollatorForSeq2Seq
 
+from ..files import read_lines
 from .losses import IGNORE_INDEX
 
 LOG = logging.getLogger(__name__)
@@ -105,13 +106,12 @@ def _check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad
 
 
 def _file_rows(path: str):
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield f"{path}:{lineno}", None, f"invalid JSON ({exc.msg})"
+    for lineno, line in enumerate(read_lines(path, "RePAIR pairs"), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{lineno}", None, f"invalid JSON ({exc.msg})"
 
 
 def check_pair_file(path: str, skip_bad_rows: bool, tokenizer=None, sequence_len: int | None = None) -> int:

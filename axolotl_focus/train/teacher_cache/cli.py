@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from ...config import focus_default
-from ...options import opt, positive_int
+from ...options import opt, positive_int, resolve_device
 from .build import build_cache
 from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
 from .rows import rows_from_config
@@ -78,11 +78,19 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     from ...locations import resolve_model
     from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
 
+    device = resolve_device(args.device, "--device")  # before the data is tokenized
     rows, cfg = rows_from_config(args.config)
     teacher_name = args.teacher or cfg.get("focus_teacher_model")
     if not teacher_name:
         raise ValueError(f"--teacher: not given and {args.config} has no focus_teacher_model")
-    resolve_model(str(teacher_name), "--teacher" if args.teacher else "focus_teacher_model")
+    field = "--teacher" if args.teacher else "focus_teacher_model"
+    where = resolve_model(str(teacher_name), field)
+    if where.readable:  # k against the teacher's vocabulary before anything is written
+        from transformers import AutoConfig
+
+        vocab = getattr(AutoConfig.from_pretrained(where.folder).get_text_config(), "vocab_size", None)
+        if vocab is not None and args.k > int(vocab):
+            raise ValueError(f"--k: {args.k} exceeds the vocabulary of the teacher {teacher_name} ({vocab} tokens)")
     temperature = args.temperature if args.temperature is not None else (
         cfg.get("focus_temperature") or focus_default("focus_temperature"))
     if args.dtype:
@@ -90,9 +98,6 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     else:
         dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
                               bool(cfg.get("bf16")), bool(cfg.get("fp16")))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     tokenizer = load_tokenizer(cfg)
     from transformers import AutoTokenizer
 

@@ -46,7 +46,15 @@ then ``os.replace``)::
     source_config       the axolotl config it was built from, or null
     shards              number of shard folders
     shard_size          unique sequences per shard (S)
+    shard_files         {shard folder name: {file name: size in bytes}} of every shard written so
+                        far (recorded as each shard is written; absent in caches of earlier
+                        versions, whose shards are checked for existence only)
     complete            true only once every shard is written
+
+A shard folder that is missing, lacks a recorded file or holds one of another size is damaged
+(:func:`shard_problems`; sizes only, no data is read): ``validate`` and the trainer refuse the
+cache naming the shard, and rerunning ``axolotl-focus teacher-cache`` with the same settings
+writes that shard again (also in a cache marked complete).
 
 ``<cache>/shard-00000/``, ``shard-00001/``, ...: shard i holds the unique sequences ``[i*S,
 (i+1)*S)`` in dataset order, one row per sequence, written by ``datasets.Dataset.from_dict(...)
@@ -154,6 +162,7 @@ class CacheMeta:
     source_config: str | None = None
     shards: int = 0
     shard_size: int = DEFAULT_SHARD_SIZE
+    shard_files: dict | None = None
     complete: bool = False
 
     def to_dict(self) -> dict:
@@ -183,7 +192,36 @@ def read_meta(folder: str | os.PathLike) -> CacheMeta | None:
 
 
 def shard_dir(folder: Path, index: int) -> Path:
-    return folder / f"{SHARD_PREFIX}{index:05d}"
+    return Path(folder) / f"{SHARD_PREFIX}{index:05d}"
+
+
+def shard_file_sizes(shard: Path) -> dict[str, int]:
+    """``{file name: size}`` of the files of a shard folder (what ``shard_files`` records)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(shard).iterdir()) if p.is_file()}
+
+
+def shard_problem(folder: str | os.PathLike, meta: CacheMeta, index: int) -> str | None:
+    """Why shard ``index`` of the cache in ``folder`` is not as it was written (missing, a file
+    missing or of another size than ``meta.shard_files`` records), or None."""
+    shard = shard_dir(Path(folder), index)
+    if not shard.is_dir():
+        return f"{shard.name} is missing"
+    recorded = (meta.shard_files or {}).get(shard.name)
+    if recorded is None:
+        return None  # written by an earlier version: existence only
+    for name, size in recorded.items():
+        path = shard / name
+        if not path.is_file():
+            return f"{shard.name}/{name} is missing"
+        if path.stat().st_size != int(size):
+            return (f"{shard.name}/{name} has {path.stat().st_size:,} bytes, {META_FILE} records {int(size):,} "
+                    "(truncated?)")
+    return None
+
+
+def shard_problems(folder: str | os.PathLike, meta: CacheMeta) -> list[str]:
+    """:func:`shard_problem` of every shard of the cache that has one."""
+    return [p for p in (shard_problem(folder, meta, i) for i in range(meta.shards)) if p]
 
 def shard_features():
     import datasets

@@ -29,8 +29,11 @@ from .format import (
     sequence_key,
     shard_dir,
     shard_features,
+    shard_problems,
     tokenizer_digest,
 )
+
+REPAIR = "rerun axolotl-focus teacher-cache with the same settings to write the damaged shards again"
 
 
 class TeacherCache:
@@ -69,12 +72,17 @@ class TeacherCache:
                              "finish it by running axolotl-focus teacher-cache again with the same settings")
         import datasets
 
+        damaged = shard_problems(folder, meta)
+        if damaged:
+            raise ValueError(f"{folder}: the teacher cache is damaged ({'; '.join(damaged[:3])}); {REPAIR}")
         parts = []
         for i in range(meta.shards):
             shard = shard_dir(folder, i)
-            if not shard.is_dir():
-                raise ValueError(f"{folder}: shard {shard.name} is missing; {REBUILD}")
-            parts.append(datasets.load_from_disk(str(shard)))
+            try:
+                parts.append(datasets.load_from_disk(str(shard)))
+            except Exception as exc:  # noqa: BLE001 - an unreadable shard of an earlier version's cache
+                raise ValueError(f"{folder}: shard {shard.name} cannot be read ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); {REPAIR}") from None
         dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else (
             parts[0] if parts else datasets.Dataset.from_dict(
                 {"key": [], "positions": [], "ids": [], "logq": [], "log_tail": []}, features=shard_features()))
