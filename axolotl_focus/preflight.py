@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 import re
@@ -59,6 +60,7 @@ class Account:
     config: str
     errors: list[str] = field(default_factory=list)
     lines: list[tuple[str, str]] = field(default_factory=list)  # (topic, what train would do)
+    student: ModelLocation | None = field(default=None, repr=False)  # base_model, once resolved
 
     def error(self, key: str, message: str, where: Mapping[str, int] | None = None, line_of: str = "") -> None:
         """Record ``file:line: key: message`` (the line of ``key``, or of ``line_of`` when the key is
@@ -233,7 +235,7 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, spec: PruneSettings | No
     if not base:
         account.error("base_model", "is required", lines)
         return
-    student = _resolve(base, "base_model", account, lines, train)
+    student = account.student = _resolve(base, "base_model", account, lines, train)
     if spec is not None and not cfg.get("focus_pruned_from") and student is not None:
         _plan(base, spec, account, lines)
     distill = cfg.get("focus_distill") or focus_default("focus_distill")
@@ -296,7 +298,16 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                          lines) -> None:
     """``focus_teacher_cache``: a complete cache (its cache.json and shard folders; no shard is
     read) built at ``focus_temperature`` for the student's vocabulary size and tokenizer."""
-    from .train.teacher_cache.format import FORMAT, META_FILE, VERSION, read_meta, shard_problems, tokenizer_digest
+    from .train.teacher_cache.format import (
+        FORMAT,
+        META_FILE,
+        VERSION,
+        other_data,
+        other_teacher,
+        read_meta,
+        shard_problems,
+        tokenizer_digest,
+    )
 
     key = "focus_teacher_cache"
     path = str(cfg[key])
@@ -329,6 +340,12 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
         account.error(key, f"{path} was built at temperature {meta.temperature}, but focus_temperature is "
                       f"{args.focus_temperature}; rebuild it with --temperature {args.focus_temperature} (or set "
                       f"focus_temperature: {meta.temperature})", lines)
+    problem = other_data(meta, cfg)  # dataset file digests and sequence_len, as recorded at build time
+    teacher = cfg.get("focus_teacher_model") or (cfg.get("base_model") if cfg.get("focus_prune") else None)
+    if teacher and (os.path.isdir(str(teacher)) or not looks_local(str(teacher))):
+        problem = problem or other_teacher(meta, str(teacher))
+    if problem:
+        account.error(key, f"{path} {problem}; rebuild it from this config: {build} --restart", lines)
     if student is None:
         return
     if not student.readable:
@@ -384,10 +401,49 @@ def _plan(source: str, spec: PruneSettings, account: Account, lines) -> None:
     account.say("student", f"{what}; {cache} ({plan['cache_path']})")
 
 
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
+_READ_LIMIT = 256 << 20  # local JSON datasets up to this size are parsed by validate
+
+
+def _json_lines_problem(path: str) -> str | None:
+    """Why a local JSON-lines / JSON dataset file cannot be read as axolotl's JSON loader reads it
+    (not UTF-8, a line that is not JSON), with ``file:line``; None when it can, or is too large to
+    be read here."""
+    if os.path.getsize(path) > _READ_LIMIT:
+        return None
+    text = read_text(path)  # raises naming file:line for bytes that are not UTF-8
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{path}:{err.lineno}: not valid JSON ({err.msg})"
+        return None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{lineno}: not valid JSON ({err.msg})"
+    return None
+
+
+def _pair_tokenizer(cfg: Mapping, account: Account):
+    """The student's tokenizer (as axolotl loads it) to measure RePAIR prompts against sequence_len,
+    or None when the student's files cannot be read here."""
+    student = account.student
+    if student is None or not student.readable or not cfg.get("sequence_len"):
+        return None
+    try:
+        return _student_tokenizer(cfg, student)
+    except (OSError, ValueError):
+        return None
+
+
 def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
     from .train.pair_dataset import check_pair_file
 
     skip = bool(cfg.get("focus_repair_skip_bad_rows"))
+    tokenizer = None
     for i, ds in enumerate(cfg.get("datasets") or []):
         key = f"datasets[{i}]"
         if not isinstance(ds, Mapping) or not ds.get("path"):
@@ -402,15 +458,29 @@ def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
             hint = " (mine it first: axolotl-focus pairs)" if pairs else ""
             account.error(f"{key}.path", f"{path} does not exist{hint}", lines)
             continue
-        if pairs and os.path.isfile(path) and path.endswith(".jsonl"):
-            try:
-                bad = check_pair_file(path, skip)
-            except ValueError as exc:
-                account.error(f"{key}.path", str(exc), lines)
+        if os.path.isdir(path):
+            found = [n for n in sorted(os.listdir(path)) if n.endswith(_DATA_SUFFIXES) or n == "dataset_info.json"]
+            if not found:
+                account.error(f"{key}.path", f"{path} is a folder without data files" + (
+                    " (give the .jsonl file axolotl-focus pairs wrote)" if pairs else ""), lines)
+            else:
+                account.say("dataset", f"[{i}] {path} ({label}): local folder, loaded by axolotl")
+            continue
+        try:
+            if pairs and path.endswith(".jsonl"):  # RePAIR prompts measured as the dataset type will measure them
+                measure = kind == REPAIR_TYPE and (tokenizer := tokenizer or _pair_tokenizer(cfg, account))
+                bad = check_pair_file(path, skip, tokenizer if measure else None, cfg.get("sequence_len"))
+                rows = sum(1 for line in read_lines(path) if line.strip())
+                measured = f", prompts measured against sequence_len {cfg.get('sequence_len')}" if measure else ""
+                account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked{measured}"
+                            + (f", {bad} bad ones skipped" if bad else ""))
                 continue
-            rows = sum(1 for line in read_lines(path) if line.strip())
-            account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked" + (f", {bad} bad ones skipped"
-                                                                                      if bad else ""))
+            problem = _json_lines_problem(path) if path.endswith((".jsonl", ".json")) else None
+        except ValueError as exc:
+            account.error(f"{key}.path", str(exc), lines)
+            continue
+        if problem:
+            account.error(f"{key}.path", problem, lines)
         else:
             account.say("dataset", f"[{i}] {path} ({label}): local, loaded by axolotl")
 

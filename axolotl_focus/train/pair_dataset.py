@@ -62,6 +62,8 @@ def row_problem(row, sequence_len: int | None = None, prompt_len: int | None = N
     for field in ("chosen", "rejected"):
         if not row[field].strip():
             return f"empty {field} continuation"
+    if row["chosen"].strip() == row["rejected"].strip():
+        return "chosen and rejected are the same text (the margin loss would push nothing apart)"
     if sequence_len is not None and prompt_len is not None and prompt_len + 2 * MIN_CONTINUATION > sequence_len:
         return f"prompt of {prompt_len} tokens leaves no room for the continuations (sequence_len {sequence_len})"
     return None
@@ -91,14 +93,25 @@ def _check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad
     """Check ``(where, row, parse_error)`` triples; raise on the first bad row unless
     ``skip_bad_rows`` (a parse error always raises), else log one warning with the count of bad
     rows. Returns that count."""
-    bad, first = 0, None
+    bad, first, seen, count = 0, None, {}, 0
     for where, row, parse_error in rows:
+        count += 1
         problem = parse_error or pair_problem(row, tokenizer, sequence_len)
+        source_id = row.get("source_id") if isinstance(row, Mapping) else None
+        if not problem and source_id is not None:
+            if source_id in seen:
+                problem = (f"duplicate source_id {source_id!r} (also at {seen[source_id]}; two runs appended to one "
+                           "file?)")
+            seen.setdefault(source_id, where)
         if problem:
             if not skip_bad_rows or parse_error:
                 raise ValueError(f"{where}: RePAIR pair row: {problem} ({HINT})")
             bad += 1
             first = first or f"{where} ({problem})"
+    if count == bad:
+        raise ValueError(f"{source}: holds no usable RePAIR pair row ("
+                         + (f"all {count} rows are bad; the first: {first}" if count else "the file is empty")
+                         + "); mine pairs with axolotl-focus pairs")
     if bad:
         LOG.warning("skipping %d bad RePAIR rows of %s (focus_repair_skip_bad_rows); the first: %s",
                     bad, source, first)

@@ -179,7 +179,7 @@ class FocusTrainer(AxolotlTrainer):
         cache = TeacherCache.open(path)
         cache.check_compatible(temperature=self.focus_args.focus_temperature,
                                vocab_size=unwrap(self.model).get_output_embeddings().weight.shape[0],
-                               tokenizer=self.processing_class)
+                               tokenizer=self.processing_class, teacher=self.focus_args.focus_teacher_model)
         self._check_cached_rows(cache)
         meta = cache.meta
         LOG.info("axolotl_focus: teacher cache %s (k=%s, teacher %s): no teacher model loaded", path, meta.k,

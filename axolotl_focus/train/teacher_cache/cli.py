@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from ...config import focus_default
+from ...config import focus_default, source_model_of
 from ...options import opt, positive_int, resolve_device
 from .build import build_cache
-from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
+from .format import DEFAULT_SHARD_SIZE, CacheMeta, data_sources, read_meta
 from .rows import rows_from_config
 
 
@@ -76,21 +76,27 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     from axolotl.loaders import load_tokenizer
 
     from ...locations import resolve_model
+    from ...preflight import read_config
     from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
 
-    device = resolve_device(args.device, "--device")  # before the data is tokenized
-    rows, cfg = rows_from_config(args.config)
-    teacher_name = args.teacher or cfg.get("focus_teacher_model")
+    # everything the options decide is checked before the data is tokenized (which writes axolotl's
+    # dataset_prepared_path) and before anything is written to --output
+    device = resolve_device(args.device, "--device")
+    raw = read_config(str(args.config))[0]
+    teacher_name = args.teacher or raw.get("focus_teacher_model") or (
+        raw.get("base_model") if raw.get("focus_prune") else source_model_of(raw.get("base_model")))
     if not teacher_name:
-        raise ValueError(f"--teacher: not given and {args.config} has no focus_teacher_model")
+        raise ValueError(f"--teacher: not given, and {args.config} names no focus_teacher_model (nor a base_model "
+                         "that records its focus_source_model)")
     field = "--teacher" if args.teacher else "focus_teacher_model"
     where = resolve_model(str(teacher_name), field)
-    if where.readable:  # k against the teacher's vocabulary before anything is written
+    if where.readable:  # k against the teacher's vocabulary
         from transformers import AutoConfig
 
         vocab = getattr(AutoConfig.from_pretrained(where.folder).get_text_config(), "vocab_size", None)
         if vocab is not None and args.k > int(vocab):
             raise ValueError(f"--k: {args.k} exceeds the vocabulary of the teacher {teacher_name} ({vocab} tokens)")
+    rows, cfg = rows_from_config(args.config)
     temperature = args.temperature if args.temperature is not None else (
         cfg.get("focus_temperature") or focus_default("focus_temperature"))
     if args.dtype:
@@ -108,4 +114,4 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
                        k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
                        progress=args.progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
                        shard_size=shard_size, restart=args.restart, source_config=str(args.config),
-                       dtype=dtype)
+                       dtype=dtype, data=data_sources(raw))

@@ -44,6 +44,10 @@ then ``os.replace``)::
                         [token, id] pairs, "special_tokens": special_tokens_map}; null without one
     created             ISO-8601 UTC time the cache was started
     source_config       the axolotl config it was built from, or null
+    data_sources        :func:`data_sources` of that config ({"sequence_len", "datasets": the
+                        digest of each SFT dataset file, or its hub id}): what ``validate`` compares
+                        with a training config without tokenizing anything (null in caches of
+                        earlier versions; the trainer compares the tokenized rows either way)
     shards              number of shard folders
     shard_size          unique sequences per shard (S)
     shard_files         {shard folder name: {file name: size in bytes}} of every shard written so
@@ -142,6 +146,42 @@ def teacher_fingerprint(teacher: str) -> dict:
     return source_fingerprint(str(teacher))
 
 
+def other_teacher(meta: CacheMeta, teacher: str) -> str | None:
+    """Why a cache was not built by ``teacher`` (its fingerprint differs from the one recorded), or
+    None (the same teacher, a cache imported from KD logprobs, or a hub teacher whose revision
+    cannot be known offline)."""
+    recorded = meta.teacher_fingerprint or {}
+    if not recorded or "source" in recorded:
+        return None
+    now = teacher_fingerprint(teacher)
+    if now == recorded or ("hub" in now and now.get("revision") is None):
+        return None
+    return f"was built by the teacher {meta.teacher}, not by {teacher} (their fingerprints differ)"
+
+
+def data_sources(cfg) -> dict:
+    """What a config trains on, for ``cache.json``'s ``data_sources``: ``sequence_len`` and, in
+    order, :func:`axolotl_focus.files.input_identity` of the path of each dataset that is not a
+    RePAIR pair dataset (the cache holds the other rows only)."""
+    from ...files import input_identity
+
+    sets = [d for d in (cfg.get("datasets") or []) if hasattr(d, "get") and d.get("type") != "axolotl_focus.repair"]
+    return {"sequence_len": cfg.get("sequence_len"),
+            "datasets": [input_identity(str(d["path"])) if d.get("path") else None for d in sets]}
+
+
+def other_data(meta: CacheMeta, cfg) -> str | None:
+    """Why a cache was built from other data than the config ``cfg`` names (per :func:`data_sources`;
+    a value one side does not record is not compared), or None."""
+    if not meta.data_sources:
+        return None
+    now, was = data_sources(cfg), meta.data_sources
+    diff = [k for k in now if now[k] is not None and was.get(k) is not None and now[k] != was[k]]
+    if not diff:
+        return None
+    return "was built from other data (" + ", ".join(f"{k} {was[k]} - now {now[k]}" for k in diff) + ")"
+
+
 @dataclasses.dataclass
 class CacheMeta:
     """The contents of ``<cache>/cache.json`` (fields: see the module docstring)."""
@@ -160,6 +200,7 @@ class CacheMeta:
     tokenizer_digest: str | None = None
     created: str | None = None
     source_config: str | None = None
+    data_sources: dict | None = None
     shards: int = 0
     shard_size: int = DEFAULT_SHARD_SIZE
     shard_files: dict | None = None

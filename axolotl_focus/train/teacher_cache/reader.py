@@ -26,6 +26,7 @@ from .format import (
     VERSION,
     CacheMeta,
     as_int_array,
+    other_teacher,
     sequence_key,
     shard_dir,
     shard_features,
@@ -179,10 +180,14 @@ class TeacherCache:
                              f"{first[0]}, {first[1]}): it was built for other data or settings ({REBUILD})")
 
     def check_compatible(self, *, temperature: float | None = None, vocab_size: int | None = None,
-                         tokenizer=None) -> None:
+                         tokenizer=None, teacher: str | None = None) -> None:
         """One-line ValueError unless the cache fits a training run's temperature, vocabulary size
-        (the student's lm_head rows) and tokenizer (the digest is compared when both exist)."""
+        (the student's lm_head rows), tokenizer (the digest is compared when both exist) and teacher
+        (``focus_teacher_model`` when the config names one: its fingerprint)."""
         meta, problems = self.meta, []
+        if teacher and (problem := other_teacher(meta, teacher)):
+            raise ValueError(f"teacher cache {self.path} {problem}; {REBUILD} --restart (focus_teacher_model is "
+                             f"{teacher})")
         if temperature is not None and float(temperature) != float(meta.temperature):
             problems.append(f"temperature {meta.temperature} (focus_temperature is {temperature})")
         if vocab_size is not None and meta.vocab_size is not None and int(vocab_size) != int(meta.vocab_size):
