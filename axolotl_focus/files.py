@@ -10,6 +10,11 @@
 * :func:`digest` is the first ``length`` hex digits of the SHA-256 of ``json.dumps(obj,
   sort_keys=True, default=str)``: a key that depends on the content, not on dict order;
   :func:`file_digest` the SHA-256 of a file's bytes.
+* :func:`input_identity` and :func:`other_job` are the one run-identity rule of the resumable
+  outputs (the pairs file's ``.run.json``, the teacher cache's ``cache.json``): a run records what
+  identifies its inputs (a local file or folder by the digest of its bytes, not its path; anything
+  else, such as a hub id, by its name), and a later run on the same output whose record differs in
+  a key both records have is another job, refused with ``--restart`` named.
 * :func:`read_text` is the one way an input file is read: UTF-8 (a leading BOM dropped); bytes
   that are not UTF-8 raise a one-line ``ValueError`` naming ``path:line`` and the byte.
 * :func:`exclusive_lock` is the one lock every writer of an output takes (pairs, teacher cache,
@@ -66,6 +71,33 @@ def file_digest(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the bytes of ``path``."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def input_identity(source: str | os.PathLike | None) -> str | None:
+    """``sha256:<16 hex>`` of a local file (of its files' names and digests for a folder), else
+    ``name:<source>`` (a hub id), None for None (see the module docstring)."""
+    if source is None:
+        return None
+    path = Path(os.path.expanduser(os.fspath(source)))
+    if path.is_file():
+        return f"sha256:{file_digest(path)[:16]}"
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return "sha256:" + digest([[str(p.relative_to(path)), file_digest(p)] for p in files])
+    return f"name:{source}"
+
+
+def other_job(output: str | os.PathLike, stored: dict | None, now: dict, *, keys=None,
+              label=lambda key, record: None, field: str = "") -> None:
+    """Raise ``ValueError`` when ``stored`` (an output's record) differs from ``now`` in a key both
+    have (of ``keys``, default all of ``now``'s): ``[field: ]<output> was made with k=old (now
+    k=new): another job; rerun with --restart to start it over, or pick another --output``.
+    ``label(key, record)`` may render a key (None: ``key=value``)."""
+    diff = [k for k in (now if keys is None else keys) if k in now and k in (stored or {}) and stored[k] != now[k]]
+    if diff:
+        was, new = (", ".join(label(k, r) or f"{k}={r[k]}" for k in diff) for r in (stored, now))
+        raise ValueError(f"{field + ': ' if field else ''}{output} was made with {was} (now {new}): another job; "
+                         "rerun with --restart to start it over, or pick another --output")
 
 
 def read_text(path: str | os.PathLike, what: str = "") -> str:

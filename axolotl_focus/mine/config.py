@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..degeneration import DEFAULT_THRESHOLD
+from ..files import input_identity
 from ..locations import check_weight_files, looks_local
 from ..options import nonfinite_fields, opt
 from ..sources import TEXT_UNITS
@@ -191,9 +192,12 @@ class MiningConfig:
 
     def run_record(self, student_name: str, teacher_name: str, vocab_size: int | None) -> dict[str, Any]:
         """What decides the pairs of an output (kept in ``<output>.run.json``; a rerun that differs
-        is refused): the models (names as given / resolved; ``vocab_size`` = the student's config
-        ``vocab_size``), how prompts are read and rendered, and :meth:`sampling_settings`."""
+        is refused, :func:`axolotl_focus.files.other_job`): the models (names as given / resolved;
+        ``vocab_size`` = the student's config ``vocab_size``), the prompt source (a local file by the
+        digest of its bytes, a hub dataset by its id: :func:`~axolotl_focus.files.input_identity`),
+        how prompts are read and rendered, and :meth:`sampling_settings`."""
         return {"student": student_name, "teacher": teacher_name, "vocab_size": vocab_size,
+                "prompts": input_identity(self.prompts) if self.prompts else None,
                 **{k: getattr(self, k) for k in ("mode", "chat_template", "text_field", "input_field", "id_field",
                                                  "text_unit", "dataset_config", "split",
                                                  "require_rejected_degenerate")},

@@ -63,7 +63,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..files import read_lines, write_json
+from ..files import other_job, read_lines, write_json
 from .config import MiningConfig
 
 LOG = logging.getLogger(__name__)
@@ -267,11 +267,8 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> bool:
     if stored is None:  # written before run records: what the first pair row records
         pair = next((parse_row(lines[path][1])[0] for path in pair_files if lines[path] and lines[path][2]), None)
         stored = {k: pair[k] for k in _ROW_SETTINGS if k in pair} if pair else None
-    diff = [k for k in record if k in (stored or {}) and stored[k] != record[k]]
-    if rows and diff and not cfg.restart:
-        was, now = (", ".join(f"{k}={r[k]}" for k in diff) for r in (stored, record))
-        raise ValueError(f"output: {output} was mined with {was} (now {now}); rerun with --restart to start it "
-                         "over, or pick another --output")
+    if rows and not cfg.restart:
+        other_job(output, stored, record, field="output")
     if state.is_main_process:
         if cfg.restart:
             removed = [path for path in [output, state_path(output), output + ".summary.json", run_path]

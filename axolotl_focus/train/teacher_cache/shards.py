@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...files import exclusive_lock
+from ...files import exclusive_lock, other_job
 from ..losses import SparseTeacher
 from .format import (
     FORMAT,
@@ -61,11 +61,6 @@ def _setting_label(name: str, meta: dict) -> str:
     return f"{name}={meta.get(name)}"
 
 
-def _differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    changed = [n for n in _SETTINGS if old.get(n) != new.get(n)]
-    return [_setting_label(n, old) for n in changed], [_setting_label(n, new) for n in changed]
-
-
 def _prepare_folder(folder: Path, planned: CacheMeta, restart: bool) -> CacheMeta | None:
     """Check ``folder`` against the planned settings; returns the existing meta to resume, or None
     for a fresh build. Deletes the folder on ``restart`` only if it is a teacher cache."""
@@ -81,10 +76,7 @@ def _prepare_folder(folder: Path, planned: CacheMeta, restart: bool) -> CacheMet
         LOG.info("teacher cache: --restart, deleting %s", folder)
         shutil.rmtree(folder)
         return None
-    old, new = _differences(existing.to_dict(), planned.to_dict())
-    if old:
-        raise ValueError(f"{folder}: built with {', '.join(old)} (now {', '.join(new)}); use --restart or "
-                         "another --output")
+    other_job(folder, existing.to_dict(), planned.to_dict(), keys=_SETTINGS, label=_setting_label)
     return existing
 
 
