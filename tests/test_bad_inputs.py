@@ -118,6 +118,22 @@ def _truncated_student(root: Path, models: dict) -> None:
     weights.write_bytes(data[:-100])
 
 
+_LOCKS: list[int] = []  # file descriptors holding a lock for a case (closed after it)
+
+
+def _locked(name: str):
+    """A setup: another process (PID 4242, as its lock file says) holds the lock of root/name."""
+    def hold(root: Path, models: dict) -> None:
+        import fcntl
+
+        fd = os.open(root / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"4242\n")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _LOCKS.append(fd)
+
+    return hold
+
+
 CACHED = "{root}/cache"
 LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": not UTF-8
 LONG_PROMPT = {**PAIR, "prompt": " ".join(["The cat sat on the mat near the door."] * 20)}
@@ -371,6 +387,16 @@ CASES = [
          axolotl_cache=True),
     Case("teacher-cache-k-too-large", [*TEACHER_CACHE[:5], "100000", *TEACHER_CACHE[6:]], 2,
          ("--k", "100000", "exceeds the vocabulary"), {"c.yml": config(focus_teacher_model="{teacher}")}),
+    # --- class 5: two writers, one output (one lock helper: pairs, teacher cache, pruned checkpoint) ---
+    Case("pairs-second-writer", PAIRS, 2, ("pairs.jsonl", "another process (PID 4242)", "--output"),
+         setup=_locked("pairs.jsonl")),
+    Case("teacher-cache-second-writer", TEACHER_CACHE, 2, ("tc", "another process (PID 4242)"), {"c.yml": config()},
+         _locked("tc")),
+    Case("prune-second-writer", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--attn-layers", "1", "3",
+                                 "--mlp-layers", "1", "3"], 2, ("p", "another process (PID 4242)"), setup=_locked("p")),
+    Case("pairs-written-twice", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:3", "duplicate source_id '1'",
+                                                                   "pairs.jsonl:1"),
+         {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {**PAIR, "source_id": "2"}, PAIR]}),
 ]
 
 
@@ -461,7 +487,11 @@ def test_bad_input(case, models, tmp_path, capsys, plugin_manager, one_thread):
         case.setup(tmp_path, models)
     capsys.readouterr()
     before = snapshot(tmp_path, *(models[k] for k in ("teacher", "student", "other", "moved")))
-    code, raised = run_case(case, [_fill(a, names) for a in case.argv])
+    try:
+        code, raised = run_case(case, [_fill(a, names) for a in case.argv])
+    finally:
+        while _LOCKS:
+            os.close(_LOCKS.pop())
     captured = capsys.readouterr()
     text = raised or captured.err + captured.out
     assert code == case.code, text

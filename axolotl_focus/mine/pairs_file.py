@@ -39,9 +39,13 @@ writes the pairs of an uninterrupted one (bit for bit when its batches hold the 
 e.g. after a kill between batches; otherwise up to the float rounding of a forward pass under
 different padding).
 
+One writer per output: rank 0 holds ``<output>.lock`` (:func:`output_lock`) for the whole run; a
+second process mining into the same output is refused with the first one's PID (two writers would
+both skip and both append the same prompts).
+
 ``output + ".run.json"`` records what decides the pairs (:meth:`MiningConfig.run_record`: student
-and teacher names, the student's config ``vocab_size``, how prompts are read and rendered, the
-sampling settings); it is written (atomically) when the output has no rows yet. A start whose
+and teacher names, the student's config ``vocab_size``, the prompt source (a local file by the digest
+of its bytes), how prompts are read and rendered, the sampling settings); it is written (atomically) when the output has no rows yet. A start whose
 record differs from it while the output or its state file holds rows is refused before any
 weights are loaded, with one ``ValueError`` listing each differing setting, old and new; for
 files of older versions without the record, the settings of the first pair row (``student``,
@@ -56,6 +60,7 @@ loaded, :func:`~axolotl_focus.mine.run.run_mining` also requires the teacher to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,7 +68,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..files import other_job, read_lines, write_json
+from ..files import exclusive_lock, other_job, read_lines, write_json
 from .config import MiningConfig
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ __all__ = [
     "has_rows",
     "first_line",
     "merge_shards",
+    "output_lock",
     "parse_row",
     "prepare_output",
     "read_rows",
@@ -226,6 +232,13 @@ def merge_shards(output: str, target: int) -> None:
 
 
 _ROW_SETTINGS = ("student", "teacher", "seed", "top_p", "temperature", "teacher_temperature")  # in every pair row
+
+
+def output_lock(output: str, state):
+    """The exclusive lock of ``output`` (:func:`axolotl_focus.files.exclusive_lock`, ``<output>.lock``),
+    taken by rank 0 for the whole run: a second ``axolotl-focus pairs`` on the same output is refused
+    naming the PID of the first."""
+    return exclusive_lock(output) if state.is_main_process else contextlib.nullcontext()
 
 
 def has_rows(output: str) -> bool:

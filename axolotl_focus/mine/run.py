@@ -79,6 +79,7 @@ from .pairs_file import (
     append_rows,
     discard_new_record,
     merge_shards,
+    output_lock,
     prepare_output,
     read_rows,
     repair_tail,
@@ -266,11 +267,16 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     ``<output>.run.json``), raises ``ValueError`` before anything is written, unless
     ``cfg.restart`` (which starts a pairs file over).
     """
+    cfg.validate(prompts=False)
+    state = process_state()
+    with output_lock(cfg.output, state):
+        return _mine_pairs(student, teacher, tokenizer, prompts, cfg, state)
+
+
+def _mine_pairs(student, teacher, tokenizer, prompts, cfg: MiningConfig, state) -> MiningSummary:
     from accelerate.utils import gather_object
 
-    cfg.validate(prompts=False)
     start = time.perf_counter()
-    state = process_state()
     output = cfg.output
     names = (_model_name(student, cfg.student),
              _model_name(teacher, cfg.teacher_path() if cfg.student else cfg.teacher))
@@ -380,7 +386,6 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     teacher_path = cfg.teacher_path()
     tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
     state = process_state()
-    empty = prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
     device = device or state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
@@ -388,10 +393,12 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return model.to(device).eval()
 
-    try:
-        student, teacher = load(cfg.student), load(teacher_path)
-        return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
-    except BaseException:
-        if empty and state.is_main_process:  # failed before its first row: leave no run record behind
-            discard_new_record(cfg.output)
-        raise
+    with output_lock(cfg.output, state):  # held from the record to the last row (mine_pairs takes it again: a no-op)
+        empty = prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
+        try:
+            student, teacher = load(cfg.student), load(teacher_path)
+            return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
+        except BaseException:
+            if empty and state.is_main_process:  # failed before its first row: leave no run record behind
+                discard_new_record(cfg.output)
+            raise

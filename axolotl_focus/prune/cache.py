@@ -46,6 +46,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..files import exclusive_lock
 from ..locations import cached_hub_file, hub_offline
 from ..options import resolve_device
 from .calibration import calibration_source, load_calibration_texts
@@ -182,8 +183,14 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
     The settings are validated against the model's config before any weights are loaded.
     Returns the report (also written as `pruning_report.json` inside the checkpoint), with the
-    source's fingerprint (computed before loading, when not given) as `source_fingerprint`.
+    source's fingerprint (computed before loading, when not given) as `source_fingerprint`. The
+    output's lock (:func:`axolotl_focus.files.exclusive_lock`) is held throughout.
     """
+    with exclusive_lock(output):  # one writer per checkpoint folder: a second is refused naming the first's PID
+        return _run_prune(source, spec, output, fingerprint)
+
+
+def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fingerprint: dict | None) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from ...config import focus_default, source_model_of
+from ...files import exclusive_lock
 from ...options import opt, positive_int, resolve_device
 from .build import build_cache
 from .format import DEFAULT_SHARD_SIZE, CacheMeta, data_sources, read_meta
@@ -57,12 +58,13 @@ def folder_size(path: str | os.PathLike) -> int:
 def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
     started = time.monotonic()
-    if getattr(args, "from_kd_logprobs", False):
-        from .kd_import import run_import_cli
+    with exclusive_lock(args.output):  # before the data is tokenized: a second writer is refused at once
+        if getattr(args, "from_kd_logprobs", False):
+            from .kd_import import run_import_cli
 
-        meta = run_import_cli(args)
-    else:
-        meta = _build_from_teacher(args, load_teacher_fn)
+            meta = run_import_cli(args)
+        else:
+            meta = _build_from_teacher(args, load_teacher_fn)
     size = folder_size(args.output)
     print(f"teacher cache: {args.output}")
     print(f"sequences {meta.sequences:,}, positions {meta.positions:,}, k {meta.k}, temperature {meta.temperature}, "
