@@ -94,10 +94,29 @@ def nearest(name: str, known) -> str:
     return f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
 
 
+def duplicate_keys(node, path: str) -> None:
+    """Raise ``ValueError("<path>:<line>: duplicate key <key> (first at line N) ...")`` for the first
+    key that a mapping of the YAML node tree holds twice (YAML loaders keep the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in first:
+                    raise ValueError(f"{path}:{key.start_mark.line + 1}: duplicate key {key.value} (first at line "
+                                     f"{first[key.value]}); YAML would keep the last value silently - remove one")
+                first[key.value] = key.start_mark.line + 1
+            duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            duplicate_keys(item, path)
+
+
 def key_lines(path: str, text: str | None = None) -> dict[str, int]:
     """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)
-    (``text``: the file's content, when read already)."""
+    (``text``: the file's content, when read already). A key given twice in one mapping raises
+    (:func:`duplicate_keys`)."""
     root = yaml.compose(read_text(path, "config") if text is None else text)
+    duplicate_keys(root, path)
     lines: dict[str, int] = {}
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
@@ -583,8 +602,8 @@ def check_before_training(cfg: Any) -> None:
     lines = {}
     if path and os.path.isfile(path):
         try:
-            lines = key_lines(path)
-        except (yaml.YAMLError, ValueError):
+            lines = key_lines(path)  # a key given twice raises here (axolotl loaded the file keeping the last)
+        except yaml.YAMLError:
             pass
     account = check_config(cfg, path, train=True, lines=lines)
     account.raise_errors()

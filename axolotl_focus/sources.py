@@ -85,13 +85,24 @@ class Prompt:
     text: str
 
 
-def _row_prompt(row: dict, where: str, text_field: str | None, input_field: str | None) -> str:
+def _row_prompt(row: dict, where: str, text_field: str | None, input_field: str | None, field: str) -> str:
+    """The prompt text of a JSON / hub row: a JSON object whose text field (and input field) holds a
+    string; anything else raises one short line naming the row (a row that is a string, a text that
+    is an object: never mined as its Python repr)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{field}: {where} is a JSON {type(row).__name__}, not an object with a text field "
+                         '(one {"text": "..."} per line)')
     name = text_field or next((k for k in TEXT_FIELDS if k in row), None)
     if name is None or name not in row:
         wanted = text_field or " / ".join(TEXT_FIELDS)
-        raise ValueError(f"text_field: {where} has no field {wanted!r} (fields: {sorted(row)})")
-    text = str(row[name] or "")
+        names = sorted(map(str, row))
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} fields)" if len(names) > 8 else "")
+        raise ValueError(f"text_field: {where} has no field {wanted!r} (fields: {shown})")
     extra = row.get(input_field) if input_field else None
+    for key, value in ((name, row[name]), (input_field, extra)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{field}: {where}: field {key!r} is a JSON {type(value).__name__}, not a string")
+    text = row[name] or ""
     return f"{text}\n\n{extra}" if extra else text
 
 
@@ -126,7 +137,7 @@ def load_prompts(
         return limit is not None and len(out) >= limit
 
     def row_id(row: dict, default: Any, where: str) -> Any:
-        if not id_field:
+        if not id_field or not isinstance(row, dict):  # not an object: _row_prompt says so
             return default
         if id_field not in row:
             raise ValueError(f"id_field: {where} has no field {id_field!r}")
@@ -135,7 +146,7 @@ def load_prompts(
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
         records = read_json_rows(source, field)
         for default_id, where, row in records:
-            if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field)):
+            if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field, field)):
                 break
         why = f"all {len(records)} rows have an empty text" if records else "no JSON rows"
     elif os.path.isfile(source):
@@ -154,7 +165,7 @@ def load_prompts(
         data = load_hub_dataset(source, dataset_config, split)
         for index, row in enumerate(data):
             where = f"{source}[{split}][{index}]"
-            if add(row_id(row, index, where), _row_prompt(row, where, text_field, input_field)):
+            if add(row_id(row, index, where), _row_prompt(row, where, text_field, input_field, field)):
                 break
         why = f"split {split!r}: " + (f"all {len(data)} rows have an empty text" if len(data) else "no rows")
     if not out:

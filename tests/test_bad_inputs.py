@@ -397,6 +397,44 @@ CASES = [
     Case("pairs-written-twice", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:3", "duplicate source_id '1'",
                                                                    "pairs.jsonl:1"),
          {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {**PAIR, "source_id": "2"}, PAIR]}),
+    # --- class 6: questionable input is refused, in one short line ---
+    Case("prompts-json-array-of-strings", [*PAIRS[:4], "{root}/p.json", *PAIRS[5:]], 2,
+         ("prompts", "p.json[0]", "JSON str", "not an object with a text field"),
+         {"p.json": json.dumps([" ".join(["A prompt that is only a string."] * 100)] * 3)}),
+    Case("prompt-text-an-object", [*PAIRS[:4], "{root}/p.jsonl", *PAIRS[5:]], 2,
+         ("prompts", "p.jsonl:2", "field 'text' is a JSON dict"),
+         {"p.jsonl": [{"text": "A fine prompt."}, {"text": {"en": "A prompt", "fr": "Un prompt"}}]}),
+    Case("config-duplicate-key", ["validate", "{root}/c.yml"], 2,
+         ("c.yml:16", "duplicate key focus_alpha", "first at line 15"),
+         {"c.yml": yaml.safe_dump(config(), sort_keys=False) + "focus_alpha: 0.1\nfocus_alpha: 0.5\n"}),
+    Case("config-duplicate-key-train", ["train", "{root}/c.yml"], 2, ("c.yml:16", "duplicate key focus_alpha"),
+         {"c.yml": yaml.safe_dump(config(), sort_keys=False) + "focus_alpha: 0.1\nfocus_alpha: 0.5\n"}),
+    Case("config-duplicate-nested-key", ["validate", "{root}/c.yml"], 2, ("c.yml:17", "duplicate key ratio"),
+         {"c.yml": yaml.safe_dump(config(base_model="{teacher}"), sort_keys=False)
+          + "focus_prune:\n  ratio: 0.2\n  ratio: 0.3\n"}),
+    Case("pair-chosen-equals-rejected", ["validate", "{root}/c.yml"], 1, ("pairs.jsonl:2", "the same text"),
+         {"c.yml": config(datasets=REPAIR_DATA), "pairs.jsonl": [PAIR, {**PAIR, "rejected": PAIR["chosen"]}]}),
+    Case("pairs-prompt-beyond-context", [*PAIRS[:4], "{root}/p.jsonl", *PAIRS[5:], "--mode", "instruction"], 2,
+         ("prompts", "1 of 2 prompts", "context of 512 tokens", "--max-new-tokens 8"),
+         {"p.jsonl": [{"text": "Say hi."}, {"text": " ".join(["The long instruction goes on."] * 150)}]}),
+    Case("pairs-budget-beyond-context", [*PAIRS, "--max-new-tokens", "600"], 2,
+         ("max_new_tokens", "--max-new-tokens 600", "context (512 tokens")),
+    Case("eval-budget-beyond-context", ["eval", "{student}", "--max-new-tokens", "600", "--output-dir", "{root}/e"],
+         2, ("max_new_tokens", "exceed the context", "512 tokens")),
+    Case("calibration-beyond-context", ["validate", "{root}/c.yml"], 1,
+         ("focus_prune.calib_seq_len", "longer than the model's context", "512"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "calib_seq_len": 1024})}),
+    Case("prune-ratio-and-target", ["validate", "{root}/c.yml"], 1,
+         ("focus_prune", "ratio and target_param_reduction", "give one"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "target_param_reduction": 0.2})}),
+    Case("prune-ratio-and-target-cli", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--ratio", "0.3",
+                                        "--target-param-reduction", "0.2"], 2,
+         ("ratio and target_param_reduction", "give one")),
+    Case("prune-depth-setting-for-width", ["validate", "{root}/c.yml"], 1,
+         ("focus_prune", "num_blocks", "not used by method: width"),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "num_blocks": 2})}),
+    Case("prune-uniform-with-ranges", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--uniform",
+                                       "--attn-layers", "1", "3"], 2, ("uniform", "remove attn_layers")),
 ]
 
 
@@ -502,10 +540,11 @@ def test_bad_input(case, models, tmp_path, capsys, plugin_manager, one_thread):
     for word in case.words:
         assert word.lower() in text.lower(), (word, text)
     if case.argv[0] not in ("validate", "train"):
-        # the error is one line (argparse: its `error:` line after the usage)
+        # the error is one line (argparse: its `error:` line after the usage), and a short one
         mark = "error:" if text.startswith("usage:") else case.words[0]
         line = next(line for line in text.splitlines() if mark.lower() in line.lower())
         assert all(w.lower() in line.lower() for w in case.words), (line, text)
+        assert len(line.replace(str(tmp_path), "ROOT")) < 500, line
     after = snapshot(tmp_path, *(models[k] for k in ("teacher", "student", "other", "moved")))
     if case.axolotl_cache:
         after = {k: v for k, v in after.items() if k in before or not k.startswith(

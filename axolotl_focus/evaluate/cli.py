@@ -4,6 +4,7 @@ make and the entry point."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -46,6 +47,19 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**kw)
 
 
+def _check_context(cfg: EvalConfig, name: str, path: str) -> None:
+    """Open-ended prompts and continuations fit the model's context (``max_position_embeddings`` of
+    its config.json)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            context = json.load(handle).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if "open_ended" in cfg.tasks and context and cfg.prefix_tokens + cfg.max_new_tokens > int(context):
+        raise ValueError(f"max_new_tokens: --prefix-tokens {cfg.prefix_tokens} + --max-new-tokens {cfg.max_new_tokens} "
+                         f"exceed the context of {name} ({context} tokens, max_position_embeddings)")
+
+
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Entry point of ``axolotl-focus eval``: evaluate, print the Markdown report; 2 on bad options."""
     main = get_ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
@@ -59,6 +73,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         for name, path in specs + ([("--teacher", cfg.teacher)] if cfg.teacher else []):
             if os.path.isdir(path):
                 check_weight_files(path, name)
+                _check_context(cfg, name, path)
         if not cfg.metrics_only and get_ranks().size == 1:
             eval_device(cfg)  # --device gpu0 / cuda without CUDA: said before any work
         check_local_data(cfg)  # local documents / instructions / PPL text: read before any model work

@@ -44,18 +44,19 @@ second process mining into the same output is refused with the first one's PID (
 both skip and both append the same prompts).
 
 ``output + ".run.json"`` records what decides the pairs (:meth:`MiningConfig.run_record`: student
-and teacher names, the student's config ``vocab_size``, the prompt source (a local file by the digest
-of its bytes), how prompts are read and rendered, the sampling settings); it is written (atomically) when the output has no rows yet. A start whose
-record differs from it while the output or its state file holds rows is refused before any
-weights are loaded, with one ``ValueError`` listing each differing setting, old and new; for
-files of older versions without the record, the settings of the first pair row (``student``,
-``teacher``, ``seed``, ``top_p``, ``temperature``, ``teacher_temperature``) are compared and the
-record is written. A rerun with the same settings resumes and leaves the record untouched. An
-``output`` whose first line is not a pairs row (a JSON object with a ``source_id``) is never
-appended to (nor removed). ``restart`` (``pairs --restart``) removes the output, its state,
-summary, record and leftover rank shards, then mines from scratch. Before any weights are
-loaded, :func:`~axolotl_focus.mine.run.run_mining` also requires the teacher to share the student's vocabulary
-(tokenizers and config ``vocab_size``) and the prompt source to hold at least one prompt.
+and teacher names, the student's config ``vocab_size``, the prompt source (a local file by the
+digest of its bytes), how prompts are read and rendered, the sampling settings); it is written
+(atomically) when the output has no rows yet. A start whose record differs from it while the output
+or its state file holds rows is refused before any weights are loaded, with one ``ValueError``
+listing each differing setting, old and new; for files of older versions without the record, the
+settings of the first pair row (``student``, ``teacher``, ``seed``, ``top_p``, ``temperature``,
+``teacher_temperature``) are compared and the record is written. A rerun with the same settings
+resumes and leaves the record untouched. An ``output`` whose first line is not a pairs row (a JSON
+object with a ``source_id``) is never appended to (nor removed). ``restart`` (``pairs --restart``)
+removes the output, its state, summary, record and leftover rank shards, then mines from scratch.
+Before any weights are loaded, :func:`~axolotl_focus.mine.run.run_mining` also requires the teacher
+to share the student's vocabulary (tokenizers and config ``vocab_size``) and the prompt source to
+hold at least one prompt.
 """
 
 from __future__ import annotations

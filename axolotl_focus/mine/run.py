@@ -367,6 +367,32 @@ def _check_vocab(cfg: MiningConfig, teacher_path: str):
     return tokenizers[0], sizes[0]
 
 
+def _check_context(cfg: MiningConfig, tokenizer, prompts: list[Prompt]) -> None:
+    """Every prompt and its budget fit the student's context (its config's
+    ``max_position_embeddings``), checked before any weights are loaded: open-ended mode
+    ``prefix_tokens + max_new_tokens``, instruction mode each rendered prompt + ``max_new_tokens``
+    (one line with the count and the first prompt that does not fit)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return
+    if cfg.mode == "open_ended":
+        if cfg.prefix_tokens + cfg.max_new_tokens > context:
+            raise ValueError(f"max_new_tokens: --prefix-tokens {cfg.prefix_tokens} + --max-new-tokens "
+                             f"{cfg.max_new_tokens} exceed the student's context ({context} tokens, "
+                             "max_position_embeddings)")
+        return
+    long = [(p, n) for p in prompts if (n := len(encode_prompt(tokenizer, p.text, cfg)[1])) + cfg.max_new_tokens
+            > context]
+    if long:
+        (first, n) = long[0]
+        raise ValueError(f"prompts: {len(long)} of {len(prompts)} prompts do not fit the student's context of "
+                         f"{context} tokens with --max-new-tokens {cfg.max_new_tokens} (the first: source id "
+                         f"{first.source_id}, {n} tokens); shorten them or lower --max-new-tokens")
+
+
 def run_mining(cfg: MiningConfig) -> MiningSummary:
     """Validate ``cfg``, load the prompts (none: ``ValueError``), check before loading any weights
     that the teacher (default: the student's recorded ``focus_source_model``) shares the student's
@@ -385,6 +411,7 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     )
     teacher_path = cfg.teacher_path()
     tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
+    _check_context(cfg, tokenizer, prompts)
     state = process_state()
     device = device or state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
