@@ -8,14 +8,21 @@ for a model, which of these it is and where its ``config.json`` is (the folder, 
 cache), and raises a ``ValueError`` naming the config field when a local model is missing or its
 weights are damaged (:func:`check_weight_files`: every ``*.safetensors`` file as long as its header
 says, every file of a sharded index present; no weights are read). The hub is offline when
-``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value.
+``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value, and also when it cannot be
+reached: :func:`hub_offline` then tries one connection to the hub's host (or the HTTPS proxy) once per
+process, and an unreachable hub switches the process to offline mode (``HF_HUB_OFFLINE=1`` for every
+library: no retries, no half-failed requests) with one warning, so that the verdicts are those of an
+offline run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
+
+LOG = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".text")
 
@@ -30,11 +37,64 @@ def looks_local(name: str) -> bool:
     )
 
 
+_UNREACHABLE: list[str] = []  # why the hub could not be reached (the probe runs once per process)
+
+
 def hub_offline() -> bool:
+    """Whether the hub is offline: set so (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), or
+    unreachable (see the module docstring; the probe runs once)."""
     from huggingface_hub import constants
 
-    return constants.HF_HUB_OFFLINE or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+                                       for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    why = _hub_unreachable(constants.ENDPOINT)
+    if why is None:
+        return False
+    _UNREACHABLE.append(why)
+    LOG.warning("the hub (%s) cannot be reached (%s): working offline, as with HF_HUB_OFFLINE=1 (hub ids are "
+                "not checked)", constants.ENDPOINT, why)
+    go_offline()
+    return True
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why :func:`hub_offline` switched this process offline (the hub could not be reached), else None."""
+    return _UNREACHABLE[0] if _UNREACHABLE else None
+
+
+def go_offline() -> None:
+    """Offline mode for this process and its children: ``HF_HUB_OFFLINE=1`` and the flags the hub
+    libraries already read at import."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the hub's host (or to the HTTPS proxy) opens within
+    ``timeout`` seconds, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy if proxy else endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
 
 
 def cached_hub_file(repo_id: str, filename: str = "config.json") -> str | None:

@@ -41,9 +41,16 @@ def missing_file(source: str) -> bool:
 
 
 def offline_env() -> str | None:
-    """The name of the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable, if any."""
-    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                 if os.environ.get(v, "").strip().upper() in _TRUE), None)
+    """Why hub datasets are not used: the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable,
+    or that the hub cannot be reached (:func:`axolotl_focus.locations.hub_offline`), else None."""
+    from .locations import hub_offline, hub_unreachable_reason
+
+    if hub_unreachable_reason() is None:
+        set_by_user = next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                            if os.environ.get(v, "").strip().upper() in _TRUE), None)
+        if set_by_user or not hub_offline():
+            return set_by_user
+    return f"the hub cannot be reached ({hub_unreachable_reason()})"
 
 
 def load_hub_dataset(name: str, config: str | None, split: str, *, streaming: bool = False):

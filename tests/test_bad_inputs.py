@@ -15,7 +15,10 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -616,3 +619,65 @@ def test_disk_full_while_pruning_is_one_line_and_keeps_nothing(models, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "writing the pruned checkpoint" in err and str(tmp_path / "p") in err and "StorageFull" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- class 7: no noise, no slowness ---
+
+def _run_cli(*argv: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """``axolotl-focus ARGV`` in a fresh process: the result and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, "-m", "axolotl_focus.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_are_fast_and_import_neither_torch_nor_axolotl(flag):
+    heavy = ("torch", "transformers", "axolotl", "datasets", "numpy")
+    code = (f"import sys\nfrom axolotl_focus.cli import main\ntry:\n    main([{flag!r}])\n"
+            f"except SystemExit:\n    pass\nprint(sorted(m for m in {heavy!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    result, cpu = _run_cli(flag)
+    assert result.returncode == 0 and result.stderr == "" and cpu < 1.0, (cpu, result.stderr)
+
+
+NOISE = ("Failed to load", "_pytree", "TRLExperimentalWarning", "Skipping publisher trust", "Retrying in")
+
+
+def test_a_command_prints_no_third_party_noise(models, tmp_path):
+    """`validate` of a valid config: the account on stdout, on stderr nothing from other packages
+    (torchao, torch's pytree, TRL, bitsandbytes) unless --debug."""
+    names = {**models, "root": str(tmp_path)}
+    _write(tmp_path, {"c.yml": config()}, names)
+    result, _ = _run_cli("validate", str(tmp_path / "c.yml"))
+    assert result.returncode == 0 and "valid - dry check" in result.stdout, result.stdout + result.stderr
+    assert not [line for line in result.stderr.splitlines() if any(n in line for n in NOISE)], result.stderr
+
+
+def test_an_unreachable_hub_is_treated_like_offline(models, tmp_path, capsys, plugin_manager, monkeypatch, caplog):
+    """Without HF_HUB_OFFLINE and without network: one warning line, and the verdict of an offline run
+    (a hub teacher 'not checked'), never a half-failed request."""
+    from huggingface_hub import constants
+
+    from axolotl_focus import locations
+    from axolotl_focus.cli import main
+
+    names = {**models, "root": str(tmp_path)}
+    _write(tmp_path, {"c.yml": config(focus_teacher_model="no-such-org/no-such-model")}, names)
+    assert main(["validate", str(tmp_path / "c.yml")]) == 0
+    offline = capsys.readouterr().out
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(locations, "_UNREACHABLE", [])
+    monkeypatch.setattr(locations, "_hub_unreachable", lambda endpoint: "huggingface.co:443: Name or service not known")
+    try:
+        assert main(["validate", str(tmp_path / "c.yml")]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == offline and "not checked" in offline
+        said = captured.err if "cannot be reached" in captured.err else caplog.text  # its handler, or pytest's
+        assert said.count("cannot be reached") == 1 and "working offline, as with HF_HUB_OFFLINE=1" in said, said
+    finally:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"

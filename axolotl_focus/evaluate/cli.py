@@ -14,10 +14,6 @@ from pathlib import Path
 from ..locations import check_weight_files, looks_local
 from ..options import add_options
 from .config import METRICS, EvalConfig
-from .data import check_local_data
-from .models import eval_device
-from .orchestrate import evaluate_models, model_specs
-from .runner import get_ranks
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +58,11 @@ def _check_context(cfg: EvalConfig, name: str, path: str) -> None:
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Entry point of ``axolotl-focus eval``: evaluate, print the Markdown report; 2 on bad options."""
+    from .data import check_local_data
+    from .models import eval_device
+    from .orchestrate import evaluate_models, model_specs
+    from .runner import get_ranks
+
     main = get_ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

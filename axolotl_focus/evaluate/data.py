@@ -55,9 +55,10 @@ def default_wikitext() -> tuple[list[str] | None, dict]:
     embedded = _embedded()[1]
     var = sources.offline_env()
     if var:
-        LOG.info("%s is set: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
-                 "for the default open-ended documents and perplexity text", var, name, config, split)
-        return None, embedded | {"fallback": f"{var} is set"}
+        why = var if var.startswith("the hub") else f"{var} is set"
+        LOG.info("%s: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
+                 "for the default open-ended documents and perplexity text", why, name, config, split)
+        return None, embedded | {"fallback": why}
     try:
         rows = list(sources.load_hub_dataset(name, config, split)["text"])
     except Exception as err:  # noqa: BLE001 - no network, a hub/httpx error, a missing cache, ...

@@ -10,16 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from ...options import opt, positive_int
 
-from ...config import focus_default, source_model_of
-from ...files import exclusive_lock
-from ...options import opt, positive_int, resolve_device
-from .build import build_cache
-from .format import DEFAULT_SHARD_SIZE, CacheMeta, data_sources, read_meta
-from .rows import rows_from_config
+if TYPE_CHECKING:  # the options above are all `axolotl-focus teacher-cache --help` imports
+    from .format import CacheMeta
 
 
 @dataclass
@@ -57,6 +53,8 @@ def folder_size(path: str | os.PathLike) -> int:
 
 def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
+    from ...files import exclusive_lock
+
     started = time.monotonic()
     with exclusive_lock(args.output):  # before the data is tokenized: a second writer is refused at once
         if getattr(args, "from_kd_logprobs", False):
@@ -75,11 +73,17 @@ def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
 
 
 def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
+    import torch
     from axolotl.loaders import load_tokenizer
 
+    from ...config import focus_default, source_model_of
     from ...locations import resolve_model
+    from ...options import resolve_device
     from ...preflight import read_config
     from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
+    from .build import build_cache
+    from .format import DEFAULT_SHARD_SIZE, data_sources, read_meta
+    from .rows import rows_from_config
 
     # everything the options decide is checked before the data is tokenized (which writes axolotl's
     # dataset_prepared_path) and before anything is written to --output
