@@ -48,18 +48,26 @@ def hub_offline() -> bool:
     if constants.HF_HUB_OFFLINE or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                                        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True
-    why = _hub_unreachable(constants.ENDPOINT)
-    if why is None:
-        return False
-    _UNREACHABLE.append(why)
-    LOG.warning("the hub (%s) cannot be reached (%s): working offline, as with HF_HUB_OFFLINE=1 (hub ids are "
-                "not checked)", constants.ENDPOINT, why)
-    go_offline()
-    return True
+    return hub_unreachable_reason() is not None
 
 
 def hub_unreachable_reason() -> str | None:
-    """Why :func:`hub_offline` switched this process offline (the hub could not be reached), else None."""
+    """Why the hub cannot be reached (the probe of the module docstring, run once per process; an
+    unreachable hub switches the process offline, with one warning), or None when it can."""
+    if not _UNREACHABLE:
+        from huggingface_hub import constants
+
+        why = _hub_unreachable(constants.ENDPOINT)
+        _UNREACHABLE.append(why)
+        if why is not None:
+            LOG.warning("the hub (%s) cannot be reached (%s): working offline, as with HF_HUB_OFFLINE=1 (hub ids "
+                        "are not checked)", constants.ENDPOINT, why)
+            go_offline()
+    return _UNREACHABLE[0]
+
+
+def went_offline() -> str | None:
+    """Why this process switched itself offline (the probe ran and failed), else None; never probes."""
     return _UNREACHABLE[0] if _UNREACHABLE else None
 
 

@@ -43,14 +43,16 @@ def missing_file(source: str) -> bool:
 def offline_env() -> str | None:
     """Why hub datasets are not used: the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable,
     or that the hub cannot be reached (:func:`axolotl_focus.locations.hub_offline`), else None."""
-    from .locations import hub_offline, hub_unreachable_reason
+    from .locations import hub_unreachable_reason, went_offline
 
-    if hub_unreachable_reason() is None:
-        set_by_user = next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                            if os.environ.get(v, "").strip().upper() in _TRUE), None)
-        if set_by_user or not hub_offline():
-            return set_by_user
-    return f"the hub cannot be reached ({hub_unreachable_reason()})"
+    if went_offline():  # the variables below were set by this process, not by the user
+        return f"the hub cannot be reached ({went_offline()})"
+    set_by_user = next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                        if os.environ.get(v, "").strip().upper() in _TRUE), None)
+    if set_by_user:
+        return set_by_user
+    why = hub_unreachable_reason()
+    return f"the hub cannot be reached ({why})" if why else None
 
 
 def load_hub_dataset(name: str, config: str | None, split: str, *, streaming: bool = False):
