@@ -19,6 +19,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -429,7 +430,7 @@ CASES = [
          {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "calib_seq_len": 1024})}),
     Case("prune-ratio-and-target", ["validate", "{root}/c.yml"], 1,
          ("focus_prune", "ratio and target_param_reduction", "give one"),
-         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "target_param_reduction": 0.2})}),
+         {"c.yml": config(base_model="{teacher}", focus_prune={**PRUNE, "ratio": 0.3, "target_param_reduction": 0.2})}),
     Case("prune-ratio-and-target-cli", ["prune", "--model", "{teacher}", "--output", "{root}/p", "--ratio", "0.3",
                                         "--target-param-reduction", "0.2"], 2,
          ("ratio and target_param_reduction", "give one")),
@@ -681,3 +682,38 @@ def test_an_unreachable_hub_is_treated_like_offline(models, tmp_path, capsys, pl
         assert said.count("cannot be reached") == 1 and "working offline, as with HF_HUB_OFFLINE=1" in said, said
     finally:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+# --- class 8: a question in a library call ---
+
+def test_a_pruned_checkpoint_asks_no_question(models, tmp_path):
+    """A width-pruned checkpoint written by `axolotl-focus prune`, in a fresh process that never
+    imported axolotl_focus, stdin closed: AutoTokenizer asks nothing; AutoModelForCausalLM without
+    trust_remote_code refuses the narrowed weights (never a wrong model), with it loads the pruned
+    class. (The full matrix, old format included: tests/prune/test_pruning.py.)"""
+    from axolotl_focus.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", models["teacher"], "--output", str(out), "--attn-layers", "1", "3",
+                 "--mlp-layers", "1", "3", "--ratio", "0.5", "--calib-samples", "2", "--threads", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["PrunedLlamaForCausalLM"]
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        print("TOKENS", AutoTokenizer.from_pretrained({str(out)!r})("The game began .")["input_ids"])
+        try:
+            AutoModelForCausalLM.from_pretrained({str(out)!r})
+            print("LOADED WITHOUT trust_remote_code")
+        except Exception as exc:
+            print("REFUSED", type(exc).__name__)
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        print("CLASS", type(model).__name__)
+        assert not [m for m in sys.modules if m.startswith("axolotl_focus")]
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0 and "[y/N]" not in said and "TOKENS [" in said, said[-3000:]
+    assert "REFUSED RuntimeError" in said and "CLASS PrunedLlamaForCausalLM" in said, said[-3000:]

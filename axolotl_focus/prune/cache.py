@@ -316,25 +316,27 @@ _ATTENTION_LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel")
 
 
 def disable_attention_lora_kernels(cfg: dict) -> None:
-    """axolotl's fused LoRA attention kernels import ``transformers.models.<model_type>``, which a
-    width-pruned ``pruned_llama`` checkpoint is not; it auto-enables them for LoRA. Turn them off
-    for such checkpoints (the MLP and embedding kernels keep working) and refuse an explicit
-    ``true``, before axolotl's validation runs."""
+    """axolotl's fused LoRA attention kernels assume one attention shape for every layer (and import
+    ``transformers.models.<model_type>``, which the earlier ``pruned_llama`` format is not); axolotl
+    auto-enables them for LoRA. Turn them off for width-pruned checkpoints (``layer_shapes``; the
+    MLP and embedding kernels keep working) and refuse an explicit ``true``, before axolotl's
+    validation runs."""
     if cfg.get("adapter") not in ("lora", "qlora"):
         return
     config_file = os.path.join(str(cfg.get("base_model") or ""), "config.json")
     if not os.path.isfile(config_file):
         return
     with open(config_file, encoding="utf-8") as handle:
-        if json.load(handle).get("model_type") != "pruned_llama":
-            return
+        config = json.load(handle)
+    if config.get("model_type") != "pruned_llama" and config.get("layer_shapes") is None:  # not width-pruned
+        return
     for key in _ATTENTION_LORA_KERNELS:
         if cfg.get(key):
-            raise ValueError(f"{key}: true is not supported for width-pruned (pruned_llama) checkpoints, whose "
+            raise ValueError(f"{key}: true is not supported for width-pruned checkpoints (layer_shapes), whose "
                              "layers have their own attention shapes; remove the key or set it to false")
         if cfg.get(key) is None:
             cfg[key] = False
-    LOG.info("pruned_llama student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
+    LOG.info("width-pruned student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
 
 
 def apply_to_config(cfg: dict) -> None:

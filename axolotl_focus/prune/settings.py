@@ -78,15 +78,16 @@ class PruneSettings(BaseModel):
 
     @model_validator(mode="after")
     def _no_ignored_settings(self) -> "PruneSettings":
-        """A setting the chosen method would ignore is refused (it would silently do nothing)."""
-        given = self.model_fields_set
-        if "ratio" in given and self.target_param_reduction is not None:
+        """A setting the chosen method would ignore is refused (it would silently do nothing): one
+        given with a value other than its default (a ``model_dump()`` of valid settings stays valid)."""
+        changed = {name for name in self.model_fields_set if getattr(self, name) != self.model_fields[name].default}
+        if "ratio" in changed and self.target_param_reduction is not None:
             raise ValueError("ratio and target_param_reduction: give one (target_param_reduction solves the "
                              "per-layer ratio for a share of all parameters)")
-        if self.uniform and given & {"attn_layers", "mlp_layers"}:
+        if self.uniform and changed & {"attn_layers", "mlp_layers"}:
             raise ValueError("uniform: true prunes every layer; remove attn_layers / mlp_layers")
         other = _DEPTH_ONLY if self.method == "width" else _WIDTH_ONLY
-        ignored = [name for name in self.model_fields if name in other and name in given]
+        ignored = [name for name in self.model_fields if name in other and name in changed]
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: not used by method: {self.method} (remove, or set method: "
                              f"{'depth' if self.method == 'width' else 'width'})")
