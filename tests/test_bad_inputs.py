@@ -6,7 +6,18 @@ Every case runs in its own folder holding the inputs it names; the tiny models a
 hashed too). ``validate`` and CLI cases run ``axolotl_focus.cli.main`` in-process; ``train``
 cases run what ``axolotl train`` runs first (``axolotl.cli.config.load_cfg``: the plugin's
 ``register`` hook, then axolotl's validation) and must raise before any dataset or weights are
-touched. An error is one line without a traceback (argparse's usage errors aside).
+touched. An error is one line without a traceback (argparse's usage errors aside), under 500
+characters.
+
+After the first 67 cases the table follows the classes of issue 23, one block each: 1 non-finite
+or out-of-range numbers, 3 input / machine problems (not UTF-8, truncated weights, devices), 2 what
+`train` refuses `validate` refuses first, 4 a resume that is not the same job, 5 two writers on one
+output, 6 questionable input. The checks that need more than one call follow the table: disk full
+while pruning (3), speed of --help / --version, third-party noise and an unreachable hub (7), a
+pruned checkpoint in a fresh process (8). Unit tests of the mechanisms: tests/test_files.py (UTF-8
+reader, run identity, lock), tests/train/test_nonfinite.py (the non-finite guard),
+tests/train/test_teacher_cache.py (the shard check and its repair), tests/prune/test_pruning.py
+(the checkpoint format in a fresh process).
 """
 
 from __future__ import annotations
