@@ -125,6 +125,9 @@ def _write_shard(shard: Path, keys: list[str], counts: list[int], parts: list[Sp
     datasets.disable_progress_bars()  # one bar per shard would interleave with ours
     try:
         datasets.Dataset.from_dict(columns, features=shard_features()).save_to_disk(str(tmp))
+    except BaseException:  # a full disk, an interrupt: no temporary folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         if not quiet:
             datasets.enable_progress_bars()
