@@ -276,7 +276,7 @@ def set_threads(threads: int | None) -> int:
     threads of two processes spinning on the same cores slow both many times over)."""
     import torch
 
-    from .demo.runs import auto_threads
+    from .demo import auto_threads
 
     n = threads or auto_threads()
     torch.set_num_threads(n)
