@@ -16,7 +16,8 @@ with its `num_attention_heads`, `num_key_value_heads` and `intermediate_size`), 
   remote code (the config is transformers' own LlamaConfig, `layer_shapes` an extra attribute);
 - `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads this class from the
   checkpoint; in a process that imported `axolotl_focus` no flag is needed
-  (:func:`register_auto_classes` makes the Auto class pick the LLaMA class named by `architectures`);
+  (:func:`register_auto_classes`: for a LlamaConfig the Auto class builds this class when the config
+  has `layer_shapes`, transformers' LlamaForCausalLM otherwise);
 - in any other process, without `trust_remote_code`, transformers builds its plain LlamaForCausalLM
   and refuses the narrowed weights (a size-mismatch error): it never loads a wrong model.
 
@@ -120,20 +121,41 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
             self.post_init()  # initialise the replaced modules like the rest of the model
 
 
+class LlamaOrPrunedLlamaForCausalLM:
+    """What AutoModelForCausalLM builds for a LlamaConfig in a process that imported axolotl_focus
+    (:func:`register_auto_classes`): `PrunedLlamaForCausalLM` when the config has `layer_shapes`,
+    transformers' `LlamaForCausalLM` otherwise. It counts as transformers' own class (its
+    `__module__`), so a checkpoint's remote code keeps precedence under trust_remote_code=True,
+    exactly as for a plain LLaMA."""
+
+    __module__ = LlamaForCausalLM.__module__
+    config_class = LlamaConfig
+
+    @staticmethod
+    def pick(config) -> type:
+        return PrunedLlamaForCausalLM if getattr(config, "layer_shapes", None) is not None else LlamaForCausalLM
+
+    @classmethod
+    def from_pretrained(cls, *args, config=None, **kwargs):
+        return cls.pick(config).from_pretrained(*args, config=config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        return cls.pick(config)._from_config(config, **kwargs)
+
+
 def register_auto_classes() -> None:
     """Make width-pruned checkpoints load through AutoConfig / AutoModelForCausalLM in this process,
     without trust_remote_code (idempotent): `model_type: pruned_llama` (the earlier format) is
-    registered, and for a LLaMA config the Auto class picks the class its `architectures` names -
-    `PrunedLlamaForCausalLM` or transformers' `LlamaForCausalLM` (transformers' own mechanism for a
-    config type with several model classes; its `register` ignores native config types, so the
-    pair is set in the mapping directly)."""
+    registered, and a LlamaConfig gets :class:`LlamaOrPrunedLlamaForCausalLM` (transformers'
+    `register` ignores its native config types, so the mapping is set directly)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)
     # (AutoModelForCausalLM.register would insist on config_class == PrunedLlamaConfig; the class takes
     # any LlamaConfig with layer_shapes, the earlier format's subclass included)
     MODEL_FOR_CAUSAL_LM_MAPPING._extra_content[PrunedLlamaConfig] = PrunedLlamaForCausalLM
-    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content[LlamaConfig] = (LlamaForCausalLM, PrunedLlamaForCausalLM)
+    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content[LlamaConfig] = LlamaOrPrunedLlamaForCausalLM
 
 
 # save_pretrained then copies this file into the checkpoint and writes `auto_map` (trust_remote_code).
