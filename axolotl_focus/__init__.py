@@ -4,14 +4,52 @@ Enable in an axolotl config with::
 
     plugins:
       - axolotl_focus.FocusPlugin
+
+Importing the package imports neither torch nor transformers (``axolotl-focus --help`` stays fast):
+the Auto-class registration of pruned checkpoints (:func:`axolotl_focus.prune.modeling_pruned_llama.
+register_auto_classes`) runs as soon as ``transformers`` is imported in this process - at once if it
+is already, else right after its import (a one-shot import hook).
 """
+
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
-from .prune.modeling_pruned_llama import register_auto_classes as _register_auto_classes
 
-# Pruned checkpoints (model_type `pruned_llama`) load through the Auto classes once imported.
-_register_auto_classes()
+def _register_auto_classes() -> None:
+    from .prune.modeling_pruned_llama import register_auto_classes
+
+    register_auto_classes()
+
+
+class _AfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register_auto_classes` once ``transformers`` is imported, then leaves."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            _register_auto_classes()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+# Pruned checkpoints load through the Auto classes in any process that imported this package.
+if "transformers" in sys.modules:
+    _register_auto_classes()
+elif not any(isinstance(finder, _AfterTransformersImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTransformersImport())
 
 
 def __getattr__(name):

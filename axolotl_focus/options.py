@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
+
+from pydantic import FiniteFloat
+
+__all__ = ["FiniteFloat", "add_options", "finite_float", "given", "nonfinite_fields", "opt", "positive_int",
+           "resolve_device"]
 
 _NONE = type(None)
 
@@ -38,6 +44,55 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def nonfinite_fields(obj) -> list[str]:
+    """``"name: must be a finite number (got inf)"`` for each float field of the dataclass ``obj``
+    holding inf or nan (a tuple of floats: any element)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            out.append(f"{f.name}: must be a finite number (got {value!r})")
+    return out
+
+
+def resolve_device(name: str | None, field: str = "--device"):
+    """The ``torch.device`` of ``name`` (None / ``auto``: cuda when available, else cpu). Raises
+    ``ValueError("<field>: ...")`` for a name torch does not parse (``gpu0``) and for a device this
+    machine does not have (``cuda`` without CUDA, ``cuda:3`` with 2 GPUs, ``mps``)."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{field}: {name!r} is not a device (expected cpu, cuda, cuda:N, mps or auto)") from None
+    count = {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()),
+             "xpu": torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0}
+    if device.type in count:
+        if not count[device.type]:
+            raise ValueError(f"{field}: {name}: this machine has no {device.type.upper()} device (use --device cpu)")
+        if device.index is not None and device.index >= count[device.type]:
+            raise ValueError(f"{field}: {name}: this machine has {count[device.type]} {device.type} device(s), "
+                             f"numbered from 0")
+    elif device.type != "cpu":
+        raise ValueError(f"{field}: {name!r}: unsupported device type {device.type!r} (expected cpu, cuda or mps)")
+    return device
 
 
 def _fields(schema) -> list[tuple[str, Any, Any, str, dict]]:
@@ -72,8 +127,11 @@ def option_kwargs(kind, extra: dict) -> dict:
     elif kind is bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif origin in (tuple, list):
-        kw.update(nargs="+", type=typing.get_args(kind)[0])
-    elif kind in (int, float, str):
+        item = typing.get_args(kind)[0]
+        kw.update(nargs="+", type=finite_float if item is float else item)
+    elif kind is float:
+        kw["type"] = finite_float
+    elif kind in (int, str):
         kw["type"] = kind
     kw.update({k: v for k, v in extra.items() if k in ("type", "choices", "nargs", "metavar", "action", "required")})
     if "choices" in kw and kw.get("type") is str:

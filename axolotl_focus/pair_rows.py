@@ -28,6 +28,8 @@ def row_problem(row, sequence_len: int | None = None, prompt_len: int | None = N
     for field in ("chosen", "rejected"):
         if not row[field].strip():
             return f"empty {field} continuation"
+    if row["chosen"].strip() == row["rejected"].strip():
+        return "chosen and rejected are the same text (the margin loss would push nothing apart)"
     if sequence_len is not None and prompt_len is not None and prompt_len + 2 * MIN_CONTINUATION > sequence_len:
         return f"prompt of {prompt_len} tokens leaves no room for the continuations (sequence_len {sequence_len})"
     return None

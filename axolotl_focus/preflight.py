@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from typing import Any, Mapping
 import yaml
 
 from .config import FocusArgs, FocusAuxLosses, focus_default, source_model_of
+from .files import read_lines, read_text
 from .locations import ModelLocation, looks_local, resolve_model
 from .prune.settings import PruneSettings
 
@@ -57,6 +60,7 @@ class Account:
     config: str
     errors: list[str] = field(default_factory=list)
     lines: list[tuple[str, str]] = field(default_factory=list)  # (topic, what train would do)
+    student: ModelLocation | None = field(default=None, repr=False)  # base_model, once resolved
 
     def error(self, key: str, message: str, where: Mapping[str, int] | None = None, line_of: str = "") -> None:
         """Record ``file:line: key: message`` (the line of ``key``, or of ``line_of`` when the key is
@@ -90,10 +94,29 @@ def nearest(name: str, known) -> str:
     return f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
 
 
-def key_lines(path: str) -> dict[str, int]:
-    """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)."""
-    with open(path, encoding="utf-8") as handle:
-        root = yaml.compose(handle)
+def duplicate_keys(node, path: str) -> None:
+    """Raise ``ValueError("<path>:<line>: duplicate key <key> (first at line N) ...")`` for the first
+    key that a mapping of the YAML node tree holds twice (YAML loaders keep the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in first:
+                    raise ValueError(f"{path}:{key.start_mark.line + 1}: duplicate key {key.value} (first at line "
+                                     f"{first[key.value]}); YAML would keep the last value silently - remove one")
+                first[key.value] = key.start_mark.line + 1
+            duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            duplicate_keys(item, path)
+
+
+def key_lines(path: str, text: str | None = None) -> dict[str, int]:
+    """1-based line of each top-level key and of each key one level down (``focus_prune.ratio``)
+    (``text``: the file's content, when read already). A key given twice in one mapping raises
+    (:func:`duplicate_keys`)."""
+    root = yaml.compose(read_text(path, "config") if text is None else text)
+    duplicate_keys(root, path)
     lines: dict[str, int] = {}
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
@@ -111,10 +134,10 @@ def read_config(path: str) -> tuple[dict, dict[str, int]]:
     """The YAML mapping of ``path`` and its key lines; ``ValueError`` naming file:line otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such config file")
+    text = read_text(path, "config")  # not UTF-8: the line of the first bad byte
     try:
-        with open(path, encoding="utf-8") as handle:
-            cfg = yaml.safe_load(handle)
-        lines = key_lines(path)
+        cfg = yaml.safe_load(text)
+        lines = key_lines(path, text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -139,6 +162,24 @@ def validation_messages(exc, prefix: str = "") -> list[tuple[str, str]]:
             msg += f" (got {err['input']!r})"
         out.append((key, msg))
     return out
+
+
+def _nonfinite_values(cfg: Mapping, account: Account, lines) -> None:
+    """Every number in the config is finite: ``.inf`` / ``.nan`` in any key (axolotl's too; the
+    ``focus_*`` keys are checked by their schema) is an error."""
+    def walk(value, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            account.error(key, f"must be a finite number (got {value})", lines)
+        elif isinstance(value, Mapping):
+            for sub, item in value.items():
+                walk(item, f"{key}.{sub}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+
+    for key, value in cfg.items():
+        if not str(key).startswith("focus_"):
+            walk(value, str(key))
 
 
 def _unknown_focus_keys(cfg: Mapping, account: Account, lines) -> None:
@@ -213,7 +254,7 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, spec: PruneSettings | No
     if not base:
         account.error("base_model", "is required", lines)
         return
-    student = _resolve(base, "base_model", account, lines, train)
+    student = account.student = _resolve(base, "base_model", account, lines, train)
     if spec is not None and not cfg.get("focus_pruned_from") and student is not None:
         _plan(base, spec, account, lines)
     distill = cfg.get("focus_distill") or focus_default("focus_distill")
@@ -276,7 +317,16 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
                          lines) -> None:
     """``focus_teacher_cache``: a complete cache (its cache.json and shard folders; no shard is
     read) built at ``focus_temperature`` for the student's vocabulary size and tokenizer."""
-    from .train.teacher_cache.format import FORMAT, META_FILE, VERSION, read_meta, tokenizer_digest
+    from .train.teacher_cache.format import (
+        FORMAT,
+        META_FILE,
+        VERSION,
+        other_data,
+        other_teacher,
+        read_meta,
+        shard_problems,
+        tokenizer_digest,
+    )
 
     key = "focus_teacher_cache"
     path = str(cfg[key])
@@ -293,12 +343,15 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
         account.error(key, f"{path}: teacher cache version {meta.version} (this axolotl_focus reads version "
                       f"{VERSION}); rebuild it: {build} --restart", lines)
         return
-    shards = [os.path.join(path, f"shard-{i:05d}") for i in range(meta.shards)]
-    done = sum(os.path.isdir(s) for s in shards)
-    if not meta.complete or done < meta.shards:
-        what = "is incomplete" if not meta.complete else "misses shard folders"
-        account.error(key, f"{path}: the teacher cache {what} ({done} of {meta.shards} shards); finish it by running "
-                      f"axolotl-focus teacher-cache again with the same settings", lines)
+    damaged = shard_problems(path, meta)  # sizes of the files each shard was written with; no data read
+    if not meta.complete:
+        done = sum(os.path.isdir(os.path.join(path, f"shard-{i:05d}")) for i in range(meta.shards))
+        account.error(key, f"{path}: the teacher cache is incomplete ({done} of {meta.shards} shards); finish it by "
+                      "running axolotl-focus teacher-cache again with the same settings", lines)
+        return
+    if damaged:
+        account.error(key, f"{path}: the teacher cache is damaged ({'; '.join(damaged[:3])}); rerun axolotl-focus "
+                      "teacher-cache with the same settings to write those shards again", lines)
         return
     account.say("teacher", f"cache {path} (k={meta.k}, teacher {meta.teacher}, {meta.sequences} sequences, "
                 f"{meta.positions} positions); no teacher weights loaded")
@@ -306,6 +359,12 @@ def _check_teacher_cache(cfg: Mapping, args: FocusArgs | None, student: ModelLoc
         account.error(key, f"{path} was built at temperature {meta.temperature}, but focus_temperature is "
                       f"{args.focus_temperature}; rebuild it with --temperature {args.focus_temperature} (or set "
                       f"focus_temperature: {meta.temperature})", lines)
+    problem = other_data(meta, cfg)  # dataset file digests and sequence_len, as recorded at build time
+    teacher = cfg.get("focus_teacher_model") or (cfg.get("base_model") if cfg.get("focus_prune") else None)
+    if teacher and (os.path.isdir(str(teacher)) or not looks_local(str(teacher))):
+        problem = problem or other_teacher(meta, str(teacher))
+    if problem:
+        account.error(key, f"{path} {problem}; rebuild it from this config: {build} --restart", lines)
     if student is None:
         return
     if not student.readable:
@@ -361,10 +420,49 @@ def _plan(source: str, spec: PruneSettings, account: Account, lines) -> None:
     account.say("student", f"{what}; {cache} ({plan['cache_path']})")
 
 
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
+_READ_LIMIT = 256 << 20  # local JSON datasets up to this size are parsed by validate
+
+
+def _json_lines_problem(path: str) -> str | None:
+    """Why a local JSON-lines / JSON dataset file cannot be read as axolotl's JSON loader reads it
+    (not UTF-8, a line that is not JSON), with ``file:line``; None when it can, or is too large to
+    be read here."""
+    if os.path.getsize(path) > _READ_LIMIT:
+        return None
+    text = read_text(path)  # raises naming file:line for bytes that are not UTF-8
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{path}:{err.lineno}: not valid JSON ({err.msg})"
+        return None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{lineno}: not valid JSON ({err.msg})"
+    return None
+
+
+def _pair_tokenizer(cfg: Mapping, account: Account):
+    """The student's tokenizer (as axolotl loads it) to measure RePAIR prompts against sequence_len,
+    or None when the student's files cannot be read here."""
+    student = account.student
+    if student is None or not student.readable or not cfg.get("sequence_len"):
+        return None
+    try:
+        return _student_tokenizer(cfg, student)
+    except (OSError, ValueError):
+        return None
+
+
 def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
     from .train.pair_dataset import check_pair_file
 
     skip = bool(cfg.get("focus_repair_skip_bad_rows"))
+    tokenizer = None
     for i, ds in enumerate(cfg.get("datasets") or []):
         key = f"datasets[{i}]"
         if not isinstance(ds, Mapping) or not ds.get("path"):
@@ -379,15 +477,29 @@ def _dataset_files(cfg: Mapping, account: Account, lines) -> None:
             hint = " (mine it first: axolotl-focus pairs)" if pairs else ""
             account.error(f"{key}.path", f"{path} does not exist{hint}", lines)
             continue
-        if pairs and os.path.isfile(path) and path.endswith(".jsonl"):
-            try:
-                bad = check_pair_file(path, skip)
-            except ValueError as exc:
-                account.error(f"{key}.path", str(exc), lines)
+        if os.path.isdir(path):
+            found = [n for n in sorted(os.listdir(path)) if n.endswith(_DATA_SUFFIXES) or n == "dataset_info.json"]
+            if not found:
+                account.error(f"{key}.path", f"{path} is a folder without data files" + (
+                    " (give the .jsonl file axolotl-focus pairs wrote)" if pairs else ""), lines)
+            else:
+                account.say("dataset", f"[{i}] {path} ({label}): local folder, loaded by axolotl")
+            continue
+        try:
+            if pairs and path.endswith(".jsonl"):  # RePAIR prompts measured as the dataset type will measure them
+                measure = kind == REPAIR_TYPE and (tokenizer := tokenizer or _pair_tokenizer(cfg, account))
+                bad = check_pair_file(path, skip, tokenizer if measure else None, cfg.get("sequence_len"))
+                rows = sum(1 for line in read_lines(path) if line.strip())
+                measured = f", prompts measured against sequence_len {cfg.get('sequence_len')}" if measure else ""
+                account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked{measured}"
+                            + (f", {bad} bad ones skipped" if bad else ""))
                 continue
-            rows = sum(1 for line in open(path, encoding="utf-8") if line.strip())
-            account.say("dataset", f"[{i}] {path} ({label}): {rows} rows checked" + (f", {bad} bad ones skipped"
-                                                                                      if bad else ""))
+            problem = _json_lines_problem(path) if path.endswith((".jsonl", ".json")) else None
+        except ValueError as exc:
+            account.error(f"{key}.path", str(exc), lines)
+            continue
+        if problem:
+            account.error(f"{key}.path", problem, lines)
         else:
             account.say("dataset", f"[{i}] {path} ({label}): local, loaded by axolotl")
 
@@ -408,17 +520,17 @@ def _pair_stream(cfg: Mapping, account: Account, lines) -> None:
         what = "is a directory; give the JSON-lines pairs file" if os.path.isdir(path) else "does not exist"
         account.error("focus_repair_pairs", f"{path} {what} (mine it first: axolotl-focus pairs)", lines)
         return
+    tokenizer = _pair_tokenizer(cfg, account)  # prompts measured as the trainer fits them
     try:
-        bad = check_pair_file(path, bool(cfg.get("focus_repair_skip_bad_rows")))
+        bad = check_pair_file(path, bool(cfg.get("focus_repair_skip_bad_rows")), tokenizer, cfg.get("sequence_len"))
+        rows = sum(1 for line in read_lines(path) if line.strip())
     except ValueError as exc:
         account.error("focus_repair_pairs", str(exc), lines)
         return
-    rows = sum(1 for line in open(path, encoding="utf-8") if line.strip())
-    if rows - bad <= 0:
-        account.error("focus_repair_pairs", f"{path} holds no usable RePAIR pair", lines)
-        return
-    account.say("pairs", f"{path}: {rows - bad} pairs checked" + (f" ({bad} bad ones skipped)" if bad else "")
-                + f", drawn {per_step} per optimizer step apart from the SFT data")
+    measured = f", prompts measured against sequence_len {cfg.get('sequence_len')}" if tokenizer else ""
+    account.say("pairs", f"{path}: {rows - bad} pairs checked{measured}"
+                + (f" ({bad} bad ones skipped)" if bad else "") + f", drawn {per_step} per optimizer step apart from "
+                "the SFT data")
 
 
 def _loss(cfg: Mapping, args: FocusArgs) -> str:
@@ -454,6 +566,7 @@ def check_config(cfg: Mapping, path: str = "", *, train: bool, lines: Mapping[st
     if PLUGIN not in (cfg.get("plugins") or []) and not train:
         account.error("plugins", f"does not list {PLUGIN}; the focus_* keys would be ignored", lines)
     _unknown_focus_keys(cfg, account, lines)
+    _nonfinite_values(cfg, account, lines)
     args, spec = _focus_args(cfg, account, lines)
     _check_models(cfg, args, spec, account, lines, train)
     _dataset_files(cfg, account, lines)
@@ -520,7 +633,7 @@ def check_before_training(cfg: Any) -> None:
     lines = {}
     if path and os.path.isfile(path):
         try:
-            lines = key_lines(path)
+            lines = key_lines(path)  # a key given twice raises here (axolotl loaded the file keeping the last)
         except yaml.YAMLError:
             pass
     account = check_config(cfg, path, train=True, lines=lines)

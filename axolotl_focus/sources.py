@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .files import read_lines, read_text
+
 __all__ = ["Prompt", "TEXT_FIELDS", "TEXT_UNITS", "load_hub_dataset", "load_prompts", "missing_file", "offline_env",
            "read_json_rows"]
 
@@ -39,9 +41,18 @@ def missing_file(source: str) -> bool:
 
 
 def offline_env() -> str | None:
-    """The name of the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable, if any."""
-    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                 if os.environ.get(v, "").strip().upper() in _TRUE), None)
+    """Why hub datasets are not used: the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable,
+    or that the hub cannot be reached (:func:`axolotl_focus.locations.hub_offline`), else None."""
+    from .locations import hub_unreachable_reason, went_offline
+
+    if went_offline():  # the variables below were set by this process, not by the user
+        return f"the hub cannot be reached ({went_offline()})"
+    set_by_user = next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                        if os.environ.get(v, "").strip().upper() in _TRUE), None)
+    if set_by_user:
+        return set_by_user
+    why = hub_unreachable_reason()
+    return f"the hub cannot be reached ({why})" if why else None
 
 
 def load_hub_dataset(name: str, config: str | None, split: str, *, streaming: bool = False):
@@ -58,10 +69,13 @@ def read_json_rows(path: str, field: str) -> list[tuple[int, str, Any]]:
     """``(default id, where, row)`` of each row of a JSON array (0-based position, ``path[i]``) or
     of each non-blank line of a JSON-lines file (1-based line number, ``path:line``). A line that
     is not valid JSON raises ``ValueError("<field>: <path>:<line> is not valid JSON (...)")``."""
-    with open(path, encoding="utf-8") as handle:
-        content = handle.read()
+    content = read_text(path, field)
     if content.lstrip().startswith("["):  # a JSON array: ids are 0-based positions
-        return [(i, f"{path}[{i}]", row) for i, row in enumerate(json.loads(content))]
+        try:
+            rows = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{field}: {path}:{err.lineno} is not valid JSON ({err.msg})") from None
+        return [(i, f"{path}[{i}]", row) for i, row in enumerate(rows)]
     records = []
     for lineno, line in enumerate(content.split("\n"), 1):
         if line.strip():
@@ -80,13 +94,24 @@ class Prompt:
     text: str
 
 
-def _row_prompt(row: dict, where: str, text_field: str | None, input_field: str | None) -> str:
+def _row_prompt(row: dict, where: str, text_field: str | None, input_field: str | None, field: str) -> str:
+    """The prompt text of a JSON / hub row: a JSON object whose text field (and input field) holds a
+    string; anything else raises one short line naming the row (a row that is a string, a text that
+    is an object: never mined as its Python repr)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{field}: {where} is a JSON {type(row).__name__}, not an object with a text field "
+                         '(one {"text": "..."} per line)')
     name = text_field or next((k for k in TEXT_FIELDS if k in row), None)
     if name is None or name not in row:
         wanted = text_field or " / ".join(TEXT_FIELDS)
-        raise ValueError(f"text_field: {where} has no field {wanted!r} (fields: {sorted(row)})")
-    text = str(row[name] or "")
+        names = sorted(map(str, row))
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} fields)" if len(names) > 8 else "")
+        raise ValueError(f"text_field: {where} has no field {wanted!r} (fields: {shown})")
     extra = row.get(input_field) if input_field else None
+    for key, value in ((name, row[name]), (input_field, extra)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{field}: {where}: field {key!r} is a JSON {type(value).__name__}, not a string")
+    text = row[name] or ""
     return f"{text}\n\n{extra}" if extra else text
 
 
@@ -100,6 +125,7 @@ def load_prompts(
     split: str = "train",
     dataset_config: str | None = None,
     limit: int | None = None,
+    field: str = "prompts",
 ) -> list[Prompt]:
     """Prompts from a JSONL file, a plain text file, or a hub dataset (``datasets.load_dataset``).
 
@@ -109,7 +135,8 @@ def load_prompts(
     number (array: the 0-based position). Plain text: one document
     per paragraph (blank-line separated) or per line (``text_unit``), id = its first line number.
     Hub: same fields, id = ``id_field`` or the row index. Empty prompts are skipped; duplicate ids
-    raise, and so does a source without any prompt. ``limit`` keeps the first N prompts.
+    raise, and so does a source without any prompt. ``limit`` keeps the first N prompts. ``field``:
+    the option named by errors about the source (``prompts``, ``documents``, ...).
     """
     out: list[Prompt] = []
 
@@ -119,21 +146,20 @@ def load_prompts(
         return limit is not None and len(out) >= limit
 
     def row_id(row: dict, default: Any, where: str) -> Any:
-        if not id_field:
+        if not id_field or not isinstance(row, dict):  # not an object: _row_prompt says so
             return default
         if id_field not in row:
             raise ValueError(f"id_field: {where} has no field {id_field!r}")
         return row[id_field]
 
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
-        records = read_json_rows(source, "prompts")
+        records = read_json_rows(source, field)
         for default_id, where, row in records:
-            if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field)):
+            if add(row_id(row, default_id, where), _row_prompt(row, where, text_field, input_field, field)):
                 break
         why = f"all {len(records)} rows have an empty text" if records else "no JSON rows"
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8") as handle:
-            lines = handle.read().split("\n")
+        lines = read_lines(source, field)
         start, buf = None, []
         for lineno, line in enumerate(lines + [""], 1):
             if line.strip():
@@ -148,11 +174,11 @@ def load_prompts(
         data = load_hub_dataset(source, dataset_config, split)
         for index, row in enumerate(data):
             where = f"{source}[{split}][{index}]"
-            if add(row_id(row, index, where), _row_prompt(row, where, text_field, input_field)):
+            if add(row_id(row, index, where), _row_prompt(row, where, text_field, input_field, field)):
                 break
         why = f"split {split!r}: " + (f"all {len(data)} rows have an empty text" if len(data) else "no rows")
     if not out:
-        raise ValueError(f"prompts: {source} holds no prompts ({why})")
+        raise ValueError(f"{field}: {source} holds no prompts ({why})")
     ids = [p.source_id for p in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

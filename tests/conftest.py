@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_TEACHER_STEPS = int(os.environ.get("FOCUS_TEST_TEACHER_STEPS", "120"))
 
 
+@pytest.fixture(autouse=True)
+def hub_probe(monkeypatch):
+    """locations.hub_offline's probe says the hub is reachable, afresh in every test: a test that
+    unsets HF_HUB_OFFLINE fakes the hub itself (and one test fakes it unreachable)."""
+    from axolotl_focus import locations
+
+    monkeypatch.setattr(locations, "_UNREACHABLE", [])
+    monkeypatch.setattr(locations, "_hub_unreachable", lambda endpoint, timeout=3.0: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """Tokenizer + GQA teacher + layer-dropped student (records its teacher) + train.jsonl."""

@@ -37,24 +37,28 @@ install or pass; the other metrics still run. Settings: :class:`EvalConfig`
 (:mod:`axolotl_focus.evaluate.config`); the command line: :mod:`axolotl_focus.evaluate.cli`.
 """
 
-from .cli import add_eval_arguments, config_from_args, run_eval_cli
-from .config import EvalConfig, MetricUnavailable
-from .data import default_wikitext, embedded_instructions, load_instructions, open_ended_items
-from .distribution import distribution_stats, distribution_study, top_p_mask
-from .focus import focus_params_of, reweighted, toy_zipf
-from .generation import generation_metrics
-from .lm_harness import zero_shot
-from .models import load_model
-from .orchestrate import evaluate_model, evaluate_models, model_dir
-from .plots import make_plots
-from .ppl import perplexity
-from .report import markdown_report
-from .similarity import bertscore_f1, mauve_score
+import importlib
 
-__all__ = [
-    "EvalConfig", "MetricUnavailable", "evaluate_models", "evaluate_model", "open_ended_items",
-    "load_instructions", "embedded_instructions", "perplexity", "generation_metrics", "top_p_mask",
-    "distribution_stats", "distribution_study", "mauve_score", "bertscore_f1", "zero_shot", "reweighted",
-    "toy_zipf", "markdown_report", "make_plots", "focus_params_of", "add_eval_arguments", "config_from_args",
-    "run_eval_cli", "default_wikitext", "load_model", "model_dir",
-]
+# name -> submodule; imported on first use, so that `axolotl-focus eval --help` (which needs only
+# the options) and `import axolotl_focus.evaluate.config` stay light
+_EXPORTS = {
+    "add_eval_arguments": "cli", "config_from_args": "cli", "run_eval_cli": "cli",
+    "EvalConfig": "config", "MetricUnavailable": "config",
+    "default_wikitext": "data", "embedded_instructions": "data", "load_instructions": "data",
+    "open_ended_items": "data",
+    "distribution_stats": "distribution", "distribution_study": "distribution", "top_p_mask": "distribution",
+    "focus_params_of": "focus", "reweighted": "focus", "toy_zipf": "focus",
+    "generation_metrics": "generation", "zero_shot": "lm_harness", "load_model": "models",
+    "evaluate_model": "orchestrate", "evaluate_models": "orchestrate", "model_dir": "orchestrate",
+    "make_plots": "plots", "perplexity": "ppl", "markdown_report": "report",
+    "bertscore_f1": "similarity", "mauve_score": "similarity",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

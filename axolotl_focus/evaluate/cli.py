@@ -4,17 +4,16 @@ make and the entry point."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..locations import looks_local
+from ..locations import check_weight_files, looks_local
 from ..options import add_options
 from .config import METRICS, EvalConfig
-from .orchestrate import evaluate_models, model_specs
-from .runner import get_ranks
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,19 +43,43 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**kw)
 
 
+def _check_context(cfg: EvalConfig, name: str, path: str) -> None:
+    """Open-ended prompts and continuations fit the model's context (``max_position_embeddings`` of
+    its config.json)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            context = json.load(handle).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if "open_ended" in cfg.tasks and context and cfg.prefix_tokens + cfg.max_new_tokens > int(context):
+        raise ValueError(f"max_new_tokens: --prefix-tokens {cfg.prefix_tokens} + --max-new-tokens {cfg.max_new_tokens} "
+                         f"exceed the context of {name} ({context} tokens, max_position_embeddings)")
+
+
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Entry point of ``axolotl-focus eval``: evaluate, print the Markdown report; 2 on bad options."""
+    from .data import check_local_data
+    from .models import eval_device
+    from .orchestrate import evaluate_models, model_specs
+    from .runner import get_ranks
+
     main = get_ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args).validate()
         specs = model_specs(args.models)
+        missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
+        if missing:
+            raise ValueError(f"model directory not found: {', '.join(missing)}")
+        for name, path in specs + ([("--teacher", cfg.teacher)] if cfg.teacher else []):
+            if os.path.isdir(path):
+                check_weight_files(path, name)
+                _check_context(cfg, name, path)
+        if not cfg.metrics_only and get_ranks().size == 1:
+            eval_device(cfg)  # --device gpu0 / cuda without CUDA: said before any work
+        check_local_data(cfg)  # local documents / instructions / PPL text: read before any model work
     except (ValueError, TypeError) as err:
         print(f"axolotl-focus eval: {err}", file=sys.stderr)
-        return 2
-    missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
-    if missing:
-        print(f"axolotl-focus eval: model directory not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     evaluate_models(dict(specs), cfg)
     if not main:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..degeneration import DEFAULT_THRESHOLD
-from ..options import opt
+from ..options import nonfinite_fields, opt
 
 EXTRA = "pip install 'axolotl-focus[eval]'"
 TASKS = ("open_ended", "instruction")
@@ -101,10 +101,11 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         """Raise one ``ValueError`` naming every bad field."""
-        errors = []
+        errors = nonfinite_fields(self)
 
         def bad(name, msg):
-            errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
+            if not any(e.startswith(f"{name}: ") for e in errors):
+                errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
 
         for name, allowed in (("tasks", TASKS), ("metrics", METRICS), ("decodings", DECODINGS)):
             if not set(getattr(self, name)) <= set(allowed):
@@ -115,9 +116,20 @@ class EvalConfig:
                 bad(name, "must be an integer > 0")
         if isinstance(self.ppl_stride, int) and isinstance(self.ppl_window, int) and self.ppl_stride > self.ppl_window:
             bad("ppl_stride", f"must be <= ppl_window ({self.ppl_window}) so that every token is scored")
+        for name in ("mauve_max_text_length", "ppl_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                bad(name, "must be an integer > 0")
         for name in ("top_p", "head_top_p"):
             if not 0 < getattr(self, name) <= 1:
                 bad(name, "must be in (0, 1]")
+        for name in ("temperature", "mauve_scaling_factor"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        if self.zero_shot_limit is not None and not self.zero_shot_limit > 0:
+            bad("zero_shot_limit", "must be > 0 (a fraction of each task if < 1, else a number of examples)")
+        if len(set(self.seeds)) != len(self.seeds):
+            bad("seeds", "lists a seed twice")
         if not 0 < self.threshold < 1:
             bad("threshold", "must be in (0, 1)")
         if "top_p" in self.decodings and not self.seeds:

@@ -27,10 +27,10 @@ import logging
 import os
 import random
 from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import sources
+from ..files import read_text
 from ..generation import continuation_text
 from ..mine.config import MiningConfig
 from ..mine.prompts import encode_prompt
@@ -55,9 +55,10 @@ def default_wikitext() -> tuple[list[str] | None, dict]:
     embedded = _embedded()[1]
     var = sources.offline_env()
     if var:
-        LOG.info("%s is set: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
-                 "for the default open-ended documents and perplexity text", var, name, config, split)
-        return None, embedded | {"fallback": f"{var} is set"}
+        why = var if var.startswith("the hub") else f"{var} is set"
+        LOG.info("%s: using the embedded WikiText-2 test slice instead of the hub dataset %s (%s, %s split) "
+                 "for the default open-ended documents and perplexity text", why, name, config, split)
+        return None, embedded | {"fallback": why}
     try:
         rows = list(sources.load_hub_dataset(name, config, split)["text"])
     except Exception as err:  # noqa: BLE001 - no network, a hub/httpx error, a missing cache, ...
@@ -80,7 +81,7 @@ def load_documents(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None
         default = _embedded
     elif cfg.documents is not None:
         docs = load_prompts(cfg.documents, text_field=cfg.text_field, input_field=None, split=cfg.documents_split,
-                            dataset_config=cfg.documents_config)
+                            dataset_config=cfg.documents_config, field="documents")
         return docs, {"source": cfg.documents, "config": cfg.documents_config, "split": cfg.documents_split}
     rows, info = default()
     if rows is not None:  # as load_prompts does for a hub dataset: id = row index, empty rows skipped
@@ -180,10 +181,32 @@ def ppl_source(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, di
     return lambda: corpus_text("test"), info
 
 
+def check_local_data(cfg: EvalConfig) -> None:
+    """Read the local data files of ``cfg`` (documents, instructions, PPL text) once, so that a
+    missing, non-UTF-8 or invalid file is one ``ValueError`` naming the option, file and line before
+    any model is loaded or metric computed. Hub datasets and the embedded data are not touched."""
+    for field, source in (("documents", cfg.documents), ("ppl_data", cfg.ppl_data),
+                          ("instructions", cfg.instructions)):
+        if source is None or source in EMBEDDED_NAMES:
+            continue
+        if sources.missing_file(source):
+            raise ValueError(f"{field}: {source}: file not found")
+        if not os.path.isfile(source):
+            continue  # a hub dataset id
+        if field == "instructions":
+            load_instructions(source)
+        elif field == "ppl_data" and not source.endswith((".jsonl", ".json")):
+            read_text(source, field)
+        else:
+            load_prompts(source, text_field=cfg.text_field if field == "documents" else cfg.ppl_text_field,
+                         input_field=None, field=field)
+
+
 def _ppl_text(cfg: EvalConfig) -> str:
     """The text of an explicit ``--ppl-data`` (a text file, a JSON-lines file or a hub dataset)."""
     if os.path.isfile(cfg.ppl_data) and not cfg.ppl_data.endswith((".jsonl", ".json")):
-        return Path(cfg.ppl_data).read_text(encoding="utf-8")
+        return read_text(cfg.ppl_data, "ppl_data")
     if os.path.isfile(cfg.ppl_data):
-        return "\n\n".join(p.text for p in load_prompts(cfg.ppl_data, text_field=cfg.ppl_text_field, input_field=None))
+        return "\n\n".join(p.text for p in load_prompts(cfg.ppl_data, text_field=cfg.ppl_text_field, input_field=None,
+                                                       field="ppl_data"))
     return "\n\n".join(sources.load_hub_dataset(cfg.ppl_data, cfg.ppl_config, cfg.ppl_split)[cfg.ppl_text_field])

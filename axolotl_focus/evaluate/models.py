@@ -6,6 +6,7 @@ import gc
 
 import torch
 
+from ..options import resolve_device
 from .config import EvalConfig, MetricUnavailable
 from .runner import get_ranks
 
@@ -27,7 +28,7 @@ def eval_device(cfg: EvalConfig) -> torch.device:
     ranks = get_ranks()
     if ranks.size > 1:
         return ranks.state.device
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(cfg.device, "--device")
 
 
 class LazyModel:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..degeneration import DEFAULT_THRESHOLD
-from ..locations import looks_local
-from ..options import opt
+from ..files import input_identity
+from ..locations import check_weight_files, looks_local
+from ..options import nonfinite_fields, opt
 from ..sources import TEXT_UNITS
 
 __all__ = ["DTYPES", "MODES", "MiningConfig", "MiningSummary"]
@@ -100,10 +101,11 @@ class MiningConfig:
         ``prompts``: also check the prompt source (a local-looking path must exist);
         ``models``: also check that a student is given and a teacher is given or recorded.
         """
-        errors: list[str] = []
+        errors: list[str] = nonfinite_fields(self)
 
         def bad(name: str, msg: str) -> None:
-            errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
+            if not any(e.startswith(f"{name}: ") for e in errors):
+                errors.append(f"{name}: {msg} (got {getattr(self, name)!r})")
 
         if self.mode not in MODES:
             bad("mode", f"must be one of {MODES}")
@@ -147,6 +149,13 @@ class MiningConfig:
                 bad("teacher", "not given and the student records no focus_source_model in config.json")
             elif self.teacher and looks_local(self.teacher) and not os.path.isdir(self.teacher):
                 bad("teacher", "model directory not found")
+            for name in ("student", "teacher"):
+                path = self.student if name == "student" else self.teacher_path()
+                if path and os.path.isdir(path) and not any(e.startswith(f"{name}: ") for e in errors):
+                    try:
+                        check_weight_files(path, name)
+                    except ValueError as err:
+                        errors.append(str(err))
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -183,9 +192,12 @@ class MiningConfig:
 
     def run_record(self, student_name: str, teacher_name: str, vocab_size: int | None) -> dict[str, Any]:
         """What decides the pairs of an output (kept in ``<output>.run.json``; a rerun that differs
-        is refused): the models (names as given / resolved; ``vocab_size`` = the student's config
-        ``vocab_size``), how prompts are read and rendered, and :meth:`sampling_settings`."""
+        is refused, :func:`axolotl_focus.files.other_job`): the models (names as given / resolved;
+        ``vocab_size`` = the student's config ``vocab_size``), the prompt source (a local file by the
+        digest of its bytes, a hub dataset by its id: :func:`~axolotl_focus.files.input_identity`),
+        how prompts are read and rendered, and :meth:`sampling_settings`."""
         return {"student": student_name, "teacher": teacher_name, "vocab_size": vocab_size,
+                "prompts": input_identity(self.prompts) if self.prompts else None,
                 **{k: getattr(self, k) for k in ("mode", "chat_template", "text_field", "input_field", "id_field",
                                                  "text_unit", "dataset_config", "split",
                                                  "require_rejected_degenerate")},

@@ -39,23 +39,29 @@ writes the pairs of an uninterrupted one (bit for bit when its batches hold the 
 e.g. after a kill between batches; otherwise up to the float rounding of a forward pass under
 different padding).
 
+One writer per output: rank 0 holds ``<output>.lock`` (:func:`output_lock`) for the whole run; a
+second process mining into the same output is refused with the first one's PID (two writers would
+both skip and both append the same prompts).
+
 ``output + ".run.json"`` records what decides the pairs (:meth:`MiningConfig.run_record`: student
-and teacher names, the student's config ``vocab_size``, how prompts are read and rendered, the
-sampling settings); it is written (atomically) when the output has no rows yet. A start whose
-record differs from it while the output or its state file holds rows is refused before any
-weights are loaded, with one ``ValueError`` listing each differing setting, old and new; for
-files of older versions without the record, the settings of the first pair row (``student``,
-``teacher``, ``seed``, ``top_p``, ``temperature``, ``teacher_temperature``) are compared and the
-record is written. A rerun with the same settings resumes and leaves the record untouched. An
-``output`` whose first line is not a pairs row (a JSON object with a ``source_id``) is never
-appended to (nor removed). ``restart`` (``pairs --restart``) removes the output, its state,
-summary, record and leftover rank shards, then mines from scratch. Before any weights are
-loaded, :func:`~axolotl_focus.mine.run.run_mining` also requires the teacher to share the student's vocabulary
-(tokenizers and config ``vocab_size``) and the prompt source to hold at least one prompt.
+and teacher names, the student's config ``vocab_size``, the prompt source (a local file by the
+digest of its bytes), how prompts are read and rendered, the sampling settings); it is written
+(atomically) when the output has no rows yet. A start whose record differs from it while the output
+or its state file holds rows is refused before any weights are loaded, with one ``ValueError``
+listing each differing setting, old and new; for files of older versions without the record, the
+settings of the first pair row (``student``, ``teacher``, ``seed``, ``top_p``, ``temperature``,
+``teacher_temperature``) are compared and the record is written. A rerun with the same settings
+resumes and leaves the record untouched. An ``output`` whose first line is not a pairs row (a JSON
+object with a ``source_id``) is never appended to (nor removed). ``restart`` (``pairs --restart``)
+removes the output, its state, summary, record and leftover rank shards, then mines from scratch.
+Before any weights are loaded, :func:`~axolotl_focus.mine.run.run_mining` also requires the teacher
+to share the student's vocabulary (tokenizers and config ``vocab_size``) and the prompt source to
+hold at least one prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,15 +69,18 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..files import write_json
+from ..files import exclusive_lock, other_job, read_lines, write_json
 from .config import MiningConfig
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
     "append_rows",
+    "discard_new_record",
+    "has_rows",
     "first_line",
     "merge_shards",
+    "output_lock",
     "parse_row",
     "prepare_output",
     "read_rows",
@@ -146,14 +155,13 @@ def read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                row, why = parse_row(line)
-                if row is None:
-                    raise ValueError(f"output: {path}:{lineno} is not a pairs row ({why}); remove that line, "
-                                     "or pick another --output")
-                rows.append(row)
+    for lineno, line in enumerate(read_lines(path, "output"), 1):
+        if line.strip():
+            row, why = parse_row(line)
+            if row is None:
+                raise ValueError(f"output: {path}:{lineno} is not a pairs row ({why}); remove that line, "
+                                 "or pick another --output")
+            rows.append(row)
     return rows
 
 
@@ -227,12 +235,33 @@ def merge_shards(output: str, target: int) -> None:
 _ROW_SETTINGS = ("student", "teacher", "seed", "top_p", "temperature", "teacher_temperature")  # in every pair row
 
 
-def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
+def output_lock(output: str, state):
+    """The exclusive lock of ``output`` (:func:`axolotl_focus.files.exclusive_lock`, ``<output>.lock``),
+    taken by rank 0 for the whole run: a second ``axolotl-focus pairs`` on the same output is refused
+    naming the PID of the first."""
+    return exclusive_lock(output) if state.is_main_process else contextlib.nullcontext()
+
+
+def has_rows(output: str) -> bool:
+    """Whether the output, its rank shards or their state files hold a complete line."""
+    pair_files = [output] + shard_paths(output)
+    return any((line := first_line(path)) and line[2] for path in pair_files + [state_path(p) for p in pair_files])
+
+
+def discard_new_record(output: str) -> None:
+    """After a run that failed before writing any row: remove the run record it wrote, so that a
+    corrected rerun (other settings) is not refused."""
+    if not has_rows(output) and os.path.isfile(record_path(output)):
+        os.remove(record_path(output))
+
+
+def prepare_output(cfg: MiningConfig, record: dict, state) -> bool:
     """Before mining; every rank reads, rank 0 writes, then all wait. Refuse an ``output`` that is
     not a pairs file, and (unless ``cfg.restart``) one whose rows were mined with settings other
     than ``record``: the ``.run.json`` record, or for files of older versions what their first
     pair row records. Then on rank 0: with ``restart`` remove the output's files; keep ``record``
-    in ``<output>.run.json``."""
+    in ``<output>.run.json``. Returns whether the output holds no rows yet (then a run that fails
+    before its first row calls :func:`discard_new_record`)."""
     output, run_path = cfg.output, record_path(cfg.output)
     first = first_line(output)
     if first and (first[2] or not first[1].startswith("{")):  # a partial "{..." line only: repaired later
@@ -242,7 +271,7 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
                              f"({why}); refusing to append to it - pick another --output")
     pair_files = [output] + shard_paths(output)
     lines = {path: first_line(path) for path in pair_files + [state_path(path) for path in pair_files]}
-    has_rows = any(line and line[2] for line in lines.values())
+    rows = any(line and line[2] for line in lines.values())
     try:
         saved = json.loads(Path(run_path).read_text(encoding="utf-8")) if os.path.isfile(run_path) else None
     except json.JSONDecodeError as err:
@@ -252,11 +281,8 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
     if stored is None:  # written before run records: what the first pair row records
         pair = next((parse_row(lines[path][1])[0] for path in pair_files if lines[path] and lines[path][2]), None)
         stored = {k: pair[k] for k in _ROW_SETTINGS if k in pair} if pair else None
-    diff = [k for k in record if k in (stored or {}) and stored[k] != record[k]]
-    if has_rows and diff and not cfg.restart:
-        was, now = (", ".join(f"{k}={r[k]}" for k in diff) for r in (stored, record))
-        raise ValueError(f"output: {output} was mined with {was} (now {now}); rerun with --restart to start it "
-                         "over, or pick another --output")
+    if rows and not cfg.restart:
+        other_job(output, stored, record, field="output")
     if state.is_main_process:
         if cfg.restart:
             removed = [path for path in [output, state_path(output), output + ".summary.json", run_path]
@@ -268,3 +294,4 @@ def prepare_output(cfg: MiningConfig, record: dict, state) -> None:
         if cfg.restart or saved != record:
             write_json(run_path, record, indent=2)
     state.wait_for_everyone()
+    return cfg.restart or not rows

@@ -72,9 +72,20 @@ import torch
 from ..degeneration import coverage
 from ..files import write_json
 from ..generation import continuation_text, generate_batch, process_state, row_seed
+from ..options import resolve_device
 from ..sources import Prompt, load_prompts
 from .config import MiningConfig, MiningSummary
-from .pairs_file import append_rows, merge_shards, prepare_output, read_rows, repair_tail, shard_path, state_path
+from .pairs_file import (
+    append_rows,
+    discard_new_record,
+    merge_shards,
+    output_lock,
+    prepare_output,
+    read_rows,
+    repair_tail,
+    shard_path,
+    state_path,
+)
 from .prompts import encode_prompt
 
 LOG = logging.getLogger(__name__)
@@ -256,11 +267,16 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
     ``<output>.run.json``), raises ``ValueError`` before anything is written, unless
     ``cfg.restart`` (which starts a pairs file over).
     """
+    cfg.validate(prompts=False)
+    state = process_state()
+    with output_lock(cfg.output, state):
+        return _mine_pairs(student, teacher, tokenizer, prompts, cfg, state)
+
+
+def _mine_pairs(student, teacher, tokenizer, prompts, cfg: MiningConfig, state) -> MiningSummary:
     from accelerate.utils import gather_object
 
-    cfg.validate(prompts=False)
     start = time.perf_counter()
-    state = process_state()
     output = cfg.output
     names = (_model_name(student, cfg.student),
              _model_name(teacher, cfg.teacher_path() if cfg.student else cfg.teacher))
@@ -351,6 +367,32 @@ def _check_vocab(cfg: MiningConfig, teacher_path: str):
     return tokenizers[0], sizes[0]
 
 
+def _check_context(cfg: MiningConfig, tokenizer, prompts: list[Prompt]) -> None:
+    """Every prompt and its budget fit the student's context (its config's
+    ``max_position_embeddings``), checked before any weights are loaded: open-ended mode
+    ``prefix_tokens + max_new_tokens``, instruction mode each rendered prompt + ``max_new_tokens``
+    (one line with the count and the first prompt that does not fit)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return
+    if cfg.mode == "open_ended":
+        if cfg.prefix_tokens + cfg.max_new_tokens > context:
+            raise ValueError(f"max_new_tokens: --prefix-tokens {cfg.prefix_tokens} + --max-new-tokens "
+                             f"{cfg.max_new_tokens} exceed the student's context ({context} tokens, "
+                             "max_position_embeddings)")
+        return
+    long = [(p, n) for p in prompts if (n := len(encode_prompt(tokenizer, p.text, cfg)[1])) + cfg.max_new_tokens
+            > context]
+    if long:
+        (first, n) = long[0]
+        raise ValueError(f"prompts: {len(long)} of {len(prompts)} prompts do not fit the student's context of "
+                         f"{context} tokens with --max-new-tokens {cfg.max_new_tokens} (the first: source id "
+                         f"{first.source_id}, {n} tokens); shorten them or lower --max-new-tokens")
+
+
 def run_mining(cfg: MiningConfig) -> MiningSummary:
     """Validate ``cfg``, load the prompts (none: ``ValueError``), check before loading any weights
     that the teacher (default: the student's recorded ``focus_source_model``) shares the student's
@@ -362,20 +404,28 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
     cfg.validate(models=True)
+    device = resolve_device(cfg.device, "--device") if cfg.device else None  # before reading anything
     prompts = load_prompts(
         cfg.prompts, text_field=cfg.text_field, input_field=cfg.input_field, id_field=cfg.id_field,
         text_unit=cfg.text_unit, split=cfg.split, dataset_config=cfg.dataset_config, limit=cfg.max_prompts,
     )
     teacher_path = cfg.teacher_path()
     tokenizer, vocab_size = _check_vocab(cfg, teacher_path)
+    _check_context(cfg, tokenizer, prompts)
     state = process_state()
-    prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
-    device = torch.device(cfg.device) if cfg.device else state.device
+    device = device or state.device
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
     def load(path: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return model.to(device).eval()
 
-    student, teacher = load(cfg.student), load(teacher_path)
-    return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
+    with output_lock(cfg.output, state):  # held from the record to the last row (mine_pairs takes it again: a no-op)
+        empty = prepare_output(cfg, cfg.run_record(cfg.student, teacher_path, vocab_size), state)
+        try:
+            student, teacher = load(cfg.student), load(teacher_path)
+            return mine_pairs(student, teacher, tokenizer, prompts, replace(cfg, restart=False))  # restarted above
+        except BaseException:
+            if empty and state.is_main_process:  # failed before its first row: leave no run record behind
+                discard_new_record(cfg.output)
+            raise

@@ -46,7 +46,9 @@ import shutil
 import time
 from pathlib import Path
 
+from ..files import exclusive_lock
 from ..locations import cached_hub_file, hub_offline
+from ..options import resolve_device
 from .calibration import calibration_source, load_calibration_texts
 from .settings import PruneSettings
 
@@ -181,8 +183,14 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
     The settings are validated against the model's config before any weights are loaded.
     Returns the report (also written as `pruning_report.json` inside the checkpoint), with the
-    source's fingerprint (computed before loading, when not given) as `source_fingerprint`.
+    source's fingerprint (computed before loading, when not given) as `source_fingerprint`. The
+    output's lock (:func:`axolotl_focus.files.exclusive_lock`) is held throughout.
     """
+    with exclusive_lock(output):  # one writer per checkpoint folder: a second is refused naming the first's PID
+        return _run_prune(source, spec, output, fingerprint)
+
+
+def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fingerprint: dict | None) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -191,10 +199,10 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
+    device = resolve_device(spec.device, "focus_prune.device")
     spec.validate(AutoConfig.from_pretrained(source))
     fingerprint = source_fingerprint(source) if fingerprint is None else fingerprint
     texts, calibration = load_calibration_texts(spec)
-    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype)).to(device)
     report = prune(model, tokenizer, texts, spec, source_model=source, calibration_name=calibration)  # logs the summary
@@ -210,6 +218,11 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
             json.dump(data, handle, indent=2, default=str)
         output.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, output)
+    except Exception as exc:
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # a full disk, no permission
+            raise OSError(f"focus_prune: writing the pruned checkpoint {output} failed ({exc}); nothing was kept "
+                          "(free some disk space, or choose another output)") from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data
@@ -238,7 +251,8 @@ def ensure_pruned(source: str, spec: PruneSettings, fingerprint: dict | None = N
 def plan_prune(source: str, spec: PruneSettings) -> dict:
     """The dry run of pruning `source` per `spec`: loads no weights, writes nothing (offline, a hub
     id not in the local hub cache is not checked: `config` None and a `note`). Raises ValueError
-    (prefixed `focus_prune`) for settings the model's config rejects and a missing calibration file.
+    (prefixed `focus_prune`) for settings the model's config rejects and a local calibration file that
+    is missing or unreadable (it is read: not UTF-8, a bad JSON line).
     Returns {source, method, config (the config.json read, or None), fingerprint, cache_path (the
     folder ensure_pruned would use), cached, calibration, params_before, params_after, reduction,
     note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
@@ -272,6 +286,8 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     model_config = checked(AutoConfig.from_pretrained, config_file) if config_file else None
     checked(spec.validate, model_config)
     kind, path = calibration_source(spec)
+    if kind == "file":
+        load_calibration_texts(spec)  # a local file is read now, as pruning would read it
     calibration = {"embedded": "embedded WikiText-2 valid slice", "file": str(path)}.get(kind) or (
         f"hub dataset {spec.calibration} [{spec.calibration_split}] field {spec.calibration_field} (not read)")
     fingerprint = source_fingerprint(source)
@@ -300,25 +316,27 @@ _ATTENTION_LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel")
 
 
 def disable_attention_lora_kernels(cfg: dict) -> None:
-    """axolotl's fused LoRA attention kernels import ``transformers.models.<model_type>``, which a
-    width-pruned ``pruned_llama`` checkpoint is not; it auto-enables them for LoRA. Turn them off
-    for such checkpoints (the MLP and embedding kernels keep working) and refuse an explicit
-    ``true``, before axolotl's validation runs."""
+    """axolotl's fused LoRA attention kernels assume one attention shape for every layer (and import
+    ``transformers.models.<model_type>``, which the earlier ``pruned_llama`` format is not); axolotl
+    auto-enables them for LoRA. Turn them off for width-pruned checkpoints (``layer_shapes``; the
+    MLP and embedding kernels keep working) and refuse an explicit ``true``, before axolotl's
+    validation runs."""
     if cfg.get("adapter") not in ("lora", "qlora"):
         return
     config_file = os.path.join(str(cfg.get("base_model") or ""), "config.json")
     if not os.path.isfile(config_file):
         return
     with open(config_file, encoding="utf-8") as handle:
-        if json.load(handle).get("model_type") != "pruned_llama":
-            return
+        config = json.load(handle)
+    if config.get("model_type") != "pruned_llama" and config.get("layer_shapes") is None:  # not width-pruned
+        return
     for key in _ATTENTION_LORA_KERNELS:
         if cfg.get(key):
-            raise ValueError(f"{key}: true is not supported for width-pruned (pruned_llama) checkpoints, whose "
+            raise ValueError(f"{key}: true is not supported for width-pruned checkpoints (layer_shapes), whose "
                              "layers have their own attention shapes; remove the key or set it to false")
         if cfg.get(key) is None:
             cfg[key] = False
-    LOG.info("pruned_llama student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
+    LOG.info("width-pruned student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
 
 
 def apply_to_config(cfg: dict) -> None:

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..files import read_lines
 from ..sources import load_hub_dataset, missing_file
 from .settings import PruneSettings
 
@@ -42,20 +43,19 @@ def load_calibration_texts(spec: PruneSettings) -> tuple[list[str], str]:
         return corpus_documents("valid"), "embedded WikiText-2 valid slice (CC BY-SA 3.0)"
     if kind == "file" and path.suffix == ".jsonl":
         texts = []
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)[spec.calibration_field])
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise ValueError(
-                        f"focus_prune.calibration: {path}:{lineno}: expected a JSON object with a "
-                        f"{spec.calibration_field!r} field ({exc})"
-                    ) from exc
+        for lineno, line in enumerate(read_lines(path, "focus_prune.calibration"), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)[spec.calibration_field])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"focus_prune.calibration: {path}:{lineno}: expected a JSON object with a "
+                    f"{spec.calibration_field!r} field ({exc})"
+                ) from None
         return texts, f"{path} (field {spec.calibration_field})"
     if kind == "file":
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in read_lines(path, "focus_prune.calibration")]
         return [line for line in lines if line], str(path)
     source = spec.calibration  # a hub dataset id
     name = f"{source} ({spec.calibration_config})" if spec.calibration_config else source

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random")
 GRADIENT_IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix")
 GQA_MODES = ("group", "q_within_group")
 DEPTH_SCORES = ("taylor", "ppl")
 SUPPORTED_MODEL_TYPES = ("llama",)
+_WIDTH_ONLY = ("ratio", "target_param_reduction", "importance", "attn_layers", "mlp_layers", "gqa_mode", "uniform")
+_DEPTH_ONLY = ("num_blocks", "block_fraction", "depth_score", "protected_first", "protected_last")
 
 
 class PruneSettings(BaseModel):
@@ -37,13 +39,13 @@ class PruneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["width", "depth"] = "width"
-    ratio: float = Field(default=0.25, gt=0, lt=1, description=(
+    ratio: FiniteFloat = Field(default=0.25, gt=0, lt=1, description=(
         "nominal per-layer width ratio (LLM-Pruner's pruning ratio): the share of the attention heads or KV groups "
         "(whole units, rounded down) and of the MLP channels removed in each layer of attn_layers / mlp_layers; "
         "the parameter cut is smaller (embeddings, norms and the layers outside the ranges are not pruned)"))
-    target_param_reduction: float | None = Field(default=None, gt=0, lt=1, description=(
+    target_param_reduction: FiniteFloat | None = Field(default=None, gt=0, lt=1, description=(
         "the fraction of ALL parameters to remove (embeddings included): the per-layer ratio is solved for it "
-        "and ratio is ignored; default: unset, ratio is used"))
+        "(not together with ratio); default: unset, ratio is used"))
     importance: Literal["param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random"] = "param_first"
     attn_layers: list[int] | None = Field(
         default=None, description="[start, end) of attention pruning; default [4, L-2)",
@@ -53,7 +55,8 @@ class PruneSettings(BaseModel):
     gqa_mode: Literal["group", "q_within_group"] = "group"
     uniform: bool = Field(default=False, description="same vanilla shape in every layer (vLLM-servable; not the paper)")
     num_blocks: int | None = Field(default=None, ge=1, description="depth: blocks to remove")
-    block_fraction: float | None = Field(default=None, gt=0, lt=1, description="depth: fraction of blocks to remove")
+    block_fraction: FiniteFloat | None = Field(default=None, gt=0, lt=1,
+                                               description="depth: fraction of blocks to remove")
     depth_score: Literal["taylor", "ppl"] = "taylor"
     protected_first: int = Field(default=4, ge=0)
     protected_last: int = Field(default=2, ge=0)
@@ -70,8 +73,25 @@ class PruneSettings(BaseModel):
     device: str = Field(default="auto", description="'auto' (cuda if available), 'cpu', 'cuda', ...")
     cache_dir: str | None = Field(
         default=None, description="default $AXOLOTL_FOCUS_CACHE/pruned or ~/.cache/axolotl_focus/pruned")
-    wait_timeout: float = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning",
+    wait_timeout: FiniteFloat = Field(default=7200, gt=0, description="seconds other ranks wait for rank 0's pruning",
                                 json_schema_extra={"cli": {"cli": False}})
+
+    @model_validator(mode="after")
+    def _no_ignored_settings(self) -> "PruneSettings":
+        """A setting the chosen method would ignore is refused (it would silently do nothing): one
+        given with a value other than its default (a ``model_dump()`` of valid settings stays valid)."""
+        changed = {name for name in self.model_fields_set if getattr(self, name) != self.model_fields[name].default}
+        if "ratio" in changed and self.target_param_reduction is not None:
+            raise ValueError("ratio and target_param_reduction: give one (target_param_reduction solves the "
+                             "per-layer ratio for a share of all parameters)")
+        if self.uniform and changed & {"attn_layers", "mlp_layers"}:
+            raise ValueError("uniform: true prunes every layer; remove attn_layers / mlp_layers")
+        other = _DEPTH_ONLY if self.method == "width" else _WIDTH_ONLY
+        ignored = [name for name in self.model_fields if name in other and name in changed]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not used by method: {self.method} (remove, or set method: "
+                             f"{'depth' if self.method == 'width' else 'width'})")
+        return self
 
     def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """The (attention, MLP) layer ranges [start, end) that width pruning touches."""
@@ -108,6 +128,10 @@ class PruneSettings(BaseModel):
         if model_config is not None:
             check_architecture(model_config)
             num_layers = model_config.num_hidden_layers
+            context = getattr(model_config, "max_position_embeddings", None)
+            if context and self.calib_seq_len > context:
+                raise ValueError(f"calib_seq_len={self.calib_seq_len}: longer than the model's context "
+                                 f"(max_position_embeddings {context})")
         if num_layers is None:
             return self
         if self.method == "depth":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .importance import Importance, compute_importance
-from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from .modeling_pruned_llama import PrunedLlamaForCausalLM
 from .report import PruneReport, source_of
 from .settings import PruneSettings, model_dims
 from .shapes import layer_shapes_for_ratio, plan_width
@@ -179,7 +179,7 @@ def prune_width(
         config = LlamaConfig.from_dict({**_config_dict(model.config), **shape, "head_dim": head_dim, **extra})
         new = _rebuild(model, LlamaForCausalLM, config)
     else:
-        config = PrunedLlamaConfig.from_dict(
+        config = LlamaConfig.from_dict(  # model_type llama + layer_shapes (modeling_pruned_llama's format)
             {**_config_dict(model.config), "head_dim": head_dim, "layer_shapes": plan.layer_shapes, **extra}
         )
         new = _rebuild(model, PrunedLlamaForCausalLM, config)

@@ -37,6 +37,7 @@ import torch
 from axolotl.prompt_tokenizers import PromptTokenizingStrategy
 from axolotl.utils.collators import DataCollatorForSeq2Seq
 
+from ..files import read_lines
 from ..pair_rows import FIELDS, MIN_CONTINUATION, fit_pair, pair_ids, row_problem
 from .losses import IGNORE_INDEX
 
@@ -61,14 +62,25 @@ def check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad_
     """Check ``(where, row, parse_error)`` triples; raise on the first bad row unless
     ``skip_bad_rows`` (a parse error always raises), else log one warning with the count of bad
     rows. Returns that count."""
-    bad, first = 0, None
+    bad, first, seen, count = 0, None, {}, 0
     for where, row, parse_error in rows:
+        count += 1
         problem = parse_error or pair_problem(row, tokenizer, sequence_len)
+        source_id = row.get("source_id") if isinstance(row, Mapping) else None
+        if not problem and source_id is not None:
+            if source_id in seen:
+                problem = (f"duplicate source_id {source_id!r} (also at {seen[source_id]}; two runs appended to one "
+                           "file?)")
+            seen.setdefault(source_id, where)
         if problem:
             if not skip_bad_rows or parse_error:
                 raise ValueError(f"{where}: RePAIR pair row: {problem} ({HINT})")
             bad += 1
             first = first or f"{where} ({problem})"
+    if count == bad:
+        raise ValueError(f"{source}: holds no usable RePAIR pair row ("
+                         + (f"all {count} rows are bad; the first: {first}" if count else "the file is empty")
+                         + "); mine pairs with axolotl-focus pairs")
     if bad:
         LOG.warning("skipping %d bad RePAIR rows of %s (focus_repair_skip_bad_rows); the first: %s",
                     bad, source, first)
@@ -77,13 +89,12 @@ def check_rows(rows, source: str, tokenizer, sequence_len: int | None, skip_bad_
 
 def file_rows(path: str):
     """``(path:line, row, parse error)`` of every non-blank line of a JSON-lines file."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield f"{path}:{lineno}", None, f"invalid JSON ({exc.msg})"
+    for lineno, line in enumerate(read_lines(path, "RePAIR pairs"), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{lineno}", None, f"invalid JSON ({exc.msg})"
 
 
 def check_pair_file(path: str, skip_bad_rows: bool, tokenizer=None, sequence_len: int | None = None) -> int:

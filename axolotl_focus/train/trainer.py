@@ -37,12 +37,19 @@ loss only (no CE, distillation or RePAIR), the mean over that micro-batch's DITT
 the accumulation steps: each micro-batch weighs the same, and DDP averages the ranks' gradients.
 A micro-batch without any SFT sequence has a zero loss in a DITTO step (it still runs forward and
 backward, so that the ranks stay in step). Evaluation never uses DITTO.
+
+Non-finite guard: training stops (:class:`NonFiniteTraining`) at the first micro-batch whose loss
+or one of its terms is inf / nan, and at the first optimizer step whose gradient norm is (except
+under fp16, where the loss scaler skips such steps by design), before the optimizer updates the
+weights: one line names the step and the loss term, the model keeps its last finite weights and
+nothing is saved (axolotl saves only after training returns).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -65,6 +72,10 @@ from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, 
 
 LOG = logging.getLogger(__name__)
 _COUNT = "#count"  # suffix of the stored count that goes with a term's stored sum (see FocusTrainer.log)
+
+
+class NonFiniteTraining(RuntimeError):
+    """The loss, a loss term or the gradient norm of a training step is inf / nan (see the module docstring)."""
 
 
 def shifted_labels(inputs: dict) -> torch.Tensor:
@@ -177,7 +188,7 @@ class FocusTrainer(AxolotlTrainer):
         cache = TeacherCache.open(path)
         cache.check_compatible(temperature=self.focus_args.focus_temperature,
                                vocab_size=unwrap(self.model).get_output_embeddings().weight.shape[0],
-                               tokenizer=self.processing_class)
+                               tokenizer=self.processing_class, teacher=self.focus_args.focus_teacher_model)
         self._check_cached_rows(cache)
         meta = cache.meta
         LOG.info("axolotl_focus: teacher cache %s (k=%s, teacher %s): no teacher model loaded", path, meta.k,
@@ -280,7 +291,9 @@ class FocusTrainer(AxolotlTrainer):
         distill = sums.pop("distill")
         if self.distill_spec.mode != "none":
             sums[self.distill_spec.mode] = distill
-        self._log_terms(sums, local_tokens, model.training, {k: v * pairs for k, v in metrics.items()}, pairs)
+        terms = self._log_terms(sums, local_tokens, model.training, {k: v * pairs for k, v in metrics.items()}, pairs)
+        if model.training:
+            self._stop_unless_finite(loss, terms)
         if return_outputs:
             return loss, {"loss": loss, "logits": outputs.logits}
         return loss
@@ -361,7 +374,9 @@ class FocusTrainer(AxolotlTrainer):
             total, count = fused_ditto_loss(outputs.hidden_states[-1][valid], student_head, targets[valid],
                                             previous, self.ditto.lambda_, self.focus_args.focus_chunk_size)
         loss = total / max(count, 1) / self._mean_divisor(model, num_items_in_batch)
-        self._log_terms({"ditto": total.detach()}, count, model.training, skip_empty=True)
+        terms = self._log_terms({"ditto": total.detach()}, count, model.training, skip_empty=True)
+        if model.training:
+            self._stop_unless_finite(loss, terms)
         if return_outputs:
             return loss, {"loss": loss, "logits": outputs.logits}
         return loss
@@ -375,13 +390,39 @@ class FocusTrainer(AxolotlTrainer):
         return repair_margin_loss(token_nll, rows, repair["repair_chosen"], repair["repair_rejected"],
                                   hidden.shape[0], self.focus_args.focus_repair_margin)
 
+    def _stop_unless_finite(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
+        """Raise :class:`NonFiniteTraining` when this micro-batch's loss or a term of it is not finite."""
+        self._last_terms = terms
+        bad = [name for name, value in terms.items() if not math.isfinite(value)]
+        if bad or not bool(torch.isfinite(loss.detach()).all()):
+            what = f"{bad[0]} is {terms[bad[0]]}" if bad else f"the loss is {float(loss.detach().float().sum())}"
+            self._stop_training(what, "before the backward pass")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """HF's gradient norm of the step (computed before every optimizer step), checked: not
+        finite stops training before the update (not under fp16, whose loss scaler skips such steps)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            self._stop_training(f"the gradient norm is {float(grad_norm)}", "before the optimizer step")
+        return grad_norm
+
+    def _stop_training(self, what: str, when: str) -> None:
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in (getattr(self, "_last_terms", None) or {}).items())
+        message = (f"axolotl_focus: step {self.state.global_step + 1}: {what}" + (f" (this micro-batch: {terms})"
+                   if terms else "") + f"; training stopped {when}: the weights were not updated and no model is "
+                   "saved. Check the loss settings (focus_temperature, focus_alpha, the focus_aux_losses), the "
+                   "learning rate and the data of this step")
+        LOG.error("%s", message)
+        raise NonFiniteTraining(message)
+
     def _log_terms(self, sums: dict, tokens: int, training: bool, pair_sums: dict | None = None,
-                   pairs: int = 0, skip_empty: bool = False) -> None:
+                   pairs: int = 0, skip_empty: bool = False) -> dict[str, float]:
         """Store each term's sum over this micro-batch with its count (``loss/<name>``: valid tokens
         of every rank; ``loss/repair*``: this rank's pairs); :meth:`log` divides the sums by the
         counts over the logging window, so the logged values are exact per-token / per-pair means
         whatever the gradient accumulation. Nothing is stored with ``skip_empty`` when no rank had
-        a token."""
+        a token. Returns each term's name and its mean over this micro-batch (all ranks; RePAIR terms:
+        this rank's pairs), for the non-finite guard."""
         names = list(sums)
         values = [sums[k].detach().float().reshape(()) for k in names]
         stats = torch.stack(values + [values[0].new_tensor(float(tokens))])
@@ -389,17 +430,20 @@ class FocusTrainer(AxolotlTrainer):
             stats = self.accelerator.reduce(stats.to(self.accelerator.device), reduction="sum")
         *totals, count = (float(x) for x in stats.cpu())
         if skip_empty and not count:
-            return
+            return {}
         prefix = "loss/" if training else "eval_loss/"
-        metrics = {}
+        metrics, means = {}, {}
         for name, total in zip(names, totals):
             metrics[prefix + name] = (total, "sum")
             metrics[prefix + name + _COUNT] = (count, "sum")
+            means[prefix + name] = total / max(count, 1.0)
         for key, value in (pair_sums or {}).items():
             name = prefix + (key if key == "repair" else f"repair_{key}")
             metrics[name] = (float(value), "sum")
             metrics[name + _COUNT] = (float(pairs), "sum")
+            means[name] = float(value) / max(pairs, 1)
         self.store_metrics(metrics, train_eval="train" if training else "eval")
+        return means
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Turn the stored (sum, count) pairs of :meth:`_log_terms` into means, then log."""

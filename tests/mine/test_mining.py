@@ -566,8 +566,8 @@ def test_changed_settings_are_refused_and_restart_starts_over(micro, tmp_path, c
     ):
         with pytest.raises(ValueError) as err:
             mine_pairs(*models, replace(cfg, **change))
-        assert str(err.value) == (f"output: {cfg.output} was mined with {was} (now {now}); rerun with --restart "
-                                  "to start it over, or pick another --output")
+        assert str(err.value) == (f"output: {cfg.output} was made with {was} (now {now}): another job; rerun with "
+                                  "--restart to start it over, or pick another --output")
         assert _files(tmp_path) == before
 
     (tmp_path / "pairs.rank1.jsonl").write_text(json.dumps({"source_id": "x", "temperature": 1.0}) + "\n")
@@ -589,7 +589,8 @@ def test_output_of_an_older_version_is_checked_by_its_first_row(micro, tmp_path)
                seed=0, top_p=0.9, temperature=1.0, teacher_temperature=1.0)
     (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n")
     before = _files(tmp_path)
-    message = "was mined with teacher_temperature=1.0, seed=0 (now teacher_temperature=1.5, seed=3); rerun with"
+    message = ("was made with teacher_temperature=1.0, seed=0 (now teacher_temperature=1.5, seed=3): another job; "
+               "rerun with")
     with pytest.raises(ValueError, match=re.escape(message)):
         mine_pairs(*models, replace(cfg, seed=3, teacher_temperature=1.5))
     assert _files(tmp_path) == before
@@ -693,8 +694,9 @@ def test_run_mining_refuses_other_settings_before_loading_weights(micro, tmp_pat
     with pytest.raises(ValueError) as err:
         run_mining(replace(cfg, temperature=0.7, top_p=0.95))
     assert str(err.value) == (  # the positives' temperature follows the student's (no teacher_temperature)
-        f"output: {cfg.output} was mined with top_p=0.9, temperature=1.0, teacher_temperature=1.0 (now top_p=0.95, "
-        "temperature=0.7, teacher_temperature=0.7); rerun with --restart to start it over, or pick another --output")
+        f"output: {cfg.output} was made with top_p=0.9, temperature=1.0, teacher_temperature=1.0 (now top_p=0.95, "
+        "temperature=0.7, teacher_temperature=0.7): another job; rerun with --restart to start it over, or pick "
+        "another --output")
     assert _files(tmp_path) == before
 
 

@@ -17,7 +17,8 @@ TINY_RANGES = {"attn_layers": [1, 3], "mlp_layers": [1, 3]}
 
 
 def spec(tmp_path, **kw):
-    return PruneSettings(**{"ratio": 0.5, "cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | TINY_RANGES | kw)
+    width = {"ratio": 0.5, **TINY_RANGES} if kw.get("method", "width") == "width" else {}  # depth refuses them
+    return PruneSettings(**{"cache_dir": str(tmp_path / "cache"), "calib_samples": 4} | width | kw)
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_cli_prune_without_config(tiny_pair, tmp_path, capsys, no_log_handlers):
     assert captured.err.count("layers 1-2:") == 1  # logged once
     assert no_log_handlers.handlers == [] and no_log_handlers.propagate  # the logger is left as it was
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "pruned_llama"
+    assert config["model_type"] == "llama" and config["architectures"] == ["PrunedLlamaForCausalLM"]
     assert config["focus_source_model"] == tiny_pair["teacher"]
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["params_after"] < report["params_before"]
@@ -140,7 +141,7 @@ def test_pruned_checkpoint_is_machine_independent(tiny_pair, tmp_path):
     assert {"is_local", "local_files_only"} <= set(written)  # what fix_tokenizer_config removes
     run_prune(source, spec(tmp_path, ratio=0.4), out)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "pruned_llama" and config["focus_source_model"] == source
+    assert config["model_type"] == "llama" and config["focus_source_model"] == source
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert not set(LOCAL_KEYS) & set(tokenizer_config)
     assert tokenizer_config["tokenizer_class"] == type(AutoTokenizer.from_pretrained(source)).__name__
@@ -165,11 +166,11 @@ def test_pruned_checkpoint_is_machine_independent(tiny_pair, tmp_path):
         assert not [m for m in sys.modules if m == "axolotl_focus" or m.startswith("axolotl_focus.")]
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    # transformers 5 resolves AutoConfig before tokenizer_config.json, so its trust_remote_code question
-    # about config.json's auto_map is still printed; with no answer it goes on without the custom code
+    # the config is transformers' own llama config: AutoTokenizer (which reads it first) asks nothing
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr and "trust_remote_code" not in result.stdout + result.stderr
     expected = AutoTokenizer.from_pretrained(source)
     loaded = result.stdout.rpartition("LOADED ")[2].strip()
     assert loaded == f"{type(expected).__name__} {expected('The game began .')['input_ids']}", result.stdout
@@ -195,14 +196,19 @@ def test_cli_prune_options_come_from_the_schema():
     from axolotl_focus.cli import build_parser
 
     args = build_parser().parse_args(["prune", "--model", "m", "--output", "o", "--dtype", "bfloat16",
-                                      "--protected-first", "2", "--protected-last", "1", "--calibration-split",
-                                      "validation", "--calibration-field", "body", "--calibration-config", "c",
-                                      "--attn-layers", "1", "3", "--no-uniform", "--importance", "vectorize"])
+                                      "--calibration-split", "validation", "--calibration-field", "body",
+                                      "--calibration-config", "c", "--attn-layers", "1", "3", "--no-uniform",
+                                      "--importance", "vectorize"])
     given = {k: v for k, v in vars(args).items() if k in PruneSettings.model_fields and v is not None}
     assert PruneSettings.model_validate(given).model_dump(exclude_defaults=True) == {
-        "dtype": "bfloat16", "protected_first": 2, "protected_last": 1, "calibration_split": "validation",
-        "calibration_field": "body", "calibration_config": "c", "attn_layers": [1, 3], "importance": "vectorize",
+        "dtype": "bfloat16", "calibration_split": "validation", "calibration_field": "body",
+        "calibration_config": "c", "attn_layers": [1, 3], "importance": "vectorize",
     }
+    args = build_parser().parse_args(["prune", "--method", "depth", "--protected-first", "2", "--protected-last", "1",
+                                      "--num-blocks", "3"])
+    given = {k: v for k, v in vars(args).items() if k in PruneSettings.model_fields and v is not None}
+    assert PruneSettings.model_validate(given).model_dump(exclude_defaults=True) == {
+        "method": "depth", "protected_first": 2, "protected_last": 1, "num_blocks": 3}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prune", "--dtype", "float64"])
     missing = {k for k in PruneSettings.model_fields if k not in vars(args)}
@@ -344,10 +350,11 @@ def test_attention_lora_kernels_are_turned_off_for_pruned_llama(tmp_path):
 
     from axolotl_focus.prune.cache import disable_attention_lora_kernels
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pruned_llama"}))
-    cfg = {"base_model": str(tmp_path), "adapter": "lora"}
-    disable_attention_lora_kernels(cfg)
-    assert cfg["lora_qkv_kernel"] is False and cfg["lora_o_kernel"] is False
+    for width_pruned in ({"model_type": "pruned_llama"}, {"model_type": "llama", "layer_shapes": []}):  # old, new
+        (tmp_path / "config.json").write_text(json.dumps(width_pruned))
+        cfg = {"base_model": str(tmp_path), "adapter": "lora"}
+        disable_attention_lora_kernels(cfg)
+        assert cfg["lora_qkv_kernel"] is False and cfg["lora_o_kernel"] is False
     assert "lora_mlp_kernel" not in cfg  # axolotl's MLP kernel does not depend on the model type
     with pytest.raises(ValueError, match="lora_qkv_kernel"):
         disable_attention_lora_kernels({"base_model": str(tmp_path), "adapter": "lora", "lora_qkv_kernel": True})

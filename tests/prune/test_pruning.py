@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -235,7 +236,7 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
     layout, kwargs, (q_heads, kv_heads), channels = WIDTH_CASES[case]
     original, report = prune_case(case, tokenizer, texts)
     model = report.model
-    assert isinstance(model, PrunedLlamaForCausalLM) and model.config.model_type == "pruned_llama"
+    assert isinstance(model, PrunedLlamaForCausalLM) and model.config.model_type == "llama"
 
     # shapes: narrowed only inside the ranges, hidden size untouched
     (a0, a1), (m0, m1) = PruneSettings(**kwargs).layer_ranges(8)
@@ -291,8 +292,8 @@ def test_width_pruning_equals_zeroed_original(case, tokenizer, texts, tmp_path):
     files = set(os.listdir(path))
     assert {"model.safetensors", "config.json", "modeling_pruned_llama.py", "tokenizer.json"} <= files
     config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == "pruned_llama"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pruned_llama.PrunedLlamaForCausalLM"
+    assert config["model_type"] == "llama" and config["architectures"] == ["PrunedLlamaForCausalLM"]
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"}
     assert config["focus_source_model"] == config["pruning"]["source_model"] == "tiny/source"
     assert config["layer_shapes"] == report.layer_shapes
     assert config["head_dim"] == head_dim and config["hidden_size"] == 64
@@ -338,6 +339,59 @@ def test_fresh_process_trust_remote_code_load(tokenizer, texts, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "FRESH-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_checkpoint_format_asks_no_question(tokenizer, texts, tmp_path):
+    """A width-pruned checkpoint in a fresh process that never imports axolotl_focus, stdin closed:
+    AutoTokenizer and AutoConfig load it asking nothing; AutoModelForCausalLM loads the right model
+    with trust_remote_code=True and refuses the weights without it (never a wrong model); in a
+    process that imported axolotl_focus no flag is needed. A checkpoint of the earlier format
+    (model_type pruned_llama) still loads in both kinds of process."""
+    original, report = prune_case("gqa-group", tokenizer, texts)
+    save_pruned(report.model, tokenizer, tmp_path / "new")
+    expected = logits(zero_pruned_units(original, report.kept))
+    torch.save({"ids": inputs(), "logits": expected}, tmp_path / "ref.pt")
+    old = tmp_path / "old"  # the earlier format, as save_pruned wrote it before
+    shutil.copytree(tmp_path / "new", old)
+    config = json.loads((old / "config.json").read_text())
+    config.update(model_type="pruned_llama", auto_map={
+        "AutoConfig": "modeling_pruned_llama.PrunedLlamaConfig",
+        "AutoModelForCausalLM": "modeling_pruned_llama.PrunedLlamaForCausalLM"})
+    (old / "config.json").write_text(json.dumps(config))
+    code = (old / "modeling_pruned_llama.py").read_text()  # its class then took its own config class only
+    (old / "modeling_pruned_llama.py").write_text(code.replace("config_class = LlamaConfig",
+                                                               "config_class = PrunedLlamaConfig"))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        ref = torch.load("{tmp_path}/ref.pt")
+        new, old = "{tmp_path}/new", "{tmp_path}/old"
+        print("TOKENIZER", type(AutoTokenizer.from_pretrained(new)).__name__)
+        print("CONFIG", type(AutoConfig.from_pretrained(new)).__name__)
+        for path in (new, old):
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            with torch.no_grad():
+                assert (model(input_ids=ref["ids"]).logits - ref["logits"]).abs().max().item() < {ATOL}, path
+        try:
+            AutoModelForCausalLM.from_pretrained(new)
+        except Exception as exc:
+            print("REFUSED", type(exc).__name__)
+        assert not [m for m in sys.modules if m == "axolotl_focus" or m.startswith("axolotl_focus.")]
+        import axolotl_focus  # registers with the Auto classes: no flag needed
+        for path in (new, old):
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            assert type(model).__module__ == "axolotl_focus.prune.modeling_pruned_llama", type(model)
+            with torch.no_grad():
+                assert (model(input_ids=ref["ids"]).logits - ref["logits"]).abs().max().item() < {ATOL}, path
+        print("FRESH-OK")
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "FRESH-OK" in result.stdout, out[-3000:]
+    assert "[y/N]" not in out and f"TOKENIZER {type(tokenizer).__name__}\n" in out and "CONFIG LlamaConfig" in out, out
+    assert "REFUSED RuntimeError" in out
 
 
 def test_uniform_saves_a_vanilla_llama_checkpoint(tokenizer, texts, tmp_path):

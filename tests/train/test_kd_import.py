@@ -95,7 +95,7 @@ def test_import_writes_a_cache_the_trainer_reads(tmp_path):
     again = import_kd_rows(rows, tmp_path / "cache", kd_temperature=1.0, temperature=TAU, vocab_size=V,
                            tokenizer=None, source="test", shard_size=2)
     assert again.created == meta.created
-    with pytest.raises(ValueError, match="built with"):
+    with pytest.raises(ValueError, match="made with"):
         import_kd_rows(rows[1:], tmp_path / "cache", kd_temperature=1.0, temperature=TAU, vocab_size=V,
                        tokenizer=None, source="test", shard_size=2)
     TeacherCache.open(tmp_path / "cache").check_rows([r[:2] for r in rows])

@@ -182,15 +182,60 @@ def test_resume_rewrites_only_missing_shards(teacher_and_rows, tiny_pair, tmp_pa
     TeacherCache.open(path).check_rows(teacher_and_rows[2])
 
 
+def test_a_damaged_shard_is_named_and_a_rerun_repairs_it(teacher_and_rows, tiny_pair, tmp_path):
+    """The shard check: cache.json records each shard's file sizes; a truncated shard of a complete
+    cache is refused by the reader (naming the shard) and by validate's check, and rerunning the
+    build with the same settings writes that shard again - only that one, byte-identical."""
+    from axolotl_focus.train.teacher_cache.format import read_meta, shard_problems
+
+    teacher = teacher_and_rows[0]
+    path = tmp_path / "cache"
+    meta = build(teacher_and_rows, tiny_pair, path)
+    assert set(meta.shard_files) == {"shard-00000", "shard-00001", "shard-00002"} and shard_problems(path, meta) == []
+    before = shard_files(path)
+    arrow = next((path / "shard-00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-40])
+    problems = shard_problems(path, read_meta(path))
+    assert len(problems) == 1 and problems[0].startswith(f"shard-00001/{arrow.name} has") and "truncated" in problems[0]
+    with pytest.raises(ValueError, match=r"damaged \(shard-00001/.*\(truncated\?\)\); rerun axolotl-focus"):
+        TeacherCache.open(path)
+    first = os.stat(path / "shard-00000").st_ino
+    loads = []
+
+    def lazy():
+        loads.append(1)
+        return teacher
+
+    repaired = build(teacher_and_rows, tiny_pair, path, teacher=lazy, dtype=torch.float32)
+    assert repaired.complete and loads == [1] and shard_files(path) == before
+    assert os.stat(path / "shard-00000").st_ino == first  # the intact shards are kept
+    TeacherCache.open(path).check_rows(teacher_and_rows[2])
+
+
+def test_an_empty_result_and_a_failed_start_leave_nothing(teacher_and_rows, tiny_pair, tmp_path):
+    """No sequence with a trained position is an error, before anything is written; a build that
+    fails before its first shard (k above the vocabulary, found when the teacher loads) removes the
+    cache.json it wrote, so that the corrected run is not refused as another job."""
+    teacher, _, rows = teacher_and_rows
+    with pytest.raises(ValueError, match="no training sequence has a trained position"):
+        build(teacher_and_rows, tiny_pair, tmp_path / "empty", rows=[rows[-1]])
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(ValueError, match="exceeds the teacher's vocabulary"):
+        build(teacher_and_rows, tiny_pair, tmp_path / "big", k=10**6, teacher=lambda: teacher, dtype=torch.float32)
+    assert list(tmp_path.iterdir()) == []
+    assert build(teacher_and_rows, tiny_pair, tmp_path / "big", k=8).complete
+
+
 def test_other_settings_refuse_and_restart_rebuilds(teacher_and_rows, tiny_pair, tmp_path):
     path = tmp_path / "cache"
     build(teacher_and_rows, tiny_pair, path, k=4)
     with pytest.raises(ValueError) as err:
         build(teacher_and_rows, tiny_pair, path, k=8)
-    assert str(err.value) == f"{path}: built with k=4 (now k=8); use --restart or another --output"
-    with pytest.raises(ValueError, match=r"built with temperature=2.0 \(now temperature=1.0\)"):
+    assert str(err.value) == (f"{path} was made with k=4 (now k=8): another job; rerun with --restart to start it "
+                              "over, or pick another --output")
+    with pytest.raises(ValueError, match=r"made with temperature=2.0 \(now temperature=1.0\)"):
         build(teacher_and_rows, tiny_pair, path, k=4, temperature=1.0)
-    with pytest.raises(ValueError, match=r"built with dataset digest \w+ \(5 sequences\) \(now dataset digest \w+ "
+    with pytest.raises(ValueError, match=r"made with dataset digest \w+ \(5 sequences\) \(now dataset digest \w+ "
                                          r"\(4 sequences\)\)"):
         build(teacher_and_rows, tiny_pair, path, k=4, rows=teacher_and_rows[2][:4])
     meta = build(teacher_and_rows, tiny_pair, path, k=8, restart=True)
@@ -295,8 +340,8 @@ def test_rows_from_config_and_cli(tiny_pair, tmp_path, plugin_manager, capsys, o
 
     code = main(["teacher-cache", str(config), "--output", str(out), "--k", "16", "--no-progress", "--threads", "1"])
     err = capsys.readouterr().err.strip().splitlines()  # axolotl's and the plugin's log lines, then the error
-    assert code == 2 and err[-1] == (f"axolotl-focus teacher-cache: {out}: built with k=8 (now k=16); use --restart "
-                                     "or another --output")
+    assert code == 2 and err[-1] == (f"axolotl-focus teacher-cache: {out} was made with k=8 (now k=16): another job; "
+                                     "rerun with --restart to start it over, or pick another --output")
 
 
 def test_sample_packing_is_refused(tiny_pair, tmp_path, plugin_manager):

@@ -115,7 +115,8 @@ def _dtype_name(dtype) -> str | None:
 def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, temperature: float,
                 batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
                 teacher_name: str, tokenizer, shard_size: int = DEFAULT_SHARD_SIZE, restart: bool = False,
-                source_config: str | None = None, dtype: str | torch.dtype | None = None) -> CacheMeta:
+                source_config: str | None = None, dtype: str | torch.dtype | None = None,
+                data: dict | None = None) -> CacheMeta:
     """Build (or finish) the teacher cache of ``rows`` in ``path``; returns its :class:`CacheMeta`.
 
     ``teacher``: a causal LM (put in eval mode and moved to ``device``; run without grad), or a
@@ -124,15 +125,16 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
     ``rows``: the (input_ids, labels) of the SFT sequences (not RePAIR pair rows); duplicates and
     rows without a trained position are skipped. ``teacher_name``: its path or hub id (for the
     fingerprint). ``tokenizer``: the tokenizer that tokenized ``rows`` (for the digest; None: no
-    digest). See the module docstring for the format and resuming.
+    digest). ``data``: :func:`~axolotl_focus.train.teacher_cache.format.data_sources` of the config the
+    rows come from (recorded for ``validate``). See the module docstring for the format and resuming.
     """
     folder = Path(path)
     k, shard_size, batch_size = int(k), int(shard_size), int(batch_size)
     temperature = float(temperature)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")
     lazy = callable(teacher) and not isinstance(teacher, torch.nn.Module)
@@ -152,7 +154,7 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
         dtype=_dtype_name(dtype), sequences=len(keys), positions=sum(len(p) for p in positions),
         dataset_digest=dataset_digest(keys), tokenizer_digest=tokenizer_digest(tokenizer),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        source_config=None if source_config is None else str(source_config), shards=shards,
+        source_config=None if source_config is None else str(source_config), data_sources=data, shards=shards,
         shard_size=shard_size, complete=False)
     state = {"model": model, "head": None}
 

@@ -10,15 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from ...config import focus_default
 from ...options import opt, positive_int
-from .build import build_cache
-from .format import DEFAULT_SHARD_SIZE, CacheMeta, read_meta
-from .rows import rows_from_config
+
+if TYPE_CHECKING:  # the options above are all `axolotl-focus teacher-cache --help` imports
+    from .format import CacheMeta
 
 
 @dataclass
@@ -56,13 +53,16 @@ def folder_size(path: str | os.PathLike) -> int:
 
 def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
-    started = time.monotonic()
-    if getattr(args, "from_kd_logprobs", False):
-        from .kd_import import run_import_cli
+    from ...files import exclusive_lock
 
-        meta = run_import_cli(args)
-    else:
-        meta = _build_from_teacher(args, load_teacher_fn)
+    started = time.monotonic()
+    with exclusive_lock(args.output):  # before the data is tokenized: a second writer is refused at once
+        if getattr(args, "from_kd_logprobs", False):
+            from .kd_import import run_import_cli
+
+            meta = run_import_cli(args)
+        else:
+            meta = _build_from_teacher(args, load_teacher_fn)
     size = folder_size(args.output)
     print(f"teacher cache: {args.output}")
     print(f"sequences {meta.sequences:,}, positions {meta.positions:,}, k {meta.k}, temperature {meta.temperature}, "
@@ -73,16 +73,36 @@ def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
 
 
 def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
+    import torch
     from axolotl.loaders import load_tokenizer
 
+    from ...config import focus_default, source_model_of
     from ...locations import resolve_model
+    from ...options import resolve_device
+    from ...preflight import read_config
     from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
+    from .build import build_cache
+    from .format import DEFAULT_SHARD_SIZE, data_sources, read_meta
+    from .rows import rows_from_config
 
-    rows, cfg = rows_from_config(args.config)
-    teacher_name = args.teacher or cfg.get("focus_teacher_model")
+    # everything the options decide is checked before the data is tokenized (which writes axolotl's
+    # dataset_prepared_path) and before anything is written to --output
+    device = resolve_device(args.device, "--device")
+    raw = read_config(str(args.config))[0]
+    teacher_name = args.teacher or raw.get("focus_teacher_model") or (
+        raw.get("base_model") if raw.get("focus_prune") else source_model_of(raw.get("base_model")))
     if not teacher_name:
-        raise ValueError(f"--teacher: not given and {args.config} has no focus_teacher_model")
-    resolve_model(str(teacher_name), "--teacher" if args.teacher else "focus_teacher_model")
+        raise ValueError(f"--teacher: not given, and {args.config} names no focus_teacher_model (nor a base_model "
+                         "that records its focus_source_model)")
+    field = "--teacher" if args.teacher else "focus_teacher_model"
+    where = resolve_model(str(teacher_name), field)
+    if where.readable:  # k against the teacher's vocabulary
+        from transformers import AutoConfig
+
+        vocab = getattr(AutoConfig.from_pretrained(where.folder).get_text_config(), "vocab_size", None)
+        if vocab is not None and args.k > int(vocab):
+            raise ValueError(f"--k: {args.k} exceeds the vocabulary of the teacher {teacher_name} ({vocab} tokens)")
+    rows, cfg = rows_from_config(args.config)
     temperature = args.temperature if args.temperature is not None else (
         cfg.get("focus_temperature") or focus_default("focus_temperature"))
     if args.dtype:
@@ -90,9 +110,6 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     else:
         dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
                               bool(cfg.get("bf16")), bool(cfg.get("fp16")))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     tokenizer = load_tokenizer(cfg)
     from transformers import AutoTokenizer
 
@@ -103,4 +120,4 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
                        k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
                        progress=args.progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
                        shard_size=shard_size, restart=args.restart, source_config=str(args.config),
-                       dtype=dtype)
+                       dtype=dtype, data=data_sources(raw))

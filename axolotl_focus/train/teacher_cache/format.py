@@ -44,9 +44,21 @@ then ``os.replace``)::
                         [token, id] pairs, "special_tokens": special_tokens_map}; null without one
     created             ISO-8601 UTC time the cache was started
     source_config       the axolotl config it was built from, or null
+    data_sources        :func:`data_sources` of that config ({"sequence_len", "datasets": the
+                        digest of each SFT dataset file, or its hub id}): what ``validate`` compares
+                        with a training config without tokenizing anything (null in caches of
+                        earlier versions; the trainer compares the tokenized rows either way)
     shards              number of shard folders
     shard_size          unique sequences per shard (S)
+    shard_files         {shard folder name: {file name: size in bytes}} of every shard written so
+                        far (recorded as each shard is written; absent in caches of earlier
+                        versions, whose shards are checked for existence only)
     complete            true only once every shard is written
+
+A shard folder that is missing, lacks a recorded file or holds one of another size is damaged
+(:func:`shard_problems`; sizes only, no data is read): ``validate`` and the trainer refuse the
+cache naming the shard, and rerunning ``axolotl-focus teacher-cache`` with the same settings
+writes that shard again (also in a cache marked complete).
 
 ``<cache>/shard-00000/``, ``shard-00001/``, ...: shard i holds the unique sequences ``[i*S,
 (i+1)*S)`` in dataset order, one row per sequence, written by ``datasets.Dataset.from_dict(...)
@@ -134,6 +146,42 @@ def teacher_fingerprint(teacher: str) -> dict:
     return source_fingerprint(str(teacher))
 
 
+def other_teacher(meta: CacheMeta, teacher: str) -> str | None:
+    """Why a cache was not built by ``teacher`` (its fingerprint differs from the one recorded), or
+    None (the same teacher, a cache imported from KD logprobs, or a hub teacher whose revision
+    cannot be known offline)."""
+    recorded = meta.teacher_fingerprint or {}
+    if not recorded or "source" in recorded:
+        return None
+    now = teacher_fingerprint(teacher)
+    if now == recorded or ("hub" in now and now.get("revision") is None):
+        return None
+    return f"was built by the teacher {meta.teacher}, not by {teacher} (their fingerprints differ)"
+
+
+def data_sources(cfg) -> dict:
+    """What a config trains on, for ``cache.json``'s ``data_sources``: ``sequence_len`` and, in
+    order, :func:`axolotl_focus.files.input_identity` of the path of each dataset that is not a
+    RePAIR pair dataset (the cache holds the other rows only)."""
+    from ...files import input_identity
+
+    sets = [d for d in (cfg.get("datasets") or []) if hasattr(d, "get") and d.get("type") != "axolotl_focus.repair"]
+    return {"sequence_len": cfg.get("sequence_len"),
+            "datasets": [input_identity(str(d["path"])) if d.get("path") else None for d in sets]}
+
+
+def other_data(meta: CacheMeta, cfg) -> str | None:
+    """Why a cache was built from other data than the config ``cfg`` names (per :func:`data_sources`;
+    a value one side does not record is not compared), or None."""
+    if not meta.data_sources:
+        return None
+    now, was = data_sources(cfg), meta.data_sources
+    diff = [k for k in now if now[k] is not None and was.get(k) is not None and now[k] != was[k]]
+    if not diff:
+        return None
+    return "was built from other data (" + ", ".join(f"{k} {was[k]} - now {now[k]}" for k in diff) + ")"
+
+
 @dataclasses.dataclass
 class CacheMeta:
     """The contents of ``<cache>/cache.json`` (fields: see the module docstring)."""
@@ -152,8 +200,10 @@ class CacheMeta:
     tokenizer_digest: str | None = None
     created: str | None = None
     source_config: str | None = None
+    data_sources: dict | None = None
     shards: int = 0
     shard_size: int = DEFAULT_SHARD_SIZE
+    shard_files: dict | None = None
     complete: bool = False
 
     def to_dict(self) -> dict:
@@ -183,7 +233,36 @@ def read_meta(folder: str | os.PathLike) -> CacheMeta | None:
 
 
 def shard_dir(folder: Path, index: int) -> Path:
-    return folder / f"{SHARD_PREFIX}{index:05d}"
+    return Path(folder) / f"{SHARD_PREFIX}{index:05d}"
+
+
+def shard_file_sizes(shard: Path) -> dict[str, int]:
+    """``{file name: size}`` of the files of a shard folder (what ``shard_files`` records)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(shard).iterdir()) if p.is_file()}
+
+
+def shard_problem(folder: str | os.PathLike, meta: CacheMeta, index: int) -> str | None:
+    """Why shard ``index`` of the cache in ``folder`` is not as it was written (missing, a file
+    missing or of another size than ``meta.shard_files`` records), or None."""
+    shard = shard_dir(Path(folder), index)
+    if not shard.is_dir():
+        return f"{shard.name} is missing"
+    recorded = (meta.shard_files or {}).get(shard.name)
+    if recorded is None:
+        return None  # written by an earlier version: existence only
+    for name, size in recorded.items():
+        path = shard / name
+        if not path.is_file():
+            return f"{shard.name}/{name} is missing"
+        if path.stat().st_size != int(size):
+            return (f"{shard.name}/{name} has {path.stat().st_size:,} bytes, {META_FILE} records {int(size):,} "
+                    "(truncated?)")
+    return None
+
+
+def shard_problems(folder: str | os.PathLike, meta: CacheMeta) -> list[str]:
+    """:func:`shard_problem` of every shard of the cache that has one."""
+    return [p for p in (shard_problem(folder, meta, i) for i in range(meta.shards)) if p]
 
 def shard_features():
     import datasets

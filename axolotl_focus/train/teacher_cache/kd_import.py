@@ -114,7 +114,7 @@ def sparse_from_kd_row(input_ids, labels, target_token_ids, target_logprobs, *, 
 
 def import_kd_rows(rows: Sequence, path: str | os.PathLike, *, kd_temperature: float, temperature: float,
                    vocab_size: int, tokenizer, source: str, shard_size: int = DEFAULT_SHARD_SIZE,
-                   restart: bool = False, source_config: str | None = None) -> CacheMeta:
+                   restart: bool = False, source_config: str | None = None, data: dict | None = None) -> CacheMeta:
     """Write the teacher cache of tokenized KD ``rows`` ``(input_ids, labels, target_token_ids,
     target_logprobs)`` into ``path``. ``vocab_size``: the student's vocabulary (ids are checked
     against it); ``source``: what the logprobs came from (recorded as the teacher). Every row is
@@ -152,7 +152,8 @@ def import_kd_rows(rows: Sequence, path: str | os.PathLike, *, kd_temperature: f
         positions=sum(int(p.ids.shape[0]) for p in parts), dataset_digest=dataset_digest(keys),
         tokenizer_digest=tokenizer_digest(tokenizer),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        source_config=None if source_config is None else str(source_config), shards=shards, shard_size=shard_size)
+        source_config=None if source_config is None else str(source_config), data_sources=data, shards=shards,
+        shard_size=shard_size)
     return write_cache(Path(path), planned, keys, [int(p.ids.shape[0]) for p in parts],
                        lambda lo, hi: parts[lo:hi], restart)
 
@@ -176,6 +177,8 @@ def run_import_cli(args) -> CacheMeta:
     """``axolotl-focus teacher-cache CONFIG --from-kd-logprobs``: see the module docstring."""
     from axolotl.loaders import load_tokenizer
 
+    from ...preflight import read_config
+    from .format import data_sources
     from .rows import rows_from_config
 
     rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS,
@@ -190,4 +193,5 @@ def run_import_cli(args) -> CacheMeta:
     shard_size = args.shard_size or DEFAULT_SHARD_SIZE
     return import_kd_rows(rows, args.output, kd_temperature=kd_temperature, temperature=temperature,
                           vocab_size=vocab_size, tokenizer=tokenizer, source=f"{SOURCE} of {args.config}",
-                          shard_size=shard_size, restart=args.restart, source_config=str(args.config))
+                          shard_size=shard_size, restart=args.restart, source_config=str(args.config),
+                          data=data_sources(read_config(str(args.config))[0]))

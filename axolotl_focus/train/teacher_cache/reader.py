@@ -26,11 +26,15 @@ from .format import (
     VERSION,
     CacheMeta,
     as_int_array,
+    other_teacher,
     sequence_key,
     shard_dir,
     shard_features,
+    shard_problems,
     tokenizer_digest,
 )
+
+REPAIR = "rerun axolotl-focus teacher-cache with the same settings to write the damaged shards again"
 
 
 class TeacherCache:
@@ -69,12 +73,17 @@ class TeacherCache:
                              "finish it by running axolotl-focus teacher-cache again with the same settings")
         import datasets
 
+        damaged = shard_problems(folder, meta)
+        if damaged:
+            raise ValueError(f"{folder}: the teacher cache is damaged ({'; '.join(damaged[:3])}); {REPAIR}")
         parts = []
         for i in range(meta.shards):
             shard = shard_dir(folder, i)
-            if not shard.is_dir():
-                raise ValueError(f"{folder}: shard {shard.name} is missing; {REBUILD}")
-            parts.append(datasets.load_from_disk(str(shard)))
+            try:
+                parts.append(datasets.load_from_disk(str(shard)))
+            except Exception as exc:  # noqa: BLE001 - an unreadable shard of an earlier version's cache
+                raise ValueError(f"{folder}: shard {shard.name} cannot be read ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); {REPAIR}") from None
         dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else (
             parts[0] if parts else datasets.Dataset.from_dict(
                 {"key": [], "positions": [], "ids": [], "logq": [], "log_tail": []}, features=shard_features()))
@@ -171,10 +180,14 @@ class TeacherCache:
                              f"{first[0]}, {first[1]}): it was built for other data or settings ({REBUILD})")
 
     def check_compatible(self, *, temperature: float | None = None, vocab_size: int | None = None,
-                         tokenizer=None) -> None:
+                         tokenizer=None, teacher: str | None = None) -> None:
         """One-line ValueError unless the cache fits a training run's temperature, vocabulary size
-        (the student's lm_head rows) and tokenizer (the digest is compared when both exist)."""
+        (the student's lm_head rows), tokenizer (the digest is compared when both exist) and teacher
+        (``focus_teacher_model`` when the config names one: its fingerprint)."""
         meta, problems = self.meta, []
+        if teacher and (problem := other_teacher(meta, teacher)):
+            raise ValueError(f"teacher cache {self.path} {problem}; {REBUILD} --restart (focus_teacher_model is "
+                             f"{teacher})")
         if temperature is not None and float(temperature) != float(meta.temperature):
             problems.append(f"temperature {meta.temperature} (focus_temperature is {temperature})")
         if vocab_size is not None and meta.vocab_size is not None and int(vocab_size) != int(meta.vocab_size):

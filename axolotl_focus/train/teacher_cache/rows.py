@@ -65,11 +65,11 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
     RePAIR pair rows are skipped. A config with ``focus_teacher_cache`` (which may not exist yet)
     is loaded without that key, i.e. with the teacher it would load otherwise. The eval split
     follows the train rows when ``include_eval`` (the trainer computes the loss on it too). A row
-    is ``(input_ids, labels, *extra_columns)``. ``check_raw``: called with the YAML as read (a dict;
-    ``{}`` for an empty or non-mapping file) before anything else, e.g. to require dataset types.
+    is ``(input_ids, labels, *extra_columns)``. ``check_raw``: called with the YAML mapping as read
+    (a config that is missing, not UTF-8, not YAML or not a mapping is refused first) before anything
+    else, e.g. to require dataset types.
     Returns ``(rows, cfg)``."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    import yaml
     from axolotl.cli.config import load_cfg
 
     def refuse_packing(config) -> None:
@@ -78,11 +78,9 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
                 raise ValueError(f"{config_path}: {key}: true is not supported by the teacher cache (a packed row "
                                  f"is not one cached sequence); set {key}: false")
 
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ValueError(f"{config_path}: no such config file") from None
+    from ...preflight import read_config
+
+    raw = read_config(str(config_path))[0]  # one line naming file:line: missing, not UTF-8, not YAML
     if check_raw is not None:
         check_raw(raw if isinstance(raw, dict) else {})
     overrides = {}

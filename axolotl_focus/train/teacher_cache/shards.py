@@ -24,8 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...files import exclusive_lock, other_job
 from ..losses import SparseTeacher
-from .format import FORMAT, META_FILE, SHARD_PREFIX, CacheMeta, read_meta, shard_dir, shard_features
+from .format import (
+    FORMAT,
+    META_FILE,
+    SHARD_PREFIX,
+    CacheMeta,
+    read_meta,
+    shard_dir,
+    shard_features,
+    shard_file_sizes,
+    shard_problem,
+    shard_problems,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -49,11 +61,6 @@ def _setting_label(name: str, meta: dict) -> str:
     return f"{name}={meta.get(name)}"
 
 
-def _differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    changed = [n for n in _SETTINGS if old.get(n) != new.get(n)]
-    return [_setting_label(n, old) for n in changed], [_setting_label(n, new) for n in changed]
-
-
 def _prepare_folder(folder: Path, planned: CacheMeta, restart: bool) -> CacheMeta | None:
     """Check ``folder`` against the planned settings; returns the existing meta to resume, or None
     for a fresh build. Deletes the folder on ``restart`` only if it is a teacher cache."""
@@ -69,10 +76,7 @@ def _prepare_folder(folder: Path, planned: CacheMeta, restart: bool) -> CacheMet
         LOG.info("teacher cache: --restart, deleting %s", folder)
         shutil.rmtree(folder)
         return None
-    old, new = _differences(existing.to_dict(), planned.to_dict())
-    if old:
-        raise ValueError(f"{folder}: built with {', '.join(old)} (now {', '.join(new)}); use --restart or "
-                         "another --output")
+    other_job(folder, existing.to_dict(), planned.to_dict(), keys=_SETTINGS, label=_setting_label)
     return existing
 
 
@@ -121,6 +125,9 @@ def _write_shard(shard: Path, keys: list[str], counts: list[int], parts: list[Sp
     datasets.disable_progress_bars()  # one bar per shard would interleave with ours
     try:
         datasets.Dataset.from_dict(columns, features=shard_features()).save_to_disk(str(tmp))
+    except BaseException:  # a full disk, an interrupt: no temporary folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         if not quiet:
             datasets.enable_progress_bars()
@@ -135,26 +142,56 @@ def write_cache(folder: Path, planned: CacheMeta, keys: list[str], counts: list[
     """Write the cache ``planned`` describes into ``folder`` shard by shard: ``compute(lo, hi)``
     gives the rows of the unique sequences ``keys[lo:hi]`` (called only for a shard not yet
     complete; ``skipped(n)`` is told of the ``n`` sequences of a shard kept from an earlier run).
-    A folder with other settings is refused; ``cache.json`` says ``complete`` only at the end."""
-    existing = _prepare_folder(folder, planned, restart)
-    if existing is not None:
-        planned.created = existing.created or planned.created
-        planned.vocab_size = planned.vocab_size or existing.vocab_size
-        if existing.complete and all(shard_dir(folder, i).is_dir() for i in range(planned.shards)):
-            return existing
+    A folder with other settings is refused; ``cache.json`` says ``complete`` only at the end. No
+    sequence at all is an error; the folder's lock is held throughout (:func:`exclusive_lock`); a
+    damaged shard (:func:`shard_problem`) is written again, in a complete cache too; a build that
+    fails before any shard exists removes the ``cache.json`` (and the folder) it created."""
+    if not keys:
+        raise ValueError(f"{folder}: no training sequence has a trained position (every row was dropped - axolotl "
+                         "drops rows longer than sequence_len - or has no trained label); nothing to cache: check "
+                         "sequence_len and the datasets")
+    with exclusive_lock(folder):
+        existing = _prepare_folder(folder, planned, restart)
+        if existing is not None:
+            planned.created = existing.created or planned.created
+            planned.vocab_size = planned.vocab_size or existing.vocab_size
+            planned.shard_files = dict(existing.shard_files or {})
+            damaged = shard_problems(folder, existing)
+            if existing.complete and not damaged:
+                return existing
+            for problem in damaged if existing.complete else []:
+                LOG.warning("teacher cache %s: %s; writing it again", folder, problem)
+        created = not folder.exists()
+        try:
+            _write_shards(folder, planned, keys, counts, compute, skipped)
+        except BaseException:
+            if existing is None and not any(shard_dir(folder, i).is_dir() for i in range(planned.shards)):
+                (folder / META_FILE).unlink(missing_ok=True)  # nothing written: leave nothing behind
+                if created and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
+    return planned
+
+
+def _write_shards(folder: Path, planned: CacheMeta, keys: list[str], counts: list[int],
+                  compute: Callable[[int, int], list[SparseTeacher]], skipped: Callable[[int], object]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{SHARD_PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    planned.shard_files = planned.shard_files or {}
     planned.write(folder)
     for index in range(planned.shards):
         lo, hi = index * planned.shard_size, min((index + 1) * planned.shard_size, len(keys))
         shard = shard_dir(folder, index)
-        if _shard_complete(shard, keys[lo:hi]):
+        if shard_problem(folder, planned, index) is None and (
+                shard.name in planned.shard_files or _shard_complete(shard, keys[lo:hi])):
             skipped(hi - lo)
             continue
+        planned.shard_files.pop(shard.name, None)
         _write_shard(shard, keys[lo:hi], counts[lo:hi], compute(lo, hi), planned.k)
+        planned.shard_files[shard.name] = shard_file_sizes(shard)
+        planned.write(folder)
     planned.complete = True
     planned.write(folder)
-    return planned
 
 
