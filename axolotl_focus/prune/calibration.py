@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..sources import load_hub_dataset, missing_file
-from .settings import PruneSettings
 
 if TYPE_CHECKING:
     import torch
+
+    from .settings import PruneSettings
 
 log = logging.getLogger(__name__)
 
