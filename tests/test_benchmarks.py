@@ -158,3 +158,47 @@ def test_teacher_cache_speed_quick(tmp_path):
         assert cached["peak_rss"] <= ce["peak_rss"] + 0.25 * h["teacher_weight_bytes"], (cached, ce)
         # not a transient peak: the in-process teacher's weights stay resident while training
         assert cached["rss_after_warmup"] <= teacher["rss_after_warmup"] - 0.75 * h["teacher_weight_bytes"]
+
+
+def test_gpu_check_cpu_rehearsal(tmp_path):
+    """The GPU check (benchmarks/gpu_check.py) as CI rehearses it: the same script at tiny shapes on
+    the CPU, with axolotl, pydantic, datasets and trl unimportable as on the GPU machine. Every
+    section runs to its end, every fused loss is within tolerance of its float64 reference in fp32
+    and bf16, and the measurements are those of the variants the check names."""
+    bench("gpu_check.py", "--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path))
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["header"]["tiny"] and r["header"]["blocked_imports"] == ["axolotl", "datasets", "pydantic", "trl"]
+    sections = r["sections"]
+    assert list(sections) == ["correctness", "loss_speed", "train_step", "prune", "generate"]
+    assert all(s["status"] == "done" for s in sections.values()), {k: s["status"] for k, s in sections.items()}
+    checks = sections["correctness"]["items"]
+    assert len({c["loss"] for c in checks}) == 10 and len(checks) == 20
+    assert all(c["ok"] for c in checks), [c["line"] for c in checks if not c["ok"]]
+    (speed,) = sections["loss_speed"]["items"]
+    assert [x["impl"] for x in speed["results"] if not x.get("error")] == ["plain", "fused", "liger"]
+    assert speed["checks"] and all(c["ok"] for c in speed["checks"])
+    train = {t["variant"]: t for t in sections["train_step"]["items"]}
+    assert len(train) == 6 and not [t for t in train.values() if "error" in t]
+    assert train["CE, fused"]["loss"] == pytest.approx(train["CE, the model's own loss"]["loss"], rel=1e-2)
+    assert train["FOCUS, plain logits"]["loss"] == pytest.approx(train["FOCUS, teacher in memory"]["loss"], rel=1e-2)
+    assert train["FOCUS, teacher in memory"]["flop_limit"] == pytest.approx(4 / 3)  # same-shape teacher
+    prune = {p["pass"]: p for p in sections["prune"]["items"]}
+    assert len(prune) == 3 and prune["prune_width (importance + slicing)"]["params_after"] < \
+        prune["prune_width (importance + slicing)"]["params_before"]
+    ours, hf = sections["generate"]["items"]
+    assert ours["tokens"] == hf["tokens"] > 0 and ours["row_steps"] < ours["padded_row_steps"] == hf["row_steps"]
+    assert "| correctness | done |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_prune_settings_are_prune_settings_defaults():
+    """The GPU check prunes with a plain object (no pydantic there): it must be PruneSettings()."""
+    sys.path.insert(0, BENCH)
+    from gpu_check import prune_settings
+
+    from axolotl_focus.prune.settings import PruneSettings
+
+    ours, defaults = prune_settings(10, 64), PruneSettings()
+    for key, value in vars(ours).items():
+        if not callable(value):
+            assert getattr(defaults, key) == value, key
+    assert ours.layer_ranges(16) == defaults.layer_ranges(16)

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..files import read_lines
 from ..sources import load_hub_dataset, missing_file
-from .settings import PruneSettings
 
 if TYPE_CHECKING:
     import torch
+
+    from .settings import PruneSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,11 +19,14 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from .calibration import calibration_ids
+from .common import check_architecture, model_dims
 from .importance import ATTN_PROJ, MLP_PROJ, gradient_pass, lm_loss, projection
 from .modeling_pruned_llama import SHAPE_KEYS, PrunedLlamaForCausalLM
 from .report import PruneReport, source_of
-from .settings import PruneSettings, check_architecture, model_dims
 from .shapes import count_params
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ Taylor+ block scores of depth pruning.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.utils.checkpoint
@@ -22,7 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import calibration_ids
-from .settings import GRADIENT_IMPORTANCES, PruneSettings, check_architecture, model_dims
+from .common import GRADIENT_IMPORTANCES, check_architecture, model_dims
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")

@@ -20,11 +20,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
-IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random")
-GRADIENT_IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix")
-GQA_MODES = ("group", "q_within_group")
-DEPTH_SCORES = ("taylor", "ppl")
-SUPPORTED_MODEL_TYPES = ("llama",)
+# re-exported: the pruning code imports them from .common, which needs no pydantic
+from .common import (  # noqa: F401
+    DEPTH_SCORES,
+    GQA_MODES,
+    GRADIENT_IMPORTANCES,
+    IMPORTANCES,
+    SUPPORTED_MODEL_TYPES,
+    check_architecture,
+    model_dims,
+)
+
 _WIDTH_ONLY = ("ratio", "target_param_reduction", "importance", "attn_layers", "mlp_layers", "gqa_mode", "uniform")
 _DEPTH_ONLY = ("num_blocks", "block_fraction", "depth_score", "protected_first", "protected_last")
 
@@ -158,20 +164,3 @@ class PruneSettings(BaseModel):
     def blocks_to_remove(self, num_layers: int) -> int:
         return self.num_blocks if self.num_blocks is not None else int(self.block_fraction * num_layers)
 
-
-def check_architecture(model_config: Any) -> None:
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(getattr(model_config, "architectures", None) or []) or type(model_config).__name__
-        raise ValueError(
-            f"unsupported architecture: model_type={model_type!r} ({arch}); pruning supports LlamaForCausalLM "
-            f"(model_type 'llama', MHA and GQA layouts) only"
-        )
-
-
-def model_dims(model_config) -> tuple[int, int, int, int, int]:
-    """(hidden, head_dim, q heads, kv heads, intermediate) of an unpruned LLaMA config."""
-    hidden, heads = model_config.hidden_size, model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    return hidden, head_dim, heads, kv_heads, model_config.intermediate_size

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from .common import check_architecture, model_dims
 from .modeling_pruned_llama import SHAPE_KEYS
-from .settings import PruneSettings, check_architecture, model_dims
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 
 def _removed(channels: int, unit: int, ratio: float) -> int:

@@ -19,17 +19,21 @@ Typical use::
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .common import model_dims
 from .importance import Importance, compute_importance
 from .modeling_pruned_llama import PrunedLlamaForCausalLM
 from .report import PruneReport, source_of
-from .settings import PruneSettings, model_dims
 from .shapes import layer_shapes_for_ratio, plan_width
+
+if TYPE_CHECKING:
+    from .settings import PruneSettings
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import IGNORE_INDEX, AuxChunk
+from .base import IGNORE_INDEX, AuxChunk, reference_float
 
 # 1 - p(c) of an unlikelihood candidate is clamped at this floor (Welleck et al.'s value), in the
 # value and in the gradient factor p/(1-p), with the gradient passed through; see :func:`aux_block`.
@@ -128,13 +128,14 @@ def reference_aux_terms(logits: torch.Tensor, labels: torch.Tensor, sequence: to
     UL ``-sum_c log(1 - p_c)`` (1 - p_c clamped at UL_EPS, the clamp passing the gradient through),
     ScaleGrad as the NLL of the rescaled, renormalized distribution, TaiLr ``sg(w) * NLL``.
     ``seen``: a precomputed :func:`reference_seen_mask` (``[N, V]``), e.g. a vectorized one.
+    Computed in fp32, or float64 for float64 logits.
     """
     valid = labels != IGNORE_INDEX
     if seen is None:
         seen = reference_seen_mask(labels, sequence, logits.shape[-1])
     seen = seen[valid]
     target = labels[valid]
-    log_p = torch.log_softmax(logits[valid].float(), -1)
+    log_p = torch.log_softmax(reference_float(logits[valid]), -1)
     p = log_p.exp()
     nll = -log_p.gather(1, target[:, None]).squeeze(1)
     out = {}

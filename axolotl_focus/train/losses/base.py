@@ -171,6 +171,12 @@ EXP_FLOOR = -87.0
 EXP_FLUSH = 2e-38
 
 
+def reference_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dense references' precision: fp32, or float64 as given (float64 oracles, e.g. of
+    the fp32 / bf16 fused losses on an accelerator in benchmarks/gpu_check.py)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def exp_(x: torch.Tensor, flush: bool) -> torch.Tensor:
     """In-place exp; with ``flush``, results below ``EXP_FLUSH`` are exactly 0 (see above)."""
     if not flush:

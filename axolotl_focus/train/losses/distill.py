@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, exp_, exp_into, log_softmax_, renormalize_
+from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, exp_, exp_into, log_softmax_, reference_float, renormalize_
 
 # --------------------------------------------------------------------------------------------
 # Reference implementation (dense, autograd)
@@ -37,10 +37,11 @@ def focus_weights(q: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
 def reference_distill_per_token(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: DistillSpec
 ) -> torch.Tensor:
-    """Dense per-token FOCUS or KD term, ``[N]``, differentiable w.r.t. the student logits."""
+    """Dense per-token FOCUS or KD term, ``[N]``, differentiable w.r.t. the student logits (fp32;
+    float64 for float64 logits)."""
     tau = spec.temperature
-    log_q = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
-    log_p = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    log_q = torch.log_softmax(reference_float(teacher_logits) / tau, dim=-1)
+    log_p = torch.log_softmax(reference_float(student_logits) / tau, dim=-1)
     q = log_q.exp()
     weighted_q = q * focus_weights(q, spec.beta, spec.gamma) if spec.mode == "focus" else q
     return tau**2 * (weighted_q * (log_q - log_p)).sum(-1)
@@ -54,10 +55,11 @@ def reference_ce_distill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``(ce_sum, distill_sum)`` over tokens whose label is not -100.
 
-    ``student_logits``/``teacher_logits`` are ``[N, V]`` and already aligned with ``labels`` [N].
+    ``student_logits``/``teacher_logits`` are ``[N, V]`` and already aligned with ``labels`` [N];
+    computed in fp32, or float64 for float64 logits.
     """
     valid = labels != IGNORE_INDEX
-    zs = student_logits[valid].float()
+    zs = reference_float(student_logits[valid])
     ce = torch.nn.functional.cross_entropy(zs, labels[valid], reduction="sum")
     if spec.mode == "none" or teacher_logits is None:
         return ce, zs.new_zeros(())

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, SparseTeacher, check_temperature, exp_
+from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, SparseTeacher, check_temperature, exp_, reference_float
 from .distill import focus_weights
 
 
@@ -45,7 +45,7 @@ def reference_sparse_distill_per_token(
     w.r.t. the student logits (fp32, float64 for float64 logits): the kept ids individually, the
     other tokens as one bucket of teacher mass ``r = exp(log_tail)`` and weight 1."""
     tau = spec.temperature
-    zs = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
+    zs = reference_float(student_logits)
     log_p = torch.log_softmax(zs / tau, dim=-1)
     ids = sparse.ids.long()
     log_q = sparse.logq.to(zs.dtype)
@@ -69,8 +69,7 @@ def reference_ce_distill_sparse(
     """:func:`~.distill.reference_ce_distill` against a sparse teacher: dense ``(ce_sum, distill_sum)`` over
     tokens whose label is not -100; ``sparse`` has one row per such token, in order."""
     valid = labels != IGNORE_INDEX
-    zs = student_logits[valid]
-    zs = zs if zs.dtype == torch.float64 else zs.float()
+    zs = reference_float(student_logits[valid])
     ce = torch.nn.functional.cross_entropy(zs, labels[valid], reduction="sum")
     if spec.mode == "none" or sparse is None:
         return ce, zs.new_zeros(())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FusedTokenNLLTerm
+from .base import FusedTokenNLLTerm, reference_float
 
 DITTO_FLOOR = 1e-20
 
@@ -84,14 +84,18 @@ def reference_ditto(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list
     """Dense DITTO over padded pseudo rows, position by position: ``logits`` ``[B, T, V]`` of
     ``input_ids`` ``[B, T]``; row b is ``lengths[b]`` tokens, a prefix of ``prefix_len[b]`` and then
     copies of a ``unit_len[b]``-token unit. Token i (from the second copy on) is predicted at
-    position i - 1 and compared with token i - L, predicted at i - L - 1."""
-    probs = torch.softmax(logits.float(), -1)
-    total, count = logits.new_zeros((), dtype=torch.float32), 0
+    position i - 1 and compared with token i - L, predicted at i - L - 1. Computed in fp32, or
+    float64 for float64 logits."""
+    probs = torch.softmax(reference_float(logits), -1)
+    # gold[b, i] = probability of token i at position i - 1 (indexed below instead of the [B, T, V]
+    # probabilities, whose every index would cost a [B, T, V] gradient in backward)
+    gold = torch.nn.functional.pad(probs[:, :-1].gather(2, input_ids[:, 1:, None].to(probs.device))[..., 0], (1, 0))
+    total, count = probs.new_zeros(()), 0
     for b in range(input_ids.shape[0]):
         unit = unit_len[b]
         for i in range(prefix_len[b] + unit, lengths[b]):
-            now = probs[b, i - 1, input_ids[b, i]]
-            before = probs[b, i - 1 - unit, input_ids[b, i - unit]].detach()
+            now = gold[b, i]
+            before = gold[b, i - unit].detach()
             total = total - torch.log(torch.clamp(1 - (now - lam * before).abs(), min=DITTO_FLOOR))
             count += 1
     return total, count
