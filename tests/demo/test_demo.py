@@ -21,13 +21,13 @@ from axolotl_focus.files import read_json
 
 
 def md_tables(text: str) -> list[dict]:
-    """Markdown tables with the `## ` section and the paragraph line just above each."""
+    """Markdown tables with their `## ` / `### ` heading and the paragraph line just above each."""
     lines, out, section, caption = text.splitlines(), [], None, None
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("## "):
-            section = line[3:].strip()
+        if line.startswith(("## ", "### ")):
+            section = line.lstrip("#").strip()
         elif line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
             header = [c.strip() for c in line.strip("|").split("|")]
             rows, i = [], i + 2

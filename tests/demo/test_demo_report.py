@@ -137,14 +137,14 @@ def test_plots_show_the_judged_conditions_with_intervals_and_no_label_collides(f
     panels = repetition_panels(view)
     fig = plots.repetition_figure(panels)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["rep-3, top-p 0.9, T=0.7", "CREP, top-p 0.9, T=0.7", "rep-3, greedy", "CREP, greedy"]
+    assert titles == ["rep-3, top-p 0.9, T=0.6", "CREP, top-p 0.9, T=0.6", "rep-3, greedy", "CREP, greedy"]
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == [experiment.ARMS[a].label for a in s.arms] + list(REFERENCES)
     assert all(row["lower"] < row["mean"] < row["upper"] for _, rows in panels for row in rows if row["seeds"])
     assert plots.overlapping_labels(fig) == []
     result = experiment.measure(s, cfg)
     effects = plots.effects_figure(effect_panels(result))
-    assert [ax.get_title() for ax in effects.axes] == ["top-p 0.9, T=0.7", "greedy"]
+    assert [ax.get_title() for ax in effects.axes] == ["top-p 0.9, T=0.6", "greedy"]
     assert plots.overlapping_labels(effects) == []
     runs = {run_id(a, k): [{"loss": 1.0, "loss/ce": 1.0 - 0.01 * i} for i in range(30)]
             for a in s.arms for k in s.train_seeds}

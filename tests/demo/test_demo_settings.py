@@ -11,7 +11,7 @@ def test_the_full_real_preset_is_the_experiment():
     full = demo_settings(preset="full")
     assert set(full.runs) == {"ce", "kd", "focus", "ce-repair", "focus-repair", "dpo"}
     assert len(full.train_seeds) >= 4 and full.mine_from == "tuned" and full.clean_text
-    assert full.eval_temperature == 0.7 and 0 < full.heldout_share <= 0.2
+    assert full.eval_temperature == 0.6 and 0 < full.heldout_share <= 0.2
     sft, train = full.runs_of("sft"), full.runs_of("train")
     assert set(sft) == {run_id("ce", k) for k in full.train_seeds}
     assert len(train) == 5 * len(full.train_seeds) and not set(sft) & set(train)
