@@ -15,8 +15,6 @@ def load_model(path: str, cfg: EvalConfig):
     """``AutoModelForCausalLM.from_pretrained`` (pruned checkpoints included) on the eval device."""
     from transformers import AutoModelForCausalLM
 
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
-
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return model.to(eval_device(cfg)).eval()

@@ -33,7 +33,7 @@ from .distribution import distribution_study, teacher_examples
 from .files import cached, jsonable, write_json
 from .focus import focus_params_of
 from .generation import decoding_key, generate_items, generation_metrics, mean_dicts, saved_generations
-from .models import LazyModel, eval_device
+from .models import LazyModel, eval_device, load_model
 from .plots import make_plots
 from .ppl import perplexity
 from .report import markdown_report
@@ -325,7 +325,7 @@ def evaluate_models(models: Sequence[str] | dict[str, str], cfg: EvalConfig) -> 
     ranks = get_ranks()
     if ranks.size > 1:
         if ranks.rank != 0:
-            ranks.serve(cfg)
+            ranks.serve(cfg, load_model)
             return []
         if cfg.device:
             LOG.warning("--device %s ignored: %d processes, each on its own device", cfg.device, ranks.size)

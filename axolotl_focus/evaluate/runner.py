@@ -10,7 +10,7 @@ device. Rank 0 alone loads data, computes the other metrics and writes every fil
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,11 +109,10 @@ class Ranks:
         self._send("stop")
 
     # the other ranks' side
-    def serve(self, cfg: EvalConfig) -> None:
-        """Answer rank 0's requests until it sends ``stop``."""
-        from transformers import AutoTokenizer
-
-        from .models import load_model  # not at the top: models uses this module
+    def serve(self, cfg: EvalConfig, load_model: Callable[[str, EvalConfig], Any]) -> None:
+        """Answer rank 0's requests until it sends ``stop``; ``load_model(path, cfg)`` loads a model
+        the first time a request names it (:func:`axolotl_focus.evaluate.models.load_model`)."""
+        from transformers import AutoTokenizer  # heavy: only the other ranks of a multi-process run serve
 
         while True:
             kind, job = self._receive()

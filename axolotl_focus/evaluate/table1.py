@@ -77,8 +77,6 @@ def measure(models: dict[str, str], prompts: Sequence[Sequence[int]], new_tokens
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
-
     rows = []
     bar = tqdm(total=len(models) * len(decodings), desc="Table 1 generations", unit="run", disable=not progress)
     for name, path in models.items():

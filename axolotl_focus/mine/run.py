@@ -401,8 +401,6 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     process's device and call :func:`mine_pairs` with the student's tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
-
     cfg.validate(models=True)
     device = resolve_device(cfg.device, "--device") if cfg.device else None  # before reading anything
     prompts = load_prompts(

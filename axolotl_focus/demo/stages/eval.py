@@ -104,7 +104,6 @@ def diagnostics(s: DemoSettings, cfg, names: dict[str, str], records: dict, prog
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ...evaluate.pair_margin import pair_margins
-    from ...prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
     pairs = records.get("pairs") or {}
     tokenizer = AutoTokenizer.from_pretrained(names["teacher (unpruned)"])
