@@ -16,11 +16,11 @@ from ..degeneration import DEFAULT_THRESHOLD
 from ..files import input_identity
 from ..locations import check_weight_files, looks_local
 from ..options import nonfinite_fields, opt
+from ..prompt_format import MODES
 from ..sources import TEXT_UNITS
 
 __all__ = ["DTYPES", "MODES", "MiningConfig", "MiningSummary"]
 
-MODES = ("open_ended", "instruction")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -73,6 +73,7 @@ from ..degeneration import coverage
 from ..files import write_json
 from ..generation import continuation_text, generate_batch, process_state, row_seed
 from ..options import resolve_device
+from ..prompt_format import encode_prompt
 from ..sources import Prompt, load_prompts
 from .config import MiningConfig, MiningSummary
 from .pairs_file import (
@@ -86,7 +87,6 @@ from .pairs_file import (
     shard_path,
     state_path,
 )
-from .prompts import encode_prompt
 
 LOG = logging.getLogger(__name__)
 
