@@ -45,6 +45,7 @@ from .config import FocusArgs, FocusAuxLosses, focus_default, source_model_of
 from .files import read_lines, read_text
 from .locations import ModelLocation, looks_local, resolve_model
 from .prune.settings import PruneSettings
+from .vocabulary import check_teacher_before_loading
 
 PLUGIN = "axolotl_focus.FocusPlugin"
 REPAIR_TYPE = "axolotl_focus.repair"
@@ -280,8 +281,6 @@ def _check_models(cfg: Mapping, args: FocusArgs | None, spec: PruneSettings | No
     if not (student.readable and teacher_at.readable):
         account.say("vocabulary", "not checked (a model's files are not readable offline)")
         return
-    from .train.teacher import check_teacher_before_loading
-
     tokenizer = cfg.get("tokenizer_config")
     try:
         check_teacher_before_loading(student.folder, tokenizer if tokenizer and tokenizer != base else None,

@@ -75,6 +75,7 @@ from ..generation import continuation_text, generate_batch, process_state, row_s
 from ..options import resolve_device
 from ..prompt_format import encode_prompt
 from ..sources import Prompt, load_prompts
+from ..vocabulary import check_vocab_compat
 from .config import MiningConfig, MiningSummary
 from .pairs_file import (
     append_rows,
@@ -345,11 +346,9 @@ def _config_vocab(config) -> int | None:
 
 def _check_vocab(cfg: MiningConfig, teacher_path: str):
     """Student and teacher must share one vocabulary: compared from their tokenizer files and
-    configs only (no weights), with :func:`axolotl_focus.train.teacher.check_vocab_compat`. Returns the
+    configs only (no weights), with :func:`axolotl_focus.vocabulary.check_vocab_compat`. Returns the
     student's tokenizer and config vocabulary size."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from ..train.teacher import check_vocab_compat
 
     paths, kw = (cfg.student, teacher_path), dict(trust_remote_code=cfg.trust_remote_code)
     tokenizers = [AutoTokenizer.from_pretrained(path, **kw) for path in paths]

@@ -80,7 +80,8 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     from ...locations import resolve_model
     from ...options import resolve_device
     from ...preflight import read_config
-    from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
+    from ...vocabulary import check_vocab_compat
+    from ..teacher import load_teacher, resolve_dtype
     from .build import build_cache
     from .format import DEFAULT_SHARD_SIZE, data_sources, read_meta
     from .rows import rows_from_config
