@@ -22,7 +22,7 @@ then ``os.replace``)::
     format              "axolotl_focus.teacher_cache" (FORMAT)
     version             1 (VERSION)
     teacher             the teacher's path or hub id, as given
-    teacher_fingerprint axolotl_focus.prune.cache.source_fingerprint(teacher) (config / tokenizer
+    teacher_fingerprint axolotl_focus.fingerprints.source_fingerprint(teacher) (config / tokenizer
                         sha256 and sampled weight hashes for a local folder; hub id + commit sha).
                         A cache imported from axolotl KD logprobs (kd_import) has instead
                         {"source": "axolotl KD logprobs", "logprobs_digest": hex blake2b
@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 from ...files import write_json
+from ...fingerprints import source_fingerprint
 from ..losses import IGNORE_INDEX
 
 FORMAT = "axolotl_focus.teacher_cache"  # a name, not a module path: kept so that caches built earlier load
@@ -140,9 +141,7 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 
 def teacher_fingerprint(teacher: str) -> dict:
-    """:func:`axolotl_focus.prune.cache.source_fingerprint` of a teacher path or hub id."""
-    from ...prune.cache import source_fingerprint
-
+    """:func:`axolotl_focus.fingerprints.source_fingerprint` of a teacher path or hub id."""
     return source_fingerprint(str(teacher))
 
 
