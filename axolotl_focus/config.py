@@ -21,8 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
+from .loss_settings import DISTILL_MODES, AuxSpec, DistillMode
 from .prune.settings import PruneSettings
-from .train.losses import DISTILL_MODES
 
 TRAINING_RECORD = "focus_training.json"  # the trainer's record of its focus_* settings, in output_dir
 
@@ -115,10 +115,8 @@ class FocusAuxLosses(BaseModel):
                                  "configure only one of them")
         return data
 
-    def aux_spec(self):
-        """The :class:`axolotl_focus.train.losses.AuxSpec` of the fused pass (None: no term there)."""
-        from .train.losses import AuxSpec
-
+    def aux_spec(self) -> AuxSpec | None:
+        """The :class:`~axolotl_focus.loss_settings.AuxSpec` of the fused pass (None: no term there)."""
         spec = AuxSpec(
             unlikelihood=self.unlikelihood.alpha if self.unlikelihood else None,
             scalegrad=self.scalegrad.gamma if self.scalegrad else None,
@@ -130,7 +128,7 @@ class FocusAuxLosses(BaseModel):
 class FocusArgs(BaseModel):
     """YAML keys of the plugin (``focus_*``). Defaults are the paper's (section 5, appendix G)."""
 
-    focus_distill: Literal["focus", "kd", "none"] = Field(
+    focus_distill: DistillMode = Field(
         default="focus",
         description="Distillation term added to CE: 'focus' (paper), 'kd' (T^2 KL baseline) or 'none'.",
     )
