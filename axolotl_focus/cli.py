@@ -78,7 +78,7 @@ def cmd_prune(args) -> int:
         if args.model or args.output:
             raise ValueError("--model/--output prune without a config; a CONFIG.yml prunes its base_model into "
                              "the cache")
-        from .preflight import read_config
+        from .config_file import read_config
 
         cfg = read_config(args.config)[0]
         if not cfg.get("focus_prune") or not cfg.get("base_model"):
@@ -91,9 +91,10 @@ def cmd_prune(args) -> int:
     try:
         spec = PruneSettings.model_validate(block)
     except ValidationError as exc:
-        from .preflight import validation_messages
+        from .account import validation_messages
 
-        raise ValueError("; ".join(f"{k}: {m}" for k, m in validation_messages(exc, "focus_prune"))) from None
+        messages = validation_messages(exc, "focus_prune", PruneSettings)
+        raise ValueError("; ".join(f"{k}: {m}" for k, m in messages)) from None
     from .locations import resolve_model
     from .options import resolve_device
 
@@ -288,9 +289,10 @@ def _one_line(exc: BaseException) -> str:
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        from .preflight import validation_messages
+        from .account import validation_messages
+        from .config import FocusArgs
 
-        return "; ".join(f"{k}: {m}" for k, m in validation_messages(exc))
+        return "; ".join(f"{k}: {m}" for k, m in validation_messages(exc, schema=FocusArgs))
     text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"

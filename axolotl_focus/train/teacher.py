@@ -1,14 +1,20 @@
-"""The in-process teacher: loading, placement (device, DeepSpeed ZeRO) and, before any weights are
-loaded, the vocabulary check of an axolotl config (:mod:`axolotl_focus.vocabulary`)."""
+"""The in-process teacher: which one a config names, loading, placement (device, DeepSpeed ZeRO)
+and, before any weights are loaded, its check (:func:`check`: resolvable, and the student's
+vocabulary, :mod:`axolotl_focus.vocabulary`)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import os
+from typing import Mapping
 
 import torch
 
+from ..account import Account
+from ..config import SOURCE_MODEL_KEY, focus_default, source_model_of
+from ..locations import looks_local
 from ..vocabulary import check_teacher_before_loading, check_vocab_compat
 
 LOG = logging.getLogger(__name__)
@@ -97,6 +103,55 @@ def gathered(*params: torch.nn.Parameter):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def teacher_name(cfg: Mapping) -> tuple[str | None, str]:
+    """The teacher of a raw config and where it comes from (None: no teacher needed)."""
+    if cfg.get("rl") and cfg.get("focus_dpo_reference", "teacher") == "student":
+        return None, "DPO reference = the initial student; no teacher"
+    if not cfg.get("rl") and (cfg.get("focus_distill") or focus_default("focus_distill")) == "none":
+        return None, "focus_distill: none; no teacher"
+    if cfg.get("focus_teacher_model"):
+        return cfg["focus_teacher_model"], "focus_teacher_model"
+    if cfg.get("focus_prune") and cfg.get("base_model"):
+        return cfg["base_model"], "the unpruned source of focus_prune"
+    recorded = source_model_of(cfg.get("base_model"))  # None: FocusArgs' validation says what to set
+    return recorded, f"{SOURCE_MODEL_KEY} recorded by {cfg.get('base_model')}"
+
+
+def check(cfg: Mapping, account: Account) -> None:
+    """The teacher (``focus_teacher_model``, else the ``focus_prune`` source, else the
+    ``focus_source_model`` a pruned ``base_model`` records) can be loaded and shares the student's
+    vocabulary, from tokenizer files and configs only."""
+    teacher, origin = teacher_name(cfg)
+    if teacher is None:
+        if not origin.startswith(SOURCE_MODEL_KEY):
+            account.say("teacher", origin)
+        return
+    key = "focus_teacher_model"
+    if origin.startswith(SOURCE_MODEL_KEY) and looks_local(teacher) and not os.path.isdir(teacher):
+        account.error(key, f"not set, and the focus_source_model {teacher} recorded by base_model "
+                      f"{cfg.get('base_model')} does not exist (moved?); set focus_teacher_model to the unpruned "
+                      "model", line_of="base_model")
+        return
+    teacher_at = account.resolve(teacher, key)
+    if teacher_at is None:
+        return
+    account.say("teacher", f"{teacher} ({origin}; {teacher_at.note or teacher_at.kind})")
+    student = account.student
+    if student is None:
+        return
+    if not (student.readable and teacher_at.readable):
+        account.say("vocabulary", "not checked (a model's files are not readable offline)")
+        return
+    tokenizer = cfg.get("tokenizer_config")
+    try:
+        check_teacher_before_loading(student.folder, tokenizer if tokenizer and tokenizer != cfg.get("base_model")
+                                     else None, teacher_at.folder)
+    except (ValueError, OSError) as exc:
+        account.error(key, str(exc).removeprefix(f"{key}: "))
+    else:
+        account.say("vocabulary", "teacher and student share one tokenizer and vocabulary size")
 
 
 def check_config_teacher(cfg) -> None:

@@ -77,9 +77,9 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     from axolotl.loaders import load_tokenizer
 
     from ...config import focus_default, source_model_of
+    from ...config_file import read_config
     from ...locations import resolve_model
     from ...options import resolve_device
-    from ...preflight import read_config
     from ...vocabulary import check_vocab_compat
     from ..teacher import load_teacher, resolve_dtype
     from .build import build_cache

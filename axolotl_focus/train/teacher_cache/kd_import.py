@@ -177,7 +177,7 @@ def run_import_cli(args) -> CacheMeta:
     """``axolotl-focus teacher-cache CONFIG --from-kd-logprobs``: see the module docstring."""
     from axolotl.loaders import load_tokenizer
 
-    from ...preflight import read_config
+    from ...config_file import read_config
     from .format import data_sources
     from .rows import rows_from_config
 

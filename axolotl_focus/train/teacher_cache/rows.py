@@ -78,7 +78,7 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
                 raise ValueError(f"{config_path}: {key}: true is not supported by the teacher cache (a packed row "
                                  f"is not one cached sequence); set {key}: false")
 
-    from ...preflight import read_config
+    from ...config_file import read_config
 
     raw = read_config(str(config_path))[0]  # one line naming file:line: missing, not UTF-8, not YAML
     if check_raw is not None:
