@@ -15,13 +15,14 @@ import importlib.abc
 import importlib.util
 import sys
 
+from . import prune
+from .exports import lazy_exports
+
 __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    from .prune.modeling_pruned_llama import register_auto_classes
-
-    register_auto_classes()
+    prune.register_auto_classes()  # imports prune/modeling_pruned_llama.py (transformers) now
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
@@ -52,13 +53,6 @@ elif not any(isinstance(finder, _AfterTransformersImport) for finder in sys.meta
     sys.meta_path.insert(0, _AfterTransformersImport())
 
 
-def __getattr__(name):
-    # Lazy: importing axolotl is slow, and `axolotl_focus.train.losses` must stay usable without it.
-    if name == "FocusPlugin":
-        from .plugin import FocusPlugin
-
-        return FocusPlugin
-    raise AttributeError(f"module 'axolotl_focus' has no attribute {name!r}")
-
-
-__all__ = ["FocusPlugin", "__version__"]
+# Lazy: importing axolotl is slow, and `axolotl_focus.train.losses` must stay usable without it.
+__getattr__, __dir__, _exported = lazy_exports(__name__, {"plugin": ("FocusPlugin",)})
+__all__ = [*_exported, "__version__"]

@@ -31,6 +31,7 @@ teacher or teacher cache, pruning cache hit or miss, loss terms, datasets).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import os
@@ -126,3 +127,16 @@ def check_before_training(cfg: Any) -> None:
     account.raise_errors()
     for topic, text in account.lines:
         LOG.info("axolotl_focus %s: %s", topic, text)
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``axolotl-focus validate``."""
+    parser.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
+
+
+def run_validate_cli(args: argparse.Namespace) -> int:
+    """``axolotl-focus validate``: print the account; 0 valid, 1 invalid."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry retries for minutes offline
+    account = validate_file(args.config)
+    print(account.render())
+    return 1 if account.errors else 0

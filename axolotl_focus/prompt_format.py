@@ -14,11 +14,10 @@ A :class:`PromptFormat` is three settings (any object with these attributes will
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .generation import decode_text
-
-__all__ = ["MODES", "PromptFormat", "encode_prompt"]
+__all__ = ["MODES", "PromptFormat", "decode_text", "encode_prompt"]
 
 MODES = ("open_ended", "instruction")
 
@@ -30,6 +29,11 @@ class PromptFormat:
     mode: str = "open_ended"
     prefix_tokens: int = 50
     chat_template: bool = True
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text of ``ids`` (special tokens skipped, no clean-up of tokenization spaces)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def encode_prompt(tokenizer, text: str, fmt: PromptFormat) -> tuple[str, list[int]]:
