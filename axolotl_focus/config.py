@@ -54,7 +54,7 @@ def source_model_of(model_path: str | None) -> str | None:
         return None  # a file, or a path that is not a hub id
     else:
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # heavy, and only for a hub id's config
 
             config_file = hf_hub_download(model_path, "config.json")
         except Exception:  # offline, gated, missing: no recorded source, validation says what to set

@@ -268,6 +268,6 @@ def generate_batch(
 def process_state():
     """accelerate's process state. Without an accelerator, ask for CPU explicitly: otherwise
     ``PartialState()`` ignores a torchrun/``accelerate launch`` world and runs every rank alone."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy: only when a process state is asked for
 
     return PartialState(cpu=not torch.accelerator.is_available())

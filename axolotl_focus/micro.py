@@ -45,6 +45,7 @@ def corpus_documents(split: str = "valid", min_chars: int = 200, clean: bool = F
 
 def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (LLaMA-style specials)."""
+    # heavy: the corpus readers of this module need neither
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,7 +70,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
 def llama_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                  intermediate: int = 176, max_positions: int = 512):
     """A LLaMA config of the given (tiny) size; GQA when ``kv_heads < heads``."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: the corpus readers of this module need none
 
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -153,7 +154,7 @@ def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: i
 def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0) -> dict:
     """Build the tiny example: tokenizer, a pretrained GQA teacher, a layer-dropped student that
     records the teacher as its source model, and a small JSONL training set. Returns the paths."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: the corpus readers of this module need none
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

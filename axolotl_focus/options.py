@@ -73,7 +73,7 @@ def resolve_device(name: str | None, field: str = "--device"):
     """The ``torch.device`` of ``name`` (None / ``auto``: cuda when available, else cpu). Raises
     ``ValueError("<field>: ...")`` for a name torch does not parse (``gpu0``) and for a device this
     machine does not have (``cuda`` without CUDA, ``cuda:3`` with 2 GPUs, ``mps``)."""
-    import torch
+    import torch  # heavy: the options and --help need no torch
 
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

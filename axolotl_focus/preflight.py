@@ -38,6 +38,7 @@ import os
 from typing import Any, Mapping
 
 import yaml
+from pydantic import ValidationError
 
 from . import config, prune, train
 from .account import Account, validation_messages
@@ -72,7 +73,6 @@ def axolotl_schema_errors(cfg: Mapping, lines: Mapping[str, int]) -> list[tuple[
     from axolotl.integrations.base import PluginManager  # heavy: axolotl, only for validate
     from axolotl.utils.config import validate_config
     from axolotl.utils.dict import DictDefault
-    from pydantic import ValidationError
 
     cfg = DictDefault(copy.deepcopy(dict(cfg)))
     manager = PluginManager.get_instance()

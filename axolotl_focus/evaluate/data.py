@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from .. import sources
 from ..files import read_text
 from ..generation import continuation_text
+from ..micro import corpus_documents, corpus_text
 from ..prompt_format import PromptFormat, encode_prompt
 from ..sources import Prompt, load_prompts
 from .config import EvalConfig
@@ -85,8 +86,6 @@ def load_documents(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None
     rows, info = default()
     if rows is not None:  # as load_prompts does for a hub dataset: id = row index, empty rows skipped
         return [Prompt(str(i), t) for i, t in enumerate(rows) if t.strip()], info
-    from ..micro import corpus_documents
-
     return [Prompt(f"wikitext2-test-{i}", d) for i, d in enumerate(corpus_documents("test"))], info
 
 
@@ -175,8 +174,6 @@ def ppl_source(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, di
     rows, info = default()
     if rows is not None:  # joined as the explicit --ppl-data hub path does
         return lambda: "\n\n".join(rows), info
-    from ..micro import corpus_text
-
     return lambda: corpus_text("test"), info
 
 

@@ -44,8 +44,13 @@ from .. import fingerprints
 from ..files import exclusive_lock
 from ..locations import cached_hub_file, hub_offline
 from ..options import resolve_device
+from . import checkpoint
 from .calibration import calibration_source, load_calibration_texts
+from .depth import prune_depth
+from .report import report_dict
 from .settings import PruneSettings
+from .shapes import count_params, plan_width
+from .width import prune_width
 
 LOG = logging.getLogger(__name__)
 
@@ -120,10 +125,7 @@ def _is_rank_zero() -> bool:
 
 def prune(model, tokenizer, texts, settings: PruneSettings, **kwargs):
     """`width.prune_width` or `depth.prune_depth`, per `settings.method`; returns the PruneReport."""
-    if settings.method == "width":
-        from .width import prune_width as method
-    else:
-        from .depth import prune_depth as method
+    method = prune_width if settings.method == "width" else prune_depth
     return method(model, tokenizer, texts, settings, **kwargs)
 
 
@@ -140,11 +142,8 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
 
 def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fingerprint: dict | None) -> dict:
-    import torch
+    import torch  # heavy: torch and transformers only once a model is pruned
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import save_pruned
-    from .report import report_dict
 
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
@@ -161,7 +160,7 @@ def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fing
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pruned(report.model.to("cpu"), tokenizer, tmp)
+        checkpoint.save_pruned(report.model.to("cpu"), tokenizer, tmp)
         data = {**report_dict(report), "source_fingerprint": fingerprint}
         with open(tmp / REPORT_FILE, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, default=str)
@@ -205,9 +204,7 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     Returns {source, method, config (the config.json read, or None), fingerprint, cache_path (the
     folder ensure_pruned would use), cached, calibration, params_before, params_after, reduction,
     note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
-    from transformers import AutoConfig
-
-    from .shapes import count_params, plan_width
+    from transformers import AutoConfig  # heavy: only a plan reads a model config
 
     def checked(call, *args):
         try:
@@ -224,7 +221,7 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     elif source.startswith(("/", "./", "../", "~")):
         raise ValueError(f"focus_prune: base_model {source} is not a folder")
     elif (config_file := cached_hub_file(source)) is None and not hub_offline():
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # heavy, and only online for a hub id
 
         try:
             config_file = hf_hub_download(source, "config.json")

@@ -149,6 +149,7 @@ def register_auto_classes() -> None:
     without trust_remote_code (idempotent): `model_type: pruned_llama` (the earlier format) is
     registered, and a LlamaConfig gets :class:`LlamaOrPrunedLlamaForCausalLM` (transformers'
     `register` ignores its native config types, so the mapping is set directly)."""
+    # the Auto classes' table, only when registering
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)

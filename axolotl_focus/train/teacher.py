@@ -36,7 +36,7 @@ def resolve_dtype(name: str, bf16: bool, fp16: bool) -> torch.dtype:
 
 def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
     """Load the teacher once: eval mode, no grads, never seen by the optimizer or PEFT."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only when the teacher is loaded
 
     LOG.info("axolotl_focus: loading teacher %s (%s)", path, dtype)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -100,7 +100,7 @@ def gathered(*params: torch.nn.Parameter):
     partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # optional (the deepspeed extra), GPU only
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
@@ -165,7 +165,7 @@ def check_config_teacher(cfg) -> None:
 
 def use_teacher_as_reference(trainer, cfg) -> None:
     """Make a TRL DPO trainer score the reference log-probs with the unpruned teacher."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only under DPO with the teacher as reference
 
     if getattr(trainer.args, "precompute_ref_log_probs", False):
         raise ValueError(

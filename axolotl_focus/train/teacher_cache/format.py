@@ -87,7 +87,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...files import write_json
+from ...files import input_identity, write_json
 from ...fingerprints import source_fingerprint
 from ..losses import IGNORE_INDEX
 
@@ -162,8 +162,6 @@ def data_sources(cfg) -> dict:
     """What a config trains on, for ``cache.json``'s ``data_sources``: ``sequence_len`` and, in
     order, :func:`axolotl_focus.files.input_identity` of the path of each dataset that is not a
     RePAIR pair dataset (the cache holds the other rows only)."""
-    from ...files import input_identity
-
     sets = [d for d in (cfg.get("datasets") or []) if hasattr(d, "get") and d.get("type") != "axolotl_focus.repair"]
     return {"sequence_len": cfg.get("sequence_len"),
             "datasets": [input_identity(str(d["path"])) if d.get("path") else None for d in sets]}
@@ -264,7 +262,7 @@ def shard_problems(folder: str | os.PathLike, meta: CacheMeta) -> list[str]:
     return [p for p in (shard_problem(folder, meta, i) for i in range(meta.shards)) if p]
 
 def shard_features():
-    import datasets
+    import datasets  # heavy: only when shards are written or read
 
     return datasets.Features({
         "key": datasets.Value("string"),
