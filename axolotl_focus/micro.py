@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .options import positive_int
+from .arg_types import positive_int
 from .wikitext import clean as clean_text
 
 LOG = logging.getLogger(__name__)
