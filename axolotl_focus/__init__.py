@@ -19,9 +19,18 @@ from . import prune
 from .exports import lazy_exports
 
 __version__ = "0.1.0"
+_MODELING = "axolotl_focus.prune.modeling_pruned_llama"
+_register_when_defined = False  # read by the last lines of prune/modeling_pruned_llama.py
 
 
 def _register_auto_classes() -> None:
+    modeling = sys.modules.get(_MODELING)
+    if modeling is not None and not hasattr(modeling, "register_auto_classes"):
+        # that module is being imported and is what imported transformers: its classes do not exist
+        # yet, so it registers them itself once they do
+        global _register_when_defined
+        _register_when_defined = True
+        return
     prune.register_auto_classes()  # imports prune/modeling_pruned_llama.py (transformers) now
 
 

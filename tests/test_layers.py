@@ -22,6 +22,11 @@ HEAVY = {"accelerate", "axolotl", "bert_score", "datasets", "deepspeed", "gguf",
          "transformers"}
 
 
+def _env() -> dict:
+    """This process's environment with the checkout first on the import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def _function_imports(tree: ast.AST):
     """Groups of consecutive import statements inside function bodies."""
     for node in ast.walk(tree):
@@ -88,7 +93,29 @@ def test_the_layers_and_the_independent_stages_hold():
     lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     if not Path(lint).exists():
         pytest.skip("import-linter is not installed (the `test` extra)")
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([lint, "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": path})
+                          text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_pruned_checkpoint_class_spells_the_shared_shape_keys():
+    """prune/modeling_pruned_llama.py is copied into every width-pruned checkpoint and imports nothing
+    of the package; its SHAPE_KEYS (the keys of config.json's layer_shapes) are prune/common's."""
+    from axolotl_focus.prune import common, modeling_pruned_llama
+
+    assert modeling_pruned_llama.SHAPE_KEYS == common.SHAPE_KEYS
+    source = Path(modeling_pruned_llama.__file__).read_text(encoding="utf-8")
+    assert "axolotl_focus" not in "".join(line for line in source.splitlines() if line.lstrip().startswith(
+        ("import ", "from ")))
+
+
+@pytest.mark.parametrize("module", ["axolotl_focus.modeling_pruned_llama", "axolotl_focus.prune.modeling_pruned_llama"])
+def test_the_pruned_model_module_imports_first_in_a_fresh_process(module):
+    """The pruned model module may be the first import of a process, before transformers: the Auto
+    classes learn its classes once they exist (the import hook of axolotl_focus/__init__.py would
+    otherwise ask for them while the module is still being imported)."""
+    code = (f"import {module} as m\nfrom transformers import LlamaConfig\n"
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as table\n"
+            "print(table[LlamaConfig].__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "LlamaOrPrunedLlamaForCausalLM", proc.stderr[-3000:]

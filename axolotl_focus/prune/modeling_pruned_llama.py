@@ -30,6 +30,8 @@ are never pruned. The KV cache (DynamicCache) sizes each layer lazily, so per-la
 with `generate(use_cache=True)`.
 """
 
+import sys
+
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
@@ -162,3 +164,9 @@ def register_auto_classes() -> None:
 # save_pretrained then copies this file into the checkpoint and writes `auto_map` (trust_remote_code).
 PrunedLlamaConfig.register_for_auto_class()
 PrunedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+# A process that imported axolotl_focus registers these classes as soon as transformers is imported
+# (axolotl_focus/__init__.py); when this module is what imported transformers, they did not exist yet
+# then and it asked for them here (a look-up, not an import: this file also runs as remote code).
+if getattr(sys.modules.get("axolotl_focus"), "_register_when_defined", False):
+    register_auto_classes()
