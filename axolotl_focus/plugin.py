@@ -17,8 +17,8 @@ class FocusPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # every check that needs no weights first (keys, models, vocabulary, pair rows), then
         # `focus_prune:` prunes base_model (or reuses the cache) before axolotl loads anything
-        preflight.check_before_training(cfg)
-        prune.apply_to_config(cfg)
+        account = preflight.check_before_training(cfg)
+        prune.apply_to_config(cfg, account.prune)  # the settings the check validated, not validated again
         prune.disable_attention_lora_kernels(cfg)
 
     def get_input_args(self) -> str:

@@ -113,9 +113,10 @@ def validate_file(path: str) -> Account:
     return account
 
 
-def check_before_training(cfg: Any) -> None:
+def check_before_training(cfg: Any) -> Account:
     """The plugin's ``register`` hook under ``axolotl train``: raise one ``ValueError`` with every
-    problem, before axolotl validates, prunes, tokenizes or loads anything."""
+    problem, before axolotl validates, prunes, tokenizes or loads anything; else log what train will
+    do and return the account (its validated ``focus_prune`` settings: ``account.prune``)."""
     path = str(cfg.get("axolotl_config_path") or "")
     lines = {}
     if path and os.path.isfile(path):
@@ -127,6 +128,7 @@ def check_before_training(cfg: Any) -> None:
     account.raise_errors()
     for topic, text in account.lines:
         LOG.info("axolotl_focus %s: %s", topic, text)
+    return account
 
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:

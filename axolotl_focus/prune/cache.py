@@ -285,12 +285,13 @@ def disable_attention_lora_kernels(cfg: dict) -> None:
     LOG.info("width-pruned student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
 
 
-def apply_to_config(cfg: dict) -> None:
-    """`register` hook: validate `focus_prune`, prune (or reuse the cache), point the config at it."""
+def apply_to_config(cfg: dict, spec: PruneSettings | None = None) -> None:
+    """`register` hook: prune (or reuse the cache), point the config at it; `spec`: the `focus_prune`
+    block as the check before training validated it (validated here when not given)."""
     block = cfg.get("focus_prune")
     if not block or cfg.get("focus_pruned_from"):  # absent, or already applied
         return
-    spec = PruneSettings.model_validate(block)
+    spec = PruneSettings.model_validate(block) if spec is None else spec
     source = cfg.get("base_model")
     if not source:
         raise ValueError("focus_prune: needs `base_model` (the unpruned model to prune)")
