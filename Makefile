@@ -1,5 +1,6 @@
 # make test  - create .venv if missing (torch 2.13.0 first; TORCH_INDEX_URL=... for another torch index),
-#              install .[test,eval], ruff (pyproject's [tool.ruff]), then the test suite
+#              install .[test,eval], ruff (pyproject's [tool.ruff]), import-linter (pyproject's
+#              [tool.importlinter]: the package's layers), then the test suite
 # make demo  - same set-up, then the main job: `axolotl-focus demo --out demo_out` (offline end-to-end
 #              pipeline on the embedded real model SmolLM2-135M, ~45-75 min on 2 CPU cores; DEMO_ARGS=--quick (10 min)
 #              for the small preset, DEMO_ARGS="--model micro" for the micro model)
@@ -32,6 +33,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -rs
 
 demo: $(VENV)/.installed

@@ -15,13 +15,23 @@ import importlib.abc
 import importlib.util
 import sys
 
+from . import prune
+from .exports import lazy_exports
+
 __version__ = "0.1.0"
+_MODELING = "axolotl_focus.prune.modeling_pruned_llama"
+_register_when_defined = False  # read by the last lines of prune/modeling_pruned_llama.py
 
 
 def _register_auto_classes() -> None:
-    from .prune.modeling_pruned_llama import register_auto_classes
-
-    register_auto_classes()
+    modeling = sys.modules.get(_MODELING)
+    if modeling is not None and not hasattr(modeling, "register_auto_classes"):
+        # that module is being imported and is what imported transformers: its classes do not exist
+        # yet, so it registers them itself once they do
+        global _register_when_defined
+        _register_when_defined = True
+        return
+    prune.register_auto_classes()  # imports prune/modeling_pruned_llama.py (transformers) now
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
@@ -52,13 +62,6 @@ elif not any(isinstance(finder, _AfterTransformersImport) for finder in sys.meta
     sys.meta_path.insert(0, _AfterTransformersImport())
 
 
-def __getattr__(name):
-    # Lazy: importing axolotl is slow, and `axolotl_focus.train.losses` must stay usable without it.
-    if name == "FocusPlugin":
-        from .plugin import FocusPlugin
-
-        return FocusPlugin
-    raise AttributeError(f"module 'axolotl_focus' has no attribute {name!r}")
-
-
-__all__ = ["FocusPlugin", "__version__"]
+# Lazy: importing axolotl is slow, and `axolotl_focus.train.losses` must stay usable without it.
+__getattr__, __dir__, _exported = lazy_exports(__name__, {"plugin": ("FocusPlugin",)})
+__all__ = [*_exported, "__version__"]

@@ -10,21 +10,29 @@ Every default and help text is written once, on the :class:`FocusArgs` field (``
 :class:`FocusTrainingArgsMixin` is generated from those fields (:data:`TRAINER_KEYS`, same
 default, ``metadata={"help": description}`` as ``TrainingArguments`` fields carry), plus
 ``focus_sequence_len``, which the plugin fills from ``sequence_len``.
+
+:func:`check` is the config's own part of the check before training (:mod:`axolotl_focus.preflight`):
+the plugin listed, the ``focus_*`` keys known, the numbers finite, :class:`FocusArgs` valid. The
+``focus_prune:`` block is the prune stage's settings (:class:`axolotl_focus.prune.settings.PruneSettings`),
+declared here as a mapping and checked by that stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Mapping, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
-from .prune.settings import PruneSettings
-from .train.losses import DISTILL_MODES
+from .account import Account, nearest, validation_messages
+from .loss_settings import DISTILL_MODES, AuxSpec, DistillMode
 
 TRAINING_RECORD = "focus_training.json"  # the trainer's record of its focus_* settings, in output_dir
+PLUGIN = "axolotl_focus.FocusPlugin"  # the name a config lists under `plugins:`
+REPAIR_TYPE = "axolotl_focus.repair"  # the dataset type of RePAIR pair files
 
 # Config attribute written into pruned checkpoints (pruning issue): the unpruned source model.
 SOURCE_MODEL_KEY = "focus_source_model"
@@ -46,7 +54,7 @@ def source_model_of(model_path: str | None) -> str | None:
         return None  # a file, or a path that is not a hub id
     else:
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # heavy, and only for a hub id's config
 
             config_file = hf_hub_download(model_path, "config.json")
         except Exception:  # offline, gated, missing: no recorded source, validation says what to set
@@ -115,10 +123,8 @@ class FocusAuxLosses(BaseModel):
                                  "configure only one of them")
         return data
 
-    def aux_spec(self):
-        """The :class:`axolotl_focus.train.losses.AuxSpec` of the fused pass (None: no term there)."""
-        from .train.losses import AuxSpec
-
+    def aux_spec(self) -> AuxSpec | None:
+        """The :class:`~axolotl_focus.loss_settings.AuxSpec` of the fused pass (None: no term there)."""
         spec = AuxSpec(
             unlikelihood=self.unlikelihood.alpha if self.unlikelihood else None,
             scalegrad=self.scalegrad.gamma if self.scalegrad else None,
@@ -130,7 +136,7 @@ class FocusAuxLosses(BaseModel):
 class FocusArgs(BaseModel):
     """YAML keys of the plugin (``focus_*``). Defaults are the paper's (section 5, appendix G)."""
 
-    focus_distill: Literal["focus", "kd", "none"] = Field(
+    focus_distill: DistillMode = Field(
         default="focus",
         description="Distillation term added to CE: 'focus' (paper), 'kd' (T^2 KL baseline) or 'none'.",
     )
@@ -190,7 +196,10 @@ class FocusArgs(BaseModel):
         default=None,
         description="Baselines as extra loss terms: unlikelihood, scalegrad, tailr, ditto (see FocusAuxLosses).",
     )
-    focus_prune: PruneSettings | None = Field(default=None, description="Prune base_model before training.")
+    focus_prune: dict[str, Any] | None = Field(
+        default=None, description="Prune base_model before training: the keys of "
+        "axolotl_focus.prune.settings.PruneSettings, checked by the prune stage (axolotl_focus.prune.check) "
+        "before axolotl validates the config.")
     focus_pruned_from: str | None = Field(default=None, description="Set by the plugin: the unpruned source.")
 
     @model_validator(mode="before")
@@ -238,7 +247,7 @@ def _check_repair_use(data: dict) -> None:
     if stream and data.get("rl"):
         raise ValueError(f"focus_repair_pairs: rl: {data['rl']} trains with axolotl's preference trainer, which does "
                          "not read the pair stream; list the pairs file in `datasets:` for DPO instead")
-    typed = any(isinstance(d, dict) and d.get("type") == "axolotl_focus.repair" for d in data.get("datasets") or [])
+    typed = any(isinstance(d, dict) and d.get("type") == REPAIR_TYPE for d in data.get("datasets") or [])
     if data.get("sample_packing") and (typed or stream):
         what = "focus_repair_pairs" if stream else "RePAIR pair datasets (type: axolotl_focus.repair)"
         raise ValueError(f"sample_packing: {what} need one pair per row; set `sample_packing: false`")
@@ -313,3 +322,45 @@ def training_args(cfg) -> dict:
     if cfg.get("sequence_len") and "focus_sequence_len" not in args:
         args["focus_sequence_len"] = int(cfg.sequence_len)
     return args
+
+
+# the keys besides FocusArgs' own that its validators read
+_OTHER_KEYS = ("base_model", "rl", "datasets", "sample_packing", "eval_sample_packing", "context_parallel_size",
+               "sequence_parallel_degree", *_CONFLICTING_LOSS_KEYS)
+
+
+def check(cfg: Mapping, account: Account) -> None:
+    """The config's own checks: the plugin listed (``validate`` only), every ``focus_*`` key known
+    (else the nearest one), every number finite, and :class:`FocusArgs` (``account.focus`` once
+    valid). ``focus_prune`` is the prune stage's (:func:`axolotl_focus.prune.check`)."""
+    if PLUGIN not in (cfg.get("plugins") or []) and not account.train:
+        account.error("plugins", f"does not list {PLUGIN}; the focus_* keys would be ignored")
+    known = FocusArgs.model_fields
+    for key in cfg:
+        if isinstance(key, str) and key.startswith("focus_") and key not in known:
+            account.error(key, f"unknown axolotl_focus key; {nearest(key, known)}")
+    for key, value in cfg.items():
+        if not str(key).startswith("focus_"):  # the focus_* keys are checked by their schema
+            _finite(value, str(key), account)
+    data = {k: v for k, v in cfg.items() if k in known and k != "focus_prune" or k in _OTHER_KEYS}
+    if cfg.get("focus_prune") and not data.get("focus_teacher_model"):  # as prune.apply_to_config sets it
+        data["focus_teacher_model"] = data.get("base_model")
+    try:
+        account.focus = FocusArgs.model_validate(data)
+    except ValidationError as exc:
+        for key, msg in validation_messages(exc, schema=FocusArgs):
+            if key == "config":  # a model-level check: its message starts with the key
+                key, _, msg = msg.partition(": ")
+            account.error(key, msg)
+
+
+def _finite(value, key: str, account: Account) -> None:
+    """``.inf`` / ``.nan`` anywhere in ``value`` (a mapping or list walked) is an error."""
+    if isinstance(value, float) and not math.isfinite(value):
+        account.error(key, f"must be a finite number (got {value})")
+    elif isinstance(value, Mapping):
+        for sub, item in value.items():
+            _finite(item, f"{key}.{sub}", account)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite(item, f"{key}[{i}]", account)

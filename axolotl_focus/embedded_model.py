@@ -32,12 +32,14 @@ absent; a complete folder is reused (``force=True`` rebuilds it). ~30 s on a 2-c
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +135,7 @@ converted offline by `axolotl_focus.embedded_model.materialize()` from the GGUF 
 
 def materialize(out: str | os.PathLike | None = None, *, force: bool = False, dtype: str = "float32") -> Path:
     """Write (or reuse) the checkpoint; return its folder. See the module docstring."""
-    import torch
+    import torch  # heavy: `axolotl-focus model --help` and the cache paths need no torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = Path(out) if out is not None else default_path()
@@ -182,3 +184,22 @@ def materialize(out: str | os.PathLike | None = None, *, force: bool = False, dt
     os.replace(tmp, target)
     LOG.info("materialized %s (%s parameters) in %.0f s", target, f"{params:,}", time.perf_counter() - t0)
     return target
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``axolotl-focus model``."""
+    parser.add_argument("--out", default=None, help="output folder (default: the cache)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
+
+
+def run_model_cli(args: argparse.Namespace) -> int:
+    """``axolotl-focus model``: materialize the checkpoint and print its folder (2 when the GGUF file
+    cannot be read)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = materialize(args.out, force=args.force)
+    except EmbeddedModelError as err:
+        print(f"axolotl-focus model: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

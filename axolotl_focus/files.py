@@ -29,6 +29,7 @@ same way one level up: into a temporary sibling folder, then renamed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -127,8 +128,6 @@ def exclusive_lock(target: str | os.PathLike, option: str = "--output") -> Itera
     """Hold the exclusive lock of the output ``target`` (``<target>.lock``; see the module
     docstring) while the block runs. Raises ``ValueError`` naming the holder's PID when another
     process holds it; ``option`` is the option a user would change to write elsewhere."""
-    import fcntl
-
     path = Path(os.path.abspath(os.fspath(target).rstrip("/\\") + ".lock"))
     if str(path) in _HELD:
         yield

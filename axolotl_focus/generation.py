@@ -1,8 +1,9 @@
 """Batched generation shared by RePAIR mining, the evaluation and the Table 1 measurement: our own
 KV-cache decoding loop (:func:`generate_batch`), its per-row stopping (:class:`RowStopper`), pure
-top-p sampling (:func:`sample_top_p`), stable row seeds (:func:`row_seed`), the text of generated
-ids (:func:`decode_text`, :func:`continuation_text`) and the accelerate process state the callers
-run under (:func:`process_state`).
+top-p sampling (:func:`sample_top_p`), stable row seeds (:func:`row_seed`), the text of a
+continuation (:func:`continuation_text`; ids are decoded by
+:func:`axolotl_focus.prompt_format.decode_text`) and the accelerate process state the callers run
+under (:func:`process_state`).
 
 Decoding: the prompts (token ids) are LEFT padded by hand (a shared tokenizer's ``padding_side``
 is never touched), with an attention mask and ``position_ids = cumsum(mask) - 1``; per-row EOS,
@@ -36,21 +37,16 @@ import torch
 from transformers import StoppingCriteria
 
 from .degeneration import LoopDetector
+from .prompt_format import decode_text
 
 __all__ = [
     "RowStopper",
     "continuation_text",
-    "decode_text",
     "generate_batch",
     "process_state",
     "row_seed",
     "sample_top_p",
 ]
-
-
-def decode_text(tokenizer, ids: Sequence[int]) -> str:
-    """The text of ``ids`` (special tokens skipped, no clean-up of tokenization spaces)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def continuation_text(tokenizer, context: Sequence[int], segment: Sequence[int]) -> str:
@@ -272,6 +268,6 @@ def generate_batch(
 def process_state():
     """accelerate's process state. Without an accelerator, ask for CPU explicitly: otherwise
     ``PartialState()`` ignores a torchrun/``accelerate launch`` world and runs every rank alone."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy: only when a process state is asked for
 
     return PartialState(cpu=not torch.accelerator.is_available())

@@ -136,7 +136,7 @@ def seed_effects(a: np.ndarray, b: np.ndarray, relative: bool = True) -> np.ndar
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     """``(mean, lower, upper)`` of the finite ``values`` (Student t, ``n - 1`` degrees of freedom);
     the bounds are ``nan`` with fewer than two values."""
-    from scipy import stats
+    from scipy import stats  # heavy: only for an interval
 
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
@@ -152,7 +152,7 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
 def min_detectable_effect(values, level: float = 0.95, power: float = 0.8) -> float:
     """The smallest effect (in the values' unit) the seeds ``values`` detect with ``power`` (nan
     with fewer than two finite values)."""
-    from scipy import stats
+    from scipy import stats  # heavy: only for this estimate
 
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]

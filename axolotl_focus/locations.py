@@ -20,7 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ _UNREACHABLE: list[str] = []  # why the hub could not be reached (the probe runs
 def hub_offline() -> bool:
     """Whether the hub is offline: set so (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), or
     unreachable (see the module docstring; the probe runs once)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: the CLI's --help needs no hub client
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                                        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
@@ -55,7 +58,7 @@ def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached (the probe of the module docstring, run once per process; an
     unreachable hub switches the process offline, with one warning), or None when it can."""
     if not _UNREACHABLE:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # heavy: the CLI's --help needs no hub client
 
         why = _hub_unreachable(constants.ENDPOINT)
         _UNREACHABLE.append(why)
@@ -74,15 +77,13 @@ def went_offline() -> str | None:
 def go_offline() -> None:
     """Offline mode for this process and its children: ``HF_HUB_OFFLINE=1`` and the flags the hub
     libraries already read at import."""
-    import sys
-
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: only when going offline
 
     constants.HF_HUB_OFFLINE = True
     if "datasets" in sys.modules:
-        import datasets
+        import datasets  # heavy, and already imported (checked just above)
 
         datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
@@ -90,9 +91,6 @@ def go_offline() -> None:
 def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
     """None when a TCP connection to the hub's host (or to the HTTPS proxy) opens within
     ``timeout`` seconds, else why not."""
-    import socket
-    from urllib.parse import urlparse
-
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urlparse(proxy if proxy else endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -108,7 +106,7 @@ def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
 def cached_hub_file(repo_id: str, filename: str = "config.json") -> str | None:
     """The path of ``filename`` of a hub model in the local hub cache, or None."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # heavy: only when the hub cache is read
 
         found = try_to_load_from_cache(repo_id, filename)
     except Exception:  # not a valid repo id
@@ -201,7 +199,7 @@ def resolve_model(name: str, field: str, *, check_online: bool = True) -> ModelL
         return ModelLocation(name, "unchecked", None,
                              "hub id, not in the local hub cache; not checked (the hub is offline)")
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # heavy: only when the hub is asked
 
         info = HfApi().model_info(name, timeout=10)
     except Exception as exc:  # noqa: BLE001 - gated, missing, unreachable: say which

@@ -1,4 +1,5 @@
-"""Micro LLaMA models and a tokenizer built offline from the embedded WikiText-2 slice.
+"""Micro LLaMA models and a tokenizer built offline from the embedded WikiText-2 slice, and the
+``axolotl-focus tiny`` command.
 
 Used by the tiny example, the demo and the tests: everything here runs on a laptop CPU in
 seconds, with no model hub.
@@ -6,6 +7,8 @@ seconds, with no model hub.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import logging
 import math
@@ -14,7 +17,10 @@ import re
 from importlib import resources
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
+
+from .arg_types import positive_int
+from .wikitext import clean as clean_text
 
 LOG = logging.getLogger(__name__)
 
@@ -29,8 +35,6 @@ def corpus_text(split: str = "valid") -> str:
 def corpus_documents(split: str = "valid", min_chars: int = 200, clean: bool = False) -> list[str]:
     """Paragraphs of the slice (headings dropped), whitespace-normalized; with ``clean``, WikiText's
     markup undone and its ``<unk>`` dropped (:func:`axolotl_focus.wikitext.clean`)."""
-    from .wikitext import clean as clean_text
-
     docs = []
     for line in corpus_text(split).split("\n"):
         line = line.strip()
@@ -41,6 +45,7 @@ def corpus_documents(split: str = "valid", min_chars: int = 200, clean: bool = F
 
 def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (LLaMA-style specials)."""
+    # heavy: the corpus readers of this module need neither
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +70,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
 def llama_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                  intermediate: int = 176, max_positions: int = 512):
     """A LLaMA config of the given (tiny) size; GQA when ``kv_heads < heads``."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: the corpus readers of this module need none
 
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -86,14 +91,14 @@ def llama_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4
 def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int = 16, seq_len: int = 64,
              lr: float = 3e-3, seed: int = 0, progress: bool = True) -> list[float]:
     """Plain next-token pretraining on random windows of ``texts``; returns the loss curve."""
+    import torch  # heavy: the corpus readers of this module need no torch
+
     ids = torch.tensor(tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"])
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(steps), desc="pretraining micro teacher", unit="step", mininterval=2, disable=not progress)
     for _ in bar:
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
@@ -112,7 +117,7 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int = 200, batch: int
 
 def drop_layers(model, keep: list[int]):
     """A copy of ``model`` with only the decoder layers in ``keep`` (re-indexed), as a vanilla config."""
-    import copy
+    import torch  # heavy: the corpus readers of this module need no torch
 
     student = copy.deepcopy(model)
     student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
@@ -131,6 +136,7 @@ def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: i
     ``size`` goes to :func:`llama_config` (default: 4 layers, hidden 64, GQA 4/2 heads).
     Returns the checkpoint path and the pretraining loss curve.
     """
+    import torch  # heavy: the corpus readers of this module need no torch
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
@@ -148,7 +154,7 @@ def build_micro_teacher(out_dir: str | os.PathLike, *, steps: int = 200, seed: i
 def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int = 0) -> dict:
     """Build the tiny example: tokenizer, a pretrained GQA teacher, a layer-dropped student that
     records the teacher as its source model, and a small JSONL training set. Returns the paths."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: the corpus readers of this module need none
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,3 +170,17 @@ def build_tiny_pair(out_dir: str | os.PathLike, *, steps: int = 200, seed: int =
         for doc in corpus_documents("valid")[:400]:
             handle.write(json.dumps({"text": doc}) + "\n")
     return {k: str(v) for k, v in paths.items()} | {"teacher_loss": losses}
+
+
+def add_tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``axolotl-focus tiny``."""
+    parser.add_argument("--out", default="examples/tiny/build", help="output folder (default: examples/tiny/build)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="teacher pretraining steps (default: 200)")
+
+
+def run_tiny_cli(args: argparse.Namespace) -> int:
+    """``axolotl-focus tiny``: build the tiny example, print its paths."""
+    paths = build_tiny_pair(args.out, steps=args.steps)
+    for key in ("teacher", "student", "train"):
+        print(f"{key}: {paths[key]}")
+    return 0

@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import FiniteFloat
 
+from .arg_types import finite_float, positive_int
+
 __all__ = ["FiniteFloat", "add_options", "finite_float", "given", "nonfinite_fields", "opt", "positive_int",
            "resolve_device"]
 
@@ -36,25 +38,6 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: 
         **cli: Any) -> Any:
     """A dataclass field with its ``--help`` text and option overrides in the metadata."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **cli})
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (``inf`` and ``nan`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
 
 
 def nonfinite_fields(obj) -> list[str]:
@@ -73,7 +56,7 @@ def resolve_device(name: str | None, field: str = "--device"):
     """The ``torch.device`` of ``name`` (None / ``auto``: cuda when available, else cpu). Raises
     ``ValueError("<field>: ...")`` for a name torch does not parse (``gpu0``) and for a device this
     machine does not have (``cuda`` without CUDA, ``cuda:3`` with 2 GPUs, ``mps``)."""
-    import torch
+    import torch  # heavy: the options and --help need no torch
 
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

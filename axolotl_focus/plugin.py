@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
 
+from . import preflight, prune, train
 from .config import training_args
 from .logs import show_package_logs
 
@@ -16,12 +17,9 @@ class FocusPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # every check that needs no weights first (keys, models, vocabulary, pair rows), then
         # `focus_prune:` prunes base_model (or reuses the cache) before axolotl loads anything
-        from .preflight import check_before_training
-        from .prune.cache import apply_to_config, disable_attention_lora_kernels
-
-        check_before_training(cfg)
-        apply_to_config(cfg)
-        disable_attention_lora_kernels(cfg)
+        account = preflight.check_before_training(cfg)
+        prune.apply_to_config(cfg, account.prune)  # the settings the check validated, not validated again
+        prune.disable_attention_lora_kernels(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_focus.config.FocusArgs"
@@ -34,25 +32,17 @@ class FocusPlugin(BasePlugin):
 
     def pre_model_load(self, cfg) -> None:
         # a teacher/student vocabulary mismatch fails here, before any weights are loaded
-        from .train.teacher import check_config_teacher
-
-        check_config_teacher(cfg)
+        train.check_config_teacher(cfg)
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval=False):
-        from .train.pair_dataset import RepairCollator, uses_repair
-
-        return (RepairCollator, {}) if uses_repair(cfg) and not cfg.rl else None
+        return (train.RepairCollator, {}) if train.uses_repair(cfg) and not cfg.rl else None
 
     def post_trainer_create(self, cfg, trainer) -> None:
         # DPO on the RePAIR pairs: the paper's reference model is the unpruned teacher
         if cfg.rl == "dpo" and cfg.focus_dpo_reference == "teacher":
-            from .train.teacher import use_teacher_as_reference
-
-            use_teacher_as_reference(trainer, cfg)
+            train.use_teacher_as_reference(trainer, cfg)
 
     def get_trainer_cls(self, cfg):
         if cfg.rl:  # preference training (DPO etc.) keeps axolotl's own trainers
             return None
-        from .train.trainer import FocusTrainer
-
-        return FocusTrainer
+        return train.FocusTrainer

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .files import read_lines, read_text
+from .locations import hub_unreachable_reason, went_offline
 
 __all__ = ["Prompt", "TEXT_FIELDS", "TEXT_UNITS", "load_hub_dataset", "load_prompts", "missing_file", "offline_env",
            "read_json_rows"]
@@ -43,8 +44,6 @@ def missing_file(source: str) -> bool:
 def offline_env() -> str | None:
     """Why hub datasets are not used: the set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` variable,
     or that the hub cannot be reached (:func:`axolotl_focus.locations.hub_offline`), else None."""
-    from .locations import hub_unreachable_reason, went_offline
-
     if went_offline():  # the variables below were set by this process, not by the user
         return f"the hub cannot be reached ({went_offline()})"
     set_by_user = next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -58,7 +57,7 @@ def offline_env() -> str | None:
 def load_hub_dataset(name: str, config: str | None, split: str, *, streaming: bool = False):
     """``datasets.load_dataset(name, config, split=split)`` (one place, so tests can replace it);
     ``streaming=True``: the ``IterableDataset`` (rows read lazily, nothing downloaded up front)."""
-    import datasets
+    import datasets  # heavy: only for a hub dataset
 
     if streaming:
         return datasets.load_dataset(name, config, split=split, streaming=True)

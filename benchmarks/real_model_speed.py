@@ -60,8 +60,8 @@ sys.path.insert(0, str(ROOT))
 from axolotl_focus.files import write_json  # noqa: E402
 from axolotl_focus.generation import generate_batch  # noqa: E402
 from axolotl_focus.mine.config import MiningConfig  # noqa: E402
-from axolotl_focus.mine.prompts import encode_prompt  # noqa: E402
 from axolotl_focus.mine.run import student_row_seed  # noqa: E402
+from axolotl_focus.prompt_format import encode_prompt  # noqa: E402
 from axolotl_focus.sources import Prompt  # noqa: E402
 
 MODES = ("fp32", "bf16", "autocast")

@@ -25,15 +25,18 @@ Then ``demo_report.md``, ``experiment.json`` and ``plots/`` (:mod:`.report`): th
 claim by the rule of :mod:`.experiment`, with intervals across training seeds and the effect the run
 could detect. The package: :mod:`.settings` (arms, presets, axolotl configs), :mod:`.pipeline` (the
 stage table's runner and cache), :mod:`.runs` (``axolotl train`` subprocesses), :mod:`.stages`,
-:mod:`.experiment`, :mod:`.report`, :mod:`.plots` and :mod:`.cli`.
+:mod:`.experiment`, :mod:`.report`, :mod:`.plots` and :mod:`.cli`. The public API below is
+imported from its module on first use (:mod:`axolotl_focus.exports`).
 """
 
-from .cli import add_demo_arguments, run_demo_cli
-from .pipeline import Context, Demo, Stage
-from .runs import auto_jobs, auto_threads, logged_dicts, run_concurrently
-from .settings import ARMS, CACHE_PAIRS, DemoError, DemoSettings, cache_dir, demo_settings, run_config, run_id
-from .stages import STAGES, TABLE
+from ..exports import lazy_exports
 
-__all__ = ["ARMS", "CACHE_PAIRS", "STAGES", "TABLE", "Context", "Demo", "DemoError", "DemoSettings", "Stage",
-           "add_demo_arguments", "auto_jobs", "auto_threads", "cache_dir", "demo_settings", "logged_dicts",
-           "run_concurrently", "run_config", "run_demo_cli", "run_id"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "cli": ("add_demo_arguments", "run_demo_cli"),
+    "pipeline": ("Context", "Demo", "Stage"),
+    "report": ("write_report",),
+    "runs": ("auto_jobs", "auto_threads", "logged_dicts", "run_concurrently"),
+    "settings": ("ARMS", "CACHE_PAIRS", "DemoError", "DemoSettings", "cache_dir", "demo_settings", "run_config",
+                 "run_id"),
+    "stages": ("STAGES", "TABLE"),
+})

@@ -9,9 +9,9 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from .. import demo  # the package's public API, imported on first use: `demo --help` loads no numpy
 from ..options import add_options, opt, positive_int
 from .pipeline import Demo
-from .report import write_report
 from .settings import MODELS, PRESETS, DemoError, demo_settings
 from .stages import STAGES, TABLE
 
@@ -55,7 +55,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        import transformers
+        import transformers  # heavy: only once the demo runs
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # weight loading / saving bars
@@ -67,10 +67,10 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"axolotl-focus demo: {err}", file=sys.stderr)
         return 2
-    demo = Demo(args.out, settings, TABLE, report=write_report, force=force, until=args.until, progress=args.progress,
-                threads=args.threads, jobs=args.jobs, device=args.device)
+    pipeline = Demo(args.out, settings, TABLE, report=demo.write_report, force=force, until=args.until,
+                    progress=args.progress, threads=args.threads, jobs=args.jobs, device=args.device)
     try:
-        demo.run()
+        pipeline.run()
     except DemoError as err:
         print(f"axolotl-focus demo: {err}", file=sys.stderr)
         return 1

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import evaluate
 from ..evaluate import metrics
+from ..files import write_json
 from ..intervals import (
     document_values,
     min_detectable_effect,
@@ -47,6 +49,7 @@ from ..intervals import (
     verdict,
 )
 from .settings import ARMS, DemoSettings, run_label
+from .stages.eval import generations
 
 TEACHER = "teacher (unpruned)"
 METRICS = ("rep-3", "crep")
@@ -93,8 +96,6 @@ def conditions(s: DemoSettings) -> list[tuple[str, str, bool]]:
 
 def _doc_matrix(cfg, names: list[str], decoding: str, metric: str) -> np.ndarray | None:
     """``[len(names), documents]`` document values of ``metric`` (None when a generation is missing)."""
-    from .stages.eval import generations
-
     out = []
     for name in names:
         try:
@@ -106,9 +107,7 @@ def _doc_matrix(cfg, names: list[str], decoding: str, metric: str) -> np.ndarray
 
 
 def _ppl(cfg, name: str) -> float | None:
-    from ..evaluate import model_dir
-
-    path = model_dir(cfg, name) / "results.json"
+    path = evaluate.model_dir(cfg, name) / "results.json"
     if not path.is_file():
         return None
     return ((json.loads(path.read_text(encoding="utf-8")).get("perplexity")) or {}).get("ppl")
@@ -180,8 +179,6 @@ def measure(s: DemoSettings, cfg) -> dict:
 
 def write(s: DemoSettings, cfg, path: Path) -> dict:
     """:func:`measure`, also written to ``path`` (JSON)."""
-    from ..files import write_json
-
     result = measure(s, cfg)
     write_json(path, result, indent=2, default=str)
     return result

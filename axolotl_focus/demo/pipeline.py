@@ -102,7 +102,7 @@ class Demo:
 
     def run(self) -> Path:
         """Run (or reuse) every stage, then write the report. Returns the report's path."""
-        import torch
+        import torch  # heavy: `demo --help` imports no torch
 
         torch.set_num_threads(self.ctx.threads)
         ctx, start = self.ctx, time.perf_counter()

@@ -20,17 +20,17 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 
 def has_matplotlib() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 - optional (the eval extra)
     except ImportError:
         return False
     return True
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional (the eval extra) and heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (the eval extra) and heavy
 
     return plt
 

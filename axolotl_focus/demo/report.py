@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import evaluate
+from ..config import FocusTrainingArgsMixin
 from ..evaluate import metrics
 from ..evaluate.report import flat_metrics
 from ..files import read_json, write_text
@@ -56,9 +58,7 @@ class View:
         return stage_dir(self.ctx.out, self.table, name)
 
     def results(self, name: str) -> dict:
-        from ..evaluate import model_dir
-
-        return read_json(model_dir(self.cfg, name) / "results.json") or {}
+        return read_json(evaluate.model_dir(self.cfg, name) / "results.json") or {}
 
 
 def write_report(s: DemoSettings, ctx: Context, status: dict, total_s: float | None,
@@ -156,8 +156,7 @@ def _setup(v: View) -> list[str]:
 
 
 def _defaults() -> str:
-    from ..config import FocusTrainingArgsMixin as d
-
+    d = FocusTrainingArgsMixin
     return (f"alpha {d.focus_alpha:g}, tau {d.focus_temperature:g}, beta {d.focus_beta:g}, gamma {d.focus_gamma:g}, "
             f"alpha_2 {d.focus_repair_alpha:g}, margin {d.focus_repair_margin:g}")
 
@@ -311,13 +310,11 @@ def _table1_micro(v: View) -> list[str]:
     t1 = read_json(v.dir("table1") / "table1.json") if "table1" in v.recs else None
     if not t1:
         return []
-    from ..evaluate.table1 import markdown_table
-
     rows = list(t1["rows"]) + (read_json(v.dir("eval") / "table1_finetuned.json") or {}).get("rows", [])
     return ["## Table 1 (micro): repetition before and after pruning", "",
             f"{t1['prompts']} held-out prefixes of {t1['prefix_tokens']} tokens, {t1['new_tokens']} new tokens; the "
             "'width pruned + CE fine-tuning' row is the CE run of the first training seed.", "",
-            markdown_table(rows), ""]
+            evaluate.table1.markdown_table(rows), ""]
 
 
 def _cache_section(v: View) -> list[str]:
@@ -454,7 +451,7 @@ def _timing(v: View, status: dict, total_s: float | None) -> list[str]:
 def seeds_needed(row: dict, power: float = 0.8, level: float = 0.95, most: int = 200) -> int | None:
     """Training seeds at which the t-test detects the paper's effect with ``power``, at this run's
     spread of the per-seed effects (None: no spread measured, or more than ``most``)."""
-    from scipy import stats
+    from scipy import stats  # heavy: only for this estimate
 
     effects = [x for x in row["per_seed"] if x is not None and math.isfinite(x)]
     if len(effects) < 2:

@@ -9,8 +9,11 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
+
+from tqdm.auto import tqdm
 
 from .settings import DemoError
 
@@ -49,8 +52,6 @@ def run_concurrently(items: list, work: Callable, jobs: int, dataset_key: Callab
     """Yield ``(item[0], work(*item, slot))`` as each finishes, at most ``jobs`` at a time. Two
     items with the same ``dataset_key`` never start together until one of them has finished (the
     first prepares the shared axolotl dataset cache, the next reuses it); otherwise in order."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
     pending, running, prepared = list(items), {}, set()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while pending or running:
@@ -95,8 +96,6 @@ def axolotl_train(config: Path, log: Path, steps: int, desc: str, threads: int, 
                   position: int = 0, device: str = "cpu") -> list[dict]:
     """``axolotl train CONFIG --launcher python`` in a subprocess (log to ``log``); a progress bar
     follows the logged steps. Returns the logged dicts; raises :class:`DemoError` on failure."""
-    from tqdm.auto import tqdm
-
     env = axolotl_env(threads, device)
     exe = shutil.which("axolotl", path=env["PATH"])
     if exe is None:

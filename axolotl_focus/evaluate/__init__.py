@@ -35,30 +35,28 @@ Metrics
 A metric whose package, model or data is missing is reported under ``unavailable`` with what to
 install or pass; the other metrics still run. Settings: :class:`EvalConfig`
 (:mod:`axolotl_focus.evaluate.config`); the command line: :mod:`axolotl_focus.evaluate.cli`.
+
+The public API below is imported from its module on first use (:mod:`axolotl_focus.exports`), so
+that ``axolotl-focus eval --help`` and ``import axolotl_focus.evaluate.config`` stay light.
 """
 
-import importlib
+from ..exports import lazy_exports
 
-# name -> submodule; imported on first use, so that `axolotl-focus eval --help` (which needs only
-# the options) and `import axolotl_focus.evaluate.config` stay light
-_EXPORTS = {
-    "add_eval_arguments": "cli", "config_from_args": "cli", "run_eval_cli": "cli",
-    "EvalConfig": "config", "MetricUnavailable": "config",
-    "default_wikitext": "data", "embedded_instructions": "data", "load_instructions": "data",
-    "open_ended_items": "data",
-    "distribution_stats": "distribution", "distribution_study": "distribution", "top_p_mask": "distribution",
-    "focus_params_of": "focus", "reweighted": "focus", "toy_zipf": "focus",
-    "generation_metrics": "generation", "zero_shot": "lm_harness", "load_model": "models",
-    "evaluate_model": "orchestrate", "evaluate_models": "orchestrate", "model_dir": "orchestrate",
-    "make_plots": "plots", "perplexity": "ppl", "markdown_report": "report",
-    "bertscore_f1": "similarity", "mauve_score": "similarity",
-}
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "cli": ("add_eval_arguments", "config_from_args", "run_eval_cli"),
+    "config": ("EvalConfig", "MetricUnavailable"),
+    "data": ("check_local_data", "default_wikitext", "embedded_instructions", "load_instructions",
+             "open_ended_items"),
+    "distribution": ("distribution_stats", "distribution_study", "top_p_mask"),
+    "focus": ("focus_params_of", "reweighted", "toy_zipf"),
+    "generation": ("generation_metrics",),
+    "lm_harness": ("zero_shot",),
+    "models": ("eval_device", "load_model"),
+    "orchestrate": ("evaluate_model", "evaluate_models", "model_dir", "model_specs"),
+    "pair_margin": ("pair_margins",),
+    "plots": ("make_plots",),
+    "ppl": ("perplexity",),
+    "report": ("markdown_report",),
+    "runner": ("get_ranks",),
+    "similarity": ("bertscore_f1", "mauve_score"),
+}, modules=("metrics", "table1"))

@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .. import evaluate  # the stage's public API, imported on first use: `eval --help` loads no torch
 from ..locations import check_weight_files, looks_local
 from ..options import add_options
 from .config import METRICS, EvalConfig
@@ -58,16 +59,11 @@ def _check_context(cfg: EvalConfig, name: str, path: str) -> None:
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Entry point of ``axolotl-focus eval``: evaluate, print the Markdown report; 2 on bad options."""
-    from .data import check_local_data
-    from .models import eval_device
-    from .orchestrate import evaluate_models, model_specs
-    from .runner import get_ranks
-
-    main = get_ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
+    main = evaluate.get_ranks().rank == 0  # several processes: only rank 0 logs progress and prints the report
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args).validate()
-        specs = model_specs(args.models)
+        specs = evaluate.model_specs(args.models)
         missing = [p for _, p in specs if looks_local(p) and not os.path.isdir(p)]
         if missing:
             raise ValueError(f"model directory not found: {', '.join(missing)}")
@@ -75,13 +71,13 @@ def run_eval_cli(args: argparse.Namespace) -> int:
             if os.path.isdir(path):
                 check_weight_files(path, name)
                 _check_context(cfg, name, path)
-        if not cfg.metrics_only and get_ranks().size == 1:
-            eval_device(cfg)  # --device gpu0 / cuda without CUDA: said before any work
-        check_local_data(cfg)  # local documents / instructions / PPL text: read before any model work
+        if not cfg.metrics_only and evaluate.get_ranks().size == 1:
+            evaluate.eval_device(cfg)  # --device gpu0 / cuda without CUDA: said before any work
+        evaluate.check_local_data(cfg)  # local documents / instructions / PPL text: read before any model work
     except (ValueError, TypeError) as err:
         print(f"axolotl-focus eval: {err}", file=sys.stderr)
         return 2
-    evaluate_models(dict(specs), cfg)
+    evaluate.evaluate_models(dict(specs), cfg)
     if not main:
         return 0
     report = Path(cfg.output_dir) / "results.md"

@@ -3,6 +3,7 @@ decodings, and :class:`MetricUnavailable`, raised when a metric cannot run here.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from ..degeneration import DEFAULT_THRESHOLD
@@ -142,8 +143,6 @@ class EvalConfig:
 
 
 def require(module: str, package: str, what: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:

@@ -11,7 +11,7 @@ Tasks (paper section 5.1)
   least ``prefix_tokens + max_new_tokens`` model tokens; ``num_documents`` of them drawn with ``data_seed``
   (kept in corpus order).
   Prompt = the first ``prefix_tokens`` (50) tokens, re-encoded with BOS exactly as RePAIR mining
-  does (:func:`~axolotl_focus.mine.prompts.encode_prompt`); reference continuation = the next
+  does (:func:`~axolotl_focus.prompt_format.encode_prompt`); reference continuation = the next
   ``max_new_tokens`` (100) document tokens (the "human" row and MAUVE's p).
 * ``instruction``: Self-Instruct style JSONL (``instruction`` + ``instances[{input, output}]``,
   one prompt per instance; or flat rows with ``instruction``/``prompt``, ``input`` and
@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 from .. import sources
 from ..files import read_text
 from ..generation import continuation_text
-from ..mine.config import MiningConfig
-from ..mine.prompts import encode_prompt
+from ..micro import corpus_documents, corpus_text
+from ..prompt_format import PromptFormat, encode_prompt
 from ..sources import Prompt, load_prompts
 from .config import EvalConfig
 
@@ -86,8 +86,6 @@ def load_documents(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None
     rows, info = default()
     if rows is not None:  # as load_prompts does for a hub dataset: id = row index, empty rows skipped
         return [Prompt(str(i), t) for i, t in enumerate(rows) if t.strip()], info
-    from ..micro import corpus_documents
-
     return [Prompt(f"wikitext2-test-{i}", d) for i, d in enumerate(corpus_documents("test"))], info
 
 
@@ -98,7 +96,7 @@ def open_ended_items(tokenizer, documents: Sequence[Prompt], prefix_tokens: int 
     Rows: ``id``, ``prompt`` (text), ``prompt_tokens`` (prefix re-encoded with BOS),
     ``reference_tokens`` (the next ``max_new_tokens`` document tokens), ``reference``.
     """
-    mode = MiningConfig(mode="open_ended", prefix_tokens=prefix_tokens)
+    fmt = PromptFormat(mode="open_ended", prefix_tokens=prefix_tokens)
     eligible = []
     for doc in documents:
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
@@ -109,7 +107,7 @@ def open_ended_items(tokenizer, documents: Sequence[Prompt], prefix_tokens: int 
         eligible = [eligible[i] for i in keep]
     items = []
     for doc, ids in eligible:
-        text, prompt_ids = encode_prompt(tokenizer, doc.text, mode)
+        text, prompt_ids = encode_prompt(tokenizer, doc.text, fmt)
         ref = ids[prefix_tokens : prefix_tokens + max_new_tokens]
         items.append({"id": doc.source_id, "prompt": text, "prompt_tokens": prompt_ids, "reference_tokens": ref,
                       "reference": continuation_text(tokenizer, ids[:prefix_tokens], ref)})
@@ -157,10 +155,10 @@ def load_instructions(source: str, *, config: str | None = None, split: str = "t
 
 
 def instruction_items(tokenizer, rows: list[dict], chat_template: bool) -> list[dict]:
-    mode = MiningConfig(mode="instruction", chat_template=chat_template)
+    fmt = PromptFormat(mode="instruction", chat_template=chat_template)
     items = []
     for row in rows:
-        text, ids = encode_prompt(tokenizer, row["text"], mode)
+        text, ids = encode_prompt(tokenizer, row["text"], fmt)
         items.append({"id": row["id"], "prompt": text, "prompt_tokens": ids, "reference": row["reference"]})
     return items
 
@@ -176,8 +174,6 @@ def ppl_source(cfg: EvalConfig, default: Callable[[], tuple[list[str] | None, di
     rows, info = default()
     if rows is not None:  # joined as the explicit --ppl-data hub path does
         return lambda: "\n\n".join(rows), info
-    from ..micro import corpus_text
-
     return lambda: corpus_text("test"), info
 
 

@@ -13,6 +13,7 @@ T_q, ``count_head`` = mean |H_p| (the student's candidates; ``count_head_teacher
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 
 def top_p_mask(probs: torch.Tensor, top_p: float = 0.9) -> torch.Tensor:
@@ -71,8 +72,6 @@ def distribution_study(teacher, student, samples: list[dict], top_p: float = 0.9
                        chunk: int = 64, progress: bool = False) -> dict:
     """Mean :func:`distribution_stats` over every generated position of the teacher ``samples``
     (rows with ``prompt_tokens`` and ``tokens``), fed to both models."""
-    from tqdm.auto import tqdm
-
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     positions = 0

@@ -22,7 +22,7 @@ def zero_shot(path: str, tasks: Sequence[str] = ZERO_SHOT_TASKS, *, device: str 
     datasets are files on disk, for offline machines)."""
     require("lm_eval", "lm-eval", "zero-shot accuracy")
     try:
-        from lm_eval import simple_evaluate
+        from lm_eval import simple_evaluate  # optional (the eval extra): MetricUnavailable without it
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 

@@ -13,9 +13,7 @@ from .runner import get_ranks
 
 def load_model(path: str, cfg: EvalConfig):
     """``AutoModelForCausalLM.from_pretrained`` (pruned checkpoints included) on the eval device."""
-    from transformers import AutoModelForCausalLM
-
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
+    from transformers import AutoModelForCausalLM  # heavy: a model is loaded on first use
 
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)

@@ -15,9 +15,11 @@ import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import source_model_of
 from ..files import digest
 from .config import EvalConfig, MetricUnavailable, require
 from .data import (
@@ -33,7 +35,7 @@ from .distribution import distribution_study, teacher_examples
 from .files import cached, jsonable, write_json
 from .focus import focus_params_of
 from .generation import decoding_key, generate_items, generation_metrics, mean_dicts, saved_generations
-from .models import LazyModel, eval_device
+from .models import LazyModel, eval_device, load_model
 from .plots import make_plots
 from .ppl import perplexity
 from .report import markdown_report
@@ -44,8 +46,6 @@ LOG = logging.getLogger(__name__)
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in ("axolotl-focus", "torch", "transformers", "datasets", "tokenizers", "numpy", "mauve-text",
                 "bert-score", "lm-eval", "faiss-cpu", "scikit-learn", "matplotlib"):
@@ -268,7 +268,7 @@ class _ModelRun:
 def evaluate_model(name: str, path: str, cfg: EvalConfig, shared: _Shared | None = None) -> dict:
     """Every configured metric for one model; writes ``<output_dir>/<name>/results.json``.
     Under several processes call :func:`evaluate_models` instead (on every rank)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only once a model is evaluated
 
     shared = shared or _Shared(cfg)
     mdir = model_dir(cfg, name)
@@ -325,15 +325,13 @@ def evaluate_models(models: Sequence[str] | dict[str, str], cfg: EvalConfig) -> 
     ranks = get_ranks()
     if ranks.size > 1:
         if ranks.rank != 0:
-            ranks.serve(cfg)
+            ranks.serve(cfg, load_model)
             return []
         if cfg.device:
             LOG.warning("--device %s ignored: %d processes, each on its own device", cfg.device, ranks.size)
         LOG.info("%d processes: generation batches are shared out; rank 0 computes the metrics and writes the "
                  "files", ranks.size)
     if not cfg.teacher and "distribution" in cfg.metrics:
-        from ..config import source_model_of
-
         cfg.teacher = next((t for t in (source_model_of(p) for _, p in specs) if t), None)
     shared = _Shared(cfg)
     results = [evaluate_model(name, path, cfg, shared) for name, path in specs]

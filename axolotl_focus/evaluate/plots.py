@@ -26,10 +26,10 @@ def make_plots(results: list[dict], out_dir: str | os.PathLike, focus_params: di
     against (beta, gamma) when at least two models have FOCUS parameters).
     """
     try:
-        import matplotlib
+        import matplotlib  # optional (the eval extra) and heavy
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (the eval extra) and heavy
     except ImportError:
         return f"plots skipped: matplotlib is not installed ({EXTRA})"
     out = Path(out_dir)

@@ -15,6 +15,7 @@ import math
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 
 def perplexity(model, tokenizer, text: str | Sequence[int], window: int = 1024, stride: int = 512,
@@ -24,8 +25,6 @@ def perplexity(model, tokenizer, text: str | Sequence[int], window: int = 1024, 
     ``text``: a string (encoded as BOS + tokens) or token ids used as they are. Returns ``ppl``,
     ``nll`` (mean), ``tokens`` (stream length), ``scored`` tokens, ``window``, ``stride``.
     """
-    from tqdm.auto import tqdm
-
     if stride > window:
         raise ValueError(f"stride ({stride}) must be <= window ({window})")
     if isinstance(text, str):

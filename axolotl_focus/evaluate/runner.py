@@ -9,10 +9,13 @@ device. Rank 0 alone loads data, computes the other metrics and writes every fil
 
 from __future__ import annotations
 
+import datetime
 import gc
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..generation import generate_batch, process_state
 from .config import EvalConfig, MetricUnavailable
@@ -38,29 +41,19 @@ class Ranks:
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         if self.size > 1:
-            import datetime
-
-            import torch.distributed as dist
-
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WORKER_TIMEOUT_H))
 
     # messages (rank 0 -> all, all -> rank 0)
     def _send(self, kind: str, job: dict | None = None) -> None:
-        import torch.distributed as dist
-
         if self.size > 1:
             dist.broadcast_object_list([(kind, job)], src=0, group=self.group)
 
     def _receive(self) -> tuple[str, dict | None]:
-        import torch.distributed as dist
-
         box = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def _gather(self, obj) -> list | None:
-        import torch.distributed as dist
-
         out = [None] * self.size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0, group=self.group)
         return out
@@ -73,8 +66,6 @@ class Ranks:
             if paths is None:
                 raise ValueError("several processes: a generation request needs the model and tokenizer paths")
             self._send("generate", job | {"model": paths[0], "tokenizer": paths[1]})
-        from tqdm.auto import tqdm
-
         size, prompts = job["batch_size"], job["prompts"]
         starts = list(range(0, len(prompts), size))
         done: dict[int, list] = {}
@@ -109,11 +100,10 @@ class Ranks:
         self._send("stop")
 
     # the other ranks' side
-    def serve(self, cfg: EvalConfig) -> None:
-        """Answer rank 0's requests until it sends ``stop``."""
-        from transformers import AutoTokenizer
-
-        from .models import load_model  # not at the top: models uses this module
+    def serve(self, cfg: EvalConfig, load_model: Callable[[str, EvalConfig], Any]) -> None:
+        """Answer rank 0's requests until it sends ``stop``; ``load_model(path, cfg)`` loads a model
+        the first time a request names it (:func:`axolotl_focus.evaluate.models.load_model`)."""
+        from transformers import AutoTokenizer  # heavy: only the other ranks of a multi-process run serve
 
         while True:
             kind, job = self._receive()

@@ -25,7 +25,7 @@ class Featurizer:
     """MAUVE features: final-layer hidden state of each text's last token (as ``mauve-text``)."""
 
     def __init__(self, name: str, device, max_len: int, batch_size: int = 8):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy: only once the featurizer is used
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
@@ -75,7 +75,7 @@ def mauve_score(p_texts: list[str], q_texts: list[str], featurizer: Callable[[li
 class BertScorer:
     def __init__(self, cfg: EvalConfig, device):
         bert_score = require("bert_score", "bert-score", "BERTScore")
-        from bert_score.utils import model2layers
+        from bert_score.utils import model2layers  # optional (the eval extra), checked just above
 
         name = cfg.bertscore_model
         layer = cfg.bertscore_layer or model2layers.get(name) or model2layers.get(os.path.basename(name.rstrip("/")))

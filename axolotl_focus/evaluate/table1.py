@@ -16,6 +16,13 @@ Used by ``examples/table1_repetition.py`` and the demo (``axolotl-focus demo``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import fmean, stdev
+
+from tqdm.auto import tqdm
+
+from ..degeneration import crep, rep_ns
+from ..generation import generate_batch
+from ..micro import corpus_documents
 
 DECODINGS = (("greedy", False, 1.0), ("top-p 0.9", True, 1.0))  # (label, do_sample, temperature)
 REP_NS = (2, 3, 4)
@@ -34,8 +41,6 @@ def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test", cle
     """The first ``prefix_tokens`` ids of the first ``count`` documents of the embedded slice
     (cleaned with ``clean``: :func:`axolotl_focus.wikitext.clean`) that have at least ``prefix_tokens + 10``
     tokens."""
-    from ..micro import corpus_documents
-
     out = []
     for doc in corpus_documents(split, clean=clean):
         ids = tokenizer(doc)["input_ids"]
@@ -49,8 +54,6 @@ def prefixes(tokenizer, count: int, prefix_tokens: int, split: str = "test", cle
 def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens: int, *, do_sample: bool,
                   seed: int = 0, batch: int = 32, top_p: float = 0.9, temperature: float = 1.0) -> list[list[int]]:
     """Generated ids (EOS excluded) for every prompt, in order."""
-    from ..generation import generate_batch
-
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -63,8 +66,6 @@ def continuations(model, tokenizer, prompts: Sequence[Sequence[int]], new_tokens
 
 def repetition_row(texts: Sequence[Sequence[int]], ns: Sequence[int] = REP_NS) -> dict[str, float]:
     """``crep`` and ``rep-n`` for ``ns`` of a list of generated token-id lists."""
-    from ..degeneration import crep, rep_ns
-
     return {"crep": crep(texts), **{f"rep-{n}": v for n, v in rep_ns(texts, ns).items()}}
 
 
@@ -73,11 +74,8 @@ def measure(models: dict[str, str], prompts: Sequence[Sequence[int]], new_tokens
     """Rows ``{"model", "decoding", "crep", "rep-2", "rep-3", "rep-4"}`` for every model
     (``{name: checkpoint path}``, pruned checkpoints included) under every decoding
     (``(label, do_sample, temperature)``; greedy and top-p 0.9 at temperature 1 by default)."""
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # heavy: torch and transformers only once models are measured
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama)
 
     rows = []
     bar = tqdm(total=len(models) * len(decodings), desc="Table 1 generations", unit="run", disable=not progress)
@@ -99,8 +97,6 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     """One row per (model, decoding), in first-seen order: the metrics' means over the rows
     measured with different seeds, ``seeds`` (how many) and ``sd`` (``{metric: sample standard
     deviation}``, 0 for a single seed)."""
-    from statistics import fmean, stdev
-
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["decoding"]), []).append(r)

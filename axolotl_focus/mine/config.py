@@ -12,15 +12,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import source_model_of
 from ..degeneration import DEFAULT_THRESHOLD
 from ..files import input_identity
 from ..locations import check_weight_files, looks_local
 from ..options import nonfinite_fields, opt
+from ..prompt_format import MODES
 from ..sources import TEXT_UNITS
 
 __all__ = ["DTYPES", "MODES", "MiningConfig", "MiningSummary"]
 
-MODES = ("open_ended", "instruction")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -207,8 +208,6 @@ class MiningConfig:
         """The teacher: ``teacher`` or the ``focus_source_model`` recorded by the student."""
         if self.teacher:
             return self.teacher
-        from ..config import source_model_of
-
         return source_model_of(self.student)
 
 

@@ -68,12 +68,16 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..degeneration import coverage
 from ..files import write_json
 from ..generation import continuation_text, generate_batch, process_state, row_seed
 from ..options import resolve_device
+from ..prompt_format import encode_prompt
 from ..sources import Prompt, load_prompts
+from ..vocabulary import check_vocab_compat
 from .config import MiningConfig, MiningSummary
 from .pairs_file import (
     append_rows,
@@ -86,7 +90,6 @@ from .pairs_file import (
     shard_path,
     state_path,
 )
-from .prompts import encode_prompt
 
 LOG = logging.getLogger(__name__)
 
@@ -226,8 +229,6 @@ def _pair_row(neg: _Negative, tokenizer, names: tuple[str, str], cfg: MiningConf
 def _mine_local(student, teacher, tokenizer, prompts: list[Prompt], cfg: MiningConfig, names: tuple[str, str],
                 path: str, target: int, show: bool) -> MiningSummary:
     """Mine ``prompts`` batch by batch into ``path`` (+ its state file) until ``target`` new pairs."""
-    from tqdm.auto import tqdm
-
     summary = MiningSummary(output=path)
     bar = tqdm(total=len(prompts), desc="RePAIR pairs", unit="prompt", disable=not show)
     for b in range(0, len(prompts), cfg.batch_size):
@@ -274,7 +275,7 @@ def mine_pairs(student, teacher, tokenizer, prompts: Sequence[Prompt | str], cfg
 
 
 def _mine_pairs(student, teacher, tokenizer, prompts, cfg: MiningConfig, state) -> MiningSummary:
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object  # heavy: only a mining run gathers
 
     start = time.perf_counter()
     output = cfg.output
@@ -345,12 +346,8 @@ def _config_vocab(config) -> int | None:
 
 def _check_vocab(cfg: MiningConfig, teacher_path: str):
     """Student and teacher must share one vocabulary: compared from their tokenizer files and
-    configs only (no weights), with :func:`axolotl_focus.train.teacher.check_vocab_compat`. Returns the
+    configs only (no weights), with :func:`axolotl_focus.vocabulary.check_vocab_compat`. Returns the
     student's tokenizer and config vocabulary size."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..train.teacher import check_vocab_compat
-
     paths, kw = (cfg.student, teacher_path), dict(trust_remote_code=cfg.trust_remote_code)
     tokenizers = [AutoTokenizer.from_pretrained(path, **kw) for path in paths]
     sizes = [_config_vocab(AutoConfig.from_pretrained(path, **kw)) for path in paths]
@@ -372,8 +369,6 @@ def _check_context(cfg: MiningConfig, tokenizer, prompts: list[Prompt]) -> None:
     ``max_position_embeddings``), checked before any weights are loaded: open-ended mode
     ``prefix_tokens + max_new_tokens``, instruction mode each rendered prompt + ``max_new_tokens``
     (one line with the count and the first prompt that does not fit)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if not context:
@@ -399,10 +394,6 @@ def run_mining(cfg: MiningConfig) -> MiningSummary:
     vocabulary and that ``cfg.output`` may be resumed with these settings (or, with ``restart``,
     start it over), then load both models (``AutoModelForCausalLM.from_pretrained``) onto this
     process's device and call :func:`mine_pairs` with the student's tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from ..prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
-
     cfg.validate(models=True)
     device = resolve_device(cfg.device, "--device") if cfg.device else None  # before reading anything
     prompts = load_prompts(

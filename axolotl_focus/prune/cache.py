@@ -8,16 +8,10 @@ settings and an unchanged source reuses the cache. In a multi-process launch onl
 the other ranks wait for the finished checkpoint, which appears atomically (written to a
 temporary folder, then renamed).
 
-Source fingerprint (`source_fingerprint`, part of the cache key; loads no weights, seconds even
-for a 16 GB checkpoint): for a local folder the sha256 of config.json and of the tokenizer files,
-and for every top-level weight file (*.safetensors, *.bin, *.pt, *.pth) its size, the sha256 of
-its safetensors JSON header and a sha256 of 65 evenly spaced 64 KiB blocks (the first at offset
-0, the last ending at the end of the file; files up to 65 blocks are hashed whole). Overwriting the
-source (retrained weights of the same shapes included) changes the key, so the next run prunes
-again into a new folder; a change confined to the bytes between the sampled blocks goes unseen.
-For a hub id the fingerprint is the commit sha: `HfApi().model_info` when online (what
-`from_pretrained` would download), else the local hub cache's `refs/main`; offline without a
-cache it is `{"hub": id, "revision": None}` and a warning says staleness cannot be checked.
+Source fingerprint (:func:`axolotl_focus.fingerprints.source_fingerprint`, part of the cache
+key; loads no weights): overwriting the source (retrained weights of the same shapes included)
+changes the key, so the next run prunes again into a new folder. Offline, a hub id without a local
+cache has no revision, and a warning says staleness cannot be checked.
 The fingerprint is stored as `source_fingerprint` in pruning_report.json. A cache hit whose stored
 fingerprint differs from the current one (a digest collision, a folder copied by hand) is not
 reused and not overwritten: a warning names the changed files and the source is pruned into the
@@ -46,75 +40,35 @@ import shutil
 import time
 from pathlib import Path
 
+from .. import fingerprints
 from ..files import exclusive_lock
 from ..locations import cached_hub_file, hub_offline
 from ..options import resolve_device
+from . import checkpoint
 from .calibration import calibration_source, load_calibration_texts
+from .depth import prune_depth
+from .report import report_dict
 from .settings import PruneSettings
+from .shapes import count_params, plan_width
+from .width import prune_width
 
 LOG = logging.getLogger(__name__)
 
 REPORT_FILE = "pruning_report.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt")
-_BLOCK, _BLOCKS = 1 << 16, 64  # weight files are sampled in _BLOCKS + 1 blocks of _BLOCK bytes
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AXOLOTL_FOCUS_CACHE", Path.home() / ".cache" / "axolotl_focus")) / "pruned"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _weight_fingerprint(path: Path) -> dict:
-    """Size, sha256 of the safetensors header (None for other formats) and of sampled blocks."""
-    size, header, sample = path.stat().st_size, None, hashlib.sha256()
-    with open(path, "rb") as handle:
-        if path.suffix == ".safetensors" and size >= 8:
-            length = int.from_bytes(handle.read(8), "little")
-            if 0 < length <= min(size - 8, 1 << 28):
-                header = hashlib.sha256(handle.read(length)).hexdigest()
-        if size <= _BLOCK * (_BLOCKS + 1):
-            handle.seek(0)
-            sample.update(handle.read())
-        else:
-            for i in range(_BLOCKS + 1):
-                handle.seek(i * (size - _BLOCK) // _BLOCKS)
-                sample.update(handle.read(_BLOCK))
-    return {"size": size, "header": header, "sample": sample.hexdigest()}
-
-
 def source_fingerprint(source: str) -> dict:
-    """What identifies this version of `source`, without loading weights (see the module docstring):
-    {"config", "tokenizer": {name: sha256}, "weights": {name: {"size", "header", "sample"}}} for a
-    local folder, {"hub": id, "revision": commit sha or None} for a hub id."""
-    if os.path.isdir(source):
-        folder = Path(source)
-        config = folder / "config.json"
-        return {
-            "config": _sha256(config) if config.is_file() else None,
-            "tokenizer": {n: _sha256(folder / n) for n in _TOKENIZER_FILES if (folder / n).is_file()},
-            "weights": {p.name: _weight_fingerprint(p) for p in sorted(folder.iterdir())
-                        if p.suffix in WEIGHT_SUFFIXES and p.is_file()},
-        }
-    revision = None
-    if not hub_offline():
-        try:
-            from huggingface_hub import HfApi
-
-            revision = HfApi().model_info(source).sha
-        except Exception as exc:  # noqa: BLE001 - no network, private, ...: fall back to the cache
-            LOG.debug("focus_prune: model_info(%s) failed: %s", source, exc)
-    if revision is None and (cached := cached_hub_file(source)):
-        revision = Path(cached).parent.name  # .../snapshots/<commit sha>/config.json
-    if revision is None:
+    """:func:`axolotl_focus.fingerprints.source_fingerprint` of the pruning source, with a warning when
+    it is a hub id whose revision cannot be known (offline, not in the local hub cache)."""
+    fingerprint = fingerprints.source_fingerprint(source)
+    if "hub" in fingerprint and fingerprint["revision"] is None:
         LOG.warning("focus_prune: %s is not in the local hub cache and the hub cannot be reached: a cached "
                     "pruned checkpoint of it cannot be checked for staleness", source)
-    return {"hub": source, "revision": revision}
+    return fingerprint
 
 
 def _changed(old: dict, new: dict) -> list[str]:
@@ -171,10 +125,7 @@ def _is_rank_zero() -> bool:
 
 def prune(model, tokenizer, texts, settings: PruneSettings, **kwargs):
     """`width.prune_width` or `depth.prune_depth`, per `settings.method`; returns the PruneReport."""
-    if settings.method == "width":
-        from .width import prune_width as method
-    else:
-        from .depth import prune_depth as method
+    method = prune_width if settings.method == "width" else prune_depth
     return method(model, tokenizer, texts, settings, **kwargs)
 
 
@@ -191,11 +142,8 @@ def run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, finge
 
 
 def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fingerprint: dict | None) -> dict:
-    import torch
+    import torch  # heavy: torch and transformers only once a model is pruned
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import save_pruned
-    from .report import report_dict
 
     if Path(output).exists():  # checked again before the rename
         raise FileExistsError(f"focus_prune: output {output} exists already; refusing to overwrite it")
@@ -212,7 +160,7 @@ def _run_prune(source: str, spec: PruneSettings, output: str | os.PathLike, fing
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pruned(report.model.to("cpu"), tokenizer, tmp)
+        checkpoint.save_pruned(report.model.to("cpu"), tokenizer, tmp)
         data = {**report_dict(report), "source_fingerprint": fingerprint}
         with open(tmp / REPORT_FILE, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, default=str)
@@ -256,9 +204,7 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     Returns {source, method, config (the config.json read, or None), fingerprint, cache_path (the
     folder ensure_pruned would use), cached, calibration, params_before, params_after, reduction,
     note} plus {ratio, width_notes} for width or {num_blocks} for depth pruning."""
-    from transformers import AutoConfig
-
-    from .shapes import count_params, plan_width
+    from transformers import AutoConfig  # heavy: only a plan reads a model config
 
     def checked(call, *args):
         try:
@@ -275,7 +221,7 @@ def plan_prune(source: str, spec: PruneSettings) -> dict:
     elif source.startswith(("/", "./", "../", "~")):
         raise ValueError(f"focus_prune: base_model {source} is not a folder")
     elif (config_file := cached_hub_file(source)) is None and not hub_offline():
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # heavy, and only online for a hub id
 
         try:
             config_file = hf_hub_download(source, "config.json")
@@ -339,12 +285,13 @@ def disable_attention_lora_kernels(cfg: dict) -> None:
     LOG.info("width-pruned student: axolotl's LoRA attention kernels (lora_qkv_kernel, lora_o_kernel) disabled")
 
 
-def apply_to_config(cfg: dict) -> None:
-    """`register` hook: validate `focus_prune`, prune (or reuse the cache), point the config at it."""
+def apply_to_config(cfg: dict, spec: PruneSettings | None = None) -> None:
+    """`register` hook: prune (or reuse the cache), point the config at it; `spec`: the `focus_prune`
+    block as the check before training validated it (validated here when not given)."""
     block = cfg.get("focus_prune")
     if not block or cfg.get("focus_pruned_from"):  # absent, or already applied
         return
-    spec = PruneSettings.model_validate(block)
+    spec = PruneSettings.model_validate(block) if spec is None else spec
     source = cfg.get("base_model")
     if not source:
         raise ValueError("focus_prune: needs `base_model` (the unpruned model to prune)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..files import read_lines
+from ..micro import corpus_documents
 from ..sources import load_hub_dataset, missing_file
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ def load_calibration_texts(spec: PruneSettings) -> tuple[list[str], str]:
     .txt (one paragraph per line) / .jsonl file, or a hub dataset (`datasets.load_dataset` with
     `calibration_config`, streamed: a seeded shuffle buffer, then non-empty texts are read until
     `calib_samples` of them have at least `calib_seq_len` words, so at least as many tokens)."""
-    from ..micro import corpus_documents
-
     kind, path = calibration_source(spec)
     if kind == "embedded":
         return corpus_documents("valid"), "embedded WikiText-2 valid slice (CC BY-SA 3.0)"
@@ -99,7 +98,7 @@ def build_calibration(
     """`num_samples` random windows of `seq_len` tokens (seeded), one per text long enough, taken
     in a seeded random order; if too few texts are long enough, the rest are windows of all texts
     concatenated. Returns (input_ids [num_samples, seq_len], description for the metadata)."""
-    import torch
+    import torch  # heavy: reading calibration texts needs no torch
 
     if not texts:
         raise ValueError("calibration texts: none given (gradient-based importance needs calibration text)")
@@ -145,7 +144,7 @@ def build_calibration(
 def calibration_ids(tokenizer, texts, cfg: PruneSettings, calibration_name: str | None) -> tuple[torch.Tensor, dict]:
     """The calibration input_ids [samples, seq_len] and their description: `texts` are windowed per
     cfg.calib_* (`build_calibration`), or already a tensor of token ids."""
-    import torch
+    import torch  # heavy: reading calibration texts needs no torch
 
     if isinstance(texts, torch.Tensor):
         ids = texts.long()

@@ -1,6 +1,7 @@
 """What the pruning settings and the pruning code share, without pydantic: the names of the
-importance criteria and the rest of the choices, and what pruning supports and reads of a model
-config (`check_architecture`, `model_dims`).
+importance criteria and the rest of the choices, the keys of a width-pruned layer's shape
+(`SHAPE_KEYS`), what the width arithmetic reads of its settings (`WidthSettings`), and what pruning
+supports and reads of a model config (`check_architecture`, `model_dims`).
 
 `settings` (the pydantic model) re-exports them. The pruning code (`importance`, `shapes`,
 `width`, `depth`, `calibration`) imports them from here and `PruneSettings` only for its type
@@ -11,13 +12,27 @@ without axolotl).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix", "l1", "l2", "random")
 GRADIENT_IMPORTANCES = ("param_first", "vectorize", "param_second", "param_mix")
 GQA_MODES = ("group", "q_within_group")
 DEPTH_SCORES = ("taylor", "ppl")
 SUPPORTED_MODEL_TYPES = ("llama",)
+# a width-pruned layer's sizes in config.json's `layer_shapes`; modeling_pruned_llama.py, which must stay
+# self-contained (it is copied into every width-pruned checkpoint), spells the same tuple
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+class WidthSettings(Protocol):
+    """What the closed-form width arithmetic (`shapes`) reads of its settings; `PruneSettings` has it."""
+
+    ratio: float
+    target_param_reduction: float | None
+    gqa_mode: str
+    uniform: bool
+
+    def layer_ranges(self, num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]: ...
 
 
 def check_architecture(model_config: Any) -> None:

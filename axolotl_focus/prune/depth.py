@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from .calibration import calibration_ids
-from .common import check_architecture, model_dims
+from .common import SHAPE_KEYS, check_architecture, model_dims
 from .importance import ATTN_PROJ, MLP_PROJ, gradient_pass, lm_loss, projection
-from .modeling_pruned_llama import SHAPE_KEYS, PrunedLlamaForCausalLM
+from .modeling_pruned_llama import PrunedLlamaForCausalLM
 from .report import PruneReport, source_of
 from .shapes import count_params
 

@@ -30,6 +30,8 @@ are never pruned. The KV cache (DynamicCache) sizes each layer lazily, so per-la
 with `generate(use_cache=True)`.
 """
 
+import sys
+
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
@@ -149,6 +151,7 @@ def register_auto_classes() -> None:
     without trust_remote_code (idempotent): `model_type: pruned_llama` (the earlier format) is
     registered, and a LlamaConfig gets :class:`LlamaOrPrunedLlamaForCausalLM` (transformers'
     `register` ignores its native config types, so the mapping is set directly)."""
+    # the Auto classes' table, only when registering
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)
@@ -161,3 +164,9 @@ def register_auto_classes() -> None:
 # save_pretrained then copies this file into the checkpoint and writes `auto_map` (trust_remote_code).
 PrunedLlamaConfig.register_for_auto_class()
 PrunedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+# A process that imported axolotl_focus registers these classes as soon as transformers is imported
+# (axolotl_focus/__init__.py); when this module is what imported transformers, they did not exist yet
+# then and it asked for them here (a look-up, not an import: this file also runs as remote code).
+if getattr(sys.modules.get("axolotl_focus"), "_register_when_defined", False):
+    register_auto_classes()

@@ -30,6 +30,7 @@ from .common import (  # noqa: F401
     check_architecture,
     model_dims,
 )
+from .shapes import plan_width
 
 _WIDTH_ONLY = ("ratio", "target_param_reduction", "importance", "attn_layers", "mlp_layers", "gqa_mode", "uniform")
 _DEPTH_ONLY = ("num_blocks", "block_fraction", "depth_score", "protected_first", "protected_last")
@@ -156,8 +157,6 @@ class PruneSettings(BaseModel):
             return self
         self.layer_ranges(num_layers)
         if model_config is not None:
-            from .shapes import plan_width
-
             plan_width(model_config, self)  # raises if a layer would lose every unit
         return self
 

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from .common import check_architecture, model_dims
-from .modeling_pruned_llama import SHAPE_KEYS
-
-if TYPE_CHECKING:
-    from .settings import PruneSettings
+from .common import SHAPE_KEYS, WidthSettings, check_architecture, model_dims
 
 
 def _removed(channels: int, unit: int, ratio: float) -> int:
@@ -32,7 +27,7 @@ def _nearest_valid(want: int, candidates: list[int]) -> int:
     return min(candidates, key=lambda c: (abs(c - want), -c)) if candidates else 0
 
 
-def layer_shapes_for_ratio(model_config, cfg: PruneSettings, ratio: float) -> list[dict]:
+def layer_shapes_for_ratio(model_config, cfg: WidthSettings, ratio: float) -> list[dict]:
     """Per-layer {num_attention_heads, num_key_value_heads, intermediate_size} after pruning every
     layer of the ranges at `ratio` (entries may be 0 when the ratio removes every unit)."""
     hidden, head_dim, heads, kv_heads, inter = model_dims(model_config)
@@ -93,7 +88,7 @@ class WidthPlan:
         return 1 - self.params_after / self.params_before
 
 
-def plan_width(model_config, cfg: PruneSettings) -> WidthPlan:
+def plan_width(model_config, cfg: WidthSettings) -> WidthPlan:
     """Shapes and parameter counts of width pruning, without touching any weight. Solves for the
     ratio when `cfg.target_param_reduction` is set. Raises ValueError if a layer would lose all
     heads or channels."""
@@ -148,7 +143,7 @@ def _units(n: int, unit: str) -> str:
     return f"{n} {first if n == 1 else first + 's'}" + (f" per {rest}" if rest else "")
 
 
-def _width_notes(model_config, cfg: PruneSettings, ratio: float, layer_shapes: list[dict]) -> tuple[dict, list]:
+def _width_notes(model_config, cfg: WidthSettings, ratio: float, layer_shapes: list[dict]) -> tuple[dict, list]:
     """Why width pruning at `ratio` cuts what it cuts: ({"attention", "mlp", "scope": text}, short).
 
     attention / mlp: the part's units (MHA heads; GQA: KV groups of n_rep q heads, or q heads

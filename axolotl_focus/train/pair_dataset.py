@@ -124,7 +124,7 @@ def dataset_rows(cfg, ds_cfg: Mapping):
     if cfg.get("streaming") or ds_cfg.get("streaming"):
         return None
     try:
-        from axolotl.utils.data.shared import load_dataset_with_config
+        from axolotl.utils.data.shared import load_dataset_with_config  # heavy: only for a hub dataset or folder
         from axolotl.utils.dict import DictDefault
         from datasets import DatasetDict
 

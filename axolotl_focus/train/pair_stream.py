@@ -26,6 +26,7 @@ the gradient of one step over all N pairs at once.
 the recorded token ids when the row has them) and both continuations are cut to fit ``sequence_len``
 (:func:`~axolotl_focus.train.pair_dataset.fit_pair`). Bad rows stop the run with ``file:line``
 (or are skipped and counted with ``focus_repair_skip_bad_rows``); a file without a usable pair is an error.
+:func:`check` reads a local file's rows that way before training (``validate``, the plugin's ``register``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..account import Account
+from ..config import focus_default
+from ..files import read_lines
+from ..locations import looks_local
 from ..pair_rows import fit_pair, pair_ids
 from .losses import IGNORE_INDEX
-from .pair_dataset import check_rows, dataset_rows, file_rows, pair_problem
+from .pair_dataset import check_pair_file, check_rows, dataset_rows, file_rows, pair_problem
+from .tokenizer import measuring_tokenizer
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected token ids
 
@@ -151,3 +158,31 @@ def append_pairs(batch: dict, pairs: list[Pair], pad_id: int, padding_side: str 
         before = ids.new_zeros(0) if before is None else before
         out[key] = torch.cat([before, torch.tensor(new_rows, dtype=torch.long, device=ids.device)])
     return out
+
+
+def check(cfg: Mapping, account: Account) -> None:
+    """``focus_repair_pairs`` before training: a local pairs file exists and its rows pass the dataset
+    type's checks (prompts measured against ``sequence_len`` with the student's tokenizer)."""
+    path = cfg.get("focus_repair_pairs")
+    if not path:
+        return
+    path = str(path)
+    per_step = cfg.get("focus_repair_pairs_per_step") or focus_default("focus_repair_pairs_per_step")
+    if not looks_local(path):
+        account.say("pairs", f"{path}: hub dataset (train split), {per_step} pairs per optimizer step")
+        return
+    if not os.path.isfile(path):
+        what = "is a directory; give the JSON-lines pairs file" if os.path.isdir(path) else "does not exist"
+        account.error("focus_repair_pairs", f"{path} {what} (mine it first: axolotl-focus pairs)")
+        return
+    tokenizer = measuring_tokenizer(cfg, account)  # prompts measured as the trainer fits them
+    try:
+        bad = check_pair_file(path, bool(cfg.get("focus_repair_skip_bad_rows")), tokenizer, cfg.get("sequence_len"))
+        rows = sum(1 for line in read_lines(path) if line.strip())
+    except ValueError as exc:
+        account.error("focus_repair_pairs", str(exc))
+        return
+    measured = f", prompts measured against sequence_len {cfg.get('sequence_len')}" if tokenizer else ""
+    account.say("pairs", f"{path}: {rows - bad} pairs checked{measured}"
+                + (f" ({bad} bad ones skipped)" if bad else "") + f", drawn {per_step} per optimizer step apart from "
+                "the SFT data")

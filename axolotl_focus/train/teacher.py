@@ -1,17 +1,25 @@
-"""The in-process teacher: loading, vocabulary checks, and placement (device, DeepSpeed ZeRO)."""
+"""The in-process teacher: which one a config names, loading, placement (device, DeepSpeed ZeRO)
+and, before any weights are loaded, its check (:func:`check`: resolvable, and the student's
+vocabulary, :mod:`axolotl_focus.vocabulary`)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import os
+from typing import Mapping
 
 import torch
+
+from ..account import Account
+from ..config import SOURCE_MODEL_KEY, focus_default, source_model_of
+from ..locations import looks_local
+from ..vocabulary import check_teacher_before_loading, check_vocab_compat
 
 LOG = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_VOCAB_SAMPLE = ("the", " the", "The", "\n", " of", ".", ",", " and", "0", " 1", "ing", " a")
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -28,7 +36,7 @@ def resolve_dtype(name: str, bf16: bool, fp16: bool) -> torch.dtype:
 
 def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
     """Load the teacher once: eval mode, no grads, never seen by the optimizer or PEFT."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: only when the teacher is loaded
 
     LOG.info("axolotl_focus: loading teacher %s (%s)", path, dtype)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -36,51 +44,6 @@ def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
     return teacher
-
-
-def vocab_problems(student_tokenizer, teacher_tokenizer) -> list[str]:
-    """Differences between two tokenizers: length, and the ids of a sample of common tokens."""
-    if len(student_tokenizer) != len(teacher_tokenizer):
-        return [f"tokenizer length: student {len(student_tokenizer)}, teacher {len(teacher_tokenizer)}"]
-    for text in _VOCAB_SAMPLE:
-        ids_s = student_tokenizer.encode(text, add_special_tokens=False)
-        ids_t = teacher_tokenizer.encode(text, add_special_tokens=False)
-        if ids_s != ids_t:
-            return [f"token ids of {text!r}: student {ids_s}, teacher {ids_t}"]
-    return []
-
-
-def check_vocab_compat(student_tokenizer=None, teacher_tokenizer=None,
-                       student_vocab: int | None = None, teacher_vocab: int | None = None) -> None:
-    """Raise a clear error unless teacher and student share one vocabulary.
-
-    Compares whatever is given: the tokenizers (length, ids of sample tokens) and the vocabulary
-    sizes (config ``vocab_size`` before loading, lm_head rows after).
-    """
-    problems = []
-    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-        problems.append(f"vocabulary size / lm_head rows: student {student_vocab}, teacher {teacher_vocab}")
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        problems += vocab_problems(student_tokenizer, teacher_tokenizer)
-    if problems:
-        raise ValueError(
-            "focus_teacher_model: the teacher does not share the student's vocabulary ("
-            + "; ".join(problems)
-            + "). Distillation compares distributions token by token, so use the unpruned model "
-            "the student was pruned from (same tokenizer), or set `focus_distill: none`."
-        )
-
-
-def check_teacher_before_loading(student_path: str, student_tokenizer_path: str | None, teacher_path: str) -> None:
-    """Cheap pre-flight check (tokenizers and configs only) before any weights are loaded."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    check_vocab_compat(
-        AutoTokenizer.from_pretrained(student_tokenizer_path or student_path),
-        AutoTokenizer.from_pretrained(teacher_path),
-        AutoConfig.from_pretrained(student_path, trust_remote_code=True).vocab_size,
-        AutoConfig.from_pretrained(teacher_path, trust_remote_code=True).vocab_size,
-    )
 
 
 def teacher_placement(deepspeed_config: dict | None) -> str:
@@ -137,9 +100,58 @@ def gathered(*params: torch.nn.Parameter):
     partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # optional (the deepspeed extra), GPU only
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def teacher_name(cfg: Mapping) -> tuple[str | None, str]:
+    """The teacher of a raw config and where it comes from (None: no teacher needed)."""
+    if cfg.get("rl") and cfg.get("focus_dpo_reference", "teacher") == "student":
+        return None, "DPO reference = the initial student; no teacher"
+    if not cfg.get("rl") and (cfg.get("focus_distill") or focus_default("focus_distill")) == "none":
+        return None, "focus_distill: none; no teacher"
+    if cfg.get("focus_teacher_model"):
+        return cfg["focus_teacher_model"], "focus_teacher_model"
+    if cfg.get("focus_prune") and cfg.get("base_model"):
+        return cfg["base_model"], "the unpruned source of focus_prune"
+    recorded = source_model_of(cfg.get("base_model"))  # None: FocusArgs' validation says what to set
+    return recorded, f"{SOURCE_MODEL_KEY} recorded by {cfg.get('base_model')}"
+
+
+def check(cfg: Mapping, account: Account) -> None:
+    """The teacher (``focus_teacher_model``, else the ``focus_prune`` source, else the
+    ``focus_source_model`` a pruned ``base_model`` records) can be loaded and shares the student's
+    vocabulary, from tokenizer files and configs only."""
+    teacher, origin = teacher_name(cfg)
+    if teacher is None:
+        if not origin.startswith(SOURCE_MODEL_KEY):
+            account.say("teacher", origin)
+        return
+    key = "focus_teacher_model"
+    if origin.startswith(SOURCE_MODEL_KEY) and looks_local(teacher) and not os.path.isdir(teacher):
+        account.error(key, f"not set, and the focus_source_model {teacher} recorded by base_model "
+                      f"{cfg.get('base_model')} does not exist (moved?); set focus_teacher_model to the unpruned "
+                      "model", line_of="base_model")
+        return
+    teacher_at = account.resolve(teacher, key)
+    if teacher_at is None:
+        return
+    account.say("teacher", f"{teacher} ({origin}; {teacher_at.note or teacher_at.kind})")
+    student = account.student
+    if student is None:
+        return
+    if not (student.readable and teacher_at.readable):
+        account.say("vocabulary", "not checked (a model's files are not readable offline)")
+        return
+    tokenizer = cfg.get("tokenizer_config")
+    try:
+        check_teacher_before_loading(student.folder, tokenizer if tokenizer and tokenizer != cfg.get("base_model")
+                                     else None, teacher_at.folder)
+    except (ValueError, OSError) as exc:
+        account.error(key, str(exc).removeprefix(f"{key}: "))
+    else:
+        account.say("vocabulary", "teacher and student share one tokenizer and vocabulary size")
 
 
 def check_config_teacher(cfg) -> None:
@@ -153,7 +165,7 @@ def check_config_teacher(cfg) -> None:
 
 def use_teacher_as_reference(trainer, cfg) -> None:
     """Make a TRL DPO trainer score the reference log-probs with the unpruned teacher."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only under DPO with the teacher as reference
 
     if getattr(trainer.args, "precompute_ref_log_probs", False):
         raise ValueError(

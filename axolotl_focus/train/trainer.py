@@ -52,12 +52,15 @@ import logging
 import math
 import os
 
+import datasets
 import torch
 import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
+from transformers import AutoTokenizer
 
 from ..config import TRAINING_RECORD, FocusAuxLosses, FocusTrainingArgsMixin
 from ..files import write_json
+from ..vocabulary import check_vocab_compat
 from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
 from .losses import (
     IGNORE_INDEX,
@@ -68,7 +71,10 @@ from .losses import (
     fused_ditto_loss,
     repair_margin_loss,
 )
-from .teacher import check_vocab_compat, gathered, load_teacher, place_teacher, resolve_dtype, unwrap
+from .pair_stream import PairStream, append_pairs
+from .teacher import gathered, load_teacher, place_teacher, resolve_dtype, unwrap
+from .teacher_cache.reader import TeacherCache
+from .teacher_cache.rows import dataset_sft_rows
 
 LOG = logging.getLogger(__name__)
 _COUNT = "#count"  # suffix of the stored count that goes with a term's stored sum (see FocusTrainer.log)
@@ -143,8 +149,6 @@ class FocusTrainer(AxolotlTrainer):
             self.teacher = self._prepare_teacher(teacher_model)
         self.pair_stream = None
         if fa.focus_repair_pairs:
-            from .pair_stream import PairStream
-
             self.pair_stream = PairStream.load(fa.focus_repair_pairs, self.processing_class, fa.focus_sequence_len,
                                                fa.focus_repair_pairs_per_step, self.args.seed,
                                                fa.focus_repair_skip_bad_rows)
@@ -168,8 +172,6 @@ class FocusTrainer(AxolotlTrainer):
                     "focus_teacher_model: not set; FOCUS/KD need the unpruned teacher "
                     "(or set focus_distill: none)"
                 )
-            from transformers import AutoTokenizer
-
             # tokenizers first: a mismatch must not wait for the teacher's weights to load
             check_vocab_compat(self.processing_class, AutoTokenizer.from_pretrained(fa.focus_teacher_model))
             dtype = resolve_dtype(fa.focus_teacher_dtype, self.args.bf16, self.args.fp16)
@@ -183,8 +185,6 @@ class FocusTrainer(AxolotlTrainer):
     def _open_teacher_cache(self, path: str):
         """Open the teacher cache once, check that it fits this run (temperature, the student's
         lm_head rows, the tokenizer) and that it holds every SFT row of the train and eval data."""
-        from .teacher_cache.reader import TeacherCache
-
         cache = TeacherCache.open(path)
         cache.check_compatible(temperature=self.focus_args.focus_temperature,
                                vocab_size=unwrap(self.model).get_output_embeddings().weight.shape[0],
@@ -198,10 +198,6 @@ class FocusTrainer(AxolotlTrainer):
     def _check_cached_rows(self, cache) -> None:
         """Every SFT row of ``train_dataset`` and ``eval_dataset`` (RePAIR pair rows aside) must be in
         the cache, so that a missing sequence stops the run before step one, not in the middle."""
-        import datasets
-
-        from .teacher_cache.rows import dataset_sft_rows
-
         splits = [("train", self.train_dataset)]
         evals = self.eval_dataset
         splits += [(f"eval {name}", d) for name, d in evals.items()] if isinstance(evals, dict) else [("eval", evals)]
@@ -305,8 +301,6 @@ class FocusTrainer(AxolotlTrainer):
         (``self._pairs_in_step``), for the margin loss's mean."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.pair_stream is not None and batch_samples:
-            from .pair_stream import append_pairs
-
             tokenizer, count = self.processing_class, len(batch_samples)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             batch_samples = [

@@ -14,8 +14,8 @@ import torch
 from axolotl_focus.degeneration import coverage, loop_at_tail
 from axolotl_focus.generation import RowStopper, generate_batch
 from axolotl_focus.mine.config import DTYPES, MODES, MiningConfig
-from axolotl_focus.mine.prompts import encode_prompt
 from axolotl_focus.mine.run import mine_pairs, run_mining
+from axolotl_focus.prompt_format import encode_prompt
 from axolotl_focus.sources import TEXT_UNITS, load_prompts
 
 THRESHOLD = 0.3

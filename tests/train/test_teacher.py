@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from axolotl_focus.train.teacher import (
-    check_teacher_before_loading,
-    check_vocab_compat,
     place_teacher,
     resolve_dtype,
     teacher_deepspeed_config,
     teacher_placement,
 )
+from axolotl_focus.vocabulary import check_teacher_before_loading, check_vocab_compat
 
 ZERO3 = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},

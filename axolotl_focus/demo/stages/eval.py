@@ -19,6 +19,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from ... import evaluate  # the stage's public API, imported on first use: the demo's --help stays light
+from ...degeneration import coverage, loop_unit
+from ...micro import corpus_documents
 from ..pipeline import Context
 from ..settings import ARMS, DemoSettings, run_id, run_label, write_json
 from . import table1
@@ -39,10 +44,8 @@ def models(s: DemoSettings, records: dict) -> dict[str, str]:
 
 
 def eval_config(s: DemoSettings, ctx: Context, folder: Path, teacher: str):
-    from ...evaluate import EvalConfig
-
     docs, ppl = (str(folder / "documents.jsonl"), str(folder / "ppl.txt")) if s.clean_text else ("embedded",) * 2
-    return EvalConfig(
+    return evaluate.EvalConfig(
         output_dir=str(folder), tasks=("open_ended",), metrics=("ppl", "repetition", "mauve"), documents=docs,
         ppl_data=ppl, decodings=("top_p", "greedy"), seeds=tuple(s.seed + k for k in s.eval_seeds),
         temperature=s.eval_temperature, batch_size=48, num_documents=s.eval_documents, data_seed=s.seed,
@@ -53,8 +56,6 @@ def eval_config(s: DemoSettings, ctx: Context, folder: Path, teacher: str):
 
 
 def _write_documents(folder: Path) -> None:
-    from ...micro import corpus_documents
-
     docs = corpus_documents("test", clean=True)
     with open(folder / "documents.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"id": f"wikitext2-test-{i}", "text": d}) + "\n" for i, d in enumerate(docs))
@@ -68,9 +69,7 @@ def _read_jsonl(path: str | Path) -> list[dict]:
 
 def generations(cfg, name: str, decoding: str) -> list[list[dict]]:
     """The saved generations of model ``name`` under ``decoding`` (``top_p``: one list per seed)."""
-    from ...evaluate import model_dir
-
-    folder = model_dir(cfg, name) / "generations"
+    folder = evaluate.model_dir(cfg, name) / "generations"
     if decoding == "greedy":
         return [_read_jsonl(folder / "open_ended.greedy.jsonl")]
     return [_read_jsonl(folder / f"open_ended.top_p0.9.seed{seed}.jsonl") for seed in cfg.seeds]
@@ -80,8 +79,6 @@ def loop_counts(token_lists) -> tuple[Counter, dict, int]:
     """``(Counter of loop units, {unit: its segment as first generated}, number of texts)``: a unit
     is :func:`axolotl_focus.degeneration.loop_unit` (one rotation for every phase of a loop); it is
     shown as the segment the text actually repeated."""
-    from ...degeneration import coverage, loop_unit
-
     units, shown, n = Counter(), {}, 0
     for toks in token_lists:
         n += 1
@@ -99,12 +96,9 @@ def top_loops(units: Counter, shown: dict, n: int, tokenizer) -> dict:
 
 def diagnostics(s: DemoSettings, cfg, names: dict[str, str], records: dict, progress: bool) -> dict:
     """Held-out pair margins and loop kinds (module docstring)."""
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # heavy: only once the stage runs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ...evaluate.pair_margin import pair_margins
-    from ...prune import modeling_pruned_llama  # noqa: F401  (registers pruned_llama with the Auto classes)
 
     pairs = records.get("pairs") or {}
     tokenizer = AutoTokenizer.from_pretrained(names["teacher (unpruned)"])
@@ -119,26 +113,24 @@ def diagnostics(s: DemoSettings, cfg, names: dict[str, str], records: dict, prog
     if held:
         for name, path in tqdm(names.items(), desc="held-out pair margins", disable=not progress):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            out["margins"][name] = pair_margins(model, tokenizer, held)
+            out["margins"][name] = evaluate.pair_margins(model, tokenizer, held)
             del model
     return out
 
 
 def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
-    from ...evaluate import evaluate_models
-    from ...evaluate.table1 import measure
-
     teacher = records["teacher"]["path"]
     if s.clean_text:
         _write_documents(folder)
     cfg = eval_config(s, ctx, folder, teacher)
     names = models(s, records)
-    results = evaluate_models(names, cfg)
+    results = evaluate.evaluate_models(names, cfg)
     diag = diagnostics(s, cfg, names, records, ctx.progress)
     write_json(folder / "diagnostics.json", diag)
     if s.table1_prompts:  # the micro Table 1's fine-tuned row: the CE run of the first seed
-        rows = measure({"width pruned + CE fine-tuning": records["sft"]["runs"][run_id("ce", s.train_seeds[0])][
-            "model"]}, table1.prompts(s, teacher), s.table1_new_tokens, seed=s.seed, batch=32, progress=ctx.progress)
+        tuned = records["sft"]["runs"][run_id("ce", s.train_seeds[0])]["model"]
+        rows = evaluate.table1.measure({"width pruned + CE fine-tuning": tuned}, table1.prompts(s, teacher),
+                                       s.table1_new_tokens, seed=s.seed, batch=32, progress=ctx.progress)
         write_json(folder / "table1_finetuned.json", {"rows": rows})
     unavailable = sorted({k for r in results for k in r.get("unavailable", {})})
     data = {"models": names, "documents": results[0]["open_ended"]["prompts"], "unavailable": unavailable,

@@ -13,6 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from ... import mine  # the stage's public API, imported on first use: the demo's --help stays light
+from ...micro import corpus_documents
+from ...mine.config import MiningConfig
 from ..pipeline import Context
 from ..settings import SFT_ARM, DemoError, DemoSettings, run_id
 
@@ -44,10 +47,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
     if not s.needs_pairs:
         return {"skipped": True}, "no arm of this preset trains on pairs"
-    from ...micro import corpus_documents
-    from ...mine.config import MiningConfig
-    from ...mine.run import run_mining
-
     prompts = folder / "prompts.jsonl"
     _write_rows(prompts, [{"id": f"wikitext2-valid-{i}", "text": doc} for i, doc in
                           enumerate(corpus_documents("valid", clean=s.clean_text)[: s.mining_prompts])])
@@ -59,7 +58,7 @@ def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dic
                        prefix_tokens=s.mining_prefix_tokens, max_new_tokens=s.mining_new_tokens,
                        temperature=s.mining_temperature, top_p=0.9, seed=s.seed, target_pairs=s.target_pairs,
                        batch_size=32, device=ctx.device, progress=ctx.progress, **extra)
-    summary = run_mining(cfg)
+    summary = mine.run_mining(cfg)
     if summary.pairs_total == 0:
         raise DemoError(f"pair mining kept no pairs ({summary.prompts_tried} prompts tried, "
                         f"{summary.degenerate} degenerate); see {cfg.output}.summary.json")

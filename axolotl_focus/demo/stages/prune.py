@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ... import prune  # the stage's public API, imported on first use: the demo's --help stays light
+from ...prune.settings import PruneSettings
 from ..pipeline import Context
 from ..settings import DemoSettings
 
 
 def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
-    from ...prune.cache import run_prune
-    from ...prune.settings import PruneSettings
-
     teacher = records["teacher"]["path"]
     layers = int(json.loads((Path(teacher) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
     span = list(s.width_layers or (1, layers - 1))
@@ -25,7 +24,7 @@ def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dic
     }
     data, parts = {}, []
     for kind, spec in specs.items():
-        report = run_prune(teacher, spec, folder / kind)
+        report = prune.run_prune(teacher, spec, folder / kind)
         data[kind] = {"path": str(folder / kind), "params_before": report["params_before"],
                       "params_after": report["params_after"], "reduction": report["achieved_reduction"],
                       "removed_blocks": report.get("removed_blocks"), "layer_shapes": report.get("layer_shapes"),

@@ -5,29 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ... import evaluate  # the stage's public API, imported on first use: the demo's --help stays light
 from ..pipeline import Context
 from ..settings import DemoSettings, write_json
 
 
 def prompts(s: DemoSettings, teacher: str):
     """Table 1's prefixes (also the evaluation's fine-tuned Table 1 row's)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only when the stage runs
 
-    from ...evaluate.table1 import prefixes
-
-    return prefixes(AutoTokenizer.from_pretrained(teacher), s.table1_prompts, s.table1_prefix_tokens)
+    return evaluate.table1.prefixes(AutoTokenizer.from_pretrained(teacher), s.table1_prompts, s.table1_prefix_tokens)
 
 
 def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
-    from ...evaluate.table1 import measure
-
     if not s.table1_prompts:
         return {"in_eval": True}, "measured in the evaluation stage (same documents, every decoding and seed)"
     teacher = records["teacher"]["path"]
     models = {"unpruned": teacher, "width pruned": records["prune"]["width"]["path"],
               "depth pruned": records["prune"]["depth"]["path"]}
     prefixes = prompts(s, teacher)
-    rows = measure(models, prefixes, s.table1_new_tokens, seed=s.seed, batch=32, progress=ctx.progress)
+    rows = evaluate.table1.measure(models, prefixes, s.table1_new_tokens, seed=s.seed, batch=32, progress=ctx.progress)
     data = {"prompts": len(prefixes), "prefix_tokens": s.table1_prefix_tokens, "new_tokens": s.table1_new_tokens,
             "rows": rows}
     write_json(folder / "table1.json", data)

@@ -6,7 +6,9 @@ import math
 import os
 from pathlib import Path
 
+from ...embedded_model import RECORD, materialize
 from ...files import read_json
+from ...micro import build_micro_teacher
 from ..pipeline import Context
 from ..settings import DemoSettings, write_json
 
@@ -14,8 +16,6 @@ from ..settings import DemoSettings, write_json
 def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dict, str]:
     if s.real:
         return _real_teacher()
-    from ...micro import build_micro_teacher
-
     model_dir = folder / "model"
     _, losses = build_micro_teacher(
         model_dir, steps=s.teacher_steps, seed=s.seed, vocab_size=s.vocab_size, layers=s.teacher_layers,
@@ -33,8 +33,6 @@ def run(s: DemoSettings, ctx: Context, folder: Path, records: dict) -> tuple[dic
 
 
 def _real_teacher() -> tuple[dict, str]:
-    from ...embedded_model import RECORD, materialize
-
     path = materialize()
     record = read_json(path / RECORD) or {}
     data = {"path": str(path), "params": record.get("parameters") or _param_count(path), "record": record}
@@ -44,7 +42,7 @@ def _real_teacher() -> tuple[dict, str]:
 
 
 def _param_count(path: str | os.PathLike) -> int:
-    from safetensors import safe_open
+    from safetensors import safe_open  # only once the stage runs
 
     total = 0
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as handle:

@@ -14,7 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from ... import prune  # the stages' public API, imported on first use: the demo's --help stays light
 from ...files import digest, read_json
+from ...micro import corpus_documents
+from ...train import teacher_cache
 from ..pipeline import Context
 from ..runs import axolotl_env, axolotl_train, run_concurrently, run_logged
 from ..settings import ARMS, SFT_ARM, DemoError, DemoSettings, cache_dir, fmt_time, run_config, run_id, write_json
@@ -23,9 +28,8 @@ from ..settings import ARMS, SFT_ARM, DemoError, DemoSettings, cache_dir, fmt_ti
 def write_sft(s: DemoSettings, tokenizer_path: str, path: Path) -> int:
     """The SFT data: the training text (the WikiText-2 valid slice, detokenized with
     ``s.clean_text``) in chunks of at most ``sft_chunk_tokens`` tokens. Returns the row count."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only once the stage runs
 
-    from ...micro import corpus_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     n = 0
@@ -49,8 +53,6 @@ def train_runs(s: DemoSettings, ctx: Context, folder: Path, configs: dict[str, d
     """Run (or reuse) ``axolotl train`` for every config (``{run id: config}``), ``ctx.jobs`` at a
     time, each with its generated YAML and log beside it; LoRA adapters are merged. A finished run
     keeps its ``<run>.done.json`` (reused while its config is unchanged). Returns the records."""
-    import yaml
-
     out, pending = {}, []
     for run, cfg in configs.items():
         config = folder / f"{run}.yml"
@@ -113,16 +115,12 @@ def _build_teacher_cache(s: DemoSettings, ctx: Context, folder: Path, configs: d
     command in a subprocess: ``axolotl-focus teacher-cache <run>.yml`` tokenizes the run's data
     through axolotl exactly as ``axolotl train`` will (and prepares it for the runs). Resumable:
     an interrupted build keeps its finished shards."""
-    import yaml
-
-    from ...train.teacher_cache.cli import folder_size
-    from ...train.teacher_cache.format import read_meta
 
     users = [run for run, cfg in configs.items() if cfg.get("focus_teacher_cache")]
     if not users:
         return None
     path, record_file = cache_dir(s, folder), folder / "teacher_cache.done.json"
-    meta, record = read_meta(path), read_json(record_file)
+    meta, record = teacher_cache.read_meta(path), read_json(record_file)
     if meta is not None and meta.complete and record and record.get("path") == str(path):
         ctx.echo(f"    teacher cache: reused ({record['positions']:,} positions, k {record['k']})")
         return record
@@ -133,11 +131,11 @@ def _build_teacher_cache(s: DemoSettings, ctx: Context, folder: Path, configs: d
     run_logged([sys.executable, "-m", "axolotl_focus.cli", "teacher-cache", str(config), "--output", str(path),
                 "--k", str(s.cache_k), "--threads", str(ctx.threads), "--device", ctx.device, "--no-progress"], log,
                axolotl_env(ctx.threads, ctx.device), folder)
-    meta = read_meta(path)
+    meta = teacher_cache.read_meta(path)
     if meta is None or not meta.complete:
         raise DemoError(f"teacher-cache finished but {path} is not a complete cache; log: {log}")
     record = {"path": str(path), "k": meta.k, "temperature": meta.temperature, "sequences": meta.sequences,
-              "positions": meta.positions, "size_bytes": folder_size(path), "runs": users,
+              "positions": meta.positions, "size_bytes": teacher_cache.folder_size(path), "runs": users,
               "elapsed_s": round(time.perf_counter() - t0, 1), "threads": ctx.threads}
     write_json(record_file, record)
     ctx.echo(f"    teacher cache: {meta.sequences:,} sequences, {meta.positions:,} positions, "
@@ -149,14 +147,13 @@ def merge_lora(base: str, adapter: str, out: str) -> str:
     """Merge the LoRA adapter that ``axolotl train`` saved in ``adapter`` into the weights of
     ``base`` and save a full checkpoint in ``out`` (pruned checkpoints keep their per-layer shapes;
     tied embeddings stay tied: LoRA does not touch lm_head here)."""
-    import torch
+    import torch  # heavy: only once the stage runs
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ...prune.checkpoint import save_pruned
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    save_pruned(model, tokenizer, out)
+    prune.save_pruned(model, tokenizer, out)
     return out

@@ -50,11 +50,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from ...loss_settings import DISTILL_MODES  # the modes' one definition, shared with the config
+
 if TYPE_CHECKING:
     from .aux import AuxSpec
 
 IGNORE_INDEX = -100
-DISTILL_MODES = ("focus", "kd", "none")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ teacher-cache CONFIG --output DIR`` runs it once over the tokenized training dat
 ``axolotl train`` tokenizes it) and stores, per position, a :class:`axolotl_focus.train.losses.SparseTeacher`
 row: the k ids of highest teacher probability, their ``log q`` and the log of the mass of all other
 tokens. A training config then sets ``focus_teacher_cache: DIR`` (and loads no teacher): ``validate``
-/ ``axolotl train`` check the folder's ``cache.json`` first (:mod:`axolotl_focus.preflight`), the
+/ ``axolotl train`` check the folder's ``cache.json`` first (:mod:`.checks`), the
 trainer opens it once, checks that every SFT row of its datasets is in it
 (:func:`~axolotl_focus.train.teacher_cache.rows.dataset_sft_rows`,
 :meth:`~axolotl_focus.train.teacher_cache.reader.TeacherCache.check_rows`), looks each batch row
@@ -25,7 +25,22 @@ Modules, one concept each:
     reader      :class:`~axolotl_focus.train.teacher_cache.reader.TeacherCache`: a finished cache,
                 memory-mapped, looked up by batch rows
     rows        the (input_ids, labels) rows of a tokenized dataset or of an axolotl config
+    checks      the check of ``focus_teacher_cache`` before training (no shard is read)
     cli         the ``axolotl-focus teacher-cache`` command
 
-The package imports nothing itself (import the module you need).
+The public API below is imported from its module on first use (:mod:`axolotl_focus.exports`).
 """
+
+from ...exports import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "build": ("build_cache",),
+    "checks": ("check",),
+    "cli": ("TeacherCacheOptions", "add_teacher_cache_arguments", "folder_size", "run_teacher_cache_cli"),
+    "format": ("DEFAULT_SHARD_SIZE", "FORMAT", "META_FILE", "VERSION", "CacheMeta", "data_sources", "read_meta",
+               "sequence_key", "shard_problems", "tokenizer_digest", "trained_positions"),
+    "kd_import": ("import_kd_rows", "run_import_cli"),
+    "reader": ("TeacherCache",),
+    "rows": ("dataset_sft_rows", "rows_from_config"),
+    "shards": ("write_cache",),
+})

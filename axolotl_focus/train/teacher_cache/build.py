@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..losses import SparseTeacher, sparse_teacher_from_logits
 from ..teacher import unwrap
@@ -184,8 +185,6 @@ def build_cache(teacher, rows: Sequence, path: str | os.PathLike, *, k: int, tem
                 results.update(zip(chosen, parts))
                 bar.update(len(chosen))
         return [results[i] for i in range(lo, hi)]
-
-    from tqdm.auto import tqdm
 
     device = torch.device(device)
     bar = tqdm(total=len(keys), unit="seq", desc="teacher cache", disable=not progress)

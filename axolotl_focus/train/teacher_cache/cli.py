@@ -5,17 +5,22 @@ a teacher model (:mod:`~axolotl_focus.train.teacher_cache.build`) or from axolot
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from ...options import opt, positive_int
-
-if TYPE_CHECKING:  # the options above are all `axolotl-focus teacher-cache --help` imports
-    from .format import CacheMeta
+from ... import train  # the stages' public API, imported on first use: `teacher-cache --help` loads no torch
+from ...config import focus_default, source_model_of
+from ...config_file import read_config
+from ...files import exclusive_lock
+from ...locations import resolve_model
+from ...options import add_options, opt, positive_int, resolve_device
+from ...vocabulary import check_vocab_compat
+from .. import teacher_cache
 
 
 @dataclass
@@ -51,16 +56,19 @@ def folder_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
-    """``axolotl-focus teacher-cache``: see :mod:`axolotl_focus.cli`."""
-    from ...files import exclusive_lock
+def add_teacher_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``axolotl-focus teacher-cache``: the config, then :class:`TeacherCacheOptions`."""
+    parser.add_argument("config", help="the axolotl config (.yml) with plugins: [axolotl_focus.FocusPlugin]")
+    add_options(parser, TeacherCacheOptions, defaults=True)
 
+
+def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
+    """``axolotl-focus teacher-cache``: build (or resume) the cache, print a summary."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # axolotl's telemetry retries for minutes offline
     started = time.monotonic()
     with exclusive_lock(args.output):  # before the data is tokenized: a second writer is refused at once
         if getattr(args, "from_kd_logprobs", False):
-            from .kd_import import run_import_cli
-
-            meta = run_import_cli(args)
+            meta = teacher_cache.run_import_cli(args)
         else:
             meta = _build_from_teacher(args, load_teacher_fn)
     size = folder_size(args.output)
@@ -72,18 +80,10 @@ def run_teacher_cache_cli(args, load_teacher_fn: Callable | None = None) -> int:
     return 0
 
 
-def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
-    import torch
+def _build_from_teacher(args, load_teacher_fn: Callable | None) -> teacher_cache.CacheMeta:
+    import torch  # heavy: torch, transformers and axolotl only once the command runs
     from axolotl.loaders import load_tokenizer
-
-    from ...config import focus_default, source_model_of
-    from ...locations import resolve_model
-    from ...options import resolve_device
-    from ...preflight import read_config
-    from ..teacher import check_vocab_compat, load_teacher, resolve_dtype
-    from .build import build_cache
-    from .format import DEFAULT_SHARD_SIZE, data_sources, read_meta
-    from .rows import rows_from_config
+    from transformers import AutoConfig, AutoTokenizer
 
     # everything the options decide is checked before the data is tokenized (which writes axolotl's
     # dataset_prepared_path) and before anything is written to --output
@@ -97,27 +97,24 @@ def _build_from_teacher(args, load_teacher_fn: Callable | None) -> CacheMeta:
     field = "--teacher" if args.teacher else "focus_teacher_model"
     where = resolve_model(str(teacher_name), field)
     if where.readable:  # k against the teacher's vocabulary
-        from transformers import AutoConfig
-
         vocab = getattr(AutoConfig.from_pretrained(where.folder).get_text_config(), "vocab_size", None)
         if vocab is not None and args.k > int(vocab):
             raise ValueError(f"--k: {args.k} exceeds the vocabulary of the teacher {teacher_name} ({vocab} tokens)")
-    rows, cfg = rows_from_config(args.config)
+    rows, cfg = teacher_cache.rows_from_config(args.config)
     temperature = args.temperature if args.temperature is not None else (
         cfg.get("focus_temperature") or focus_default("focus_temperature"))
     if args.dtype:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     else:
-        dtype = resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
-                              bool(cfg.get("bf16")), bool(cfg.get("fp16")))
+        dtype = train.resolve_dtype(cfg.get("focus_teacher_dtype") or focus_default("focus_teacher_dtype"),
+                                    bool(cfg.get("bf16")), bool(cfg.get("fp16")))
     tokenizer = load_tokenizer(cfg)
-    from transformers import AutoTokenizer
-
     check_vocab_compat(tokenizer, AutoTokenizer.from_pretrained(str(teacher_name)))
-    existing = read_meta(args.output)
-    shard_size = args.shard_size or (existing.shard_size if existing is not None else DEFAULT_SHARD_SIZE)
-    return build_cache(lambda: (load_teacher_fn or load_teacher)(str(teacher_name), dtype), rows, args.output,
-                       k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
-                       progress=args.progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
-                       shard_size=shard_size, restart=args.restart, source_config=str(args.config),
-                       dtype=dtype, data=data_sources(raw))
+    existing = teacher_cache.read_meta(args.output)
+    shard_size = args.shard_size or (existing.shard_size if existing is not None else teacher_cache.DEFAULT_SHARD_SIZE)
+    load = load_teacher_fn or train.load_teacher
+    return teacher_cache.build_cache(lambda: load(str(teacher_name), dtype), rows, args.output,
+                                     k=args.k, temperature=temperature, batch_size=args.batch_size, device=device,
+                                     progress=args.progress, teacher_name=str(teacher_name), tokenizer=tokenizer,
+                                     shard_size=shard_size, restart=args.restart, source_config=str(args.config),
+                                     dtype=dtype, data=teacher_cache.data_sources(raw))

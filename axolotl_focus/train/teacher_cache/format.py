@@ -22,7 +22,7 @@ then ``os.replace``)::
     format              "axolotl_focus.teacher_cache" (FORMAT)
     version             1 (VERSION)
     teacher             the teacher's path or hub id, as given
-    teacher_fingerprint axolotl_focus.prune.cache.source_fingerprint(teacher) (config / tokenizer
+    teacher_fingerprint axolotl_focus.fingerprints.source_fingerprint(teacher) (config / tokenizer
                         sha256 and sampled weight hashes for a local folder; hub id + commit sha).
                         A cache imported from axolotl KD logprobs (kd_import) has instead
                         {"source": "axolotl KD logprobs", "logprobs_digest": hex blake2b
@@ -87,7 +87,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...files import write_json
+from ...files import input_identity, write_json
+from ...fingerprints import source_fingerprint
 from ..losses import IGNORE_INDEX
 
 FORMAT = "axolotl_focus.teacher_cache"  # a name, not a module path: kept so that caches built earlier load
@@ -140,9 +141,7 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 
 def teacher_fingerprint(teacher: str) -> dict:
-    """:func:`axolotl_focus.prune.cache.source_fingerprint` of a teacher path or hub id."""
-    from ...prune.cache import source_fingerprint
-
+    """:func:`axolotl_focus.fingerprints.source_fingerprint` of a teacher path or hub id."""
     return source_fingerprint(str(teacher))
 
 
@@ -163,8 +162,6 @@ def data_sources(cfg) -> dict:
     """What a config trains on, for ``cache.json``'s ``data_sources``: ``sequence_len`` and, in
     order, :func:`axolotl_focus.files.input_identity` of the path of each dataset that is not a
     RePAIR pair dataset (the cache holds the other rows only)."""
-    from ...files import input_identity
-
     sets = [d for d in (cfg.get("datasets") or []) if hasattr(d, "get") and d.get("type") != "axolotl_focus.repair"]
     return {"sequence_len": cfg.get("sequence_len"),
             "datasets": [input_identity(str(d["path"])) if d.get("path") else None for d in sets]}
@@ -265,7 +262,7 @@ def shard_problems(folder: str | os.PathLike, meta: CacheMeta) -> list[str]:
     return [p for p in (shard_problem(folder, meta, i) for i in range(meta.shards)) if p]
 
 def shard_features():
-    import datasets
+    import datasets  # heavy: only when shards are written or read
 
     return datasets.Features({
         "key": datasets.Value("string"),

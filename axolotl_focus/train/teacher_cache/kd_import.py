@@ -57,15 +57,18 @@ import numpy as np
 import torch
 
 from ...config import focus_default
+from ...config_file import read_config
 from ..losses import SparseTeacher
 from .format import (
     DEFAULT_SHARD_SIZE,
     CacheMeta,
+    data_sources,
     dataset_digest,
     sequence_key,
     tokenizer_digest,
     trained_positions,
 )
+from .rows import rows_from_config
 from .shards import write_cache
 
 SOURCE = "axolotl KD logprobs"
@@ -175,11 +178,8 @@ def check_kd_datasets(config_path: str | os.PathLike, raw: dict) -> None:
 
 def run_import_cli(args) -> CacheMeta:
     """``axolotl-focus teacher-cache CONFIG --from-kd-logprobs``: see the module docstring."""
-    from axolotl.loaders import load_tokenizer
-
-    from ...preflight import read_config
-    from .format import data_sources
-    from .rows import rows_from_config
+    from axolotl.loaders import load_tokenizer  # heavy: axolotl and transformers only once the command runs
+    from transformers import AutoConfig
 
     rows, cfg = rows_from_config(args.config, extra_columns=KD_COLUMNS,
                                  check_raw=lambda raw: check_kd_datasets(args.config, raw))
@@ -187,8 +187,6 @@ def run_import_cli(args) -> CacheMeta:
         cfg.get("focus_temperature") or focus_default("focus_temperature"))
     kd_temperature = cfg.get("kd_temperature") or 1.0  # what axolotl's KD strategy rescaled the rows to
     tokenizer = load_tokenizer(cfg)
-    from transformers import AutoConfig
-
     vocab_size = int(AutoConfig.from_pretrained(str(cfg.base_model)).vocab_size)  # the student's lm_head rows
     shard_size = args.shard_size or DEFAULT_SHARD_SIZE
     return import_kd_rows(rows, args.output, kd_temperature=kd_temperature, temperature=temperature,

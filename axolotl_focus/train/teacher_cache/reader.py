@@ -71,7 +71,7 @@ class TeacherCache:
             done = sum(shard_dir(folder, i).is_dir() for i in range(meta.shards))
             raise ValueError(f"{folder}: the teacher cache is incomplete ({done} of {meta.shards} shards); "
                              "finish it by running axolotl-focus teacher-cache again with the same settings")
-        import datasets
+        import datasets  # heavy: only when a cache is opened
 
         damaged = shard_problems(folder, meta)
         if damaged:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ...config_file import read_config
 from .format import as_int_array
 
 
@@ -33,7 +34,7 @@ def dataset_sft_rows(dataset, batch_size: int = 8192) -> Iterable[tuple[np.ndarr
     mask values 2 / 3, see :func:`is_pair_row`) skipped. A ``datasets.Dataset`` is read as Arrow
     columns, ``batch_size`` rows at a time (numpy slices, no Python lists); any other dataset
     (a ``torch`` map-style dataset, a list of rows) row by row."""
-    import datasets
+    import datasets  # heavy: only for a datasets.Dataset
 
     if isinstance(dataset, datasets.Dataset):
         columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
@@ -70,15 +71,13 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
     else, e.g. to require dataset types.
     Returns ``(rows, cfg)``."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    from axolotl.cli.config import load_cfg
+    from axolotl.cli.config import load_cfg  # heavy: axolotl only when a config's data are read
 
     def refuse_packing(config) -> None:
         for key in ("sample_packing", "eval_sample_packing"):
             if config.get(key):
                 raise ValueError(f"{config_path}: {key}: true is not supported by the teacher cache (a packed row "
                                  f"is not one cached sequence); set {key}: false")
-
-    from ...preflight import read_config
 
     raw = read_config(str(config_path))[0]  # one line naming file:line: missing, not UTF-8, not YAML
     if check_raw is not None:
@@ -94,11 +93,11 @@ def rows_from_config(config_path: str | os.PathLike, *, include_eval: bool = Tru
         raise ValueError(f"{config_path}: rl: {cfg.rl} trains without the FOCUS/KD teacher; no teacher cache needed")
     dataset_meta = None
     if cfg.get("plugins"):
-        from axolotl.integrations.base import PluginManager
+        from axolotl.integrations.base import PluginManager  # heavy: axolotl only when a config's data are read
 
         dataset_meta = PluginManager.get_instance().load_datasets(cfg, preprocess=False)
     if dataset_meta is None:
-        from axolotl.common.datasets import load_datasets
+        from axolotl.common.datasets import load_datasets  # heavy: axolotl only when a config's data are read
 
         dataset_meta = load_datasets(cfg=cfg)
     rows = []

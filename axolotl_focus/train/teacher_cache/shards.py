@@ -84,7 +84,7 @@ def _shard_complete(shard: Path, keys: list[str]) -> bool:
     """Whether ``shard`` exists and holds exactly ``keys`` in order (checks the key column only)."""
     if not shard.is_dir():
         return False
-    import datasets
+    import datasets  # heavy: only when a shard is checked
 
     try:
         stored = datasets.load_from_disk(str(shard)).data.column("key").to_pylist()
@@ -99,7 +99,7 @@ def _shard_complete(shard: Path, keys: list[str]) -> bool:
 
 def _write_shard(shard: Path, keys: list[str], counts: list[int], parts: list[SparseTeacher], k: int) -> None:
     """One shard folder, atomically: save_to_disk into a temporary folder, then rename."""
-    import datasets
+    import datasets  # heavy: only when a shard is written
     import pyarrow as pa
 
     offsets = np.zeros(len(keys) + 1, dtype=np.int64)
