@@ -1,10 +1,12 @@
 """The baseline terms in the fused pass (unlikelihood, ScaleGrad, TaiLr): fused against the dense
-reference, per-sequence seen tokens, by-hand values, degenerate settings and the UL clamp."""
+reference (also on the shared grid of loss_grid.py), per-sequence seen tokens, by-hand values,
+degenerate settings and the UL clamp."""
 
 import math
 
 import pytest
 import torch
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import (
     AuxSpec,
@@ -72,6 +74,24 @@ def test_fused_terms_match_dense_reference(name, mode, chunk):
         assert sums[key].item() == pytest.approx(want_terms[key].item(), rel=1e-5, abs=1e-5), key
     torch.testing.assert_close(hs_f.grad, hs_r.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ws_f.grad, ws_r.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_grid_matches_dense_reference(shape, dtype, tol, ignored, name):
+    """With FOCUS, one sequence per row: values (total, every sum) and gradients against the reference."""
+    x, aux, spec = problem(shape, dtype, ignored), SPECS[name], DistillSpec("focus")
+    hs, ws = leaves(x.hs, x.ws)
+    want, want_terms = _reference_total(hs, ws, x.ht, x.wt, x.labels, x.row, aux, spec, 0.8, 0.3, 0.6)
+    want.backward()
+    hf, wf = leaves(x.hs, x.ws)
+    got, sums = _fused(hf, wf, x.ht, x.wt, x.labels, x.row, aux, spec, 0.8, 0.3, 0.6, shape[4])
+    got.backward()
+    assert_values({"total": got, **sums}, {"total": want, **want_terms}, tol)
+    assert_grads([hf.grad, wf.grad], [hs.grad, ws.grad], tol)
+    assert hf.grad[~x.valid].abs().sum() == 0
 
 
 @pytest.mark.parametrize("name", ["ul", "scalegrad"])

@@ -1,7 +1,9 @@
-"""FOCUS / KD against a sparse (top-k + tail bucket) teacher: fused vs dense reference vs the dense teacher."""
+"""FOCUS / KD against a sparse (top-k + tail bucket) teacher: fused vs dense reference (on the shared
+grid of loss_grid.py) vs the dense teacher."""
 
 import pytest
 import torch
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import (
     AuxSpec,
@@ -92,6 +94,46 @@ def test_k_equals_vocab_matches_dense_teacher_float64(mode):
     ref_d = reference_ce_distill(hs @ ws.T, ht @ wt.T, labels, spec)
     ref_s = reference_ce_distill_sparse((hs @ ws.T).float(), labels, sparse, spec)
     assert ref_s[1].item() == pytest.approx(ref_d[1].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+@pytest.mark.parametrize("mode", ["focus", "kd"])
+@pytest.mark.parametrize("k", [1, 8, "V"])
+def test_grid_matches_dense_reference(shape, dtype, tol, ignored, mode, k):
+    """Values and gradients against the dense reference, the top-k teacher of the valid rows."""
+    x, spec = problem(shape, dtype, ignored), SPECS[mode]
+    sparse = sparse_teacher_from_logits((x.ht[x.valid] @ x.wt.T).float(), shape[3] if k == "V" else k,
+                                        spec.temperature)
+    hs, ws = leaves(x.hs, x.ws)
+    ce, d = reference_ce_distill_sparse(hs @ ws.T, x.labels, sparse, spec)
+    want = 0.6 * ce + 0.4 * d
+    want.backward()
+    hf, wf = leaves(x.hs, x.ws)
+    loss = FusedCEDistillLoss(spec, ce_weight=0.6, distill_weight=0.4, chunk_size=shape[4])
+    total, sums = loss(hf[x.valid], wf, x.labels[x.valid], teacher=sparse)
+    total.backward()
+    assert_values({"total": total, **sums}, {"total": want, "ce": ce, "distill": d}, tol)
+    assert_grads([hf.grad, wf.grad], [hs.grad, ws.grad], tol)
+    assert hf.grad[~x.valid].abs().sum() == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("mode", ["focus", "kd"])
+@pytest.mark.parametrize("k", [1, 8, "V"])
+def test_grid_chunk_kernel_float64(shape, mode, k):
+    """The chunk kernel in float64 against autograd through the float64 reference, to 1e-10."""
+    x, spec = problem(shape, torch.float64, "none"), SPECS[mode]
+    zs = x.hs @ x.ws.T
+    sparse = sparse_teacher_from_logits(x.ht @ x.wt.T, shape[3] if k == "V" else k, spec.temperature)
+    ce, d, grad = _chunk_loss_and_grad(zs.clone(), sparse, x.labels, spec, 0.7, 0.3)
+    z = zs.clone().requires_grad_()
+    ce_ref, d_ref = reference_ce_distill_sparse(z, x.labels, sparse, spec)
+    (0.7 * ce_ref + 0.3 * d_ref).backward()
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-12)
+    assert d.item() == pytest.approx(d_ref.item(), rel=1e-10)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-10, atol=1e-13)
 
 
 AUX = {"none": None, "ul+scalegrad": AuxSpec(unlikelihood=0.5, scalegrad=0.3),
