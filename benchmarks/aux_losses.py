@@ -3,7 +3,7 @@
 For each term, three measurements side by side in one run, each differentiated to the student
 hidden states ``[tokens, hidden]`` and lm_head ``[vocab, hidden]``:
 
-* ``ce``: the fused CE pass alone (:func:`axolotl_focus.train.losses.fused_ce_distill_aux` with no aux
+* ``ce``: the fused CE pass alone (:class:`axolotl_focus.train.losses.FusedCEDistillLoss` with no aux
   term, no teacher): the cost of plain training, the reference for the overhead of a term.
 * ``fused``: the term as the trainer computes it. UL / ScaleGrad / TaiLr: the same fused pass
   with the term (per-sequence seen-token ids, ``[chunk, K]``). DITTO:
@@ -105,9 +105,9 @@ def worker(args) -> None:
 
     def step(impl):
         if impl == "ce" or (impl == "fused" and args.term != "ditto"):
-            total, sums = losses.fused_ce_distill_aux(
-                h[valid], w, None, None, labels[valid], spec, 1.0 / n, 0.0, args.chunk_size,
-                aux if impl == "fused" else None, sequence[valid], 1.0 / n)
+            fused = losses.FusedCEDistillLoss(spec, aux=aux if impl == "fused" else None, distill_weight=0.0,
+                                              chunk_size=args.chunk_size)
+            total, sums = fused(h[valid], w, labels[valid], sequence=sequence[valid], scale=1.0 / n)
             value = sums.get(args.term, sums["ce"])
         elif impl == "fused":  # DITTO
             value, count = losses.fused_ditto_loss(h[valid], w, labels[valid], previous, 0.5, args.chunk_size)

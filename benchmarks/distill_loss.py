@@ -7,7 +7,7 @@ from the same student/teacher final hidden states ``[tokens, hidden]`` and lm_he
 
 * ``plain``: ``h @ W.T`` for student and teacher (full ``[tokens, vocab]`` logits), then
   :func:`axolotl_focus.train.losses.reference_ce_distill` and autograd.
-* ``fused``: :func:`axolotl_focus.train.losses.fused_ce_distill` (token chunks, closed-form gradient).
+* ``fused``: :class:`axolotl_focus.train.losses.FusedCEDistillLoss` (token chunks, closed-form gradient).
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (chunked, ``torch.func``
   gradients), the closest published peer. It computes generalized **JSD** (beta = 0.5) + hard CE,
   not FOCUS, so its value is not compared; only its time and memory are. ``compiled=False`` on
@@ -141,8 +141,8 @@ def worker(args) -> None:
     import torch
 
     losses = load_losses()
-    DistillSpec, fused_ce_distill, reference_ce_distill = (
-        losses.DistillSpec, losses.fused_ce_distill, losses.reference_ce_distill)
+    DistillSpec, FusedCEDistillLoss, reference_ce_distill = (
+        losses.DistillSpec, losses.FusedCEDistillLoss, losses.reference_ce_distill)
 
     impl, mode = args.worker, args.mode
     if impl == "liger":
@@ -177,12 +177,12 @@ def worker(args) -> None:
 
     elif impl == "fused":
 
+        fused = FusedCEDistillLoss(spec, ce_weight=ce_scale, distill_weight=distill_scale, chunk_size=args.chunk_size)
+
         def step():
-            total, ce, d = fused_ce_distill(
-                h_s, w_s, h_t, w_t, labels, spec, ce_scale, distill_scale, chunk_size=args.chunk_size
-            )
+            total, sums = fused(h_s, w_s, labels, teacher_hidden=h_t, teacher_head=w_t)
             total.backward()
-            return total.detach(), ce, d
+            return total.detach(), sums["ce"], sums["distill"]
 
     else:
         liger = LigerFusedLinearJSDLoss(
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocabs", default="32768,65536", help="comma-separated vocabulary sizes")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="token chunk of fused and Liger (default: fused_ce_distill's default)")
+                        help="token chunk of fused and Liger (default: FusedCEDistillLoss's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="focus,kd", help="distillation losses for plain/fused: focus,kd")
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -335,7 +335,7 @@ def main() -> None:
     if args.chunk_size is None:
         import inspect
 
-        args.chunk_size = inspect.signature(load_losses().fused_ce_distill).parameters["chunk_size"].default
+        args.chunk_size = inspect.signature(load_losses().FusedCEDistillLoss).parameters["chunk_size"].default
     if args.worker:
         return worker(args)
     if args.quick:

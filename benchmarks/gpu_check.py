@@ -46,7 +46,7 @@ first (each is seconds long), the subprocess of ``loss_speed`` is killed at the 
    its decoder under ``no_grad``), FOCUS on plain logits (both models' full logits +
    ``reference_ce_distill`` + autograd), FOCUS from a top-512 cache (built from the teacher
    beforehand, on the CPU as the trainer gets it); the trainer's path (final hidden states with
-   ``logits_to_keep=1``, ``fused_ce_distill``, alpha 0.05). Time (median of 2 after 1 warm-up)
+   ``logits_to_keep=1``, ``FusedCEDistillLoss``, alpha 0.05). Time (median of 2 after 1 warm-up)
    and peak memory as ratios to CE, beside the FLOP limit ``1 + teacher forward / (student
    forward + backward)`` (counted: 2 FLOP per weight and token, causal attention, backward = 2 x
    forward) and the measured ``1 + teacher forward time / CE time``. Plain logits run last: their
@@ -276,9 +276,9 @@ def loss_cases(L, c: dict) -> dict:
                 ce, d = (L.reference_ce_distill_sparse(logits, x.labels, cache, spec) if cache else
                          L.reference_ce_distill(logits, x.ht @ x.wt.T, x.labels, spec))
                 return (ce + d) / n, {"ce": ce, "distill": d}
-            total, ce, d = L.fused_ce_distill(x.h, x.w, None if cache else x.ht, None if cache else x.wt, x.labels,
-                                              spec, 1 / n, 1 / n, chunk, teacher=cache)
-            return total, {"ce": ce, "distill": d}
+            return L.FusedCEDistillLoss(spec, ce_weight=1 / n, distill_weight=1 / n, chunk_size=chunk)(
+                x.h, x.w, x.labels, teacher_hidden=None if cache else x.ht, teacher_head=None if cache else x.wt,
+                teacher=cache)
 
         return case
 
@@ -289,8 +289,8 @@ def loss_cases(L, c: dict) -> dict:
                 value = L.reference_aux_terms(logits, x.labels, x.sequence, spec)[term]
                 ce = F.cross_entropy(logits, x.labels, reduction="sum")
                 return ((ce + UL_WEIGHT * value) if term == "ul" else value) / n, {"ce": ce, term: value}
-            total, sums = L.fused_ce_distill_aux(x.h, x.w, None, None, x.labels, none, 1 / n, 0.0, chunk, spec,
-                                                 x.sequence, 1 / n)
+            total, sums = L.FusedCEDistillLoss(none, aux=spec, distill_weight=0.0, chunk_size=chunk)(
+                x.h, x.w, x.labels, sequence=x.sequence, scale=1 / n)
             return total, {"ce": sums["ce"], term: sums[term]}
 
         return case
@@ -457,15 +457,15 @@ def train_step(ctx, deadline):
         ce, d = L.reference_ce_distill(logits.flatten(0, 1), t_logits.flatten(0, 1), targets.flatten(), focus)
         return (ce + TRAIN_ALPHA * d) / n
 
+    ce_loss = L.FusedCEDistillLoss(none, ce_weight=1 / n, distill_weight=0.0, chunk_size=chunk)
+    focus_loss = L.FusedCEDistillLoss(focus, ce_weight=1 / n, distill_weight=TRAIN_ALPHA / n, chunk_size=chunk)
     variants = {
         "CE, the model's own loss": lambda: student(input_ids=ids, labels=ids, use_cache=False).loss,
-        "CE, fused": lambda: L.fused_ce_distill(hidden()[valid], head, None, None, targets[valid], none,
-                                                1 / n, 0.0, chunk)[0],
-        "FOCUS, teacher in memory": lambda: L.fused_ce_distill(hidden()[valid], head, teacher_hidden()[valid], t_head,
-                                                               targets[valid], focus, 1 / n, TRAIN_ALPHA / n, chunk)[0],
-        f"FOCUS, top-{c['k']} cache": lambda: L.fused_ce_distill(
-            hidden()[valid], head, None, None, targets[valid], focus, 1 / n, TRAIN_ALPHA / n, chunk,
-            teacher=cache.rows(0, n, device))[0],
+        "CE, fused": lambda: ce_loss(hidden()[valid], head, targets[valid]).total,
+        "FOCUS, teacher in memory": lambda: focus_loss(
+            hidden()[valid], head, targets[valid], teacher_hidden=teacher_hidden()[valid], teacher_head=t_head).total,
+        f"FOCUS, top-{c['k']} cache": lambda: focus_loss(hidden()[valid], head, targets[valid],
+                                                         teacher=cache.rows(0, n, device)).total,
         "teacher forward alone": teacher_hidden,
         "FOCUS, plain logits": plain,  # last: the largest peak, may not fit
     }

@@ -13,7 +13,7 @@ everything measured side by side in one run:
 (b) One training step (forward + backward) on 4 x 128 tokens, CE only vs CE + FOCUS, on the
     trainer's loss path (the code of ``FocusTrainer.compute_loss`` without axolotl: the student's
     final hidden states with ``logits_to_keep=1``, the teacher's decoder hidden states under
-    ``no_grad``, :func:`axolotl_focus.train.losses.fused_ce_distill_aux` with the trainer's defaults,
+    ``no_grad``, :class:`axolotl_focus.train.losses.FusedCEDistillLoss` with the trainer's defaults,
     ``alpha`` 0.05, ``tau`` 2, ``beta`` 15, ``gamma`` 1, chunks of 1024). Student: a copy of the
     model with LoRA (peft, r 16, alpha 32, every linear layer, random init so that it starts off
     the teacher; ``--full`` trains all weights, perturbed); teacher: the model itself (frozen).
@@ -230,7 +230,7 @@ def bf16_check(models: dict, tokenizer, prompts: list[list[int]], args, device) 
 
 def train_step(model, tokenizer, args, device) -> dict:
     from axolotl_focus.micro import corpus_text
-    from axolotl_focus.train.losses import DistillSpec, fused_ce_distill_aux
+    from axolotl_focus.train.losses import DistillSpec, FusedCEDistillLoss
 
     ids = tokenizer(corpus_text("valid"), add_special_tokens=False)["input_ids"]
     rows, length = args.train_rows, args.train_len
@@ -278,9 +278,10 @@ def train_step(model, tokenizer, args, device) -> dict:
                       logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1]
         t_hidden = teacher_hidden()[valid] if focus else None
-        loss, sums = fused_ce_distill_aux(hidden[valid], head, t_hidden, t_head if focus else None, targets[valid],
-                                          DistillSpec("focus" if focus else "none"), ce_scale=1.0 / tokens,
-                                          distill_scale=alpha / tokens, chunk_size=1024)
+        fused = FusedCEDistillLoss(DistillSpec("focus" if focus else "none"), ce_weight=1.0 / tokens,
+                                   distill_weight=alpha / tokens, chunk_size=1024)
+        loss, sums = fused(hidden[valid], head, targets[valid], teacher_hidden=t_hidden,
+                           teacher_head=t_head if focus else None)
         loss.backward()
         for p in student.parameters():
             p.grad = None

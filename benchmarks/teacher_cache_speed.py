@@ -23,7 +23,7 @@ Everything is measured side by side in one run:
 (2) One optimizer step (full fine-tuning of every student weight in fp32, AdamW lr 1e-5; no LoRA,
     nothing frozen) on the trainer's loss path (``FocusTrainer.compute_loss`` without axolotl:
     the student's last hidden states with ``logits_to_keep=1``, then
-    :func:`axolotl_focus.train.losses.fused_ce_distill_aux` over the valid positions with the trainer's
+    :class:`axolotl_focus.train.losses.FusedCEDistillLoss` over the valid positions with the trainer's
     defaults: alpha 0.05, CE weight 1, tau 2, beta 15, gamma 1, chunks of 1024, per-token mean):
 
     - ``ce``: CE only (``focus_distill: none``; no teacher at all): the limit;
@@ -127,7 +127,7 @@ def worker(spec_path: str) -> int:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from axolotl_focus.train.losses import IGNORE_INDEX, DistillSpec, fused_ce_distill_aux
+    from axolotl_focus.train.losses import IGNORE_INDEX, DistillSpec, FusedCEDistillLoss
     from axolotl_focus.train.teacher_cache.reader import TeacherCache
 
     torch.set_num_threads(spec["threads"])
@@ -153,8 +153,9 @@ def worker(spec_path: str) -> int:
     head = student.get_output_embeddings().weight
     t_head = teacher.get_output_embeddings().weight if teacher is not None else None
     mode = "none" if variant == "ce" else "focus"
-    dspec = DistillSpec(mode, TEMPERATURE, BETA, GAMMA)
-    ce_spec = DistillSpec("none", TEMPERATURE, BETA, GAMMA)
+    losses = {focus: FusedCEDistillLoss(DistillSpec(mode if focus else "none", TEMPERATURE, BETA, GAMMA),
+                                        ce_weight=CE_ALPHA, distill_weight=ALPHA, chunk_size=CHUNK)
+              for focus in (False, True)}
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
 
     def step(index: int, focus: bool) -> dict:
@@ -180,9 +181,8 @@ def worker(spec_path: str) -> int:
         elif focus and cache is not None:
             sparse = cache.sparse_for_batch(input_ids, labels, attention_mask)
         t2 = time.perf_counter()
-        loss, sums = fused_ce_distill_aux(hidden[valid], head, t_hidden, t_head if t_hidden is not None else None,
-                                          targets[valid], dspec if focus else ce_spec, ce_scale=CE_ALPHA * scale,
-                                          distill_scale=ALPHA * scale, chunk_size=CHUNK, teacher=sparse)
+        loss, sums = losses[focus](hidden[valid], head, targets[valid], teacher_hidden=t_hidden,
+                                   teacher_head=t_head if t_hidden is not None else None, teacher=sparse, scale=scale)
         t3 = time.perf_counter()
         loss.backward()
         t4 = time.perf_counter()

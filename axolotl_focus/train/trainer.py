@@ -2,7 +2,7 @@
 
 The student runs through the (possibly DDP/DeepSpeed/PEFT-wrapped) model as usual, but asks for
 hidden states and only the last position's logits; CE and the distillation term are then computed
-together by :func:`axolotl_focus.train.losses.fused_ce_distill` from the final hidden states and the
+together by :class:`axolotl_focus.train.losses.FusedCEDistillLoss` from the final hidden states and the
 lm_head weights, chunk by chunk, over the valid (label != -100) positions only.
 
 Teacher: an in-process model (``focus_teacher_model``, loaded once and placed for DDP / DeepSpeed),
@@ -65,9 +65,9 @@ from .ditto import is_ditto_step, pseudo_rows, sentence_end_ids
 from .losses import (
     IGNORE_INDEX,
     DistillSpec,
+    FusedCEDistillLoss,
     chunked_token_nll,
     ditto_previous_index,
-    fused_ce_distill_aux,
     fused_ditto_loss,
     repair_margin_loss,
 )
@@ -135,6 +135,8 @@ class FocusTrainer(AxolotlTrainer):
         self.distill_spec = DistillSpec(fa.focus_distill, fa.focus_temperature, fa.focus_beta, fa.focus_gamma)
         aux = FocusAuxLosses.model_validate(fa.focus_aux_losses or {})
         self.aux_spec = aux.aux_spec()
+        self.fused_loss = FusedCEDistillLoss(self.distill_spec, aux=self.aux_spec, ce_weight=fa.focus_ce_alpha,
+                                             distill_weight=fa.focus_alpha, chunk_size=fa.focus_chunk_size)
         self.ditto = aux.ditto
         self._sentence_ends = None
         # We normalize by num_items_in_batch ourselves: make the HF Trainer count it.
@@ -263,20 +265,15 @@ class FocusTrainer(AxolotlTrainer):
             sequence = sequence_ids(inputs, valid.shape)[valid.cpu()].to(valid.device)
         metrics = {}
         with gathered(student_head, gather_teacher):
-            loss, sums = fused_ce_distill_aux(
+            loss, sums = self.fused_loss(
                 hidden[valid],
                 student_head,
-                teacher_hidden,
-                teacher_head,
                 targets[valid],
-                self.distill_spec,
-                ce_scale=self.focus_args.focus_ce_alpha * scale,
-                distill_scale=self.focus_args.focus_alpha * scale,
-                chunk_size=self.focus_args.focus_chunk_size,
-                aux=self.aux_spec,
-                sequence=sequence,
-                aux_scale=scale,
+                teacher_hidden=teacher_hidden,
+                teacher_head=teacher_head,
                 teacher=sparse,
+                sequence=sequence,
+                scale=scale,
             )
             pairs = int(repair["repair_chosen"].numel()) if repair else 0
             if pairs:

@@ -13,9 +13,10 @@ Per valid token t with gold target y_t, ``p = softmax(z_student)`` (no temperatu
 
 Besides the gold token these need only the probabilities of the tokens already seen in the same
 sequence: a small padded ``[chunk, K]`` id set built per chunk from :class:`SeenTokens`, never an
-``[N, V]`` mask. :func:`aux_block` is the terms' closed-form gradient and sums for one row block of
-the chunked pass (entry point :func:`~.fused.fused_ce_distill_aux`); :func:`reference_aux_terms`
-is the dense autograd oracle, straight from the papers' definitions.
+``[N, V]`` mask. :class:`AuxTerms` is the NLL-like term of the chunked pass (:class:`~.base.NLLTerm`;
+entry point :class:`~.fused.FusedCEDistillLoss` with ``aux=AuxSpec(...)``): its :meth:`~AuxTerms.block`
+is the terms' closed-form gradient and sums for one row block; :func:`reference_aux_terms` is the
+dense autograd oracle, straight from the papers' definitions.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from ...loss_settings import AuxSpec  # the settings' one definition, shared with the config
-from .base import IGNORE_INDEX, AuxChunk, reference_float
+from .base import NLLBlock, NLLTerm
+from .numerics import reference_float
+from .specs import IGNORE_INDEX
 
 # 1 - p(c) of an unlikelihood candidate is clamped at this floor (Welleck et al.'s value), in the
-# value and in the gradient factor p/(1-p), with the gradient passed through; see :func:`aux_block`.
+# value and in the gradient factor p/(1-p), with the gradient passed through; see :meth:`AuxTerms.block`.
 UL_EPS = 1e-5
+AUX_TERMS = ("ul", "scalegrad", "tailr")  # the order of AuxTerms.totals
 
 
 @dataclass
@@ -126,55 +130,95 @@ def reference_aux_terms(logits: torch.Tensor, labels: torch.Tensor, sequence: to
     return out
 
 
-def aux_block(p: torch.Tensor, t: torch.Tensor, nll: torch.Tensor, aux: AuxChunk, i: int, j: int,
-               ce_scale: float, log_p_ids: torch.Tensor | None) -> None:
-    """Turn the probabilities ``p`` ([r, V], rows i:j of the chunk) into the gradient of the
-    CE-like term(s) in place, and add the terms' sums into ``aux.sums``.
+class AuxTerms(NLLTerm):
+    """The baseline terms of one fused pass as its NLL-like term (:class:`~.base.NLLTerm`).
 
-    Plain CE gives ``ce_scale (p - onehot_y)``. TaiLr scales it per row by the detached weight w
-    (``b = ce_scale * w``). With ``g = gamma`` and ``S = sum_{v seen} p_v``, ScaleGrad's
-    ``-log p + log(g + (1 - g) S) - [y unseen] log g`` adds ``c p_j (1[j seen] - S)``,
-    ``c = ce_scale (1 - g) / (g + (1 - g) S)``. Unlikelihood adds, per candidate c,
-    ``ul_scale a_c (onehot_c - p)`` with ``a_c = p_c / max(1 - p_c, UL_EPS)``. The clamp bounds the
-    value (at ``-log UL_EPS``, never inf when ``1 - p_c`` rounds to 0) and the factor ``a_c``; for
-    ``1 - p_c >= UL_EPS`` the gradient is exact, beyond it the push on the candidate,
-    ``a_c (1 - p_c)``, shrinks gradually to ``p_c (1 - p_c) / UL_EPS`` instead of vanishing at once
-    as under an autograd clamp. ``1 - p_c`` is ``-expm1(log p_c)`` from the log-probabilities
-    ``log_p_ids`` at the ids (no rounding of ``p_c`` to 1). Everything together is one
-    row scale of ``p``, the one-hot subtraction and one ``scatter_add`` over the ``[r, k]`` ids.
+    ``scale``: the per-token normalization (unlikelihood's weight is ``spec.unlikelihood * scale``);
+    ``targets`` / ``sequence`` ``[N]``: the pass's flat targets and their contiguous sequence ids
+    (default: one sequence), which delimit the "earlier targets". :attr:`totals` ``[3]`` holds the
+    running sums in the order of :data:`AUX_TERMS`; per chunk, ``ids`` / ``seen_mask`` ``[c, k]``
+    are the chunk's earlier targets (:meth:`SeenTokens.chunk`).
     """
-    spec, r = aux.spec, p.shape[0]
-    base = nll.new_full((r, 1), ce_scale)
-    extra = None
-    if spec.tailr is not None:
-        gamma, min_weight = spec.tailr
-        p_gold = torch.exp(-nll)
-        weight = (p_gold / (gamma + (1 - gamma) * p_gold)).clamp_(min_weight, 1.0)
-        aux.sums[2] += (weight * nll).sum()
-        base = base * weight
-    scale = base
-    if aux.ids is not None:
-        ids, seen = aux.ids[i:j], aux.seen[i:j]
-        p_ids = p.gather(1, ids)
-        extra = torch.zeros_like(p_ids)
-        if spec.scalegrad is not None:
-            gamma = spec.scalegrad
-            p_seen = p_ids * seen
-            s = p_seen.sum(1, keepdim=True)
-            denom = gamma + (1 - gamma) * s
-            gold_seen = ((ids == t.unsqueeze(1)) & seen).any(1, keepdim=True)
-            aux.sums[1] += (nll + denom.log() - (~gold_seen) * math.log(gamma)).sum()
-            coef = ce_scale * (1 - gamma) / denom
-            scale = scale - coef * s
-            extra += coef * p_seen
-        if spec.unlikelihood is not None:
-            candidate = seen & (ids != t.unsqueeze(1))
-            one_minus = torch.expm1(log_p_ids).neg_().clamp_(min=UL_EPS)
-            aux.sums[0] -= (one_minus.log() * candidate).sum()
-            a = (p_ids * candidate).div_(one_minus).mul_(aux.ul_scale)
-            scale = scale - a.sum(1, keepdim=True)
-            extra += a
-    p.mul_(scale)
-    p[torch.arange(r, device=p.device), t] -= base.squeeze(1)
-    if extra is not None:
-        p.scatter_add_(1, ids, extra)
+
+    def __init__(self, spec: AuxSpec, scale: float, targets: torch.Tensor, sequence: torch.Tensor | None = None):
+        self.spec = spec
+        self.ul_scale = float(spec.unlikelihood or 0.0) * scale
+        self.seen = None
+        if spec.needs_seen:
+            self.seen = seen_tokens(targets, torch.zeros_like(targets) if sequence is None else sequence)
+        self.totals = torch.zeros(len(AUX_TERMS), dtype=torch.float32, device=targets.device)
+        self.ids = self.seen_mask = None
+
+    def chunk(self, start: int, end: int) -> None:
+        if self.seen is not None:
+            self.ids, self.seen_mask = self.seen.chunk(start, end)
+
+    def log_p_ids(self, rows: slice) -> torch.Tensor | None:
+        # unlikelihood needs 1 - p_c = -expm1(log p_c), exact where p_c ~ 1 (1 - p is not)
+        return self.ids[rows] if self.spec.unlikelihood is not None else None
+
+    def finish(self, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ScaleGrad's or TaiLr's sum in place of CE, and unlikelihood's at its own weight."""
+        nll_like = ce
+        if self.spec.scalegrad is not None:
+            nll_like = self.totals[1]
+        elif self.spec.tailr is not None:
+            nll_like = self.totals[2]
+        return nll_like, self.ul_scale * self.totals[0]
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        on = (self.spec.unlikelihood is not None, self.spec.scalegrad is not None, self.spec.tailr is not None)
+        return {name: self.totals[k] for k, name in enumerate(AUX_TERMS) if on[k]}
+
+    def block(self, b: NLLBlock) -> None:
+        """Turn the probabilities ``p = b.grad`` ([r, V]) into the gradient of the CE-like term(s) in
+        place, and add the terms' sums into :attr:`totals`.
+
+        Plain CE gives ``ce_scale (p - onehot_y)``. TaiLr scales it per row by the detached weight w
+        (``base = ce_scale * w``). With ``g = gamma`` and ``S = sum_{v seen} p_v``, ScaleGrad's
+        ``-log p + log(g + (1 - g) S) - [y unseen] log g`` adds ``c p_j (1[j seen] - S)``,
+        ``c = ce_scale (1 - g) / (g + (1 - g) S)``. Unlikelihood adds, per candidate c,
+        ``ul_scale a_c (onehot_c - p)`` with ``a_c = p_c / max(1 - p_c, UL_EPS)``. The clamp bounds the
+        value (at ``-log UL_EPS``, never inf when ``1 - p_c`` rounds to 0) and the factor ``a_c``; for
+        ``1 - p_c >= UL_EPS`` the gradient is exact, beyond it the push on the candidate,
+        ``a_c (1 - p_c)``, shrinks gradually to ``p_c (1 - p_c) / UL_EPS`` instead of vanishing at once
+        as under an autograd clamp. ``1 - p_c`` is ``-expm1(log p_c)`` from the log-probabilities
+        ``b.log_p_ids`` at the ids (no rounding of ``p_c`` to 1). Everything together is one
+        row scale of ``p``, the one-hot subtraction and one ``scatter_add`` over the ``[r, k]`` ids.
+        """
+        p, t, nll, ce_scale = b.grad, b.target, b.nll, b.scale
+        spec, r = self.spec, p.shape[0]
+        base = nll.new_full((r, 1), ce_scale)
+        extra = None
+        if spec.tailr is not None:
+            gamma, min_weight = spec.tailr
+            p_gold = torch.exp(-nll)
+            weight = (p_gold / (gamma + (1 - gamma) * p_gold)).clamp_(min_weight, 1.0)
+            self.totals[2] += (weight * nll).sum()
+            base = base * weight
+        scale = base
+        if self.ids is not None:
+            ids, seen = self.ids[b.rows], self.seen_mask[b.rows]
+            p_ids = p.gather(1, ids)
+            extra = torch.zeros_like(p_ids)
+            if spec.scalegrad is not None:
+                gamma = spec.scalegrad
+                p_seen = p_ids * seen
+                s = p_seen.sum(1, keepdim=True)
+                denom = gamma + (1 - gamma) * s
+                gold_seen = ((ids == t.unsqueeze(1)) & seen).any(1, keepdim=True)
+                self.totals[1] += (nll + denom.log() - (~gold_seen) * math.log(gamma)).sum()
+                coef = ce_scale * (1 - gamma) / denom
+                scale = scale - coef * s
+                extra += coef * p_seen
+            if spec.unlikelihood is not None:
+                candidate = seen & (ids != t.unsqueeze(1))
+                one_minus = torch.expm1(b.log_p_ids).neg_().clamp_(min=UL_EPS)
+                self.totals[0] -= (one_minus.log() * candidate).sum()
+                a = (p_ids * candidate).div_(one_minus).mul_(self.ul_scale)
+                scale = scale - a.sum(1, keepdim=True)
+                extra += a
+        p.mul_(scale)
+        p[torch.arange(r, device=p.device), t] -= base.squeeze(1)
+        if extra is not None:
+            p.scatter_add_(1, ids, extra)

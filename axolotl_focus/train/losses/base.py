@@ -1,160 +1,44 @@
-"""The chunking shared by the fused losses: token chunks, closed-form gradients, in-place numerics.
+"""The chunk loop of the fused CE + distillation pass: it owns everything the formulas share, and a
+formula is one function of one row block.
 
-Every fused loss here is computed from the final hidden states ``[N, H]`` of the valid positions
-and the lm_head weights ``[V, H]`` in token chunks of ``chunk_size`` rows: each chunk's logits
-``[c, V]`` are built (:func:`logits_into`, into one reused fp32 buffer), reduced to the chunk's
-loss sums, turned in place into their closed-form gradient with respect to the logits and
-multiplied back into gradients of the hidden states and the head (fp32 accumulation for the
-head), then dropped before the next chunk. Forward therefore already computes the gradients;
-backward only scales them by the incoming gradient. The peak memory of a loss is
-``O(chunk_size x V)`` instead of ``O(N x V)``, and the result does not depend on ``chunk_size``
-beyond fp32 rounding. Within a chunk the elementwise part runs in row blocks of ~1 MiB per fp32
-buffer on CPU (larger on accelerators), in four reused ``[block, V]`` scratch buffers.
+The pass is computed from the final hidden states ``[N, H]`` of the valid positions and the lm_head
+weights ``[V, H]`` in token chunks of ``chunk_size`` rows: each chunk's logits ``[c, V]`` are built
+(:func:`~.numerics.logits_into`, into one reused fp32 buffer), reduced to the chunk's loss sums,
+turned in place into their closed-form gradient with respect to the logits and multiplied back into
+gradients of the hidden states and the head (fp32 accumulation for the head), then dropped before
+the next chunk. Forward therefore already computes the gradients; backward only scales them by the
+incoming gradient. The peak memory is ``O(chunk_size x V)`` instead of ``O(N x V)``, and the result
+does not depend on ``chunk_size`` beyond fp32 rounding. Within a chunk the elementwise part runs in
+row blocks of ~1 MiB per fp32 buffer on CPU (larger on accelerators), in four reused ``[block, V]``
+scratch buffers.
 
-This module holds the loop and what the formulas share; the formulas themselves, each with its
-dense autograd reference beside it, live in the sibling modules and are handed to the loop
-(:class:`ChunkFormulas`):
+Per row block the loop computes what every formula needs: the student's ``softmax(z)`` and its
+NLL, and with a teacher the tempered ``log p = log_softmax(z / tau)`` and ``p``, then hands the
+block to two hooks, each taking one dataclass:
 
-* :class:`FusedCEDistill` / :func:`chunk_loss_and_grad`: CE (or the NLL-like baseline term) plus
-  distillation against a dense teacher (its hidden states and head, chunked the same way) or a
-  :class:`SparseTeacher` (the chunk's rows sliced); formulas in ``distill.py``,
-  ``distill_sparse.py`` and ``aux.py``, entry points in ``fused.py``.
-* :class:`ChunkedTokenNLL`: per-token NLL ``lse(z) - z[target]`` ``[N]``, backward recomputing each
-  chunk's logits (RePAIR, ``margin.py``).
-* :class:`FusedTokenNLLTerm`: a sum of per-token terms of the NLL whose gradient is known as soon
-  as the chunk's NLL is (DITTO, ``ditto.py``).
+* the NLL-like term, :class:`NLLTerm` (CE; the baseline terms of :mod:`.aux` change or add to it),
+  sees an :class:`NLLBlock` and turns ``softmax(z)`` into its gradient in place;
+* the distillation formula, a :data:`DistillFormula` ``(DistillBlock) -> block sum``, adds its
+  gradient into the same buffer (FOCUS / KD: :mod:`.distill`, the bucketed objective against a
+  sparse teacher: :mod:`.distill_sparse`). A new divergence is such a function plus its dense
+  reference (reverse KL in ``tests/train/losses/test_reverse_kl.py``).
 
-Sums and normalization: the losses return *sums* over the valid tokens (label != -100, already
-shifted) they are given, never means; the trainer divides by the number of valid tokens of the
-whole optimizer step (``num_items_in_batch``, passed in as ``ce_scale`` / ``distill_scale``) so
-that gradient accumulation and data parallelism normalize exactly. The sums returned for
-logging are detached fp32 scalars.
-
-Numerics (CPU): ``log_softmax`` runs in place through the fused kernel and is renormalized with
-the exact sum of the probabilities (:func:`renormalize_`); exponents are floored at
-:data:`EXP_FLOOR` and results below :data:`EXP_FLUSH` flushed to 0 (:func:`exp_`), which keeps the
-vectorized exp out of its slow subnormal path at a change far below fp32 rounding.
-
-The shared dataclasses live here too: :class:`DistillSpec`, :class:`LossSums`, :class:`SparseTeacher`
-and the per-chunk state :class:`AuxChunk` of the baseline terms. The module is over 500 lines
-because the loop, its three autograd functions and the in-place helpers they share belong
-together (one contract, one place to read it).
+Sums and normalization: the pass returns *sums* over the valid tokens (label != -100, already
+shifted) it is given, never means; the trainer divides by the number of valid tokens of the whole
+optimizer step (``num_items_in_batch``) so that gradient accumulation and data parallelism
+normalize exactly. The sums returned for logging are detached fp32 scalars. The entry point is
+:class:`~.fused.FusedCEDistillLoss`; the NLL-only loops of RePAIR and DITTO are in :mod:`.nll`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 
-from ...loss_settings import DISTILL_MODES  # the modes' one definition, shared with the config
-
-if TYPE_CHECKING:
-    from .aux import AuxSpec
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class DistillSpec:
-    """Which distillation term to add to CE, with its hyperparameters (paper defaults)."""
-
-    mode: str = "focus"  # "focus" | "kd" | "none"
-    temperature: float = 2.0
-    beta: float = 15.0
-    gamma: float = 1.0
-
-    def __post_init__(self):
-        if self.mode not in DISTILL_MODES:
-            raise ValueError(f"focus_distill must be one of {DISTILL_MODES}, got {self.mode!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"focus_temperature must be > 0, got {self.temperature}")
-        if self.beta < 0 or self.gamma < 0:
-            raise ValueError(f"focus_beta and focus_gamma must be >= 0, got {self.beta}, {self.gamma}")
-
-
-@dataclass
-class LossSums:
-    """Sums over valid tokens (detached, for logging) and the number of valid tokens."""
-
-    ce: torch.Tensor
-    distill: torch.Tensor
-    tokens: int
-
-
-@dataclass(frozen=True, eq=False)
-class SparseTeacher:
-    """The teacher as its top-k tokens per valid position instead of hidden states + lm_head.
-
-    Row n belongs to the n-th valid token (label != -100) in the order the fused pass gets its
-    rows, i.e. row-major over ``[batch, time]`` of the shifted labels (``hidden[labels != -100]``).
-
-    * ``ids`` ``[N, k]`` integer: the k distinct token ids kept (e.g. the teacher's top-k).
-    * ``logq`` ``[N, k]`` float: ``log softmax(z_teacher / tau)`` at those ids, at the training
-      temperature tau.
-    * ``log_tail`` ``[N]`` float: log of the teacher mass outside the k ids (-inf when none).
-    * ``temperature``: the tau ``logq`` was computed at, checked against the loss's when given.
-    """
-
-    ids: torch.Tensor
-    logq: torch.Tensor
-    log_tail: torch.Tensor
-    temperature: float | None = None
-
-    def rows(self, start: int, end: int, device: torch.device | None = None) -> SparseTeacher:
-        """Rows ``start:end`` (views; copied to ``device`` when given)."""
-        part = (self.ids[start:end], self.logq[start:end], self.log_tail[start:end])
-        if device is not None:
-            part = tuple(x.to(device, non_blocking=True) for x in part)
-        return SparseTeacher(*part, temperature=self.temperature)
-
-    def validate(self, n_tokens: int, vocab: int, mass_tol: float = 1e-3) -> None:
-        """Raise ValueError, naming the field, unless this is a sparse teacher of ``n_tokens``
-        positions over ``vocab`` tokens whose kept and tail masses sum to 1 (within ``mass_tol``
-        in log space)."""
-        ids, logq, log_tail = self.ids, self.logq, self.log_tail
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ValueError(f"sparse teacher ids must be an integer tensor, got {ids.dtype}")
-        if ids.dim() != 2 or ids.shape[0] != n_tokens or not 1 <= ids.shape[1] <= vocab:
-            raise ValueError(f"sparse teacher ids must be [{n_tokens}, k] with 1 <= k <= {vocab}, "
-                             f"got {list(ids.shape)}")
-        for name, x, shape in (("logq", logq, ids.shape), ("log_tail", log_tail, (n_tokens,))):
-            if not x.dtype.is_floating_point:
-                raise ValueError(f"sparse teacher {name} must be a float tensor, got {x.dtype}")
-            if tuple(x.shape) != tuple(shape):
-                raise ValueError(f"sparse teacher {name} must be {list(shape)}, got {list(x.shape)}")
-            if x.device != ids.device:
-                raise ValueError(f"sparse teacher {name} is on {x.device}, ids on {ids.device}")
-            if torch.isnan(x).any() or (x > mass_tol).any():
-                raise ValueError(f"sparse teacher {name} must be log-probabilities (<= 0, no NaN)")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"sparse teacher temperature must be > 0, got {self.temperature}")
-        if n_tokens == 0:
-            return
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"sparse teacher ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
-        ordered = ids.sort(1).values
-        if (ordered[:, 1:] == ordered[:, :-1]).any():
-            raise ValueError("sparse teacher ids must be distinct within each row")
-        if ids.shape[1] == vocab and torch.isfinite(log_tail).any():
-            raise ValueError("sparse teacher log_tail must be -inf where k = vocab (no tail tokens)")
-        mass = torch.logsumexp(torch.cat([logq.double(), log_tail.double().unsqueeze(1)], 1), 1)
-        if (mass.abs() > mass_tol).any():
-            raise ValueError(f"sparse teacher logq and log_tail: masses must sum to 1, log of the sum off by up "
-                             f"to {float(mass.abs().max()):.3g}")
-
-
-AUX_TERMS = ("ul", "scalegrad", "tailr")  # order of the aux sums returned by the fused pass
-
-
-def check_temperature(sparse: SparseTeacher, spec: DistillSpec) -> None:
-    if sparse.temperature is not None and not math.isclose(sparse.temperature, spec.temperature, rel_tol=1e-6):
-        raise ValueError(f"sparse teacher temperature {sparse.temperature} differs from the loss's "
-                         f"{spec.temperature}: its logq are log softmax(z / tau) at the training tau")
-
+from .numerics import exp_, exp_into, log_softmax_, logits_into, renormalize_
+from .specs import DistillSpec, SparseTeacher
 
 # Elements per row block of the elementwise part: ~1 MiB fp32 per buffer on CPU, so that the
 # ~20 elementwise passes run in cache instead of streaming [chunk, V] buffers through memory; on
@@ -163,222 +47,180 @@ _BLOCK_ELEMENTS_CPU = 1 << 18
 _BLOCK_ELEMENTS_ACCEL = 1 << 22
 
 
-# On CPU the vectorized exp is 10-30x slower when its result is subnormal or underflows (inputs
-# below ~-87.3), which is most of the vocabulary for peaked distributions and nearly all of
-# q^(beta+1). Exponents are therefore clamped at EXP_FLOOR and results below EXP_FLUSH (~2e-38,
-# the bottom of the normal fp32 range) set to 0: a change of < 2e-38 per element, far below any
-# fp32 rounding of the sums it enters.
-EXP_FLOOR = -87.0
-EXP_FLUSH = 2e-38
-
-
-def reference_float(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the dense references' precision: fp32, or float64 as given (float64 oracles, e.g. of
-    the fp32 / bf16 fused losses on an accelerator in benchmarks/gpu_check.py)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def exp_(x: torch.Tensor, flush: bool) -> torch.Tensor:
-    """In-place exp; with ``flush``, results below ``EXP_FLUSH`` are exactly 0 (see above)."""
-    if not flush:
-        return x.exp_()
-    x.clamp_(min=EXP_FLOOR).exp_()
-    return torch.nn.functional.threshold_(x, EXP_FLUSH, 0.0)
-
-
-def exp_into(out: torch.Tensor, x: torch.Tensor, flush: bool) -> torch.Tensor:
-    """``out = exp(x)``, ``x`` unchanged; with ``flush`` as :func:`exp_`."""
-    if not flush:
-        return torch.exp(x, out=out)
-    torch.clamp(x, min=EXP_FLOOR, out=out).exp_()
-    return torch.nn.functional.threshold_(out, EXP_FLUSH, 0.0)
-
-
-def log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """In-place ``log_softmax`` over the last dim (the fused kernel, no ``[c, V]`` temporaries).
-
-    The CPU kernel's fp32 row sum is biased (log-probabilities about 2e-6 too high at V = 32k);
-    callers renormalize with the exact (cascade) sum of the probabilities, see
-    :func:`renormalize_`.
-    """
-    if x.device.type == "cpu":  # verified alias-safe there; elsewhere stay on the public API
-        return torch._log_softmax(x, -1, False, out=x)
-    return x.copy_(torch.log_softmax(x, -1))
-
-
-def renormalize_(log_probs: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor:
-    """Make ``probs`` sum to 1 per row and shift ``log_probs`` accordingly; returns ``log(sum)``."""
-    total = probs.sum(-1, keepdim=True)
-    probs.div_(total)
-    log_total = total.log_()
-    if log_probs is not None:
-        log_probs.sub_(log_total)
-    return log_total
-
-
 def _block_rows(vocab: int, device: torch.device) -> int:
     elements = _BLOCK_ELEMENTS_CPU if device.type == "cpu" else _BLOCK_ELEMENTS_ACCEL
     return max(1, elements // max(1, vocab))
 
 
-@dataclass
-class AuxChunk:
-    """The baseline terms' state for one chunk: spec, UL weight, seen ids/mask, running sums."""
+@dataclass(frozen=True)
+class NLLBlock:
+    """Rows ``rows`` of a chunk as the NLL-like term sees them (fp32).
 
-    spec: AuxSpec
-    ul_scale: float
-    ids: torch.Tensor | None  # [c, k] distinct earlier targets of each token's sequence
-    seen: torch.Tensor | None  # [c, k] which of them precede the token
-    sums: torch.Tensor  # [3]: ul, scalegrad, tailr (order of AUX_TERMS)
+    * ``grad`` ``[r, V]``: ``softmax(z)`` on entry, the gradient of ``scale * term`` w.r.t. ``z`` on exit.
+    * ``target`` ``[r]``, ``nll`` ``[r, 1]``: the gold ids and ``-log softmax(z)[target]``.
+    * ``scale``: the term's weight (the pass's ``ce_scale``).
+    * ``rows``: the block's rows within its chunk (to index the term's per-chunk state).
+    * ``log_p_ids`` ``[r, k]``: ``log softmax(z)`` at the ids :meth:`NLLTerm.log_p_ids` asked for, or None.
+    """
 
-
-def logits_into(out: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor, low: torch.Tensor | None):
-    """``out[:] = float(hidden @ head.T)`` without a fresh ``[c, V]`` allocation when possible."""
-    if hidden.dtype == torch.float32 and head.dtype == torch.float32:
-        torch.mm(hidden, head.T, out=out)
-    elif low is not None and hidden.dtype == head.dtype == low.dtype:
-        out.copy_(torch.mm(hidden, head.T, out=low[: out.shape[0]]))
-    else:
-        out.copy_(hidden @ head.T)
+    grad: torch.Tensor
+    target: torch.Tensor
+    nll: torch.Tensor
+    scale: float
+    rows: slice
+    log_p_ids: torch.Tensor | None = None
 
 
-def softmax_nll_(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """In place: fp32 logits ``z`` ``[c, V]`` become ``softmax(z)``; returns ``-log softmax(z)[target]``
-    ``[c]`` (renormalized with the exact row sum, see :func:`log_softmax_`)."""
-    log_softmax_(z)
-    gold = z.gather(1, target.unsqueeze(1))[:, 0]
-    return renormalize_(None, z.exp_())[:, 0] - gold
+@dataclass(frozen=True)
+class DistillBlock:
+    """One row block as a distillation formula sees it (fp32 ``[r, V]`` unless noted).
+
+    * ``grad``: the gradient w.r.t. the student logits so far; the formula ADDS its own, i.e.
+      ``scale * d(value) / d(z / tau)``.
+    * ``log_p``, ``p``: the student's ``log_softmax(z / tau)`` and ``softmax(z / tau)`` (read only).
+    * ``teacher``: the block's teacher logits (consumed: the formula may overwrite them), or its
+      :class:`~.specs.SparseTeacher` rows when the pass was given a sparse teacher.
+    * ``scratch``: two free ``[r, V]`` buffers.
+    * ``spec``: the temperature and the formula's hyperparameters.
+    * ``scale``: ``tau * distill_scale``; ``flush``: hand to :func:`~.numerics.exp_` (CPU).
+
+    The formula returns the block's sum of the per-token divergence between the tempered
+    distributions (without tau^2: the loop multiplies the chunk's sum by tau^2).
+    """
+
+    grad: torch.Tensor
+    log_p: torch.Tensor
+    p: torch.Tensor
+    teacher: torch.Tensor | SparseTeacher
+    scratch: tuple[torch.Tensor, torch.Tensor]
+    spec: DistillSpec
+    scale: float
+    flush: bool
 
 
-def add_nll_grad_(probs: torch.Tensor, target: torch.Tensor, coef: torch.Tensor, hidden: torch.Tensor,
-                   weight: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
-    """Gradient of ``sum(coef * nll)`` for one chunk, from ``probs = softmax(hidden @ weight.T)``
-    (overwritten): ``d nll / d z = probs - onehot(target)``; written into ``grad_h`` (the chunk's
-    rows) and added into the fp32 ``grad_w``."""
-    probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0
-    probs.mul_(coef.unsqueeze(-1))
-    if grad_h is not None:
-        grad_h.copy_(probs.to(weight.dtype) @ weight)
-    if grad_w is not None:
-        grad_w.addmm_(probs.T, hidden.float())
+DistillFormula = Callable[[DistillBlock], torch.Tensor]
 
 
-def chunk_buffers(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int):
-    """Reused per-chunk buffers: fp32 logits ``[c, V]`` and, for a non-fp32 head, its staging copy."""
-    c = max(1, min(chunk_size, hidden.shape[0]))
-    z = torch.empty((c, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-    low = torch.empty_like(z, dtype=weight.dtype) if weight.dtype != torch.float32 else None
-    return z, low
+class NLLTerm:
+    """The NLL-like term of the pass: cross-entropy. :class:`~.aux.AuxTerms` replaces it (ScaleGrad,
+    TaiLr) or adds to it (unlikelihood). The loop calls :meth:`chunk` before each chunk,
+    :meth:`block` per row block and :meth:`finish` once at the end."""
+
+    def chunk(self, start: int, end: int) -> None:
+        """Rows ``start:end`` of the pass come next (CE keeps no per-chunk state)."""
+
+    def log_p_ids(self, rows: slice) -> torch.Tensor | None:
+        """``[r, k]`` ids whose log-probabilities the block of ``rows`` needs (gathered by the
+        loop before its in-place exp), or None."""
+        return None
+
+    def block(self, b: NLLBlock) -> None:
+        """CE: ``b.grad`` becomes ``scale * (softmax(z) - onehot(target))``."""
+        if b.scale != 1.0:
+            b.grad.mul_(b.scale)
+        b.grad[torch.arange(b.grad.shape[0], device=b.grad.device), b.target] -= b.scale
+
+    def finish(self, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum weighted by ce_scale, addend at its own weight)`` of the pass, from the CE sum."""
+        return ce, ce.new_zeros(())
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The term's detached sums for logging, besides ``ce`` (none for CE)."""
+        return {}
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkedPass:
+    """What the loop needs besides the student's hidden states, head and targets.
+
+    ``ce_scale`` / ``distill_scale``: the weights of the NLL-like sum and of the distillation sum in
+    the differentiable total. The teacher is ``teacher_hidden`` ``[N, H_t]`` with ``teacher_head``
+    ``[V, H_t]`` (chunked like the student), or ``sparse`` (rows sliced per chunk), or neither (CE
+    alone, ``formula`` unused).
+    """
+
+    spec: DistillSpec
+    ce_scale: float
+    distill_scale: float
+    chunk_size: int
+    formula: DistillFormula | None = None
+    teacher_hidden: torch.Tensor | None = None
+    teacher_head: torch.Tensor | None = None
+    sparse: SparseTeacher | None = None
+    nll_term: NLLTerm = field(default_factory=NLLTerm)
 
 
 def chunk_loss_and_grad(
     zs: torch.Tensor,
-    zt: torch.Tensor | SparseTeacher | None,
     target: torch.Tensor,
-    spec: DistillSpec,
-    ce_scale: float,
-    distill_scale: float,
+    *,
+    job: ChunkedPass,
+    teacher: torch.Tensor | SparseTeacher | None = None,
     block_rows: int | None = None,
     scratch: torch.Tensor | None = None,
-    aux: AuxChunk | None = None,
-    *,
-    formulas: ChunkFormulas,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss sums of one chunk and the gradient of ``ce_scale*CE + distill_scale*D`` w.r.t. ``zs``.
+    """``(ce_sum, distill_sum, zs)`` of one chunk: the sums and, in place of ``zs``, the gradient of
+    ``ce_scale * NLL-like + distill_scale * D`` w.r.t. the logits.
 
-    ``zs`` (fp32, [c, V]) is overwritten with the gradient; ``zt`` (fp32, [c, V]) is consumed.
+    ``zs`` (fp32, ``[c, V]``) is overwritten with the gradient; ``teacher``, the chunk's teacher
+    logits (fp32, ``[c, V]``, consumed) or :class:`~.specs.SparseTeacher` rows, or None for CE alone.
     The rows are processed in blocks of ``block_rows`` (default: ~1 MiB per buffer on CPU) with
     four ``[block_rows, V]`` fp32 scratch buffers (``scratch``, ``[4, >= block_rows, V]``, reused
-    across calls by the caller), so that only ``zs`` and ``zt`` are chunk-sized and, on CPU, the
-    elementwise passes run in cache.
-
-    Per row: ``CE = -log_softmax(zs)[target]``; ``log q = log_softmax(zt / tau)``,
-    ``log p = log_softmax(zs / tau)``, ``wq = w q`` (``= q`` for KD), ``D = tau^2 sum wq (log q - log p)``;
-    gradient ``ce_scale (softmax(zs) - onehot) + distill_scale * tau (Z p - wq)``, ``Z = sum wq``.
-    With ``aux``, the baseline terms change the CE part of the gradient (``formulas.aux``) and
-    add their sums into ``aux.sums``. The distillation term of each row block is
-    ``formulas.dense_distill``'s; a :class:`SparseTeacher` ``zt`` (this chunk's rows) replaces
-    the teacher logits, the term is then ``formulas.sparse_distill``'s.
+    across calls by the caller), so that only ``zs`` and the teacher logits are chunk-sized and,
+    on CPU, the elementwise passes run in cache. Per row ``CE = -log_softmax(zs)[target]``; the
+    distillation sum is ``tau^2`` times the sum of ``job.formula``'s block values.
     """
     c, vocab = zs.shape
     if block_rows is None:
         block_rows = _block_rows(vocab, zs.device)
     block_rows = max(1, min(block_rows, c))
-    distill = zt is not None
+    distill = teacher is not None
     if distill and (scratch is None or scratch.shape[0] < 4 or scratch.shape[1] < block_rows
                     or scratch.shape[2] != vocab):
         scratch = zs.new_empty((4, block_rows, vocab))
     flush = zs.device.type == "cpu"
-    tau = spec.temperature
-    s = tau * distill_scale
+    term, tau = job.nll_term, job.spec.temperature
+    s = tau * job.distill_scale
     ce_sum = zs.new_zeros(())
     distill_sum = zs.new_zeros(())
     for i in range(0, c, block_rows):
-        j = min(i + block_rows, c)
-        r = j - i
-        x = zs[i:j]
-        t = target[i:j]
+        rows = slice(i, min(i + block_rows, c))
+        x, t = zs[rows], target[rows]
+        r = x.shape[0]
         if distill:
-            log_p, p, wq, q = (buf[:r] for buf in scratch)
+            log_p, p, buf_a, buf_b = (buf[:r] for buf in scratch)
             log_softmax_(torch.div(x, tau, out=log_p))
             renormalize_(log_p, exp_into(p, log_p, flush))
-        # CE and its gradient ce_scale * (softmax(zs) - onehot)
         log_softmax_(x)
         picked = x.gather(1, t.unsqueeze(1))
-        # unlikelihood needs 1 - p_c = -expm1(log p_c), exact where p_c ~ 1 (1 - p is not)
-        log_p_ids = x.gather(1, aux.ids[i:j]) if aux is not None and aux.spec.unlikelihood is not None else None
+        ids = term.log_p_ids(rows)
+        log_p_ids = x.gather(1, ids) if ids is not None else None
         grad = exp_(x, flush)
         log_total = renormalize_(None, grad)
         nll = log_total - picked
         ce_sum += nll.sum()
-        if aux is not None:
-            if log_p_ids is not None:
-                log_p_ids.sub_(log_total)
-            formulas.aux(grad, t, nll, aux, i, j, ce_scale, log_p_ids)
-        else:
-            if ce_scale != 1.0:
-                grad.mul_(ce_scale)
-            grad[torch.arange(r, device=x.device), t] -= ce_scale
-        if not distill:
-            continue
-        if isinstance(zt, SparseTeacher):
-            distill_sum += formulas.sparse_distill(grad, log_p, p, zt.rows(i, j), q, spec, s, flush)
-            continue
-        distill_sum += formulas.dense_distill(grad, log_p, p, zt[i:j], wq, q, spec, s, flush)
+        if log_p_ids is not None:
+            log_p_ids.sub_(log_total)
+        term.block(NLLBlock(grad, t, nll, job.ce_scale, rows, log_p_ids))
+        if distill:
+            rows_t = teacher.rows(i, rows.stop) if isinstance(teacher, SparseTeacher) else teacher[rows]
+            distill_sum += job.formula(DistillBlock(grad, log_p, p, rows_t, (buf_a, buf_b), job.spec, s, flush))
     return ce_sum, distill_sum * tau**2, zs
 
 
-class ChunkFormulas(NamedTuple):
-    """The per-row-block formulas :func:`chunk_loss_and_grad` applies (the loop owns the rest).
-
-    * ``dense_distill(grad, log_p, p, zt, wq, q, spec, s, flush) -> sum``: distillation against
-      the teacher logits ``zt`` ``[r, V]`` (consumed; ``wq``, ``q``: scratch), gradient times
-      ``s = tau * distill_scale`` added into ``grad``, the block's sum (without tau^2) returned.
-    * ``sparse_distill(grad, log_p, p, teacher, buf, spec, s, flush) -> sum``: the same against the
-      block's :class:`SparseTeacher` rows.
-    * ``aux(p, t, nll, aux_chunk, i, j, ce_scale, log_p_ids)``: turns the probabilities into the
-      gradient of the CE-like terms in place and adds the baseline terms' sums.
-    """
-
-    dense_distill: Callable[..., torch.Tensor]
-    sparse_distill: Callable[..., torch.Tensor]
-    aux: Callable[..., None]
-
-
 class FusedCEDistill(torch.autograd.Function):
-    """CE plus distillation (and the baseline terms) over token chunks, gradients in forward;
-    ``formulas`` (:class:`ChunkFormulas`) gives the per-block terms. Entry points: ``fused.py``."""
+    """The chunked pass as an autograd function: ``(total, ce_sum, distill_sum)``, gradients in
+    forward (:func:`chunk_loss_and_grad` per chunk); only ``total`` is differentiable."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, target, spec, ce_scale, distill_scale, chunk_size,
-                aux=None, seen=None, ul_scale=0.0, sparse=None, formulas=None):
+    def forward(ctx, h_s, w_s, target, job: ChunkedPass):
         n, vocab = h_s.shape[0], w_s.shape[0]
         dev = h_s.device
+        h_t, w_t, chunk_size = job.teacher_hidden, job.teacher_head, job.chunk_size
         grad_h = torch.zeros(h_s.shape, dtype=h_s.dtype, device=dev) if h_s.requires_grad else None
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if w_s.requires_grad else None
         ce_total = torch.zeros((), dtype=torch.float32, device=dev)
         distill_total = torch.zeros((), dtype=torch.float32, device=dev)
-        aux_sums = torch.zeros(len(AUX_TERMS), dtype=torch.float32, device=dev)
         # Buffers reused by every chunk: fp32 student logits (then gradient), teacher logits,
         # a low-precision staging buffer for non-fp32 heads, and the per-block scratch.
         c = max(1, min(chunk_size, n))
@@ -389,7 +231,7 @@ class FusedCEDistill(torch.autograd.Function):
             low_dtype = w_t.dtype
         low = torch.empty((c, vocab), dtype=low_dtype, device=dev) if low_dtype is not None else None
         block_rows = min(_block_rows(vocab, dev), c)
-        distill = h_t is not None or sparse is not None
+        distill = h_t is not None or job.sparse is not None
         scratch = torch.empty((4, block_rows, vocab), dtype=torch.float32, device=dev) if distill else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
@@ -401,16 +243,11 @@ class FusedCEDistill(torch.autograd.Function):
             if h_t is not None:
                 zt = zt_buf[:m]
                 logits_into(zt, h_t[start:end], w_t, low)
-            elif sparse is not None:
-                zt = sparse.rows(start, end, dev)
-            chunk_aux = None
-            if aux is not None:
-                ids, seen_c = seen.chunk(start, end) if aux.needs_seen else (None, None)
-                chunk_aux = AuxChunk(aux, ul_scale, ids, seen_c, aux_sums)
-            ce_c, distill_c, grad = chunk_loss_and_grad(
-                zs, zt, target[start:end], spec, ce_scale, distill_scale, block_rows, scratch, chunk_aux,
-                formulas=formulas,
-            )
+            elif job.sparse is not None:
+                zt = job.sparse.rows(start, end, dev)
+            job.nll_term.chunk(start, end)
+            ce_c, distill_c, grad = chunk_loss_and_grad(zs, target[start:end], job=job, teacher=zt,
+                                                        block_rows=block_rows, scratch=scratch)
             ce_total += ce_c
             distill_total += distill_c
             if grad_h is not None:
@@ -428,99 +265,16 @@ class FusedCEDistill(torch.autograd.Function):
         del zs_buf, zt_buf, low, scratch
         ctx.save_for_backward(grad_h, grad_w)
         ctx.head_dtype = w_s.dtype
-        nll_like = ce_total
-        if aux is not None and aux.scalegrad is not None:
-            nll_like = aux_sums[1]
-        elif aux is not None and aux.tailr is not None:
-            nll_like = aux_sums[2]
-        total = ce_scale * nll_like + distill_scale * distill_total + ul_scale * aux_sums[0]
-        ctx.mark_non_differentiable(ce_total, distill_total, aux_sums)
-        return total, ce_total, distill_total, aux_sums
+        nll_like, added = job.nll_term.finish(ce_total)
+        total = job.ce_scale * nll_like + job.distill_scale * distill_total + added
+        ctx.mark_non_differentiable(ce_total, distill_total)
+        return total, ce_total, distill_total
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_distill, _grad_aux):
+    def backward(ctx, grad_total, _grad_ce, _grad_distill):
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.head_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
-
-
-class ChunkedTokenNLL(torch.autograd.Function):
-    """Per-token NLL ``lse(z) - z[target]`` from hidden states and lm_head weights, in chunks.
-
-    Forward keeps only the ``[N]`` result; backward recomputes each chunk's logits, so memory
-    stays ``O(chunk x vocab)`` whatever the number of tokens.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        z_buf, low = chunk_buffers(hidden, weight, chunk_size)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            z = z_buf[: end - start]
-            logits_into(z, hidden[start:end], weight, low)
-            out[start:end] = softmax_nll_(z, target[start:end])
-        ctx.save_for_backward(hidden, weight, target)
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, target = ctx.saved_tensors
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                  if ctx.needs_input_grad[1] else None)
-        z_buf, low = chunk_buffers(hidden, weight, ctx.chunk_size)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            h, z = hidden[start:end], z_buf[: end - start]
-            logits_into(z, h, weight, low)
-            softmax_nll_(z, target[start:end])
-            add_nll_grad_(z, target[start:end], grad_out[start:end], h, weight,
-                          grad_h[start:end] if grad_h is not None else None, grad_w)
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
-
-
-class FusedTokenNLLTerm(torch.autograd.Function):
-    """``sum_t term_t`` of per-token terms of the NLL of :class:`ChunkedTokenNLL`, in one pass over
-    the chunks, for terms whose gradient is known as soon as the chunk's NLL is.
-
-    ``term(nll, start, end) -> (value, coef)``: ``nll`` ``[N]`` is filled up to ``end`` (earlier
-    chunks included), ``value`` is the sum of the terms of tokens ``start:end`` and ``coef``
-    ``[end - start]`` their derivative with respect to the tokens' own NLL. Forward computes the
-    loss and both gradients (one logits matmul per chunk instead of a forward one plus a
-    recomputation in backward); backward only scales them.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, term, chunk_size):
-        n, dev = hidden.shape[0], hidden.device
-        nll = torch.empty(n, dtype=torch.float32, device=dev)
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight.requires_grad else None
-        z_buf, low = chunk_buffers(hidden, weight, chunk_size)  # logits, then softmax, then gradient
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            h, z = hidden[start:end], z_buf[: end - start]
-            logits_into(z, h, weight, low)
-            nll[start:end] = softmax_nll_(z, target[start:end])
-            value, coef = term(nll, start, end)
-            total += value
-            add_nll_grad_(z, target[start:end], coef, h, weight,
-                          grad_h[start:end] if grad_h is not None else None, grad_w)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.head_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total).to(ctx.head_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None

@@ -14,15 +14,17 @@ Two implementations of the same objective side by side:
 * :func:`reference_ce_distill` materializes the full ``[tokens, vocab]`` logits of student and
   teacher and lets autograd differentiate. It is the readable specification and the test oracle.
 * :func:`dense_distill_block` is the same term and its closed-form gradient for one row block of
-  the chunked pass (:mod:`.base`, entry point :func:`~.fused.fused_ce_distill`), in place in the
-  block's scratch buffers.
+  the chunked pass (a :class:`~.base.DistillBlock`; entry point :class:`~.fused.FusedCEDistillLoss`),
+  in place in the block's scratch buffers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, exp_, exp_into, log_softmax_, reference_float, renormalize_
+from .base import DistillBlock
+from .numerics import EXP_FLOOR, exp_, exp_into, log_softmax_, reference_float, renormalize_
+from .specs import IGNORE_INDEX, DistillSpec
 
 # --------------------------------------------------------------------------------------------
 # Reference implementation (dense, autograd)
@@ -71,18 +73,18 @@ def reference_ce_distill(
 # --------------------------------------------------------------------------------------------
 
 
-def dense_distill_block(grad: torch.Tensor, log_p: torch.Tensor, p: torch.Tensor, zt: torch.Tensor,
-                        wq: torch.Tensor, q: torch.Tensor, spec: DistillSpec, s: float, flush: bool) -> torch.Tensor:
-    """FOCUS or KD term of one row block against the teacher logits ``zt`` ``[r, V]`` (fp32,
-    consumed); adds its gradient (times ``s = tau * distill_scale``) into ``grad`` and returns the
-    block's sum (without tau^2).
+def dense_distill_block(b: DistillBlock) -> torch.Tensor:
+    """FOCUS or KD term (``b.spec.mode``) of one row block against the teacher logits ``b.teacher``
+    ``[r, V]`` (fp32, consumed); adds its gradient (times ``b.scale = tau * distill_scale``) into
+    ``b.grad`` and returns the block's sum (without tau^2).
 
-    ``log_p``/``p``: the student's tempered log-probabilities/probabilities ``[r, V]``; ``wq``,
-    ``q``: ``[r, V]`` scratch. ``log q = log_softmax(zt / tau)``, ``wq = w q`` (``= q`` for KD),
-    ``D = sum wq (log q - log p)``; gradient ``s (Z p - wq)``, ``Z = sum wq``.
+    ``log q = log_softmax(zt / tau)``, ``wq = w q`` (``= q`` for KD), ``D = sum wq (log q - log p)``;
+    gradient ``s (Z p - wq)``, ``Z = sum wq``; ``wq`` and ``q`` live in the block's scratch.
     """
+    grad, log_p, p, spec, s, flush = b.grad, b.log_p, b.p, b.spec, b.scale, b.flush
+    wq, q = b.scratch
     tau = spec.temperature
-    log_q = log_softmax_(zt.div_(tau))
+    log_q = log_softmax_(b.teacher.div_(tau))
     # -inf teacher logits: q = 0 contributes 0, never NaN (with flush, every log q below the
     # floor has q = 0 exactly, so its log ratio is multiplied by 0 as well)
     log_q.clamp_(min=EXP_FLOOR if flush else -1e30)

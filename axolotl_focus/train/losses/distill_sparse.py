@@ -1,6 +1,6 @@
 """Token-level distillation against a sparse teacher: the bucketed FOCUS / KD divergence.
 
-Sparse teacher (:class:`~.base.SparseTeacher`, e.g. from a teacher-logit cache): instead of its
+Sparse teacher (:class:`~.specs.SparseTeacher`, e.g. from a teacher-logit cache): instead of its
 hidden states and lm_head, the teacher can be given per valid token as k distinct ids K with their
 ``log q`` (at the training tau) and ``log r``, r the teacher mass outside K. The objective is then
 the *bucketed* divergence, K kept individually and all other tokens one bucket T:
@@ -14,7 +14,7 @@ every tail q <= min_K q). By the log-sum inequality the bucketed KD is <= the fu
 (T empty, ``log r = -inf``) both equal the dense objective of :mod:`.distill` (same q).
 
 :func:`reference_ce_distill_sparse` is the dense oracle; :func:`sparse_distill_block` is the same
-term for one row block of the chunked pass (:func:`~.fused.fused_ce_distill` with
+term for one row block of the chunked pass (:class:`~.fused.FusedCEDistillLoss` called with
 ``teacher=SparseTeacher(...)``: the chunk's rows sliced, ``log p_T`` a log-sum-exp over T, never
 ``1 - sum_K p``). :func:`sparse_teacher_from_logits` builds the top-k sparse teacher of dense logits.
 """
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import EXP_FLOOR, IGNORE_INDEX, DistillSpec, SparseTeacher, check_temperature, exp_, reference_float
+from .base import DistillBlock
 from .distill import focus_weights
+from .numerics import EXP_FLOOR, exp_, reference_float
+from .specs import IGNORE_INDEX, DistillSpec, SparseTeacher, check_temperature
 
 
 def sparse_teacher_from_logits(teacher_logits: torch.Tensor, k: int, temperature: float) -> SparseTeacher:
@@ -78,19 +80,21 @@ def reference_ce_distill_sparse(
     return ce, reference_sparse_distill_per_token(zs, sparse, spec).sum()
 
 
-def sparse_distill_block(grad: torch.Tensor, log_p: torch.Tensor, p: torch.Tensor, teacher: SparseTeacher,
-                          buf: torch.Tensor, spec: DistillSpec, s: float, flush: bool) -> torch.Tensor:
-    """Bucketed distillation term of one row block against a sparse teacher; adds its gradient
-    (times ``s = tau * distill_scale``) into ``grad`` and returns the block's sum (without tau^2).
+def sparse_distill_block(b: DistillBlock) -> torch.Tensor:
+    """Bucketed distillation term (FOCUS or KD, ``b.spec.mode``) of one row block against its sparse
+    teacher rows ``b.teacher``; adds its gradient (times ``s = b.scale = tau * distill_scale``) into
+    ``b.grad`` and returns the block's sum (without tau^2).
 
-    ``log_p``/``p``: the student's tempered log-probabilities/probabilities ``[r, V]``; ``buf``: a
-    ``[r, V]`` scratch. With K the kept ids, T the rest, ``r = exp(log_tail)``, ``wq = w q`` on K:
+    ``log_p``/``p``: the student's tempered log-probabilities/probabilities ``[r, V]``; ``buf``: one
+    of the block's scratch buffers. With K the kept ids, T the rest, ``r = exp(log_tail)``, ``wq = w q`` on K:
     ``D = sum_K wq (log q - log p) + r (log r - log p_T)``, gradient
     ``s (Z p - wq on K - r p / p_T on T)``, ``Z = sum_K wq + r``. ``log p_T`` is a log-sum-exp over
     T: ``log p_T = m + log S``, ``m`` the maximum of ``log p`` over T, ``buf = exp(log p - m)`` on T
     (0 on K) and ``S = sum buf >= 1``, so ``p_u / p_T = buf_u / S``: no ``1 - sum_K p`` cancellation,
     no overflow, and a finite ``log p_T`` however small ``p_T`` is.
     """
+    grad, log_p, p, teacher, spec, s, flush = b.grad, b.log_p, b.p, b.teacher, b.spec, b.scale, b.flush
+    buf = b.scratch[1]
     ids = teacher.ids.long()
     log_q = teacher.logq.to(log_p.dtype).clamp(min=EXP_FLOOR if flush else -1e30)  # q = 0: no NaN
     q = exp_(log_q.clone(), flush)

@@ -9,7 +9,7 @@ included) is compared with the same token one copy earlier, t - L:
 with ``p`` the gold-token probabilities and ``sg`` stop-gradient. It needs only gold-token
 probabilities, and the gradient of each token's term only its own and its previous copy's
 (stop-gradient, earlier in the row): :func:`fused_ditto_loss` computes loss and gradients in one
-chunked pass (:class:`~.base.FusedTokenNLLTerm` with :func:`ditto_chunk_term`), :func:`ditto_loss`
+chunked pass (:class:`~.nll.FusedTokenNLLTerm` with :func:`ditto_chunk_term`), :func:`ditto_loss`
 is the same formula on given token NLLs and :func:`reference_ditto` the dense, position-by-position
 oracle on padded rows.
 """
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FusedTokenNLLTerm, reference_float
+from .nll import FusedTokenNLLTerm
+from .numerics import reference_float
 
 DITTO_FLOOR = 1e-20
 
@@ -49,12 +50,12 @@ def ditto_loss(token_nll: torch.Tensor, previous: torch.Tensor, lam: float) -> t
 
 
 def ditto_chunk_term(previous: torch.Tensor, lam: float):
-    """The per-chunk DITTO term for :class:`~.base.FusedTokenNLLTerm`: ``term(nll, start, end)``
+    """The per-chunk DITTO term for :class:`~.nll.FusedTokenNLLTerm`: ``term(nll=, start=, end=)``
     returns the terms' sum over tokens ``start:end`` and their derivatives with respect to the
     tokens' NLL. Token t's previous copy is stop-gradient and comes earlier in the flat order, so
     its NLL is already computed."""
 
-    def term(nll: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def term(*, nll: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         prev = previous[start:end]
         p = torch.exp(-nll[start:end])
         gap = p - lam * torch.exp(-nll[prev.clamp(min=0)])  # earlier tokens: already computed

@@ -3,14 +3,14 @@ continuations, and the chunked per-token NLL it is computed from.
 
 Eq. 1: ``mean over pairs of max(0, m + l+ - l-)``, l the mean token NLL ``-log p(y_t)`` of a
 continuation (chosen: l+, rejected: l-). The token NLLs come from :func:`chunked_token_nll`, which
-never materializes more than one chunk of logits (:class:`~.base.ChunkedTokenNLL`).
+never materializes more than one chunk of logits (:class:`~.nll.ChunkedTokenNLL`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ChunkedTokenNLL
+from .nll import ChunkedTokenNLL
 
 
 def chunked_token_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,

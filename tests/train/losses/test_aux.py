@@ -1,15 +1,17 @@
 """The baseline terms in the fused pass (unlikelihood, ScaleGrad, TaiLr): fused against the dense
-reference, per-sequence seen tokens, by-hand values, degenerate settings and the UL clamp."""
+reference (also on the shared grid of loss_grid.py), per-sequence seen tokens, by-hand values,
+degenerate settings and the UL clamp."""
 
 import math
 
 import pytest
 import torch
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import (
     AuxSpec,
     DistillSpec,
-    fused_ce_distill_aux,
+    FusedCEDistillLoss,
     reference_aux_terms,
     reference_ce_distill,
     seen_tokens,
@@ -35,20 +37,21 @@ def _batch(b=3, t=24, h=16, v=11, seed=0):
     return hs, ws, ht, wt, labels.flatten(), torch.arange(b).repeat_interleave(t)
 
 
-def _reference_total(hs, ws, ht, wt, labels, seq, aux, spec, ce_w, d_w, aux_scale):
-    """Dense objective: ce_w * (CE | ScaleGrad | TaiLr) + alpha * aux_scale * UL + d_w * distill."""
+def _reference_total(hs, ws, ht, wt, labels, seq, aux, spec, ce_w, d_w, scale):
+    """Dense objective: scale * (ce_w * (CE | ScaleGrad | TaiLr) + alpha * UL + d_w * distill)."""
     zs = hs @ ws.T
     ce, distill = reference_ce_distill(zs, ht @ wt.T, labels, spec)
     terms = reference_aux_terms(zs, labels, seq, aux)
     nll = terms.get("scalegrad", terms.get("tailr", ce))
-    total = ce_w * nll + d_w * distill + (aux.unlikelihood or 0.0) * aux_scale * terms.get("ul", 0.0)
+    total = scale * (ce_w * nll + d_w * distill + (aux.unlikelihood or 0.0) * terms.get("ul", 0.0))
     return total, dict(terms, ce=ce, distill=distill)
 
 
-def _fused(hs, ws, ht, wt, labels, seq, aux, spec, ce_w=1.0, d_w=0.0, aux_scale=1.0, chunk=1024):
+def _fused(hs, ws, ht, wt, labels, seq, aux, spec, ce_w=1.0, d_w=0.0, scale=1.0, chunk=1024):
     valid = labels != -100
-    return fused_ce_distill_aux(hs[valid], ws, None if ht is None else ht[valid], wt, labels[valid], spec, ce_w,
-                                d_w, chunk, aux, seq[valid], aux_scale)
+    loss = FusedCEDistillLoss(spec, aux=aux, ce_weight=ce_w, distill_weight=d_w, chunk_size=chunk)
+    return loss(hs[valid], ws, labels[valid], teacher_hidden=None if ht is None else ht[valid], teacher_head=wt,
+                sequence=seq[valid], scale=scale)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -57,12 +60,12 @@ def _fused(hs, ws, ht, wt, labels, seq, aux, spec, ce_w=1.0, d_w=0.0, aux_scale=
 def test_fused_terms_match_dense_reference(name, mode, chunk):
     aux, spec = SPECS[name], DistillSpec(mode=mode)
     hs, ws, ht, wt, labels, seq = _batch()
-    ce_w, d_w, aux_scale = 0.8, 0.3, 0.6
+    ce_w, d_w, scale = 0.8, 0.3, 0.6
     hs_r, ws_r = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    want, want_terms = _reference_total(hs_r, ws_r, ht, wt, labels, seq, aux, spec, ce_w, d_w, aux_scale)
+    want, want_terms = _reference_total(hs_r, ws_r, ht, wt, labels, seq, aux, spec, ce_w, d_w, scale)
     want.backward()
     hs_f, ws_f = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    got, sums = _fused(hs_f, ws_f, ht, wt, labels, seq, aux, spec, ce_w, d_w, aux_scale, chunk)
+    got, sums = _fused(hs_f, ws_f, ht, wt, labels, seq, aux, spec, ce_w, d_w, scale, chunk)
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     expected_keys = {"ce", "distill"} | set(name.split("+"))
@@ -71,6 +74,24 @@ def test_fused_terms_match_dense_reference(name, mode, chunk):
         assert sums[key].item() == pytest.approx(want_terms[key].item(), rel=1e-5, abs=1e-5), key
     torch.testing.assert_close(hs_f.grad, hs_r.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ws_f.grad, ws_r.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_grid_matches_dense_reference(shape, dtype, tol, ignored, name):
+    """With FOCUS, one sequence per row: values (total, every sum) and gradients against the reference."""
+    x, aux, spec = problem(shape, dtype, ignored), SPECS[name], DistillSpec("focus")
+    hs, ws = leaves(x.hs, x.ws)
+    want, want_terms = _reference_total(hs, ws, x.ht, x.wt, x.labels, x.row, aux, spec, 0.8, 0.3, 0.6)
+    want.backward()
+    hf, wf = leaves(x.hs, x.ws)
+    got, sums = _fused(hf, wf, x.ht, x.wt, x.labels, x.row, aux, spec, 0.8, 0.3, 0.6, shape[4])
+    got.backward()
+    assert_values({"total": got, **sums}, {"total": want, **want_terms}, tol)
+    assert_grads([hf.grad, wf.grad], [hs.grad, ws.grad], tol)
+    assert hf.grad[~x.valid].abs().sum() == 0
 
 
 @pytest.mark.parametrize("name", ["ul", "scalegrad"])

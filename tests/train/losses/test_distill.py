@@ -1,22 +1,34 @@
-"""FOCUS / KD / CE: fused chunked loss against the dense reference and against closed forms."""
+"""FOCUS / KD / CE: fused chunked loss against the dense reference (on the shared grid of
+loss_grid.py) and against closed forms."""
 
-import functools
 import math
 
 import pytest
 import torch
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import (
     DistillSpec,
+    FusedCEDistillLoss,
     focus_weights,
-    fused_ce_distill,
     reference_ce_distill,
     reference_distill_per_token,
 )
-from axolotl_focus.train.losses.base import chunk_loss_and_grad
-from axolotl_focus.train.losses.fused import FORMULAS
+from axolotl_focus.train.losses.base import ChunkedPass, chunk_loss_and_grad
+from axolotl_focus.train.losses.fused import focus_kd_block
 
-_chunk_loss_and_grad = functools.partial(chunk_loss_and_grad, formulas=FORMULAS)  # one chunk of the fused pass
+
+def _chunk_loss_and_grad(zs, teacher, target, spec, ce_scale, distill_scale, block_rows=None):
+    """One chunk of the fused pass: ``(ce_sum, distill_sum, gradient w.r.t. zs)``."""
+    job = ChunkedPass(spec, ce_scale, distill_scale, zs.shape[0], focus_kd_block)
+    return chunk_loss_and_grad(zs, target, job=job, teacher=teacher, block_rows=block_rows)
+
+
+def _fused(hs, ws, ht, wt, labels, spec, ce_w=1.0, d_w=1.0, chunk_size=1024):
+    """The fused pass on the given rows: ``(total, ce_sum, distill_sum)``."""
+    loss = FusedCEDistillLoss(spec, ce_weight=ce_w, distill_weight=d_w, chunk_size=chunk_size)
+    total, sums = loss(hs, ws, labels, teacher_hidden=ht, teacher_head=wt)
+    return total, sums["ce"], sums["distill"]
 
 
 def _zipf_logits(n, v, s=1.2, seed=0):
@@ -51,9 +63,7 @@ def test_fused_matches_reference_values_and_grads(mode, chunk, temperature):
 
     hs_f, ws_f = hs.clone().requires_grad_(), ws.clone().requires_grad_()
     valid = labels != -100
-    total, ce_f, d_f = fused_ce_distill(
-        hs_f[valid], ws_f, ht[valid], wt, labels[valid], spec, ce_w, d_w, chunk_size=chunk
-    )
+    total, ce_f, d_f = _fused(hs_f[valid], ws_f, ht[valid], wt, labels[valid], spec, ce_w, d_w, chunk_size=chunk)
     total.backward()
 
     assert ce_f.item() == pytest.approx(ce.item(), rel=1e-5)
@@ -64,13 +74,55 @@ def test_fused_matches_reference_values_and_grads(mode, chunk, temperature):
     assert hs_f.grad[~valid].abs().sum() == 0  # ignored positions get no gradient
 
 
+HYPER = [pytest.param(1.0, 0.5, 0.5, id="tau1"), pytest.param(2.0, 1.0, 0.05, id="tau2"),
+         pytest.param(0.5, 0.0, 1.0, id="tau0.5-no-ce")]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+@pytest.mark.parametrize("mode", ["focus", "kd", "none"])
+@pytest.mark.parametrize("tau, ce_w, d_w", HYPER)
+def test_grid_matches_dense_reference(shape, dtype, tol, ignored, mode, tau, ce_w, d_w):
+    """Values (total, CE, distillation) and gradients (hidden, head) against the dense reference."""
+    x, spec = problem(shape, dtype, ignored), DistillSpec(mode, tau)
+    hs, ws = leaves(x.hs, x.ws)
+    ce, d = reference_ce_distill(hs @ ws.T, x.ht @ x.wt.T, x.labels, spec)
+    want = ce_w * ce + d_w * d
+    want.backward()
+    hf, wf = leaves(x.hs, x.ws)
+    loss = FusedCEDistillLoss(spec, ce_weight=ce_w, distill_weight=d_w, chunk_size=shape[4])
+    total, sums = loss(hf[x.valid], wf, x.labels[x.valid], teacher_hidden=x.ht[x.valid], teacher_head=x.wt)
+    total.backward()
+    assert_values({"total": total, **sums}, {"total": want, "ce": ce, "distill": d}, tol)
+    assert_grads([hf.grad, wf.grad], [hs.grad, ws.grad], tol)
+    assert hf.grad[~x.valid].abs().sum() == 0  # ignored positions get no gradient
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("mode", ["focus", "kd"])
+def test_grid_chunk_kernel_float64(shape, mode):
+    """The chunk kernel in float64 (the V = 5003 shape in three row blocks): its sums and closed-form
+    gradient equal autograd through the float64 reference to 1e-10."""
+    x, spec = problem(shape, torch.float64, "none"), DistillSpec(mode, 2.0)
+    zs, zt = x.hs @ x.ws.T, x.ht @ x.wt.T
+    ce, d, grad = _chunk_loss_and_grad(zs.clone(), zt.clone(), x.labels, spec, 0.7, 0.3)
+    z = zs.clone().requires_grad_()
+    ce_ref, d_ref = reference_ce_distill(z, zt, x.labels, spec)
+    (0.7 * ce_ref + 0.3 * d_ref).backward()
+    assert grad.dtype == torch.float64
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-12)
+    assert d.item() == pytest.approx(d_ref.item(), rel=1e-10)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-10, atol=1e-13)
+
+
 def test_frozen_head_and_upstream_scale():
     """LoRA case: lm_head frozen; the incoming gradient scales the result linearly."""
     spec = DistillSpec()
     hs, ws, ht, wt, labels = _problem()
     valid = labels != -100
     h1 = hs[valid].clone().requires_grad_()
-    total, _, _ = fused_ce_distill(h1, ws, ht[valid], wt, labels[valid], spec, chunk_size=5)
+    total, _, _ = _fused(h1, ws, ht[valid], wt, labels[valid], spec, chunk_size=5)
     (3.0 * total).backward()
     h2 = hs[valid].clone().requires_grad_()
     ce, d = reference_ce_distill(h2 @ ws.T, ht[valid] @ wt.T, labels[valid], spec)
@@ -100,7 +152,7 @@ def test_appendix_a_gradient_identity(teacher):
     # The fused kernel with an identity lm_head: hidden states are the logits themselves.
     zs_f = zs.float().clone().requires_grad_()
     labels = torch.zeros(n, dtype=torch.long)
-    fused_ce_distill(zs_f, torch.eye(v), zt.float(), torch.eye(v), labels, spec, ce_scale=0.0)[0].backward()
+    _fused(zs_f, torch.eye(v), zt.float(), torch.eye(v), labels, spec, ce_w=0.0)[0].backward()
     torch.testing.assert_close(zs_f.grad, closed_form.float(), rtol=1e-4, atol=1e-6)
     if teacher == "zipf":  # peaked teacher: the reweighting really moves mass (q~ != q)
         assert (w * q / z_norm - q).abs().max() > 1e-2
@@ -113,7 +165,7 @@ def test_focus_with_beta_gamma_zero_is_twice_kd():
     results = []
     for spec in (DistillSpec("focus", 2.0, 0.0, 0.0), DistillSpec("kd", 2.0)):
         h = hs[valid].clone().requires_grad_()
-        total, _, d = fused_ce_distill(h, ws, ht[valid], wt, labels[valid], spec, ce_scale=0.0, chunk_size=8)
+        total, _, d = _fused(h, ws, ht[valid], wt, labels[valid], spec, ce_w=0.0, chunk_size=8)
         total.backward()
         results.append((d, h.grad))
     (d_focus, g_focus), (d_kd, g_kd) = results
@@ -130,7 +182,7 @@ def test_kd_closed_form_on_two_token_vocab():
     q = 1 / (1 + math.exp(-(2.0 - 0.0) / tau))
     expected = tau**2 * (q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p)))
     got = reference_distill_per_token(zs, zt, DistillSpec("kd", tau)).item()
-    fused = fused_ce_distill(zs, torch.eye(2), zt, torch.eye(2), torch.tensor([0]), DistillSpec("kd", tau), 0.0)[2]
+    fused = _fused(zs, torch.eye(2), zt, torch.eye(2), torch.tensor([0]), DistillSpec("kd", tau), 0.0)[2]
     assert got == pytest.approx(expected, rel=1e-6)
     assert fused.item() == pytest.approx(expected, rel=1e-6)
     # and FOCUS on the same numbers, weights by hand
@@ -165,17 +217,17 @@ def test_teacher_minus_inf_logits_do_not_produce_nan():
 def test_vocab_mismatch_is_a_clear_error():
     hs, ws, ht, wt, labels = _problem()
     with pytest.raises(ValueError, match="vocabulary"):
-        fused_ce_distill(hs, ws, ht, wt[:-1], labels.clamp(min=0), DistillSpec())
+        _fused(hs, ws, ht, wt[:-1], labels.clamp(min=0), DistillSpec())
 
 
 def test_bfloat16_inputs_close_to_fp32():
     spec = DistillSpec()
     hs, ws, ht, wt, labels = _problem(n=64, h=32, v=300)
     valid = labels != -100
-    out32 = fused_ce_distill(hs[valid], ws, ht[valid], wt, labels[valid], spec)
+    out32 = _fused(hs[valid], ws, ht[valid], wt, labels[valid], spec)
     h16 = hs[valid].bfloat16().requires_grad_()
     w16 = ws.bfloat16().requires_grad_()
-    out16 = fused_ce_distill(h16, w16, ht[valid].bfloat16(), wt.bfloat16(), labels[valid], spec)
+    out16 = _fused(h16, w16, ht[valid].bfloat16(), wt.bfloat16(), labels[valid], spec)
     out16[0].backward()
     assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
     assert out16[1].item() == pytest.approx(out32[1].item(), rel=2e-2)

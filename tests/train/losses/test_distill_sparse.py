@@ -1,26 +1,36 @@
-"""FOCUS / KD against a sparse (top-k + tail bucket) teacher: fused vs dense reference vs the dense teacher."""
-
-import functools
+"""FOCUS / KD against a sparse (top-k + tail bucket) teacher: fused vs dense reference (on the shared
+grid of loss_grid.py) vs the dense teacher."""
 
 import pytest
 import torch
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import (
     AuxSpec,
     DistillSpec,
+    FusedCEDistillLoss,
     SparseTeacher,
-    fused_ce_distill,
-    fused_ce_distill_aux,
     reference_aux_terms,
     reference_ce_distill,
     reference_ce_distill_sparse,
     reference_sparse_distill_per_token,
     sparse_teacher_from_logits,
 )
-from axolotl_focus.train.losses.base import chunk_loss_and_grad
-from axolotl_focus.train.losses.fused import FORMULAS
+from axolotl_focus.train.losses.base import ChunkedPass, chunk_loss_and_grad
+from axolotl_focus.train.losses.fused import focus_kd_block
 
-_chunk_loss_and_grad = functools.partial(chunk_loss_and_grad, formulas=FORMULAS)  # one chunk of the fused pass
+
+def _chunk_loss_and_grad(zs, teacher, target, spec, ce_scale, distill_scale, block_rows=None):
+    """One chunk of the fused pass: ``(ce_sum, distill_sum, gradient w.r.t. zs)``."""
+    job = ChunkedPass(spec, ce_scale, distill_scale, zs.shape[0], focus_kd_block)
+    return chunk_loss_and_grad(zs, target, job=job, teacher=teacher, block_rows=block_rows)
+
+
+def _fused(hs, ws, ht, wt, labels, spec, ce_w=1.0, d_w=1.0, chunk_size=1024, teacher=None):
+    """The fused pass on the given rows: ``(total, ce_sum, distill_sum)``."""
+    loss = FusedCEDistillLoss(spec, ce_weight=ce_w, distill_weight=d_w, chunk_size=chunk_size)
+    total, sums = loss(hs, ws, labels, teacher_hidden=ht, teacher_head=wt, teacher=teacher)
+    return total, sums["ce"], sums["distill"]
 
 SPECS = {"focus": DistillSpec("focus", 2.0, 15.0, 1.0), "kd": DistillSpec("kd", 2.0)}
 
@@ -54,8 +64,8 @@ def test_k_equals_vocab_matches_dense_teacher_fused(mode):
     sparse = sparse_teacher_from_logits(ht[valid] @ wt.T, wt.shape[0], spec.temperature)
     assert torch.isneginf(sparse.log_tail).all()
     args = (labels[valid], spec, 0.7, 0.3, 5)
-    dense, g_dense = _grads(lambda h, w: fused_ce_distill(h, w, ht[valid], wt, *args), hs[valid], ws)
-    fused, g_sparse = _grads(lambda h, w: fused_ce_distill(h, w, None, None, *args, teacher=sparse), hs[valid], ws)
+    dense, g_dense = _grads(lambda h, w: _fused(h, w, ht[valid], wt, *args), hs[valid], ws)
+    fused, g_sparse = _grads(lambda h, w: _fused(h, w, None, None, *args, teacher=sparse), hs[valid], ws)
     for a, b in zip(fused, dense):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     for a, b in zip(g_sparse, g_dense):
@@ -86,6 +96,46 @@ def test_k_equals_vocab_matches_dense_teacher_float64(mode):
     assert ref_s[1].item() == pytest.approx(ref_d[1].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+@pytest.mark.parametrize("mode", ["focus", "kd"])
+@pytest.mark.parametrize("k", [1, 8, "V"])
+def test_grid_matches_dense_reference(shape, dtype, tol, ignored, mode, k):
+    """Values and gradients against the dense reference, the top-k teacher of the valid rows."""
+    x, spec = problem(shape, dtype, ignored), SPECS[mode]
+    sparse = sparse_teacher_from_logits((x.ht[x.valid] @ x.wt.T).float(), shape[3] if k == "V" else k,
+                                        spec.temperature)
+    hs, ws = leaves(x.hs, x.ws)
+    ce, d = reference_ce_distill_sparse(hs @ ws.T, x.labels, sparse, spec)
+    want = 0.6 * ce + 0.4 * d
+    want.backward()
+    hf, wf = leaves(x.hs, x.ws)
+    loss = FusedCEDistillLoss(spec, ce_weight=0.6, distill_weight=0.4, chunk_size=shape[4])
+    total, sums = loss(hf[x.valid], wf, x.labels[x.valid], teacher=sparse)
+    total.backward()
+    assert_values({"total": total, **sums}, {"total": want, "ce": ce, "distill": d}, tol)
+    assert_grads([hf.grad, wf.grad], [hs.grad, ws.grad], tol)
+    assert hf.grad[~x.valid].abs().sum() == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("mode", ["focus", "kd"])
+@pytest.mark.parametrize("k", [1, 8, "V"])
+def test_grid_chunk_kernel_float64(shape, mode, k):
+    """The chunk kernel in float64 against autograd through the float64 reference, to 1e-10."""
+    x, spec = problem(shape, torch.float64, "none"), SPECS[mode]
+    zs = x.hs @ x.ws.T
+    sparse = sparse_teacher_from_logits(x.ht @ x.wt.T, shape[3] if k == "V" else k, spec.temperature)
+    ce, d, grad = _chunk_loss_and_grad(zs.clone(), sparse, x.labels, spec, 0.7, 0.3)
+    z = zs.clone().requires_grad_()
+    ce_ref, d_ref = reference_ce_distill_sparse(z, x.labels, sparse, spec)
+    (0.7 * ce_ref + 0.3 * d_ref).backward()
+    assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-12)
+    assert d.item() == pytest.approx(d_ref.item(), rel=1e-10)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-10, atol=1e-13)
+
+
 AUX = {"none": None, "ul+scalegrad": AuxSpec(unlikelihood=0.5, scalegrad=0.3),
        "ul+tailr": AuxSpec(unlikelihood=0.5, tailr=(0.5, 0.1))}
 
@@ -100,19 +150,19 @@ def test_fused_sparse_matches_reference(k, mode, aux_name):
     valid = labels != -100
     assert valid.sum() % 7 != 0
     sparse = sparse_teacher_from_logits(ht[valid] @ wt.T, k, spec.temperature)
-    ce_w, d_w, aux_scale = 0.7, 0.3, 0.9
+    ce_w, d_w, scale = 0.7, 0.3, 0.9
 
     def reference(h, w):
         zs = h @ w.T
         ce, distill = reference_ce_distill_sparse(zs, labels, sparse, spec)
         terms = reference_aux_terms(zs, labels, seq, aux) if aux is not None else {}
         nll = terms.get("scalegrad", terms.get("tailr", ce))
-        ul = (aux.unlikelihood if aux is not None and aux.unlikelihood else 0.0) * aux_scale * terms.get("ul", 0.0)
-        return ce_w * nll + d_w * distill + ul, dict(terms, ce=ce, distill=distill)
+        ul = (aux.unlikelihood if aux is not None and aux.unlikelihood else 0.0) * terms.get("ul", 0.0)
+        return scale * (ce_w * nll + d_w * distill + ul), dict(terms, ce=ce, distill=distill)
 
     def fused(h, w):
-        return fused_ce_distill_aux(h[valid], w, None, None, labels[valid], spec, ce_w, d_w, 7, aux, seq[valid],
-                                    aux_scale, teacher=sparse)
+        loss = FusedCEDistillLoss(spec, aux=aux, ce_weight=ce_w, distill_weight=d_w, chunk_size=7)
+        return loss(h[valid], w, labels[valid], teacher=sparse, sequence=seq[valid], scale=scale)
 
     (ref_total, ref_sums), ref_grads = _grads(reference, hs, ws)
     (total, sums), grads = _grads(fused, hs, ws)
@@ -269,17 +319,17 @@ def test_fused_argument_errors_and_int32_ids():
     h, t = hs[valid], labels[valid]
     sparse = sparse_teacher_from_logits(ht[valid] @ wt.T, 4, spec.temperature)
     with pytest.raises(ValueError, match="not both"):
-        fused_ce_distill(h, ws, ht[valid], wt, t, spec, teacher=sparse)
+        _fused(h, ws, ht[valid], wt, t, spec, teacher=sparse)
     with pytest.raises(ValueError, match="temperature"):
-        fused_ce_distill(h, ws, None, None, t, DistillSpec("focus", 1.0), teacher=sparse)
+        _fused(h, ws, None, None, t, DistillSpec("focus", 1.0), teacher=sparse)
     with pytest.raises(ValueError, match="ids"):
-        fused_ce_distill(hs, ws, None, None, labels.clamp(min=0), spec, teacher=sparse)  # rows of all tokens
+        _fused(hs, ws, None, None, labels.clamp(min=0), spec, teacher=sparse)  # rows of all tokens
     as_int32 = SparseTeacher(sparse.ids.int(), sparse.logq, sparse.log_tail)
-    a = fused_ce_distill(h, ws, None, None, t, spec, chunk_size=5, teacher=sparse)
-    b = fused_ce_distill(h, ws, None, None, t, spec, chunk_size=5, teacher=as_int32)
+    a = _fused(h, ws, None, None, t, spec, chunk_size=5, teacher=sparse)
+    b = _fused(h, ws, None, None, t, spec, chunk_size=5, teacher=as_int32)
     assert a[2].item() == b[2].item() > 0
     # mode "none" ignores the teacher: CE only
-    ce_only = fused_ce_distill(h, ws, None, None, t, DistillSpec("none", 2.0), chunk_size=5, teacher=sparse)
+    ce_only = _fused(h, ws, None, None, t, DistillSpec("none", 2.0), chunk_size=5, teacher=sparse)
     assert ce_only[2].item() == 0 and ce_only[1].item() == a[1].item()
 
 
@@ -295,8 +345,8 @@ def test_tiny_student_tail_mass_stays_exact():
     target = sparse.ids[:, 0]
     ref = reference_sparse_distill_per_token(zs, sparse, spec).sum()
     h = zs.float().requires_grad_()
-    _, _, d = fused_ce_distill(h, torch.eye(v), None, None, target, spec, ce_scale=0.0, teacher=sparse)
+    _, _, d = _fused(h, torch.eye(v), None, None, target, spec, ce_w=0.0, teacher=sparse)
     d_ref_grad = torch.autograd.grad(reference_sparse_distill_per_token(zs.requires_grad_(), sparse, spec).sum(), zs)[0]
-    fused_ce_distill(h, torch.eye(v), None, None, target, spec, ce_scale=0.0, teacher=sparse)[0].backward()
+    _fused(h, torch.eye(v), None, None, target, spec, ce_w=0.0, teacher=sparse)[0].backward()
     assert ref.item() > 100 and d.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(h.grad, d_ref_grad.float(), rtol=1e-5, atol=1e-6)

@@ -1,10 +1,12 @@
 """The DITTO loss: by hand (the first token of the second copy included), the fused pass with a
-frozen head, saturated and empty inputs, and chunked / fused against the dense reference."""
+frozen head, saturated and empty inputs, and chunked / fused against the dense reference (also on
+the shared grid of loss_grid.py)."""
 
 import math
 
 import pytest
 import torch
+from loss_grid import DTYPES, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves
 
 from axolotl_focus.train.ditto import pseudo_rows
 from axolotl_focus.train.losses import (
@@ -91,3 +93,45 @@ def test_ditto_chunked_matches_dense_reference(fused, chunk):
     torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], head.grad, rtol=1e-5, atol=1e-6)
 
+
+
+def _pseudo_batch(shape, layout, seed=0):
+    """Pseudo-repetition rows of ``shape``: a prefix (BOS only, or a prompt of 2 + b tokens), copies of
+    a unit of 2 + b % 4 tokens, then right padding (none, or 3 b tokens); labels -100 outside the copies."""
+    b, t, h, v, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, v, (b, t), generator=g)
+    labels = torch.full((b, t), -100)
+    lengths, prefix, unit = [], [], []
+    for r in range(b):
+        pre, pad, u = (1, 0, 2 + r % 4) if layout == "bos-only" else (2 + r, 3 * r, 2 + r % 4)
+        for i in range(pre + u, t - pad):
+            ids[r, i] = ids[r, i - u]
+        ids[r, t - pad:] = 0
+        labels[r, pre: t - pad] = ids[r, pre: t - pad]
+        lengths.append(t - pad), prefix.append(pre), unit.append(u)
+    return ids, labels, lengths, prefix, unit
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("layout", ["bos-only", "prompt-padding"])
+def test_grid_fused_matches_dense_reference(shape, dtype, tol, layout):
+    """The fused DITTO sum and its gradients (hidden, head) against the position-by-position reference."""
+    b, t, h, v, chunk = shape
+    ids, labels, lengths, prefix, unit = _pseudo_batch(shape, layout)
+    g = torch.Generator().manual_seed(1)
+    hidden0 = torch.randn(b, t, h, generator=g).to(dtype)
+    head0 = (torch.randn(v, h, generator=g) * 2 / h**0.5).to(dtype)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    valid = targets != -100
+    previous = ditto_previous_index(valid.nonzero()[:, 0], torch.tensor(unit))
+    hidden, head = leaves(hidden0, head0)
+    got, count = fused_ditto_loss(hidden[valid], head, targets[valid], previous, 0.5, chunk_size=chunk)
+    got.backward()
+    hidden_ref, head_ref = leaves(hidden0, head0)
+    want, want_count = reference_ditto(hidden_ref @ head_ref.T, ids, lengths, prefix, unit, 0.5)
+    want.backward()
+    assert count == want_count > 0
+    assert_values({"ditto": got}, {"ditto": want}, tol)
+    assert_grads([hidden.grad, head.grad], [hidden_ref.grad, head_ref.grad], tol)

@@ -1,8 +1,10 @@
-"""RePAIR's loss formulas: the chunked token NLL against cross-entropy and the margin loss by hand."""
+"""RePAIR's loss formulas: the chunked token NLL against cross-entropy (also on the shared grid of
+loss_grid.py) and the margin loss by hand."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_grid import DTYPES, IGNORED, SHAPE_IDS, SHAPES, assert_grads, assert_values, leaves, problem
 
 from axolotl_focus.train.losses import chunked_token_nll, repair_margin_loss
 
@@ -21,6 +23,23 @@ def test_chunked_token_nll_matches_cross_entropy():
     torch.testing.assert_close(chunked_token_nll(h, w, y, 7), nll.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[0], h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], w.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("ignored", IGNORED)
+def test_grid_chunked_token_nll_matches_cross_entropy(shape, dtype, tol, ignored):
+    """Per-token values and the gradients of a weighted sum, against fp32 cross-entropy of the logits."""
+    x = problem(shape, dtype, ignored)
+    upstream = torch.rand(int(x.valid.sum()), generator=torch.Generator().manual_seed(1))
+    h, w = leaves(x.hs, x.ws)
+    nll = chunked_token_nll(h[x.valid], w, x.labels[x.valid], chunk_size=shape[4])
+    (nll * upstream).sum().backward()
+    h_ref, w_ref = leaves(x.hs, x.ws)
+    ref = F.cross_entropy((h_ref @ w_ref.T).float(), x.labels, reduction="none")[x.valid]
+    (ref * upstream).sum().backward()
+    assert_values({"nll": nll}, {"nll": ref}, tol)
+    assert_grads([h.grad, w.grad], [h_ref.grad, w_ref.grad], tol)
 
 
 def test_margin_loss_by_hand():
