@@ -282,14 +282,15 @@ def _show(unit: str) -> str:
 def _methods(v: View) -> list[str]:
     """Tables 3 / 5 as measured: each arm's mean over the seeds (and the spread), the references."""
     s, lines = v.s, []
-    keys = ("ppl", "mauve", "crep", *metrics.REP_KEYS, "ead")
+    keys = ("ppl", "mauve", "crep", *metrics.REP_KEYS, "ead", "mean_length", "eos_rate")
     cols = [metrics.get(k) for k in keys]
     n = v.recs["eval"]["documents"]
     lines += ["## Tables 3 and 5 as measured: every arm, mean over the training seeds", "",
               f"{n} held-out documents; an arm's cell is the mean over its {len(s.train_seeds)} seeds (+- the seeds' "
-              "standard deviation). References are single models.", ""]
+              "standard deviation). References are single models. Mean length (generated tokens, of 100) and "
+              "EOS % beside repetition: a model that stops early has less room to repeat.", ""]
     for decoding, label in (("top_p0.9", f"top-p 0.9, T={s.eval_temperature:g} (primary)"), ("greedy", "greedy")):
-        lines += [f"**{label}**", "", "| model | " + " | ".join(f"{c.label} {c.arrow}" for c in cols) + " |",
+        lines += [f"**{label}**", "", "| model | " + " | ".join(f"{c.label} {c.arrow}".strip() for c in cols) + " |",
                   "|---" * (len(cols) + 1) + "|"]
         for a in s.arms:
             vals = [flat_metrics(v.results(run_label(a, k)), "open_ended", decoding) for k in s.train_seeds]
