@@ -49,20 +49,31 @@ def repetition_figure(panels: Sequence[tuple[str, list[dict]]]):
     for ax, (title, rows) in zip(axes[0], panels):
         for y, row in enumerate(rows):
             color = COLORS[y % len(COLORS)]
-            if row.get("seeds"):
-                ax.plot(row["seeds"], [y] * len(row["seeds"]), "o", ms=3, alpha=0.45, color=color)
-            if row.get("lower") is not None and row["lower"] == row["lower"]:
-                ax.plot([row["lower"], row["upper"]], [y, y], "-", lw=2, color=color)
-            ax.plot([row["mean"]], [y], "D", ms=6, color=color)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
+            lower = row.get("lower")
+            _dot_whisker(ax, y, row.get("seeds") or [], lower, row.get("upper"), row["mean"], color, color)
+        _axis(ax, title, labels)
     axes[0][0].invert_yaxis()
     fig.suptitle("Repetition per model: diamond = mean; bar = 95% interval (arms: across training seeds, dots = the "
                  "seeds; references: over documents)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _dot_whisker(ax, y: float, seeds, lower, upper, mean, seed_color: str, color: str) -> None:
+    """One row: the seeds as dots, the interval as a bar (when finite), the mean as a diamond (when finite)."""
+    if len(seeds):
+        ax.plot(seeds, [y] * len(seeds), "o", ms=3, alpha=0.5, color=seed_color)
+    if lower is not None and lower == lower:
+        ax.plot([lower, upper], [y, y], "-", lw=2, color=color)
+    if mean == mean:
+        ax.plot([mean], [y], "D", ms=6, color=color)
+
+
+def _axis(ax, title: str, labels: list[str]) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
 
 
 def effects_figure(panels: Sequence[tuple[str, list[dict]]]):
@@ -76,19 +87,12 @@ def effects_figure(panels: Sequence[tuple[str, list[dict]]]):
         ax.axvline(0, color="black", lw=0.8)
         for y, row in enumerate(rows):
             seeds = [100 * v for v in row["per_seed"] if v is not None]
-            ax.plot(seeds, [y] * len(seeds), "o", ms=3, alpha=0.5, color="#555555")
-            if row["lower"] == row["lower"]:
-                ax.plot([100 * row["lower"], 100 * row["upper"]], [y, y], "-", lw=2, color="#1f77b4")
-            if row["mean"] == row["mean"]:
-                ax.plot([100 * row["mean"]], [y], "D", ms=6, color="#1f77b4")
+            _dot_whisker(ax, y, seeds, 100 * row["lower"], 100 * row["upper"], 100 * row["mean"], "#555555", "#1f77b4")
             ax.plot([100 * row["effect"]], [y], "|", ms=14, mew=2, color="#d62728")
             ax.annotate(row["verdict"], (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7)
-        ax.set_title(title, fontsize=9)
+        _axis(ax, title, labels)
         ax.set_xlabel("relative change of A vs B (%)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
     axes[0][0].invert_yaxis()
     fig.suptitle("Effects across training seeds: dots = seeds, diamond + bar = mean and 95% t interval, "
                  "red tick = the paper's effect", fontsize=9)
