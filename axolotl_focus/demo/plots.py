@@ -95,7 +95,7 @@ def effects_figure(panels: Sequence[tuple[str, list[dict]]]):
         ax.set_xlabel("relative change of A vs B (%)", fontsize=8)
     axes[0][0].invert_yaxis()
     fig.suptitle("Effects across training seeds: dots = seeds, diamond + bar = mean and 95% t interval, "
-                 "red tick = the paper's effect", fontsize=9)
+                 "red tick = the paper's effect (PPL gates: the +10% bound)", fontsize=9)
     fig.tight_layout()
     return fig
 

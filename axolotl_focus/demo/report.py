@@ -402,11 +402,16 @@ def repetition_panels(v: View) -> list[tuple[str, list[dict]]]:
 
 
 def effect_panels(result: dict) -> list[tuple[str, list[dict]]]:
+    """One panel per condition: every comparison's row, then (b)'s PPL gates (the same in every panel:
+    PPL does not depend on the decoding; the tick is the gate's +10%)."""
     panels = {}
     for row in result["rows"]:
         panels.setdefault(row["condition"], []).append(
             {"label": f"({row['claim']}) {row['comparison']}: {metrics.label(row['metric'])}", **row})
-    return list(panels.items())
+    gates = [{"label": f"(b) gate: {ARMS[arm].label}: PPL vs CE", "effect": experiment.PPL_GATE,
+              "verdict": f"gate {g['state']}",
+              **{k: g[k] for k in ("mean", "lower", "upper", "per_seed")}} for arm, g in result["gates"].items()]
+    return [(condition, rows + gates) for condition, rows in panels.items()]
 
 
 def _plots(v: View, result: dict | None) -> list[str]:
