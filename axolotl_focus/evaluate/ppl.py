@@ -28,7 +28,7 @@ def perplexity(model, tokenizer, text: str | Sequence[int], window: int = 1024, 
     if stride > window:
         raise ValueError(f"stride ({stride}) must be <= window ({window})")
     if isinstance(text, str):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows follow: no length warning
         ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
     else:
         ids = list(text)
